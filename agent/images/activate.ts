@@ -1,0 +1,99 @@
+// The activate FSM: ensure-image → snapshot → activate.
+//
+// ensure-image  pulls the image first when it is not ready (joining a pull already running).
+// snapshot      allocates a thin id (recorded before the pool is touched) and creates a thin
+//               snapshot of the image's device: the image's device itself is never written.
+// activate      maps the snapshot as /dev/mapper/imgd-act-<id>.
+// A failed activation is undone (device removed, snapshot deleted, row dropped), so no row
+// claims a device that does not exist.
+import type { ActivationRow, Catalog } from "../catalog.ts";
+import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
+import { abort } from "../fsm/errors.ts";
+import type { HelperClient } from "../helper-client.ts";
+import type { Logger } from "../log.ts";
+import { activationDeviceName } from "./chain.ts";
+import type { PullFsm } from "./pull.ts";
+
+export interface ActivateRequest {
+  image: string;
+  activationId: string;
+}
+
+export interface ActivateState {
+  chainId?: string;
+  devicePath?: string;
+}
+
+export interface ActivateDeps {
+  engine: FsmEngine;
+  catalog: Catalog;
+  helper: HelperClient;
+  pull: PullFsm;
+  log: Logger;
+}
+
+export type ActivateFsm = Fsm<ActivateRequest, ActivateState>;
+type Ctx = StepContext<ActivateRequest, ActivateState>;
+
+export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
+  const { engine, catalog, helper } = deps;
+  return engine
+    .register<ActivateRequest, ActivateState>("activate")
+    .start("ensure-image", (ctx) => ensureImage(deps, ctx))
+    .to("snapshot", async (ctx) => {
+      const row = activationRow(deps, ctx);
+      if (row.state === "active") return;
+      const origin = catalog.getDevice(row.chainId);
+      if (origin?.state !== "ready") throw abort(`image ${ctx.request.image}: its device ${row.chainId} is not ready`);
+      await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId });
+    })
+    .to("activate", async (ctx) => {
+      const row = activationRow(deps, ctx);
+      const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId });
+      catalog.markActivationActive(row.id);
+      ctx.state.devicePath = path;
+    })
+    .end({
+      finalizers: [
+        async (run) => {
+          if (run.status !== "failed") return;
+          const row = catalog.getActivation(run.request.activationId);
+          if (row) await undoActivation(deps, row);
+        },
+      ],
+    });
+}
+
+async function ensureImage({ catalog, pull }: ActivateDeps, ctx: Ctx): Promise<void> {
+  const image = catalog.getImage(ctx.request.image);
+  if (image?.state !== "ready") {
+    const { runId } = pull.start(ctx.request.image, { image: ctx.request.image }, { layers: [], chainIds: [] });
+    const outcome = await pull.wait(runId);
+    if (outcome.status !== "succeeded") throw abort(`image ${ctx.request.image} could not be pulled: ${outcome.error}`);
+  }
+  const ready = catalog.getImage(ctx.request.image);
+  if (ready?.state !== "ready" || !ready.chainId) throw abort(`image ${ctx.request.image} is not ready`);
+  ctx.state.chainId = ready.chainId;
+}
+
+/** The activation's row, allocated on first use; a resumed run finds the one it made. */
+function activationRow({ catalog }: ActivateDeps, ctx: Ctx): ActivationRow {
+  const existing = catalog.getActivation(ctx.request.activationId);
+  if (existing) return existing;
+  return catalog.allocateActivation({
+    id: ctx.request.activationId,
+    image: ctx.request.image,
+    chainId: ctx.state.chainId!,
+    name: activationDeviceName(ctx.request.activationId),
+  });
+}
+
+async function undoActivation({ catalog, helper, log }: ActivateDeps, row: ActivationRow): Promise<void> {
+  try {
+    await helper.call("device.deactivate", { name: row.name });
+    await helper.call("thin.delete", { thinId: row.thinId });
+    catalog.deleteActivation(row.id);
+  } catch (err) {
+    log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: String(err) });
+  }
+}

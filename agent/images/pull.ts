@@ -1,0 +1,202 @@
+// The pull FSM: list → download → unpack → finish.
+//
+// list      reads the image's folder in S3 (the folder is the image) and records the layer list.
+// download  fetches every layer not already in the blob store, content-addressed, and validates
+//           it as a tar before it is recorded; a layer shared with another image is found by its
+//           ETag and size and not fetched again.
+// unpack    builds the chain of thin devices: device i = snapshot of device i-1 + layer i,
+//           keyed by chain id, so images with the same leading layers share devices.
+// finish    marks the image ready.
+// Every step is idempotent: it checks the catalog (and the blob store) before acting, so a
+// resumed run redoes only what is missing. A device half-made when the agent died is "allocated"
+// in the catalog, never "ready": it is discarded and rebuilt.
+import { createReadStream } from "node:fs";
+import type { Catalog, DeviceRow } from "../catalog.ts";
+import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
+import { abort } from "../fsm/errors.ts";
+import type { HelperClient } from "../helper-client.ts";
+import { HelperError } from "../helper-client.ts";
+import type { KeyedLock } from "../keyed-lock.ts";
+import { LayerValidationError, validateLayer } from "../layers/validate.ts";
+import type { BlobStore } from "../blobs/store.ts";
+import type { S3Config } from "../s3/client.ts";
+import type { S3Client } from "@aws-sdk/client-s3";
+import { listImageLayers } from "../s3/image-source.ts";
+import { isPermanentS3Error } from "../s3/errors.ts";
+import { chainIds, layerDeviceName } from "./chain.ts";
+
+export interface PullRequest {
+  image: string;
+}
+
+export interface PulledLayer {
+  position: number;
+  key: string;
+  size: number;
+  etag: string;
+  digest?: string;
+}
+
+export interface PullState {
+  layers: PulledLayer[];
+  chainIds: string[];
+}
+
+export interface PullDeps {
+  engine: FsmEngine;
+  catalog: Catalog;
+  blobs: BlobStore;
+  s3: S3Client;
+  s3Config: S3Config;
+  helper: HelperClient;
+  locks: KeyedLock;
+}
+
+export type PullFsm = Fsm<PullRequest, PullState>;
+type Ctx = StepContext<PullRequest, PullState>;
+
+export function registerPullFsm(deps: PullDeps): PullFsm {
+  const { engine, catalog } = deps;
+  return engine
+    .register<PullRequest, PullState>("pull")
+    .start("list", (ctx) => listLayers(deps, ctx))
+    .to("download", (ctx) => downloadLayers(deps, ctx))
+    .to("unpack", (ctx) => unpackLayers(deps, ctx))
+    .to("finish", async (ctx) => {
+      catalog.markImageReady(ctx.request.image, ctx.state.chainIds.at(-1)!);
+    })
+    .end({
+      finalizers: [
+        (run) => {
+          if (run.status === "failed") catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+        },
+      ],
+    });
+}
+
+async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promise<void> {
+  let objects;
+  try {
+    objects = await listImageLayers(s3, s3Config, ctx.request.image);
+  } catch (err) {
+    throw isPermanentS3Error(err) ? abort(`image ${ctx.request.image}: ${message(err)}`, err) : err;
+  }
+  ctx.state.layers = objects.map((o) => ({ position: o.position, key: o.key, size: o.size, etag: o.etag }));
+  ctx.state.chainIds = [];
+  catalog.beginPull(ctx.request.image, ctx.state.layers);
+}
+
+async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
+  const { engine } = deps;
+  const total = ctx.state.layers.reduce((sum, l) => sum + l.size, 0);
+  const done = new Map<number, number>();
+  const report = (layer: PulledLayer, bytes: number) => {
+    done.set(layer.position, bytes);
+    const bytesDone = [...done.values()].reduce((a, b) => a + b, 0);
+    ctx.progress({ layer: layer.position, layerCount: ctx.state.layers.length, bytesDone, bytesTotal: total });
+  };
+  await Promise.all(
+    ctx.state.layers.map(async (layer) => {
+      if (layer.digest && (await deps.blobs.has(layer.digest))) return report(layer, layer.size);
+      const release = await engine.queue("download").acquire(ctx.signal);
+      try {
+        layer.digest = await fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes));
+      } finally {
+        release();
+      }
+      deps.catalog.setLayerDigest(ctx.request.image, layer.position, layer.digest);
+      report(layer, layer.size);
+    }),
+  );
+}
+
+/** Returns the digest of the layer's bytes, downloading and validating them if not yet stored. */
+async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
+  const { catalog, blobs } = deps;
+  // One download per S3 object at a time, even across images sharing the layer.
+  return deps.locks.run(`object ${layer.etag} ${layer.size}`, async () => {
+    const known = catalog.knownBlobFor(layer);
+    if (known && (await blobs.has(known))) {
+      catalog.recordBlob(layer, known);
+      return known;
+    }
+    let digest: string;
+    try {
+      ({ digest } = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) }));
+    } catch (err) {
+      throw isPermanentS3Error(err) ? abort(`image ${ctx.request.image}: layer ${layer.key}: ${message(err)}`, err) : err;
+    }
+    try {
+      await validateLayer(createReadStream(blobs.pathFor(digest)));
+    } catch (err) {
+      if (!(err instanceof LayerValidationError)) throw err;
+      await blobs.remove(digest);
+      throw abort(`image ${ctx.request.image}: layer ${layer.key} (${digest}) refused: entry ${err.entry}: ${err.rule}: ${err.message}`, err);
+    }
+    catalog.recordBlob(layer, digest);
+    return digest;
+  });
+}
+
+async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
+  const { catalog } = deps;
+  const digests = ctx.state.layers.map((l) => {
+    if (!l.digest) throw new Error(`layer ${l.key} has no digest: download did not complete`);
+    return l.digest;
+  });
+  const chain = chainIds(digests);
+  for (let i = 0; i < chain.length; i++) {
+    const layer = ctx.state.layers[i];
+    ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
+    await deps.locks.run(`chain ${chain[i]}`, () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
+    ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
+  }
+  ctx.state.chainIds = chain;
+}
+
+async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, parentChainId: string | null, digest: string, key: string): Promise<void> {
+  const { catalog, helper } = deps;
+  const existing = catalog.getDevice(chainId);
+  if (existing?.state === "ready") return;
+  // A device left "allocated" by a crash may be half-applied: never trust it, rebuild it.
+  if (existing) await discardDevice(deps, existing);
+
+  const parent = parentChainId === null ? null : catalog.getDevice(parentChainId);
+  if (parentChainId !== null && parent?.state !== "ready") throw new Error(`parent device ${parentChainId} is not ready`);
+  const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
+  ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
+  try {
+    if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId });
+    else await helper.call("thin.create", { thinId: device.thinId });
+    await helper.call("device.activate", { name: device.name, thinId: device.thinId });
+    if (!parent) await helper.call("fs.mkfs", { name: device.name });
+    const release = await deps.engine.queue("apply").acquire(ctx.signal);
+    try {
+      await helper.call("layer.apply", { name: device.name, digest });
+    } finally {
+      release();
+    }
+    await helper.call("device.deactivate", { name: device.name });
+  } catch (err) {
+    await discardDevice(deps, device).catch((cleanupErr) =>
+      ctx.log("error", "could not discard a failed layer device", { chainId, error: message(cleanupErr) }),
+    );
+    if (err instanceof HelperError && err.permanent) {
+      throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) refused: ${err.code}: ${err.message}`, err);
+    }
+    throw err;
+  }
+  catalog.markDeviceReady(chainId);
+}
+
+/** Removes a device from the pool and then from the catalog; both steps tolerate "already gone". */
+async function discardDevice({ catalog, helper }: PullDeps, device: DeviceRow): Promise<void> {
+  await helper.call("device.deactivate", { name: device.name });
+  await helper.call("thin.delete", { thinId: device.thinId });
+  catalog.deleteDevice(device.chainId);
+}
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,143 @@
+#!/usr/bin/env node
+// imgctl: command-line client of the imgd agent.
+import { parseArgs } from "node:util";
+import { ClientError } from "nice-grpc";
+import { connectImgd, ImageState, RunStatus, type Activation, type Image, type ImgdClient } from "./sdk.ts";
+
+const USAGE = `usage: imgctl [--addr HOST:PORT] [--json] COMMAND
+commands:
+  pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
+  activate IMAGE        create and activate a thin snapshot of IMAGE (pulls it first if needed)
+  images                list images
+  image IMAGE           show one image and its layers
+  activations [IMAGE]   list activations
+  pool                  show thin pool usage
+  runs [--fsm F] [--id ID] [--limit N]   FSM run history
+The agent address defaults to $IMGD_ADDR or 127.0.0.1:50051.`;
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      addr: { type: "string" },
+      json: { type: "boolean", default: false },
+      fsm: { type: "string" },
+      id: { type: "string" },
+      limit: { type: "string" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  const [command, ...args] = positionals;
+  if (values.help || !command) {
+    console.log(USAGE);
+    return command || values.help ? 0 : 2;
+  }
+  const { client, channel } = connectImgd(values.addr);
+  const out = (human: () => void, data: unknown) => (values.json ? console.log(JSON.stringify(data, bigints, 2)) : human());
+  try {
+    switch (command) {
+      case "pull":
+        return await pull(client, one(args, "IMAGE"), values.json);
+      case "activate": {
+        const { activation } = await client.activateImage({ image: one(args, "IMAGE") });
+        out(() => console.log(`activated ${activation!.image}: ${activation!.id} ${activation!.devicePath}`), activation);
+        return 0;
+      }
+      case "images": {
+        const { images } = await client.listImages({});
+        out(() => printImages(images), images);
+        return 0;
+      }
+      case "image": {
+        const { image } = await client.getImage({ image: one(args, "IMAGE") });
+        out(() => printImage(image!), image);
+        return 0;
+      }
+      case "activations": {
+        const { activations } = await client.listActivations({ image: args[0] ?? "" });
+        out(() => printActivations(activations), activations);
+        return 0;
+      }
+      case "pool": {
+        const pool = await client.getPool({});
+        out(() => {
+          console.log(`pool ${pool.name} (${pool.mode}${pool.errorIfNoSpace ? ", error_if_no_space" : ""}, block ${mib(pool.blockSizeBytes)})`);
+          console.log(`  data      ${mib(pool.dataUsedBytes)} / ${mib(pool.dataTotalBytes)} used (${pct(pool.dataUsedBytes, pool.dataTotalBytes)})`);
+          console.log(`  metadata  ${mib(pool.metadataUsedBytes)} / ${mib(pool.metadataTotalBytes)} used (${pct(pool.metadataUsedBytes, pool.metadataTotalBytes)})`);
+        }, pool);
+        return 0;
+      }
+      case "runs": {
+        const { runs } = await client.listRuns({ fsm: values.fsm ?? "", resourceId: values.id ?? "", limit: Number(values.limit ?? 0) });
+        out(() => {
+          for (const r of runs) {
+            console.log(`${r.id}  ${r.fsm.padEnd(8)} ${r.resourceId.padEnd(28)} ${RunStatus[r.status].toLowerCase().padEnd(9)} ${r.state.padEnd(12)} attempts=${r.attempts}${r.error ? `  error: ${r.error}` : ""}`);
+          }
+        }, runs);
+        return 0;
+      }
+      default:
+        console.error(`imgctl: unknown command ${JSON.stringify(command)}\n${USAGE}`);
+        return 2;
+    }
+  } finally {
+    channel.close();
+  }
+}
+
+async function pull(client: ImgdClient, image: string, json: boolean): Promise<number> {
+  let last = "";
+  for await (const p of client.pullImage({ image })) {
+    if (json) {
+      console.log(JSON.stringify(p, bigints));
+      continue;
+    }
+    const line =
+      p.status === RunStatus.RUNNING
+        ? `${p.joined ? "(joined) " : ""}${p.state}${p.layer ? ` layer ${p.layer}/${p.layerCount}` : ""}`
+        : "";
+    if (line && line !== last) console.log(`pull ${image}: ${line}${p.bytesTotal ? ` ${mib(p.bytesTotal)}` : ""}`);
+    last = line || last;
+    if (p.status === RunStatus.SUCCEEDED) console.log(`pull ${image}: ready (thin id ${p.image?.thinId}, ${p.image?.layers.length} layers, ${mib(p.image?.size ?? 0n)})`);
+    if (p.status === RunStatus.FAILED) console.error(`pull ${image}: failed: ${p.error}`);
+  }
+  return 0;
+}
+
+function printImages(images: Image[]): void {
+  if (images.length === 0) return console.log("no images");
+  console.log(`${"IMAGE".padEnd(16)} ${"STATE".padEnd(8)} ${"LAYERS".padEnd(6)} ${"SIZE".padEnd(10)} THIN  CHAIN`);
+  for (const i of images) {
+    console.log(`${i.name.padEnd(16)} ${ImageState[i.state].toLowerCase().padEnd(8)} ${String(i.layers.length).padEnd(6)} ${mib(i.size).padEnd(10)} ${String(i.thinId).padEnd(5)} ${i.chainId.slice(0, 19)}${i.error ? `  error: ${i.error}` : ""}`);
+  }
+}
+
+function printImage(i: Image): void {
+  console.log(`${i.name}: ${ImageState[i.state].toLowerCase()}, thin id ${i.thinId}, ${mib(i.size)}${i.error ? `, error: ${i.error}` : ""}`);
+  for (const l of i.layers) console.log(`  ${String(l.position).padStart(3)} ${l.key.padEnd(28)} ${mib(l.size).padEnd(10)} ${l.digest.slice(0, 19)}  thin ${l.thinId}`);
+}
+
+function printActivations(activations: Activation[]): void {
+  if (activations.length === 0) return console.log("no activations");
+  for (const a of activations) console.log(`${a.id}  ${a.image.padEnd(16)} thin ${String(a.thinId).padEnd(5)} ${a.devicePath}`);
+}
+
+function one(args: string[], name: string): string {
+  if (args.length !== 1) throw new UsageError(`expected exactly one ${name}`);
+  return args[0];
+}
+
+class UsageError extends Error {}
+const mib = (n: bigint | number) => `${(Number(n) / 1048576).toFixed(1)} MiB`;
+const pct = (a: bigint, b: bigint) => (b === 0n ? "0%" : `${((Number(a) / Number(b)) * 100).toFixed(1)}%`);
+const bigints = (_k: string, v: unknown) => (typeof v === "bigint" ? Number(v) : v);
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err) => {
+    if (err instanceof ClientError) console.error(`imgctl: ${err.details} (${err.code})`);
+    else console.error(`imgctl: ${err instanceof Error ? err.message : String(err)}`);
+    process.exit(err instanceof UsageError ? 2 : 1);
+  },
+);
