@@ -1,0 +1,170 @@
+// Test S3: a real s3rver on a random loopback port with its own temp directory, seeded through
+// PutObject; and a tampering HTTP proxy to put in front of it, for the faults s3rver cannot
+// produce (changed ETags, cut or stalled bodies, 5xx, throttling).
+import { mkdtemp, rm } from "node:fs/promises";
+import { createServer, request as httpRequest } from "node:http";
+import type { IncomingHttpHeaders, IncomingMessage, Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { DeleteObjectCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
+import { createRequire } from "node:module";
+
+// s3rver ships no type declarations; this is the part of its API we use.
+interface S3rverServer {
+  run(): Promise<AddressInfo>;
+  close(): Promise<void>;
+}
+type S3rverConstructor = new (options: {
+  address: string;
+  port: number;
+  directory: string;
+  silent: boolean;
+  configureBuckets: Array<{ name: string }>;
+}) => S3rverServer;
+const S3rver = createRequire(import.meta.url)("s3rver") as S3rverConstructor;
+
+export interface TestS3 {
+  endpoint: string;
+  bucket: string;
+  /** Stores an object; returns its quoted-MD5 ETag. */
+  put(key: string, body: Buffer | string): Promise<string>;
+  /** Stores many objects, a few at a time. */
+  putMany(objects: Array<[key: string, body: Buffer | string]>): Promise<void>;
+  remove(key: string): Promise<void>;
+  close(): Promise<void>;
+}
+
+// s3rver's built-in account; the seeding client signs with it.
+const S3RVER_KEY = { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" };
+
+export async function startS3rver(bucket = "imgd-test"): Promise<TestS3> {
+  const directory = await mkdtemp(join(tmpdir(), "imgd-s3rver-"));
+  const server = new S3rver({ address: "127.0.0.1", port: 0, directory, silent: true, configureBuckets: [{ name: bucket }] });
+  const address = await server.run();
+  const endpoint = `http://127.0.0.1:${address.port}`;
+  const seeder = new S3Client({
+    endpoint,
+    forcePathStyle: true,
+    region: "us-east-1",
+    credentials: S3RVER_KEY,
+    // s3rver would store aws-chunked checksum framing as part of the object.
+    requestChecksumCalculation: "WHEN_REQUIRED",
+  });
+  const put = async (key: string, body: Buffer | string) => {
+    const out = await seeder.send(new PutObjectCommand({ Bucket: bucket, Key: key, Body: body }));
+    return out.ETag!;
+  };
+  return {
+    endpoint,
+    bucket,
+    put,
+    async putMany(objects) {
+      const queue = [...objects];
+      const worker = async () => {
+        for (let next = queue.shift(); next; next = queue.shift()) await put(...next);
+      };
+      await Promise.all(Array.from({ length: 16 }, worker));
+    },
+    async remove(key) {
+      await seeder.send(new DeleteObjectCommand({ Bucket: bucket, Key: key }));
+    },
+    async close() {
+      seeder.destroy();
+      await server.close();
+      await rm(directory, { recursive: true, force: true });
+    },
+  };
+}
+
+/** What the proxy does to one response; undefined = pass it through. */
+export interface Tamper {
+  /** Reply with this status and body instead of asking the upstream. */
+  reply?: { status: number; body?: string; headers?: Record<string, string> };
+  /** Response headers to replace (lowercase names); null removes the header. */
+  headers?: Record<string, string | null>;
+  /** Replace the body with these bytes (Content-Length is left as the upstream sent it unless overridden in headers). */
+  body?: Buffer;
+  /** Send only this many body bytes, then destroy the connection. */
+  cutAfter?: number;
+  /** Send only this many body bytes, then go silent (connection left open). */
+  stallAfter?: number;
+}
+
+export interface RecordedRequest {
+  method: string;
+  url: string;
+  headers: IncomingHttpHeaders;
+}
+
+export interface TamperProxy {
+  endpoint: string;
+  /** Every request seen, in order. */
+  requests: RecordedRequest[];
+  /** Decides per request; replace it at will during a test. */
+  tamper: (req: RecordedRequest) => Tamper | undefined;
+  close(): Promise<void>;
+}
+
+export async function startTamperProxy(upstream: string): Promise<TamperProxy> {
+  const target = new URL(upstream);
+  const proxy: TamperProxy = { endpoint: "", requests: [], tamper: () => undefined, close: async () => {} };
+  const server: Server = createServer((req, res) => {
+    const seen = { method: req.method ?? "GET", url: req.url ?? "/", headers: req.headers };
+    proxy.requests.push(seen);
+    const plan = proxy.tamper(seen) ?? {};
+    if (plan.reply) {
+      res.writeHead(plan.reply.status, plan.reply.headers ?? { "content-type": "application/xml" });
+      res.end(plan.reply.body ?? "");
+      req.resume();
+      return;
+    }
+    const upstreamReq = httpRequest(
+      { host: target.hostname, port: target.port, method: req.method, path: req.url, headers: req.headers },
+      (upstreamRes: IncomingMessage) => {
+        const headers: Record<string, string | string[] | undefined> = { ...upstreamRes.headers };
+        for (const [name, value] of Object.entries(plan.headers ?? {})) {
+          if (value === null) delete headers[name];
+          else headers[name] = value;
+        }
+        res.writeHead(upstreamRes.statusCode ?? 502, headers);
+        if (plan.body) {
+          upstreamRes.resume();
+          sendLimited(res, plan.body, plan);
+          return;
+        }
+        if (plan.cutAfter === undefined && plan.stallAfter === undefined) {
+          upstreamRes.pipe(res);
+          return;
+        }
+        const chunks: Buffer[] = [];
+        upstreamRes.on("data", (c: Buffer) => chunks.push(c));
+        upstreamRes.on("end", () => sendLimited(res, Buffer.concat(chunks), plan));
+      },
+    );
+    upstreamReq.on("error", () => res.destroy());
+    req.pipe(upstreamReq);
+  });
+  const sockets = new Set<import("node:net").Socket>();
+  server.on("connection", (s) => {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  proxy.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  proxy.close = async () => {
+    for (const s of sockets) s.destroy();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  };
+  return proxy;
+}
+
+function sendLimited(res: import("node:http").ServerResponse, body: Buffer, plan: Tamper): void {
+  if (plan.cutAfter !== undefined) {
+    res.write(body.subarray(0, plan.cutAfter), () => res.destroy());
+  } else if (plan.stallAfter !== undefined) {
+    res.write(body.subarray(0, plan.stallAfter));
+  } else {
+    res.end(body);
+  }
+}
