@@ -1,0 +1,563 @@
+// Durable finite-state-machine engine on SQLite, modelled on superfly/fsm (FSMv2) without its
+// flaws: every run resumes from its OWN first incomplete step with its own checkpoint, retries
+// are capped, outcomes (including failures) are durable and readable after restarts, and
+// concurrency limits (queues) are plain semaphores that work the same after a resume.
+//
+// Execution model: a run is a linear list of named steps. A step runs at least once: if the
+// process dies after its side effects but before its completion is committed, it runs again
+// on resume, so steps must be idempotent. One engine per database (see README notes in the
+// report): two processes resuming the same runs would execute them twice.
+import type Database from "better-sqlite3";
+import { monotonicFactory } from "ulid";
+import { AbortError, EngineShutdownError, formatError } from "./errors.ts";
+import { backoffDelayMs, resolveRetryPolicy, sleep, type RetryPolicy } from "./retry.ts";
+import { Semaphore } from "./semaphore.ts";
+import { RunStore, StaleRunError, toRecord, type RunRow } from "./store.ts";
+import type {
+  EngineOptions,
+  Finalizer,
+  ListFilter,
+  LogFn,
+  RunEvent,
+  RunHistoryEvent,
+  RunRecord,
+  StepContext,
+  StepFn,
+  StepOptions,
+} from "./types.ts";
+
+export type {
+  EngineOptions,
+  Finalizer,
+  ListFilter,
+  LogFn,
+  LogLevel,
+  RunEvent,
+  RunHistoryEvent,
+  RunRecord,
+  RunStatus,
+  StepContext,
+  StepFn,
+  StepOptions,
+} from "./types.ts";
+export type { RetryPolicy } from "./retry.ts";
+export { Semaphore, type SemaphoreSlot } from "./semaphore.ts";
+export { AbortError, abort } from "./errors.ts";
+
+export interface FsmBuilder<R, W> {
+  start(step: string, fn: StepFn<R, W>, opts?: StepOptions): FsmBuilder<R, W>;
+  to(step: string, fn: StepFn<R, W>, opts?: StepOptions): FsmBuilder<R, W>;
+  end(opts?: { finalizers?: Finalizer<R, W>[] }): Fsm<R, W>;
+}
+
+interface StepDef {
+  name: string;
+  fn: StepFn<any, any>;
+  retry: RetryPolicy;
+}
+
+interface FsmDef {
+  name: string;
+  steps: StepDef[];
+  byName: Map<string, StepDef>;
+  finalizers: Finalizer<any, any>[];
+}
+
+interface Waiter {
+  resolve(run: RunRecord<any, any>): void;
+  reject(err: Error): void;
+}
+
+type Listener = (event: RunEvent) => void;
+
+/** What an Fsm handle needs from its engine (kept off the engine's public surface). */
+interface FsmHost {
+  start(fsm: string, resourceId: string, request: unknown, initialState: unknown): { runId: string; joined: boolean };
+  wait(fsm: string, runId: string): Promise<RunRecord<any, any>>;
+  subscribe(fsm: string, runId: string, listener: Listener): () => void;
+  get(fsm: string, runId: string): RunRecord<any, any> | undefined;
+  list(fsm: string, filter: ListFilter): RunRecord<any, any>[];
+  history(fsm: string, runId: string): RunHistoryEvent[];
+}
+
+type Phase = "registering" | "running" | "stopping" | "stopped";
+
+const INTERRUPTED = "the agent stopped while this attempt was running (crash or kill)";
+
+const defaultLog: LogFn = (level, msg, fields) => {
+  if (level === "warn" || level === "error") console.error(JSON.stringify({ level, msg, ...fields }));
+};
+
+export class FsmEngine {
+  readonly #store: RunStore;
+  readonly #log: LogFn;
+  readonly #retry: RetryPolicy;
+  readonly #queueLimits: Record<string, number>;
+  readonly #defaultQueueLimit: number;
+  readonly #queues = new Map<string, Semaphore>();
+  readonly #reserved = new Set<string>();
+  readonly #defs = new Map<string, FsmDef>();
+  /** Runs this process is executing or finalizing right now. */
+  readonly #executing = new Map<string, Promise<void>>();
+  readonly #waiters = new Map<string, Waiter[]>();
+  readonly #listeners = new Map<string, Set<Listener>>();
+  readonly #stop = new AbortController();
+  readonly #newId = monotonicFactory();
+  readonly #host: FsmHost;
+  #phase: Phase = "registering";
+  #shutdown: Promise<void> | undefined;
+
+  constructor(db: Database.Database, options: EngineOptions = {}) {
+    this.#store = new RunStore(db);
+    this.#log = options.log ?? defaultLog;
+    this.#retry = resolveRetryPolicy(options.retry);
+    this.#queueLimits = { ...options.queues };
+    this.#defaultQueueLimit = options.defaultQueueLimit ?? 2;
+    new Semaphore("default", this.#defaultQueueLimit); // validates the limit
+    for (const [name, limit] of Object.entries(this.#queueLimits)) this.#queues.set(name, new Semaphore(name, limit));
+    this.#host = {
+      start: (fsm, resourceId, request, initialState) => this.#start(fsm, resourceId, request, initialState),
+      wait: (fsm, runId) => this.#wait(fsm, runId),
+      subscribe: (fsm, runId, listener) => this.#subscribe(fsm, runId, listener),
+      get: (fsm, runId) => {
+        const row = this.#store.get(runId);
+        return row && row.fsm === fsm ? toRecord(row) : undefined;
+      },
+      list: (fsm, filter) => {
+        if (filter.limit !== undefined && !(Number.isInteger(filter.limit) && filter.limit >= 0)) {
+          throw new RangeError(`list: limit must be an integer >= 0, got ${filter.limit}`);
+        }
+        return this.#store.list(fsm, filter).map((row) => toRecord(row));
+      },
+      history: (fsm, runId) => {
+        const row = this.#store.get(runId);
+        return row && row.fsm === fsm ? this.#store.history(runId) : [];
+      },
+    };
+  }
+
+  /** Declares an FSM; finish the chain with end(). Only before resumeAll(). */
+  register<R, W>(name: string): FsmBuilder<R, W> {
+    if (this.#phase !== "registering") throw new Error(`register("${name}"): FSMs must be registered before resumeAll()`);
+    if (typeof name !== "string" || name.length === 0) throw new TypeError("register: FSM name must be a non-empty string");
+    if (this.#reserved.has(name)) throw new Error(`register: FSM "${name}" is already registered`);
+    this.#reserved.add(name);
+    return this.#builder<R, W>(name);
+  }
+
+  /**
+   * Relaunches every unfinished run of every registered FSM from its own saved step and state,
+   * fails runs of FSMs that are no longer registered, and re-runs the finalizers of runs that
+   * finished without all of them returning. Returns once everything is launched. Call once.
+   */
+  async resumeAll(): Promise<void> {
+    if (this.#phase !== "registering") throw new Error("resumeAll() may be called only once, before shutdown()");
+    this.#phase = "running";
+    for (const row of this.#store.running()) {
+      const def = this.#defs.get(row.fsm);
+      if (!def) {
+        const error = `FSM "${row.fsm}" is not registered in this version of the agent; run abandoned`;
+        this.#store.finish(row.id, "failed", currentStep(row), error);
+        this.#log("warn", "failed a run of an unknown FSM", { fsm: row.fsm, runId: row.id, resourceId: row.resource_id });
+        continue;
+      }
+      this.#launch(def, row.id, true);
+    }
+    for (const def of this.#defs.values()) {
+      for (const row of this.#store.unfinalized(def.name)) this.#launch(def, row.id, true);
+    }
+  }
+
+  /**
+   * Aborts executing steps (their signal fires) and waits for them. Unfinished runs stay
+   * "running" in SQLite and resume on the next start. With `timeoutMs`, stops waiting after
+   * that long; steps still executing then are ignored (nothing more is written for them).
+   * Pending wait() calls for unfinished runs reject. Idempotent.
+   */
+  shutdown(timeoutMs?: number): Promise<void> {
+    this.#shutdown ??= this.#doShutdown(timeoutMs);
+    return this.#shutdown;
+  }
+
+  /**
+   * Bounded concurrency for use inside steps. Limits come from options.queues; a name missing
+   * there gets options.defaultQueueLimit (2) and a warning, rather than an exception in the
+   * middle of a run.
+   */
+  queue(name: string): Semaphore {
+    let queue = this.#queues.get(name);
+    if (!queue) {
+      this.#log("warn", "queue has no configured limit; using the default", { queue: name, limit: this.#defaultQueueLimit });
+      queue = new Semaphore(name, this.#defaultQueueLimit);
+      this.#queues.set(name, queue);
+    }
+    return queue;
+  }
+
+  /** Deletes finished runs (and their history) that finished before `before`. Returns the count. */
+  prune(before: Date): number {
+    return this.#store.prune(before);
+  }
+
+  #builder<R, W>(name: string): FsmBuilder<R, W> {
+    const steps: StepDef[] = [];
+    let ended = false;
+    const add = (kind: "start" | "to", step: string, fn: StepFn<R, W>, opts?: StepOptions): void => {
+      const where = `FSM "${name}" ${kind}("${step}")`;
+      if (ended) throw new Error(`${where}: the FSM has already ended`);
+      if (kind === "start" && steps.length > 0) throw new Error(`${where}: start() must be called once, first`);
+      if (kind === "to" && steps.length === 0) throw new Error(`${where}: call start() first`);
+      if (typeof step !== "string" || step.length === 0) throw new TypeError(`${where}: step name must be a non-empty string`);
+      if (steps.some((s) => s.name === step)) throw new Error(`${where}: duplicate step name`);
+      if (typeof fn !== "function") throw new TypeError(`${where}: step function missing`);
+      steps.push({ name: step, fn: fn as StepFn<any, any>, retry: resolveRetryPolicy(this.#retry, opts?.retry) });
+    };
+    const builder: FsmBuilder<R, W> = {
+      start: (step, fn, opts) => (add("start", step, fn, opts), builder),
+      to: (step, fn, opts) => (add("to", step, fn, opts), builder),
+      end: (opts) => {
+        if (ended) throw new Error(`FSM "${name}": end() called twice`);
+        if (steps.length === 0) throw new Error(`FSM "${name}": end() without any step`);
+        if (this.#phase !== "registering") throw new Error(`FSM "${name}": end() after resumeAll()`);
+        ended = true;
+        const finalizers = (opts?.finalizers ?? []) as Finalizer<any, any>[];
+        this.#defs.set(name, { name, steps, byName: new Map(steps.map((s) => [s.name, s])), finalizers });
+        return new Fsm<R, W>(name, this.#host);
+      },
+    };
+    return builder;
+  }
+
+  #start(fsm: string, resourceId: string, request: unknown, initialState: unknown): { runId: string; joined: boolean } {
+    const def = this.#defs.get(fsm)!;
+    if (this.#phase === "stopping" || this.#phase === "stopped") throw new Error(`start ${fsm}: the FSM engine is shut down`);
+    if (typeof resourceId !== "string" || resourceId.length === 0) throw new TypeError(`start ${fsm}: resourceId must be a non-empty string`);
+    const { row, joined } = this.#store.insertOrJoin({
+      id: this.#newId(),
+      fsm,
+      resourceId,
+      steps: def.steps.map((s) => s.name),
+      request: toJson(request, `start ${fsm}: request`),
+      state: toJson(initialState, `start ${fsm}: initial state`),
+    });
+    if (joined) {
+      this.#log("debug", "joined the running run", { fsm, runId: row.id, resourceId });
+    } else {
+      this.#log("info", "run started", { fsm, runId: row.id, resourceId });
+      this.#launch(def, row.id, false);
+    }
+    return { runId: row.id, joined };
+  }
+
+  #launch(def: FsmDef, runId: string, resumed: boolean): void {
+    if (this.#executing.has(runId)) return; // never execute one run twice in this process
+    const done = this.#drive(def, runId, resumed)
+      .catch((err: unknown) => this.#onExecutorError(runId, err))
+      .finally(() => {
+        if (this.#executing.get(runId) === done) this.#executing.delete(runId);
+      });
+    this.#executing.set(runId, done);
+  }
+
+  async #drive(def: FsmDef, runId: string, resumed: boolean): Promise<void> {
+    await Promise.resolve(); // let start() return (and callers subscribe) before step 1 begins
+    let row = this.#store.get(runId);
+    if (!row) throw new Error(`run ${runId} vanished from the database`);
+    if (row.status === "running") {
+      if (resumed) row = this.#prepareResume(def, row);
+      const finished = row.status === "running" ? await this.#runSteps(def, row, resumed) : row;
+      if (!finished) return; // shutdown: stays "running", resumes on the next start
+      row = finished;
+    }
+    await this.#finalize(def, row);
+  }
+
+  #prepareResume(def: FsmDef, row: RunRow): RunRow {
+    const steps = JSON.parse(row.steps) as string[];
+    const missing = steps.slice(row.step_index).filter((s) => !def.byName.has(s));
+    if (missing.length > 0) {
+      const error = `cannot resume: step(s) ${missing.map((s) => `"${s}"`).join(", ")} of FSM "${def.name}" no longer exist in this version of the agent`;
+      this.#log("error", "run cannot resume", { fsm: def.name, runId: row.id, error });
+      return this.#store.finish(row.id, "failed", currentStep(row), error);
+    }
+    this.#log("info", "resuming run", { fsm: def.name, runId: row.id, resourceId: row.resource_id, step: currentStep(row) });
+    return this.#store.recordResume(row.id, currentStep(row), INTERRUPTED);
+  }
+
+  /** Executes the remaining steps. Returns the finished row, or undefined if shutdown interrupted. */
+  async #runSteps(def: FsmDef, row: RunRow, resumed: boolean): Promise<RunRow | undefined> {
+    const runId = row.id;
+    const steps = JSON.parse(row.steps) as string[];
+    const request: unknown = deepFreeze(JSON.parse(row.request));
+    const signal = this.#stop.signal;
+    let announced = -1;
+    for (;;) {
+      if (signal.aborted) return undefined;
+      const index = row.step_index;
+      if (index >= steps.length) {
+        this.#log("info", "run succeeded", { fsm: def.name, runId, resourceId: row.resource_id });
+        return this.#store.finish(runId, "succeeded", steps[steps.length - 1]!);
+      }
+      const stepName = steps[index]!;
+      const step = def.byName.get(stepName);
+      if (!step) {
+        return this.#store.finish(runId, "failed", stepName, `step "${stepName}" of FSM "${def.name}" no longer exists in this version of the agent`);
+      }
+      if (row.attempt >= step.retry.maxAttempts) {
+        // Only reachable after crashes: the interrupted attempts used up the budget.
+        return this.#store.finish(runId, "failed", stepName, row.error ?? `step "${stepName}" exhausted its ${step.retry.maxAttempts} attempts`);
+      }
+      if (announced !== index) {
+        announced = index;
+        this.#emit(runId, { type: "step", step: stepName });
+      }
+
+      this.#store.beginAttempt(runId, index);
+      const fields = { fsm: def.name, runId, resourceId: row.resource_id, step: stepName, attempt: row.attempt };
+      const ctx: StepContext<any, unknown> = {
+        runId,
+        fsm: def.name,
+        resourceId: row.resource_id,
+        step: stepName,
+        request: request as Readonly<any>,
+        state: JSON.parse(row.state) as unknown, // fresh copy of the checkpoint for every attempt
+        attempt: row.attempt,
+        resumed,
+        signal,
+        progress: (progress) => this.#emit(runId, { type: "progress", step: stepName, progress }),
+        log: (level, msg, extra) => this.#log(level, msg, { ...fields, ...extra }),
+      };
+      let failure: unknown;
+      let succeeded = false;
+      try {
+        await step.fn(ctx);
+        succeeded = true;
+      } catch (err) {
+        failure = err;
+      }
+      if (this.#phase === "stopped") return undefined; // shutdown stopped waiting: write nothing more
+
+      if (succeeded) {
+        let state: string;
+        try {
+          state = toJson(ctx.state, `step "${stepName}" left a state that`);
+        } catch (err) {
+          this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, formatError(err));
+          return this.#store.finish(runId, "failed", stepName, formatError(err));
+        }
+        this.#store.completeStep(runId, index, stepName, state);
+        this.#log("debug", "step completed", fields);
+        row = this.#store.get(runId)!;
+        continue;
+      }
+
+      if (signal.aborted) {
+        this.#store.abandonAttempt(runId, index);
+        this.#log("info", "step interrupted by shutdown; the run resumes on the next start", fields);
+        return undefined;
+      }
+      const error = formatError(failure);
+      const failed = row.attempt + 1;
+      if (failure instanceof AbortError || failed >= step.retry.maxAttempts) {
+        this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error);
+        const why = failure instanceof AbortError ? "aborted" : `gave up after ${failed} attempts`;
+        this.#log("warn", `run failed: step ${why}`, { ...fields, error });
+        return this.#store.finish(runId, "failed", stepName, error);
+      }
+      const delayMs = backoffDelayMs(step.retry, failed);
+      this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error, delayMs);
+      this.#log("warn", "step failed; retrying", { ...fields, error, delayMs });
+      this.#emit(runId, { type: "retry", step: stepName, attempt: row.attempt, error, delayMs });
+      if (!(await sleep(delayMs, signal))) return undefined;
+      row = this.#store.get(runId)!;
+    }
+  }
+
+  /** Finalizers (at least once: the durable finalized_at mark comes last), then notifications. */
+  async #finalize(def: FsmDef, row: RunRow): Promise<void> {
+    if (row.finalized_at === null) {
+      for (const finalizer of def.finalizers) {
+        try {
+          await finalizer(toRecord(row));
+        } catch (err) {
+          this.#log("error", "finalizer failed", { fsm: def.name, runId: row.id, error: formatError(err) });
+        }
+      }
+      if (this.#phase === "stopped") return;
+      this.#store.markFinalized(row.id);
+    }
+    this.#executing.delete(row.id); // before notifying, so a wait() from a listener reads SQLite
+    this.#notifyFinished(toRecord(row));
+  }
+
+  #notifyFinished(run: RunRecord<any, any>): void {
+    this.#emit(run.id, { type: "finished", run });
+    this.#listeners.delete(run.id);
+    const waiters = this.#waiters.get(run.id) ?? [];
+    this.#waiters.delete(run.id);
+    for (const waiter of waiters) waiter.resolve(run);
+  }
+
+  #onExecutorError(runId: string, err: unknown): void {
+    const error = formatError(err);
+    this.#log("error", "FSM executor error", { runId, error });
+    if (this.#phase === "stopped") return;
+    try {
+      let row = this.#store.get(runId);
+      if (row?.status === "running" && !(err instanceof StaleRunError)) {
+        row = this.#store.finish(runId, "failed", currentStep(row), `internal FSM engine error: ${error}`);
+      }
+      if (row && row.status !== "running") {
+        this.#notifyFinished(toRecord(row));
+        return;
+      }
+    } catch (inner) {
+      this.#log("error", "could not record the executor error", { runId, error: formatError(inner) });
+    }
+    this.#rejectWaiters(runId, new Error(`run ${runId}: ${error}`));
+  }
+
+  #rejectWaiters(runId: string, err: Error): void {
+    const waiters = this.#waiters.get(runId) ?? [];
+    this.#waiters.delete(runId);
+    for (const waiter of waiters) waiter.reject(err);
+  }
+
+  #wait(fsm: string, runId: string): Promise<RunRecord<any, any>> {
+    const row = this.#store.get(runId);
+    if (!row || row.fsm !== fsm) return Promise.reject(new Error(`unknown run ${JSON.stringify(runId)} of FSM "${fsm}"`));
+    if (row.status !== "running" && !this.#executing.has(runId)) return Promise.resolve(toRecord(row));
+    if (this.#phase === "stopped" || this.#phase === "stopping") {
+      return Promise.reject(new Error(`run ${runId} is unfinished and the FSM engine is shut down; it resumes on the next start`));
+    }
+    return new Promise((resolve, reject) => {
+      const list = this.#waiters.get(runId) ?? [];
+      list.push({ resolve, reject });
+      this.#waiters.set(runId, list);
+    });
+  }
+
+  #subscribe(fsm: string, runId: string, listener: Listener): () => void {
+    const row = this.#store.get(runId);
+    if (!row || row.fsm !== fsm) throw new Error(`unknown run ${JSON.stringify(runId)} of FSM "${fsm}"`);
+    let active = true;
+    const unsubscribe = (): void => {
+      active = false;
+      this.#listeners.get(runId)?.delete(listener);
+    };
+    if (row.status !== "running" && !this.#executing.has(runId)) {
+      // Already over: tell the listener once, asynchronously, like a live run would.
+      queueMicrotask(() => {
+        if (active) this.#safeCall(listener, { type: "finished", run: toRecord(row) }, runId);
+      });
+      return unsubscribe;
+    }
+    let set = this.#listeners.get(runId);
+    if (!set) this.#listeners.set(runId, (set = new Set()));
+    set.add(listener);
+    return unsubscribe;
+  }
+
+  #emit(runId: string, event: RunEvent): void {
+    const set = this.#listeners.get(runId);
+    if (!set) return;
+    for (const listener of [...set]) this.#safeCall(listener, event, runId);
+  }
+
+  #safeCall(listener: Listener, event: RunEvent, runId: string): void {
+    try {
+      listener(event);
+    } catch (err) {
+      this.#log("warn", "run event listener threw", { runId, event: event.type, error: formatError(err) });
+    }
+  }
+
+  async #doShutdown(timeoutMs?: number): Promise<void> {
+    this.#phase = "stopping";
+    this.#stop.abort(new EngineShutdownError());
+    const all = Promise.allSettled([...this.#executing.values()]);
+    if (timeoutMs === undefined) {
+      await all;
+    } else {
+      let timer: NodeJS.Timeout | undefined;
+      const timedOut = await Promise.race([
+        all.then(() => false),
+        new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), timeoutMs))),
+      ]);
+      clearTimeout(timer);
+      if (timedOut) this.#log("warn", "shutdown timed out; steps still running are abandoned", { runs: [...this.#executing.keys()] });
+    }
+    this.#phase = "stopped";
+    for (const runId of [...this.#waiters.keys()]) {
+      this.#rejectWaiters(runId, new Error(`run ${runId} is unfinished and the FSM engine is shut down; it resumes on the next start`));
+    }
+    this.#listeners.clear();
+  }
+}
+
+/** Handle on one registered FSM. Obtained from FsmEngine.register(...).end(). */
+export class Fsm<R, W> {
+  readonly name: string;
+  readonly #host: FsmHost;
+
+  constructor(name: string, host: FsmHost) {
+    this.name = name;
+    this.#host = host;
+  }
+
+  /**
+   * Starts a run for `resourceId`, or joins the one already running (joined=true; nothing new
+   * starts). request and initialState must be plain JSON data (they are stored as JSON).
+   */
+  start(resourceId: string, request: R, initialState: W): { runId: string; joined: boolean } {
+    return this.#host.start(this.name, resourceId, request, initialState);
+  }
+
+  /** The durable outcome once the run has finished (also for runs from before a restart). */
+  wait(runId: string): Promise<RunRecord<R, W>> {
+    return this.#host.wait(this.name, runId);
+  }
+
+  /** Step changes, progress, retries and finish. Throws for unknown runs. Returns unsubscribe. */
+  subscribe(runId: string, listener: (event: RunEvent) => void): () => void {
+    return this.#host.subscribe(this.name, runId, listener);
+  }
+
+  get(runId: string): RunRecord<R, W> | undefined {
+    return this.#host.get(this.name, runId);
+  }
+
+  /** Newest first. */
+  list(filter: ListFilter = {}): RunRecord<R, W>[] {
+    return this.#host.list(this.name, filter);
+  }
+
+  /** The run's durable event log (start, resume, step, error, finish), oldest first. */
+  history(runId: string): RunHistoryEvent[] {
+    return this.#host.history(this.name, runId);
+  }
+}
+
+function currentStep(row: RunRow): string {
+  const steps = JSON.parse(row.steps) as string[];
+  return steps[Math.min(row.step_index, steps.length - 1)] ?? "";
+}
+
+function toJson(value: unknown, what: string): string {
+  let json: string | undefined;
+  try {
+    json = JSON.stringify(value);
+  } catch (err) {
+    throw new TypeError(`${what} cannot be saved as JSON: ${formatError(err)}`);
+  }
+  if (json === undefined) throw new TypeError(`${what} cannot be saved as JSON (got ${typeof value})`);
+  return json;
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value !== null && typeof value === "object" && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const child of Object.values(value)) deepFreeze(child);
+  }
+  return value;
+}

@@ -1,0 +1,107 @@
+// Public types of the FSM engine (re-exported by engine.ts).
+import type { RetryPolicy } from "./retry.ts";
+
+export type LogLevel = "debug" | "info" | "warn" | "error";
+export type LogFn = (level: LogLevel, msg: string, fields?: Record<string, unknown>) => void;
+
+export interface EngineOptions {
+  log?: LogFn;
+  /** Global retry policy; each step may override parts of it. */
+  retry?: Partial<RetryPolicy>;
+  /** Concurrency limit per queue name, for engine.queue(name). */
+  queues?: Record<string, number>;
+  /** Limit for queue names missing from `queues` (default 2; a warning is logged once per name). */
+  defaultQueueLimit?: number;
+}
+
+export interface StepOptions {
+  retry?: Partial<RetryPolicy>;
+}
+
+export type StepFn<R, W> = (ctx: StepContext<R, W>) => Promise<void>;
+
+export interface StepContext<R, W> {
+  runId: string;
+  fsm: string;
+  resourceId: string;
+  step: string;
+  /** Saved once at start; frozen (changes would not be persisted). */
+  request: Readonly<R>;
+  /**
+   * The checkpoint. Mutate it (or assign a new value): the engine saves it as JSON atomically
+   * with the step's completion. Each attempt starts from the last saved checkpoint, so changes
+   * made by a failed attempt are discarded, exactly as they would be by a crash.
+   */
+  state: W;
+  /**
+   * 0 on the first attempt of this step in this run. Counts failed attempts and attempts cut
+   * short by a crash (persisted across restarts); a clean shutdown() does not count.
+   */
+  attempt: number;
+  /** True for every step of an execution that resumed after a restart. */
+  resumed: boolean;
+  /** Fires on engine shutdown: stop, and let the step throw (nothing is recorded as failed). */
+  signal: AbortSignal;
+  /** Ephemeral progress for subscribers (not persisted). */
+  progress(p: Record<string, unknown>): void;
+  log: LogFn;
+}
+
+export type RunStatus = "running" | "succeeded" | "failed";
+
+export interface RunRecord<R, W> {
+  id: string;
+  fsm: string;
+  resourceId: string;
+  status: RunStatus;
+  /** Current step (running) or the last step reached (finished). */
+  step: string;
+  /** Index of `step` in `steps`; equals steps.length once every step succeeded. */
+  stepIndex: number;
+  /** The ordered step list saved when the run started (the run follows this list). */
+  steps: string[];
+  request: R;
+  /** Last saved checkpoint. */
+  state: W;
+  /** Failed: the final error. Running: the last failed attempt's error, if the step is retrying. */
+  error?: string;
+  /** Failed or crash-interrupted attempts of the current (or last) step. */
+  attempts: number;
+  startedAt: string;
+  updatedAt: string;
+  finishedAt?: string;
+}
+
+export type RunEvent =
+  | { type: "step"; step: string }
+  | { type: "progress"; step: string; progress: Record<string, unknown> }
+  /** `attempt` is the attempt that failed (numbered like StepContext.attempt). */
+  | { type: "retry"; step: string; attempt: number; error: string; delayMs: number }
+  | { type: "finished"; run: RunRecord<any, any> };
+
+/**
+ * Called once the run has finished (success or failure), after the outcome is durable, in
+ * order, also for resumed runs. At-least-once: if the process dies before every finalizer of a
+ * run has returned, they all run again on the next resumeAll(). Errors are logged, not retried.
+ * Keep them idempotent and quick.
+ */
+export type Finalizer<R, W> = (run: RunRecord<R, W>) => void | Promise<void>;
+
+/** One row of a run's durable history (fsm_events). */
+export interface RunHistoryEvent {
+  seq: number;
+  runId: string;
+  type: "start" | "resume" | "step" | "error" | "finish";
+  step?: string;
+  attempt?: number;
+  error?: string;
+  delayMs?: number;
+  status?: RunStatus;
+  at: string;
+}
+
+export interface ListFilter {
+  resourceId?: string;
+  status?: RunStatus;
+  limit?: number;
+}
