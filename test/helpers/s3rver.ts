@@ -1,12 +1,15 @@
-// Test S3: a real s3rver on a random loopback port with its own temp directory, seeded through
-// PutObject; and a tampering HTTP proxy to put in front of it, for the faults s3rver cannot
+// Test S3: a real s3rver (child process) on a random loopback port with its own temp directory,
+// seeded through PutObject; and a tampering HTTP proxy to put in front of it, for the faults s3rver cannot
 // produce (changed ETags, cut or stalled bodies, 5xx, throttling).
+import { spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { createServer, request as httpRequest } from "node:http";
 import type { IncomingHttpHeaders, IncomingMessage, Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { DeleteObjectCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { createRequire } from "node:module";
 
@@ -40,9 +43,23 @@ const S3RVER_KEY = { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" };
 
 export async function startS3rver(bucket = "imgd-test"): Promise<TestS3> {
   const directory = await mkdtemp(join(tmpdir(), "imgd-s3rver-"));
-  const server = new S3rver({ address: "127.0.0.1", port: 0, directory, silent: true, configureBuckets: [{ name: bucket }] });
-  const address = await server.run();
-  const endpoint = `http://127.0.0.1:${address.port}`;
+  // s3rver encrypts its continuation tokens with single DES, which Node 24's OpenSSL 3 only
+  // offers through the legacy provider: without it every second page of a listing is a 500.
+  // So s3rver runs in a child process (this file is its entry point) with that provider on.
+  const child = spawn(process.execPath, ["--openssl-legacy-provider", fileURLToPath(import.meta.url), directory, bucket], {
+    stdio: ["pipe", "pipe", "inherit"],
+  });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  let port: number;
+  try {
+    port = await readPort(child);
+  } catch (err) {
+    child.kill("SIGKILL");
+    await exited;
+    await rm(directory, { recursive: true, force: true });
+    throw err;
+  }
+  const endpoint = `http://127.0.0.1:${port}`;
   const seeder = new S3Client({
     endpoint,
     forcePathStyle: true,
@@ -71,10 +88,39 @@ export async function startS3rver(bucket = "imgd-test"): Promise<TestS3> {
     },
     async close() {
       seeder.destroy();
-      await server.close();
+      child.kill("SIGTERM");
+      await exited;
       await rm(directory, { recursive: true, force: true });
     },
   };
+}
+
+/** The child announces its port as one JSON line on stdout. */
+function readPort(child: ChildProcess): Promise<number> {
+  return new Promise((resolve, reject) => {
+    let text = "";
+    const timer = setTimeout(() => reject(new Error("s3rver did not start within 10 s")), 10_000);
+    child.once("exit", (code) => reject(new Error(`s3rver exited with ${code} before it was ready`)));
+    child.stdout!.on("data", (chunk: Buffer) => {
+      text += chunk.toString("utf8");
+      const newline = text.indexOf("\n");
+      if (newline < 0) return;
+      clearTimeout(timer);
+      const { port } = JSON.parse(text.slice(0, newline)) as { port: number };
+      resolve(port);
+    });
+  });
+}
+
+// Child process entry: serve until the parent closes our stdin (or dies) or sends SIGTERM.
+if (import.meta.main) {
+  const [directory, bucket] = process.argv.slice(2);
+  const server = new S3rver({ address: "127.0.0.1", port: 0, directory, silent: true, configureBuckets: [{ name: bucket }] });
+  const address = await server.run();
+  process.stdout.write(`${JSON.stringify({ port: address.port })}\n`);
+  process.stdin.on("end", () => process.exit(0));
+  process.stdin.resume();
+  process.on("SIGTERM", () => process.exit(0));
 }
 
 /** What the proxy does to one response; undefined = pass it through. */
