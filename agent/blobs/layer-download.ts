@@ -32,7 +32,7 @@ export function etagValue(etag: string): string {
 
 export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions = {}): Promise<FetchedLayer> {
   const { signal } = opts;
-  const where = `s3://${cfg.bucket}/${printable(obj.key).slice(1, -1)}`;
+  const where = printable(`s3://${cfg.bucket}/${obj.key}`);
   const listedEtag = etagValue(obj.etag);
 
   let out;

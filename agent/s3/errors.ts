@@ -105,6 +105,8 @@ export function classifyS3Error(err: unknown, what: string, signal?: AbortSignal
   if (name === "PermanentRedirect" || name === "AuthorizationHeaderMalformed" || status === 301) return permanent("WRONG_REGION");
   if (status !== undefined && status >= 500) return transient("SERVER_ERROR");
   if (status !== undefined && status >= 400) return permanent("CLIENT_ERROR");
+  // The SDK checks S3's own checksum (x-amz-checksum-*) of a body when S3 sends one.
+  if (typeof e.message === "string" && e.message.startsWith("Checksum mismatch")) return permanent("CORRUPT");
   if (name === "TimeoutError" || code === "ETIMEDOUT" || code === "ESOCKETTIMEDOUT") return transient("TIMEOUT");
   if (code !== undefined && NETWORK_CODES.has(code)) return transient("NETWORK");
   // Anything else (a garbled response the SDK could not parse, an unexpected status): assume

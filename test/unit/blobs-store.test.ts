@@ -163,6 +163,15 @@ describe("BlobStore.downloadLayer", () => {
     assert.deepEqual(await blobFiles(), []);
   });
 
+  it("refuses bytes that fail S3's own checksum, as the SDK checks it (permanent CORRUPT)", async () => {
+    const obj = await layer("app", 2);
+    proxy.tamper = (req) => (req.method === "GET" ? { headers: { "x-amz-checksum-crc32": "AAAAAA==" } } : undefined);
+    await rejectsWith(store.downloadLayer(viaProxy, cfg, obj), "CORRUPT", true, /Checksum mismatch/);
+    assert.equal(proxy.requests.at(-1)?.headers["x-amz-checksum-mode"], "ENABLED");
+    assert.deepEqual(await tmpFiles(), []);
+    assert.deepEqual(await blobFiles(), []);
+  });
+
   it("skips the MD5 check for multipart ETags but still checks they match", async () => {
     const obj = { ...(await layer("app", 2)), etag: '"0123456789abcdef0123456789abcdef-3"' };
     proxy.tamper = (req) => (req.method === "GET" ? { headers: { etag: obj.etag } } : undefined);
