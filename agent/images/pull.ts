@@ -98,11 +98,11 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   await Promise.all(
     ctx.state.layers.map(async (layer) => {
       if (layer.digest && (await deps.blobs.has(layer.digest))) return report(layer, layer.size);
-      const release = await engine.queue("download").acquire(ctx.signal);
+      const slot = await engine.queue("download").acquire(ctx.signal);
       try {
         layer.digest = await fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes));
       } finally {
-        release();
+        slot.release();
       }
       deps.catalog.setLayerDigest(ctx.request.image, layer.position, layer.digest);
       report(layer, layer.size);
@@ -171,11 +171,11 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
     else await helper.call("thin.create", { thinId: device.thinId });
     await helper.call("device.activate", { name: device.name, thinId: device.thinId });
     if (!parent) await helper.call("fs.mkfs", { name: device.name });
-    const release = await deps.engine.queue("apply").acquire(ctx.signal);
+    const slot = await deps.engine.queue("apply").acquire(ctx.signal);
     try {
       await helper.call("layer.apply", { name: device.name, digest });
     } finally {
-      release();
+      slot.release();
     }
     await helper.call("device.deactivate", { name: device.name });
   } catch (err) {

@@ -1,0 +1,181 @@
+// End to end, inside the VM (test/vm/run): a real s3rver, the real root helper on the guest's
+// device-mapper, the agent as an unprivileged user, and a real gRPC client. The tests share one
+// agent and run in order: each builds on the state the previous one left.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, rmdirSync, writeFileSync, existsSync } from "node:fs";
+import { join } from "node:path";
+import { connectImgd, ImageState, RunStatus, type ImgdClient, type Image } from "../../client/sdk.ts";
+import { diffManifests, walkTree, type ManifestEntry } from "../fixtures/tree.ts";
+
+const repo = join(import.meta.dirname, "../..");
+const expectedDir = process.env.IMGD_TEST_EXPECTED_DIR ?? join(repo, ".vm/synthetic/expected");
+const blobDir = "/var/lib/imgd/blobs/sha256";
+const s3Log = process.env.IMGD_TEST_S3_LOG;
+
+let client: ImgdClient;
+let close: () => void;
+
+before(() => {
+  assert.ok(process.env.IMGD_VM, "these tests run inside the VM: npm run test:vm");
+  const c = connectImgd();
+  client = c.client;
+  close = () => c.channel.close();
+});
+after(() => close());
+
+const sh = (cmd: string, ...args: string[]) => execFileSync(cmd, args, { encoding: "utf8" });
+const blobs = () => (existsSync(blobDir) ? readdirSync(blobDir).sort() : []);
+const dmDevices = () => sh("/usr/sbin/dmsetup", "ls").split("\n").filter((l) => l.startsWith("imgd-")).map((l) => l.split(/\s/)[0]).sort();
+/** Object GETs the S3 server has answered so far (keys), when the server logs them. */
+const s3Gets = () => (s3Log && existsSync(s3Log) ? readFileSync(s3Log, "utf8").split("\n").filter((l) => l.startsWith("GET ") && !l.includes("?")).map((l) => l.slice(4)) : []);
+
+async function pull(image: string) {
+  const updates = [];
+  for await (const update of client.pullImage({ image })) updates.push(update);
+  return updates;
+}
+
+async function getImage(name: string): Promise<Image> {
+  const { image } = await client.getImage({ image: name });
+  return image!;
+}
+
+/** Mounts a device read-only (no journal replay, nosuid, nodev), walks it, unmounts. */
+async function treeOf(device: string): Promise<ManifestEntry[]> {
+  const dir = mkdtempSync("/tmp/imgd-e2e-");
+  sh("/usr/bin/mount", "-o", "ro,noload,nosuid,nodev", device, dir);
+  try {
+    return await walkTree(dir);
+  } finally {
+    sh("/usr/bin/umount", dir);
+    rmdirSync(dir);
+  }
+}
+
+const expected = (image: string): ManifestEntry[] => JSON.parse(readFileSync(join(expectedDir, `${image}.json`), "utf8"));
+
+test("pull golang: every layer downloaded once, a chain of five thin devices, image ready", async () => {
+  const updates = await pull("golang");
+  const last = updates.at(-1)!;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  assert.ok(last.runId, "a pull run was started");
+  assert.ok(updates.some((u) => u.state === "download") && updates.some((u) => u.state === "unpack"), "progress went through download and unpack");
+  const image = await getImage("golang");
+  assert.equal(image.state, ImageState.READY);
+  assert.equal(image.layers.length, 5);
+  assert.equal(new Set(image.layers.map((l) => l.thinId)).size, 5, "one thin device per layer");
+  assert.equal(image.thinId, image.layers[4].thinId, "the image's device is the last of its chain");
+  assert.equal(blobs().length, 5);
+  if (s3Log) assert.equal(s3Gets().filter((k) => k.includes("/golang/")).length, 5);
+});
+
+test("pull node: downloads only node's own layers and creates only the missing devices", async () => {
+  const blobsBefore = blobs();
+  const getsBefore = s3Gets().length;
+  const golang = await getImage("golang");
+  const last = (await pull("node")).at(-1)!;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  const node = await getImage("node");
+  const newBlobs = blobs().filter((b) => !blobsBefore.includes(b));
+  assert.equal(newBlobs.length, 2, "only layers 4 and 5 are new bytes");
+  assert.deepEqual(newBlobs.map((b) => "sha256:" + b).sort(), [node.layers[3].digest, node.layers[4].digest].sort());
+  if (s3Log) assert.deepEqual(s3Gets().slice(getsBefore).sort(), [node.layers[3].key, node.layers[4].key].map((k) => `/flyio-platform-hiring-challenge/${k}`).sort());
+  assert.deepEqual(node.layers.slice(0, 3).map((l) => l.thinId), golang.layers.slice(0, 3).map((l) => l.thinId), "layers 1-3 share golang's devices");
+  const golangIds = new Set(golang.layers.map((l) => l.thinId));
+  assert.ok(node.layers.slice(3).every((l) => !golangIds.has(l.thinId)), "layers 4-5 get new devices");
+});
+
+test("pull python: shares node's layer-4 device, and the three images fit the pool together", async () => {
+  const last = (await pull("python")).at(-1)!;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  const [node, python] = [await getImage("node"), await getImage("python")];
+  assert.deepEqual(python.layers.slice(0, 4).map((l) => l.thinId), node.layers.slice(0, 4).map((l) => l.thinId));
+  assert.notEqual(python.thinId, node.thinId);
+  const pool = await client.getPool({});
+  assert.equal(pool.errorIfNoSpace, true, "a full pool fails writes instead of hanging them");
+  assert.ok(pool.dataUsedBytes > 0n && pool.dataUsedBytes < pool.dataTotalBytes);
+});
+
+for (const name of ["golang", "node", "python"]) {
+  test(`activate ${name}: the snapshot holds exactly the expected root filesystem`, async () => {
+    const { activation } = await client.activateImage({ image: name });
+    assert.match(activation!.devicePath, /^\/dev\/mapper\/imgd-act-[0-9a-z]{26}$/);
+    assert.ok(existsSync(activation!.devicePath));
+    const differences = diffManifests(expected(name), await treeOf(activation!.devicePath));
+    assert.deepEqual(differences, [], `tree of ${name} differs from the expected one:\n${differences.slice(0, 40).join("\n")}`);
+  });
+}
+
+test("re-pulling a ready image is a no-op: no run, no S3 data request, no device change", async () => {
+  const before = { blobs: blobs(), gets: s3Gets().length, devices: dmDevices(), pool: await client.getPool({}), image: await getImage("golang") };
+  const updates = await pull("golang");
+  assert.equal(updates.length, 1);
+  assert.equal(updates[0].status, RunStatus.SUCCEEDED);
+  assert.equal(updates[0].runId, "", "no FSM run was started");
+  assert.deepEqual(blobs(), before.blobs);
+  assert.equal(s3Gets().length, before.gets);
+  assert.deepEqual(dmDevices(), before.devices);
+  assert.equal((await client.getPool({})).dataUsedBytes, before.pool.dataUsedBytes);
+  assert.deepEqual((await getImage("golang")).layers.map((l) => l.thinId), before.image.layers.map((l) => l.thinId));
+});
+
+test("two activations of one image are independent devices", async () => {
+  const { activation: a } = await client.activateImage({ image: "python" });
+  const { activation: b } = await client.activateImage({ image: "python" });
+  assert.notEqual(a!.id, b!.id);
+  assert.notEqual(a!.thinId, b!.thinId);
+  const dir = mkdtempSync("/tmp/imgd-e2e-");
+  sh("/usr/bin/mount", "-o", "nosuid,nodev", a!.devicePath, dir);
+  try {
+    writeFileSync(join(dir, "written-in-a"), "only in a\n");
+    sh("/usr/bin/rm", "-rf", join(dir, "etc"));
+  } finally {
+    sh("/usr/bin/umount", dir);
+    rmdirSync(dir);
+  }
+  const treeB = await treeOf(b!.devicePath);
+  assert.ok(!treeB.some((e) => e.path === "written-in-a"));
+  assert.deepEqual(diffManifests(expected("python"), treeB), [], "b is untouched by writes to a");
+  const { activation: c } = await client.activateImage({ image: "python" });
+  assert.deepEqual(diffManifests(expected("python"), await treeOf(c!.devicePath)), [], "the image's device is untouched too");
+  const { activations } = await client.listActivations({ image: "python" });
+  assert.ok([a, b, c].every((x) => activations.some((y) => y.id === x!.id)));
+});
+
+test("after an agent restart everything is intact", async () => {
+  const before = { images: (await client.listImages({})).images, activations: (await client.listActivations({})).activations, devices: dmDevices() };
+  sh("vm-agent", "restart");
+  close();
+  const c = connectImgd();
+  client = c.client;
+  close = () => c.channel.close();
+  const images = (await client.listImages({})).images;
+  assert.deepEqual(images.map((i) => [i.name, i.state, i.thinId]), before.images.map((i) => [i.name, i.state, i.thinId]));
+  assert.deepEqual((await client.listActivations({})).activations.map((a) => a.id), before.activations.map((a) => a.id));
+  assert.deepEqual(dmDevices(), before.devices);
+  const updates = await pull("node");
+  assert.equal(updates.length, 1, "node is still ready: re-pull is a no-op after restart");
+  assert.equal(updates[0].status, RunStatus.SUCCEEDED);
+  const { activation } = await client.activateImage({ image: "golang" });
+  assert.deepEqual(diffManifests(expected("golang"), await treeOf(activation!.devicePath)), []);
+});
+
+test("imgctl shows images, activations and the pool", () => {
+  const images = sh("imgctl", "images");
+  for (const name of ["golang", "node", "python"]) assert.match(images, new RegExp(`^${name}\\s+ready`, "m"));
+  assert.match(sh("imgctl", "activations"), /\/dev\/mapper\/imgd-act-/);
+  assert.match(sh("imgctl", "pool"), /error_if_no_space/);
+});
+
+test("bad requests get clear errors", async () => {
+  await assert.rejects(client.getImage({ image: "../etc" }), /INVALID_ARGUMENT|image name/i);
+  await assert.rejects(client.getImage({ image: "never-pulled" }), /not known/);
+  const last = await pull("does-not-exist").then(
+    (u) => u.at(-1),
+    (err: Error) => err,
+  );
+  assert.ok(last instanceof Error, "pulling a missing image fails");
+  assert.match(last.message, /does-not-exist/);
+});
