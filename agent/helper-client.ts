@@ -1,0 +1,146 @@
+// Client for the root helper's socket (protocol in privhelper/protocol.ts, whose types it shares).
+// One connection, opened on demand and reopened after an error; requests carry increasing ids and
+// responses are matched by id. The helper answers one connection's requests in order.
+import { createConnection, type Socket } from "node:net";
+import type { OpArgs, OpName, OpResult, Response } from "../privhelper/protocol.ts";
+
+/** Codes that will not change on retry: the request or the content itself is refused. */
+const PERMANENT_CODES = new Set(["BAD_JSON", "BAD_ARGS", "UNKNOWN_OP", "TOO_LARGE", "LAYER_REFUSED", "HAS_FILESYSTEM"]);
+
+export class HelperError extends Error {
+  readonly code: string;
+  readonly op: string;
+  constructor(op: string, code: string, message: string) {
+    super(message);
+    this.name = "HelperError";
+    this.op = op;
+    this.code = code;
+  }
+  /** True when retrying the same request cannot succeed. */
+  get permanent(): boolean {
+    return PERMANENT_CODES.has(this.code);
+  }
+}
+
+// layer.apply unpacks hundreds of MB (the helper itself gives up after 30 min); mkfs and pool
+// creation write real data; everything else is a few dmsetup calls.
+const TIMEOUTS_MS: Partial<Record<OpName, number>> = {
+  "layer.apply": 35 * 60_000,
+  "fs.mkfs": 11 * 60_000,
+  "pool.ensure": 11 * 60_000,
+};
+const DEFAULT_TIMEOUT_MS = 60_000;
+const CONNECT_TIMEOUT_MS = 5_000;
+
+type Pending = { op: OpName; resolve: (value: unknown) => void; reject: (err: Error) => void; timer: NodeJS.Timeout };
+
+export type HelperClientOptions = { timeoutsMs?: Partial<Record<OpName, number>> };
+
+export class HelperClient {
+  private readonly socketPath: string;
+  private readonly timeouts: Partial<Record<OpName, number>>;
+  private socket: Socket | null = null;
+  private connecting: Promise<Socket> | null = null;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private buffered = "";
+  private closed = false;
+
+  constructor(socketPath: string, options: HelperClientOptions = {}) {
+    this.socketPath = socketPath;
+    this.timeouts = { ...TIMEOUTS_MS, ...options.timeoutsMs };
+  }
+
+  async call<Op extends OpName>(op: Op, args: OpArgs<Op>): Promise<OpResult<Op>> {
+    if (this.closed) throw new HelperError(op, "CLIENT_CLOSED", "helper client is closed");
+    const socket = await this.connect(op);
+    const id = this.nextId++;
+    const timeoutMs = this.timeouts[op] ?? DEFAULT_TIMEOUT_MS;
+    return new Promise<OpResult<Op>>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new HelperError(op, "TIMEOUT", `no answer from the helper within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, { op, resolve: resolve as (value: unknown) => void, reject, timer });
+      socket.write(JSON.stringify({ id, op, args }) + "\n");
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    this.drop(new Error("helper client closed"), "CLIENT_CLOSED");
+  }
+
+  private connect(op: OpName): Promise<Socket> {
+    if (this.socket) return Promise.resolve(this.socket);
+    this.connecting ??= new Promise<Socket>((resolve, reject) => {
+      const socket = createConnection(this.socketPath);
+      const timer = setTimeout(() => socket.destroy(new Error(`connect timed out after ${CONNECT_TIMEOUT_MS} ms`)), CONNECT_TIMEOUT_MS);
+      socket.setEncoding("utf8");
+      socket.once("connect", () => {
+        clearTimeout(timer);
+        this.socket = socket;
+        this.connecting = null;
+        resolve(socket);
+      });
+      socket.on("data", (chunk: string) => this.onData(chunk));
+      socket.on("error", (err) => {
+        clearTimeout(timer);
+        if (this.socket !== socket) {
+          this.connecting = null;
+          reject(new HelperError(op, "UNAVAILABLE", `cannot connect to the helper at ${this.socketPath}: ${err.message}`));
+        }
+        this.dropSocket(socket, err);
+      });
+      socket.on("close", () => this.dropSocket(socket, new Error("connection closed by the helper")));
+    });
+    return this.connecting;
+  }
+
+  private onData(chunk: string): void {
+    this.buffered += chunk;
+    for (let newline = this.buffered.indexOf("\n"); newline !== -1; newline = this.buffered.indexOf("\n")) {
+      const line = this.buffered.slice(0, newline);
+      this.buffered = this.buffered.slice(newline + 1);
+      this.onLine(line);
+    }
+  }
+
+  private onLine(line: string): void {
+    let response: Response;
+    try {
+      response = JSON.parse(line) as Response;
+    } catch {
+      return this.drop(new Error(`unreadable answer from the helper: ${line.slice(0, 200)}`), "PROTOCOL");
+    }
+    if (response.id === null) {
+      // The helper could not read a request's id (a client bug): fail everything in flight.
+      const error = response.ok ? "unexpected answer" : `${response.error.code}: ${response.error.message}`;
+      return this.drop(new Error(error), response.ok ? "PROTOCOL" : response.error.code);
+    }
+    const pending = this.pending.get(response.id);
+    if (!pending) return; // its caller already timed out
+    this.pending.delete(response.id);
+    clearTimeout(pending.timer);
+    if (response.ok) pending.resolve(response.result);
+    else pending.reject(new HelperError(pending.op, response.error.code, response.error.message));
+  }
+
+  private dropSocket(socket: Socket, err: Error): void {
+    if (this.socket !== socket) return;
+    this.drop(err, "CONNECTION_LOST");
+  }
+
+  /** Forgets the connection (the next call reconnects) and fails every request in flight. */
+  private drop(err: Error, code: string): void {
+    const socket = this.socket;
+    this.socket = null;
+    this.buffered = "";
+    socket?.destroy();
+    for (const [id, pending] of this.pending) {
+      clearTimeout(pending.timer);
+      this.pending.delete(id);
+      pending.reject(new HelperError(pending.op, code, err.message));
+    }
+  }
+}
