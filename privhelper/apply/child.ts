@@ -1,0 +1,150 @@
+// The layer applier: a short-lived root process started by the helper as
+//   unshare --mount --propagation private -- node child.ts --device D --mountpoint M --blob B --digest sha256:X
+// It mounts D at M inside its own mount namespace, chroots into M so the KERNEL confines every
+// path the layer names to the image's filesystem, applies the blob, syncs, leaves the chroot and
+// unmounts. Test mode: --root DIR instead of --device/--mountpoint (no mount, still chrooted).
+// Output: one JSON line on stdout, {"ok":true,"entries":N,"bytes":N} or
+// {"ok":false,"code":...,"message":...,"entry":...,"rule":...} with a non-zero exit.
+//
+// Everything the child needs is imported statically here, before the chroot: once inside, nothing
+// from the host filesystem (node_modules, libc) is reachable any more.
+import { createHash } from "node:crypto";
+import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync } from "node:fs";
+import { isAbsolute, normalize } from "node:path";
+import { Transform } from "node:stream";
+import { chroot, fchdir, lsetxattr, mkfifo, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
+import { applyLayer, LayerRefused } from "./oci-apply.ts";
+
+type Args = { blob: string; digest: string; root?: string; device?: string; mountPoint?: string };
+
+class ChildFailure extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+function parseArgs(argv: string[]): Args {
+  const values = new Map<string, string>();
+  for (let i = 0; i < argv.length; i += 2) {
+    const [flag, value] = [argv[i]!, argv[i + 1]];
+    if (!["--blob", "--digest", "--root", "--device", "--mountpoint"].includes(flag) || value === undefined || values.has(flag)) {
+      throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
+    }
+    values.set(flag, value);
+  }
+  const path = (flag: string) => {
+    const value = values.get(flag);
+    if (value !== undefined && (!isAbsolute(value) || normalize(value) !== value || value === "/")) {
+      throw new ChildFailure("INTERNAL", `${flag} must be a normalized absolute path other than /`);
+    }
+    return value;
+  };
+  const args = { blob: path("--blob"), digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint") };
+  const mounted = args.device !== undefined && args.mountPoint !== undefined && args.root === undefined;
+  const testMode = args.root !== undefined && args.device === undefined && args.mountPoint === undefined;
+  if (!args.blob || !args.digest || !/^sha256:[0-9a-f]{64}$/.test(args.digest) || !(mounted || testMode)) {
+    throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
+  }
+  return args as Args;
+}
+
+function openBlob(path: string): number {
+  let fd: number;
+  try {
+    // O_NOFOLLOW: the blob store is writable by the unprivileged agent; never follow a link it
+    // planted. O_NONBLOCK: a FIFO planted there must not hang us (it is refused just below).
+    fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new ChildFailure("BLOB_MISSING", `blob ${path} does not exist`);
+    if (code === "ELOOP") throw new ChildFailure("BLOB_MISSING", `blob ${path} is a symbolic link; refused`);
+    throw err;
+  }
+  if (!fstatSync(fd).isFile()) {
+    closeSync(fd);
+    throw new ChildFailure("BLOB_MISSING", `blob ${path} is not a regular file`);
+  }
+  return fd;
+}
+
+async function main(): Promise<{ entries: number; bytes: number }> {
+  const args = parseArgs(process.argv.slice(2));
+  process.umask(0); // modes come from the layer, exactly
+
+  void process.stdout; // created lazily by Node: make it exist before the host disappears
+  const blobFd = openBlob(args.blob);
+  let root = args.root!;
+  if (args.device !== undefined) {
+    root = args.mountPoint!;
+    mkdirSync(root, { recursive: true, mode: 0o700 });
+    // Private namespace: this mount is invisible to the host and dies with this process.
+    mount(args.device, root, "ext4", MS_NOSUID | MS_NODEV, "noinit_itable");
+  }
+
+  const hostRoot = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
+  let chrooted = false;
+  try {
+    chroot(root);
+    chrooted = true;
+    process.chdir("/");
+
+    const hash = createHash("sha256");
+    let bytes = 0;
+    const hashing = new Transform({
+      transform(chunk: Buffer, _encoding, callback) {
+        hash.update(chunk);
+        bytes += chunk.byteLength;
+        callback(null, chunk);
+      },
+    });
+    const blob = createReadStream("", { fd: blobFd, autoClose: true, highWaterMark: 1024 * 1024 });
+    blob.on("error", (err) => hashing.destroy(err));
+    const { entries } = await applyLayer("/", blob.pipe(hashing), { mkfifo, lsetxattr });
+
+    const actual = `sha256:${hash.digest("hex")}`;
+    if (actual !== args.digest) {
+      throw new ChildFailure("BLOB_MISMATCH", `blob ${args.blob} hashes to ${actual}, not ${args.digest}; the device content is invalid`);
+    }
+    const imageRoot = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
+    try {
+      syncfs(imageRoot);
+    } finally {
+      closeSync(imageRoot);
+    }
+    return { entries, bytes };
+  } finally {
+    if (chrooted) {
+      // Back to the host root (the saved fd still points at it) so the mount point can be named.
+      fchdir(hostRoot);
+      chroot(".");
+      process.chdir("/");
+    }
+    closeSync(hostRoot);
+    if (args.device !== undefined) umount2(args.mountPoint!, 0);
+  }
+}
+
+function report(line: object): void {
+  process.stdout.write(JSON.stringify(line) + "\n");
+}
+
+main().then(
+  (result) => {
+    report({ ok: true, ...result });
+  },
+  (err: unknown) => {
+    const error = err as Error & { code?: string; entry?: string };
+    if (err instanceof LayerRefused) {
+      report({ ok: false, code: "LAYER_REFUSED", message: err.message, entry: err.entry, rule: err.rule });
+    } else if (err instanceof ChildFailure) {
+      report({ ok: false, code: err.code, message: err.message });
+    } else if (error?.code === "ENOSPC" || error?.code === "EDQUOT") {
+      report({ ok: false, code: "NO_SPACE", message: error.message, entry: error.entry });
+    } else {
+      report({ ok: false, code: "APPLY_FAILED", message: error?.message ?? String(err), entry: error?.entry });
+    }
+    process.exitCode = 1;
+  },
+);

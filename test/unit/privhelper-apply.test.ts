@@ -1,0 +1,324 @@
+// The layer applier child, run for real (as root, chrooted) against temporary directories:
+// OCI layer semantics, and that nothing a layer says can touch the host.
+import { test, type TestContext } from "node:test";
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import koffi from "koffi";
+import tar from "tar-stream";
+
+const CHILD = fileURLToPath(new URL("../../privhelper/apply/child.ts", import.meta.url));
+const isRoot = process.getuid?.() === 0;
+
+type Entry = { header: tar.Header | (Partial<tar.Header> & { name: string; pax?: Record<string, string> }) ; body?: string | Buffer };
+
+async function buildTar(entries: Entry[]): Promise<Buffer> {
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  const done = (async () => {
+    for await (const chunk of pack) chunks.push(chunk as Buffer);
+  })();
+  for (const { header, body } of entries) {
+    await new Promise<void>((resolve, reject) =>
+      body === undefined ? pack.entry(header as tar.Header, (err) => (err ? reject(err) : resolve()))
+        : pack.entry(header as tar.Header, body, (err) => (err ? reject(err) : resolve())));
+  }
+  pack.finalize();
+  await done;
+  return Buffer.concat(chunks);
+}
+
+const file = (name: string, body: string, extra: Partial<tar.Header> & { pax?: Record<string, string> } = {}): Entry => ({ header: { name, type: "file", mode: 0o644, ...extra }, body });
+const dir = (name: string, extra: Partial<tar.Header> = {}): Entry => ({ header: { name, type: "directory", mode: 0o755, ...extra } });
+const symlink = (name: string, linkname: string): Entry => ({ header: { name, type: "symlink", linkname } });
+const hardlink = (name: string, linkname: string): Entry => ({ header: { name, type: "link", linkname } });
+
+type Report = { ok: boolean; entries?: number; bytes?: number; code?: string; message?: string; entry?: string; rule?: string };
+
+function runChild(args: string[]): Promise<{ report: Report; exitCode: number; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CHILD, ...args], (error, stdout, stderr) => {
+      const last = stdout.trim().split("\n").at(-1) ?? "";
+      let report: Report;
+      try {
+        report = JSON.parse(last) as Report;
+      } catch {
+        report = { ok: false, code: "NO_REPORT", message: `${stdout}\n${stderr}` };
+      }
+      resolve({ report, exitCode: error ? Number(error.code ?? 1) : 0, stderr });
+    });
+  });
+}
+
+type Sandbox = { base: string; root: string; apply(entries: Entry[] | Buffer, digest?: string): Promise<Report> };
+
+function sandbox(t: TestContext): Sandbox {
+  const base = mkdtempSync(join(tmpdir(), "imgd-apply-"));
+  t.after(() => rmSync(base, { recursive: true, force: true }));
+  const root = join(base, "root");
+  mkdirSync(root);
+  let layer = 0;
+  return {
+    base,
+    root,
+    async apply(entries, digest) {
+      const blob = Buffer.isBuffer(entries) ? entries : await buildTar(entries);
+      const path = join(base, `layer${++layer}.tar`);
+      writeFileSync(path, blob);
+      const actual = `sha256:${createHash("sha256").update(blob).digest("hex")}`;
+      const { report, exitCode, stderr } = await runChild(["--root", root, "--blob", path, "--digest", digest ?? actual]);
+      assert.equal(exitCode === 0, report.ok, `exit code ${exitCode} disagrees with report ${JSON.stringify(report)} ${stderr}`);
+      return report;
+    },
+  };
+}
+
+const libc = koffi.load("libc.so.6");
+const lgetxattr = libc.func("long lgetxattr(const char *path, const char *name, void *value, size_t size)");
+function getXattr(path: string, name: string): Buffer | null {
+  const buffer = Buffer.alloc(256);
+  const length = Number(lgetxattr(path, name, buffer, buffer.length));
+  return length < 0 ? null : buffer.subarray(0, length);
+}
+
+const T1 = new Date("2020-01-02T03:04:05Z");
+const T2 = new Date("2021-06-07T08:09:10Z");
+const T3 = new Date("2019-12-31T23:59:59Z");
+const opts = { skip: isRoot ? false : "needs root (chroot, chown)" };
+
+test("owners, modes (setuid/setgid/sticky), mtimes, xattrs, links, fifos", opts, async (t) => {
+  const box = sandbox(t);
+  // A v2 file capability (cap_net_raw), all bytes < 0x80 so it survives tar-stream's UTF-8 decoding.
+  const capability = Buffer.from([0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+  const report = await box.apply([
+    dir("etc/", { mtime: T1 }),
+    file("etc/conf", "secret=1\n", { uid: 1234, gid: 5678, mode: 0o640, mtime: T2, pax: { "SCHILY.xattr.user.origin": "layer-one" } }),
+    file("usr/bin/su", "#!su", { mode: 0o4755, mtime: T2 }),
+    file("usr/bin/wall", "#!wall", { mode: 0o2755, gid: 5 }),
+    file("usr/bin/ping", "#!ping", { mode: 0o755, pax: { "SCHILY.xattr.security.capability": capability.toString("latin1") } }),
+    dir("tmp/", { mode: 0o1777, mtime: T3 }),
+    { header: { name: "run/initctl", type: "fifo", mode: 0o600, uid: 7, gid: 8 } },
+    symlink("bin/sh", "/usr/bin/dash"),
+    symlink("lib", "usr/lib"),
+    hardlink("usr/bin/su-again", "usr/bin/su"),
+    file("etc/zz-late", "added after etc's own entry"),
+  ]);
+  assert.deepEqual(report.ok, true, JSON.stringify(report));
+  assert.equal(report.entries, 11);
+
+  const conf = statSync(join(box.root, "etc/conf"));
+  assert.equal(readFileSync(join(box.root, "etc/conf"), "utf8"), "secret=1\n");
+  assert.deepEqual([conf.uid, conf.gid, conf.mode & 0o7777], [1234, 5678, 0o640]);
+  assert.equal(conf.mtime.getTime(), T2.getTime());
+  assert.equal(getXattr(join(box.root, "etc/conf"), "user.origin")?.toString(), "layer-one");
+  assert.deepEqual(getXattr(join(box.root, "usr/bin/ping"), "security.capability"), capability);
+
+  assert.equal(statSync(join(box.root, "usr/bin/su")).mode & 0o7777, 0o4755);
+  assert.equal(statSync(join(box.root, "usr/bin/wall")).mode & 0o7777, 0o2755);
+  assert.equal(statSync(join(box.root, "usr/bin/wall")).gid, 5);
+  assert.equal(statSync(join(box.root, "tmp")).mode & 0o7777, 0o1777);
+  // Directory mtimes are set last, after their children were added.
+  assert.equal(statSync(join(box.root, "etc")).mtime.getTime(), T1.getTime());
+  assert.equal(statSync(join(box.root, "tmp")).mtime.getTime(), T3.getTime());
+  // Parents missing from the tar are created 0755 root.
+  const usr = statSync(join(box.root, "usr"));
+  assert.deepEqual([usr.isDirectory(), usr.mode & 0o7777, usr.uid, usr.gid], [true, 0o755, 0, 0]);
+
+  const fifo = lstatSync(join(box.root, "run/initctl"));
+  assert.deepEqual([fifo.isFIFO(), fifo.mode & 0o7777, fifo.uid, fifo.gid], [true, 0o600, 7, 8]);
+  assert.equal(readlinkSync(join(box.root, "bin/sh")), "/usr/bin/dash");
+  assert.equal(readlinkSync(join(box.root, "lib")), "usr/lib");
+  const su = statSync(join(box.root, "usr/bin/su"));
+  const again = statSync(join(box.root, "usr/bin/su-again"));
+  assert.deepEqual([again.ino, again.nlink], [su.ino, 2]);
+});
+
+test("overwrite: files replaced, directories merged with updated metadata", opts, async (t) => {
+  const box = sandbox(t);
+  assert.ok((await box.apply([file("a", "old"), dir("d/", { mode: 0o755 }), file("d/keep", "lower")])).ok);
+  assert.ok((await box.apply([file("a", "new"), dir("d/", { mode: 0o700, uid: 42 })])).ok);
+  assert.equal(readFileSync(join(box.root, "a"), "utf8"), "new");
+  assert.equal(readFileSync(join(box.root, "d/keep"), "utf8"), "lower");
+  const d = statSync(join(box.root, "d"));
+  assert.deepEqual([d.mode & 0o7777, d.uid], [0o700, 42]);
+});
+
+test("whiteouts delete lower entries recursively and are never created", opts, async (t) => {
+  const box = sandbox(t);
+  assert.ok((await box.apply([file("f", "x"), file("x/y/z", "deep"), file("x/other", "o")])).ok);
+  assert.ok((await box.apply([file(".wh.f", ""), file("x/.wh.y", ""), file("x/.wh.missing", "")])).ok);
+  assert.equal(existsSync(join(box.root, "f")), false);
+  assert.equal(existsSync(join(box.root, "x/y")), false);
+  assert.deepEqual(readdirSync(join(box.root, "x")), ["other"]);
+  assert.deepEqual(readdirSync(box.root).sort(), ["x"]);
+});
+
+test("opaque directory: hides lower content, keeps this layer's entries before and after the marker", opts, async (t) => {
+  const box = sandbox(t);
+  assert.ok((await box.apply([file("o/old1", "1"), file("o/sub/old2", "2"), file("o/sub/old3", "3"), file("outside", "x")])).ok);
+  assert.ok((await box.apply([
+    dir("o/"),
+    file("o/new1", "before marker"),
+    file("o/sub/fresh", "same layer, in a lower directory"),
+    file("o/.wh..wh..opq", ""),
+    file("o/new2", "after marker"),
+  ])).ok);
+  assert.deepEqual(readdirSync(join(box.root, "o")).sort(), ["new1", "new2", "sub"]);
+  assert.deepEqual(readdirSync(join(box.root, "o/sub")), ["fresh"]);
+  assert.equal(readFileSync(join(box.root, "o/new1"), "utf8"), "before marker");
+  assert.equal(existsSync(join(box.root, "outside")), true);
+});
+
+test("file -> directory -> file replacement, across layers and within one", opts, async (t) => {
+  const box = sandbox(t);
+  assert.ok((await box.apply([file("p", "file"), symlink("q", "p")])).ok);
+  assert.ok((await box.apply([dir("p/"), file("p/child", "c"), dir("q/")])).ok);
+  assert.ok(statSync(join(box.root, "p")).isDirectory());
+  assert.ok(lstatSync(join(box.root, "q")).isDirectory(), "a directory entry replaces a lower symlink");
+  assert.equal(readFileSync(join(box.root, "p/child"), "utf8"), "c");
+  assert.ok((await box.apply([file("p", "file again"), file("r", "1"), dir("r/"), file("r/in", "2"), file("r", "3")])).ok);
+  assert.equal(readFileSync(join(box.root, "p"), "utf8"), "file again");
+  assert.equal(readFileSync(join(box.root, "r"), "utf8"), "3");
+});
+
+test("a file over a lower symlink to a host path replaces the link; the host file is untouched", opts, async (t) => {
+  const box = sandbox(t);
+  const hostDir = join(box.base, "host");
+  mkdirSync(hostDir);
+  const hostFile = join(hostDir, "precious");
+  writeFileSync(hostFile, "original");
+  assert.ok((await box.apply([
+    symlink("evil", hostFile),
+    symlink("evildir", hostDir),
+    symlink("up", `../../../../../../../../..${hostDir}`),
+  ])).ok);
+  assert.ok((await box.apply([file("evil", "pwned")])).ok);
+  assert.equal(readFileSync(hostFile, "utf8"), "original");
+  assert.ok(lstatSync(join(box.root, "evil")).isFile());
+  assert.equal(readFileSync(join(box.root, "evil"), "utf8"), "pwned");
+
+  // Writing *through* such links: confined to the image by the chroot (the links dangle there).
+  for (const name of ["evildir/planted", "up/planted"]) {
+    const report = await box.apply([file(name, "pwned")]);
+    assert.equal(report.ok, false, name);
+    assert.equal(report.rule, "PARENT_NOT_DIR", JSON.stringify(report));
+  }
+  // A hard link cannot name a host file either.
+  const hard = await box.apply([hardlink("stolen", hostFile)]);
+  assert.equal(hard.rule, "HARDLINK_TARGET", JSON.stringify(hard));
+  assert.deepEqual(readdirSync(hostDir), ["precious"]);
+  assert.equal(readFileSync(hostFile, "utf8"), "original");
+});
+
+test("names with '..' are refused; absolute names land inside the root", opts, async (t) => {
+  const box = sandbox(t);
+  for (const name of ["../escape", "a/../../escape", "a/b/../../../escape", ".."]) {
+    const report = await box.apply([file(name, "x")]);
+    assert.deepEqual([report.ok, report.code, report.rule, report.entry], [false, "LAYER_REFUSED", "BAD_NAME", name]);
+  }
+  const link = await box.apply([file("target", "t"), hardlink("l", "../target")]);
+  assert.equal(link.rule, "HARDLINK_TARGET");
+  assert.equal(existsSync(join(box.base, "escape")), false);
+
+  const absolute = `${box.base}/absolute-escape`;
+  assert.ok((await box.apply([file(absolute, "inside"), file("/etc/abs", "inside too")])).ok);
+  assert.equal(existsSync(absolute), false, "not written on the host");
+  assert.equal(readFileSync(join(box.root, absolute), "utf8"), "inside");
+  assert.equal(readFileSync(join(box.root, "etc/abs"), "utf8"), "inside too");
+});
+
+/** A tar whose PAX xattr value holds bytes that are not UTF-8 (pack() would encode them as UTF-8). */
+async function withBinaryXattr(): Promise<Buffer> {
+  const blob = await buildTar([file("x", "", { pax: { "SCHILY.xattr.user.bin": "@@" } })]);
+  const at = blob.indexOf("user.bin=@@");
+  assert.ok(at > 0);
+  blob[at + 9] = 0xff;
+  blob[at + 10] = 0xfe;
+  return blob;
+}
+
+test("device nodes, foreign xattrs, unknown whiteouts and broken tars are refused", opts, async (t) => {
+  const box = sandbox(t);
+  const cases: [Entry[] | Buffer, string][] = [
+    [[{ header: { name: "dev/sda", type: "block-device", devmajor: 8, devminor: 0 } }], "DEVICE_NODE"],
+    [[{ header: { name: "dev/mem", type: "character-device", devmajor: 1, devminor: 1 } }], "DEVICE_NODE"],
+    [[file("x", "", { pax: { "SCHILY.xattr.trusted.overlay.opaque": "y" } })], "XATTR_NOT_ALLOWED"],
+    [[file("x", "", { pax: { "SCHILY.xattr.security.selinux": "unconfined_u" } })], "XATTR_NOT_ALLOWED"],
+    [await withBinaryXattr(), "XATTR_UNREADABLE"],
+    [[file("d/.wh..wh.plnk", "")], "BAD_WHITEOUT"],
+    [[file(".wh.", "")], "BAD_WHITEOUT"],
+    [[file("s", "", { pax: { "GNU.sparse.major": "1" } })], "SPARSE_FILE"],
+    [Buffer.alloc(1024, 0x41), "BAD_TAR"],
+  ];
+  for (const [entries, rule] of cases) {
+    const report = await box.apply(entries);
+    assert.deepEqual([report.ok, report.code, report.rule], [false, "LAYER_REFUSED", rule], JSON.stringify(report));
+  }
+  const whole = await buildTar([file("big", "y".repeat(5000))]);
+  const truncated = await box.apply(whole.subarray(0, 1536));
+  assert.equal(truncated.rule, "BAD_TAR", JSON.stringify(truncated));
+});
+
+test("blob checks: digest mismatch, missing blob, symlinked blob", opts, async (t) => {
+  const box = sandbox(t);
+  const other = `sha256:${"0".repeat(64)}`;
+  const mismatch = await box.apply([file("a", "a")], other);
+  assert.deepEqual([mismatch.ok, mismatch.code], [false, "BLOB_MISMATCH"]);
+
+  const missing = await runChild(["--root", box.root, "--blob", join(box.base, "nope"), "--digest", other]);
+  assert.deepEqual([missing.report.code, missing.exitCode], ["BLOB_MISSING", 1]);
+
+  const blob = await buildTar([file("a", "a")]);
+  writeFileSync(join(box.base, "real.tar"), blob);
+  symlinkSync(join(box.base, "real.tar"), join(box.base, "link.tar"));
+  const digest = `sha256:${createHash("sha256").update(blob).digest("hex")}`;
+  const linked = await runChild(["--root", box.root, "--blob", join(box.base, "link.tar"), "--digest", digest]);
+  assert.equal(linked.report.code, "BLOB_MISSING");
+  assert.match(linked.report.message ?? "", /symbolic link/);
+
+  const bad = await runChild(["--root", box.root, "--blob", "relative.tar", "--digest", digest]);
+  assert.equal(bad.report.ok, false);
+});
+
+test("device mode: mounts in a private namespace, applies, unmounts (ext4 on a loop device)", opts, async (t) => {
+  const box = sandbox(t);
+  const image = join(box.base, "fs.img");
+  const run = (file: string, args: string[]) =>
+    new Promise<string>((resolve, reject) => execFile(file, args, (err, stdout, stderr) => (err ? reject(new Error(`${file} ${args.join(" ")}: ${stderr}`)) : resolve(stdout.trim()))));
+  await run("/usr/bin/truncate", ["-s", "64M", image]);
+  await run("/usr/sbin/mkfs.ext4", ["-q", image]);
+  let loop: string;
+  try {
+    loop = await run("/usr/sbin/losetup", ["--find", "--show", image]);
+  } catch (err) {
+    t.skip(`no loop devices here: ${(err as Error).message}`);
+    return;
+  }
+  t.after(() => run("/usr/sbin/losetup", ["--detach", loop]));
+
+  const blob = await buildTar([file("etc/os-release", "ID=test\n"), file("usr/bin/su", "su", { mode: 0o4755 }), symlink("escape", box.base)]);
+  writeFileSync(join(box.base, "layer.tar"), blob);
+  const digest = `sha256:${createHash("sha256").update(blob).digest("hex")}`;
+  const mountPoint = join(box.base, "mnt");
+  const result = await new Promise<{ stdout: string; code: number }>((resolve) =>
+    execFile("/usr/bin/unshare", ["--mount", "--propagation", "private", "--", process.execPath, CHILD,
+      "--device", loop, "--mountpoint", mountPoint, "--blob", join(box.base, "layer.tar"), "--digest", digest],
+    (err, stdout) => resolve({ stdout, code: err ? 1 : 0 })));
+  assert.deepEqual(JSON.parse(result.stdout), { ok: true, entries: 3, bytes: blob.length });
+  assert.equal(readFileSync("/proc/self/mountinfo", "utf8").includes(mountPoint), false, "nothing left mounted on the host");
+  assert.deepEqual(readdirSync(mountPoint), [], "the layer went to the device, not to the mount point directory");
+
+  // Look at the device from the host side.
+  await run("/usr/bin/mount", ["-o", "ro,nosuid,nodev", loop, mountPoint]);
+  try {
+    assert.equal(readFileSync(join(mountPoint, "etc/os-release"), "utf8"), "ID=test\n");
+    assert.equal(statSync(join(mountPoint, "usr/bin/su")).mode & 0o7777, 0o4755);
+    assert.equal(readlinkSync(join(mountPoint, "escape")), box.base);
+  } finally {
+    await run("/usr/bin/umount", [mountPoint]);
+  }
+});
