@@ -14,7 +14,8 @@ import tar from "tar-stream";
 const CHILD = fileURLToPath(new URL("../../privhelper/apply/child.ts", import.meta.url));
 const isRoot = process.getuid?.() === 0;
 
-type Entry = { header: tar.Header | (Partial<tar.Header> & { name: string; pax?: Record<string, string> }) ; body?: string | Buffer };
+type HeaderInput = Partial<Omit<tar.Header, "pax">> & { name: string; pax?: Record<string, string> };
+type Entry = { header: HeaderInput; body?: string | Buffer };
 
 async function buildTar(entries: Entry[]): Promise<Buffer> {
   const pack = tar.pack();
@@ -32,8 +33,8 @@ async function buildTar(entries: Entry[]): Promise<Buffer> {
   return Buffer.concat(chunks);
 }
 
-const file = (name: string, body: string, extra: Partial<tar.Header> & { pax?: Record<string, string> } = {}): Entry => ({ header: { name, type: "file", mode: 0o644, ...extra }, body });
-const dir = (name: string, extra: Partial<tar.Header> = {}): Entry => ({ header: { name, type: "directory", mode: 0o755, ...extra } });
+const file = (name: string, body: string, extra: Omit<HeaderInput, "name"> = {}): Entry => ({ header: { name, type: "file", mode: 0o644, ...extra }, body });
+const dir = (name: string, extra: Omit<HeaderInput, "name"> = {}): Entry => ({ header: { name, type: "directory", mode: 0o755, ...extra } });
 const symlink = (name: string, linkname: string): Entry => ({ header: { name, type: "symlink", linkname } });
 const hardlink = (name: string, linkname: string): Entry => ({ header: { name, type: "link", linkname } });
 

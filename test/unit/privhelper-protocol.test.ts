@@ -118,7 +118,7 @@ test("unknown ops, including inherited property names", () => {
     expectError(result, "UNKNOWN_OP", "op");
     assert.equal(result.ok ? -1 : result.id, 7, "the id is echoed so the client can match the error");
   }
-  expectError(parseRequestLine(request(5, {})), "BAD_ARGS", "op");
+  expectError(parseRequestLine(line({ id: 7, op: 5, args: {} })), "BAD_ARGS", "op");
 });
 
 test("bad JSON and oversized lines", () => {
