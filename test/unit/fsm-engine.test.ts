@@ -10,6 +10,9 @@ import { FsmEngine, abort, type EngineOptions, type RunEvent } from "../../agent
 
 const FAST = { maxAttempts: 3, baseDelayMs: 1, maxDelayMs: 5, factor: 2, jitter: 0 };
 
+// A broken engine should fail a test, not hang the suite.
+const LIMIT = { timeout: 15_000 };
+
 interface Harness {
   path: string;
   db: Database;
@@ -46,6 +49,10 @@ function harness(t: TestContext, options: EngineOptions = {}): Harness {
   return h;
 }
 
+function aborted(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => signal.addEventListener("abort", () => reject(signal.reason), { once: true }));
+}
+
 function deferred<T = void>(): { promise: Promise<T>; resolve: (v: T) => void } {
   let resolve!: (v: T) => void;
   const promise = new Promise<T>((r) => (resolve = r));
@@ -62,7 +69,7 @@ interface PullState {
   activation?: string;
 }
 
-test("typed request and state flow through ordered steps, each checkpoint saved with its step", async (t) => {
+test("typed request and state flow through ordered steps, each checkpoint saved with its step", LIMIT, async (t) => {
   const h = harness(t);
   const seenInStep: { step: string; stepIndex: number; saved: PullState | undefined }[] = [];
   const pull = h.engine
@@ -122,7 +129,7 @@ test("typed request and state flow through ordered steps, each checkpoint saved 
   );
 });
 
-test("a failed attempt's state changes are discarded; the retry starts from the checkpoint", async (t) => {
+test("a failed attempt's state changes are discarded; the retry starts from the checkpoint", LIMIT, async (t) => {
   const h = harness(t);
   const seen: unknown[] = [];
   const fsm = h.engine
@@ -144,16 +151,16 @@ test("a failed attempt's state changes are discarded; the retry starts from the 
   assert.deepEqual(run.state, { n: 2, junk: "partial" });
 });
 
-test("one unfinished run per (fsm, resourceId): a second start joins it, enforced by SQLite", async (t) => {
+test("one unfinished run per (fsm, resourceId): a second start joins it, enforced by SQLite", LIMIT, async (t) => {
   const h = harness(t);
   const gate = deferred();
   let calls = 0;
   const build = (name: string) =>
     h.engine
       .register<{ v: number }, {}>(name)
-      .start("work", async () => {
+      .start("work", async (ctx) => {
         calls++;
-        await gate.promise;
+        await Promise.race([gate.promise, aborted(ctx.signal)]);
       })
       .end();
   const pull = build("pull");
@@ -191,7 +198,7 @@ test("one unfinished run per (fsm, resourceId): a second start joins it, enforce
   await pull.wait(again.runId);
 });
 
-test("transient errors retry with exponential backoff, then succeed", async (t) => {
+test("transient errors retry with exponential backoff, then succeed", LIMIT, async (t) => {
   const h = harness(t, { retry: { ...FAST, maxAttempts: 5, baseDelayMs: 20, maxDelayMs: 1000 } });
   const attempts: number[] = [];
   const fsm = h.engine
@@ -227,7 +234,7 @@ test("transient errors retry with exponential backoff, then succeed", async (t) 
   );
 });
 
-test("retries stop at maxAttempts (per-step override) and the run fails with the last error", async (t) => {
+test("retries stop at maxAttempts (per-step override) and the run fails with the last error", LIMIT, async (t) => {
   const h = harness(t, { retry: { ...FAST, maxAttempts: 4 } });
   let global = 0;
   let perStep = 0;
@@ -260,10 +267,16 @@ test("retries stop at maxAttempts (per-step override) and the run fails with the
   assert.equal(run.step, "step-policy");
   assert.equal(run.error, "boom 1");
   assert.equal(run.attempts, 2);
+  // No backoff is scheduled after the last allowed attempt.
+  const errors = fsm.history(runId).filter((e) => e.type === "error" && e.step === "step-policy");
+  assert.deepEqual(errors.map((e) => [e.attempt, e.error, e.delayMs]), [
+    [0, "boom 0", 1],
+    [1, "boom 1", undefined],
+  ]);
   assert.equal(fsm.history(runId).at(-1)!.type, "finish");
 });
 
-test("abort() fails the run at once, without retry", async (t) => {
+test("abort() fails the run at once, without retry", LIMIT, async (t) => {
   const h = harness(t);
   let calls = 0;
   let after = 0;
@@ -286,7 +299,7 @@ test("abort() fails the run at once, without retry", async (t) => {
   assert.equal(run.attempts, 1);
 });
 
-test("finalizers run in order with the final, already durable record, also when the run fails", async (t) => {
+test("finalizers run in order with the final, already durable record, also when the run fails", LIMIT, async (t) => {
   const h = harness(t);
   const calls: string[] = [];
   const fsm = h.engine
@@ -321,7 +334,7 @@ test("finalizers run in order with the final, already durable record, also when 
   assert.equal(finalized, 2);
 });
 
-test("wait() after a restart returns the durable failed outcome; unknown run ids reject", async (t) => {
+test("wait() after a restart returns the durable failed outcome; unknown run ids reject", LIMIT, async (t) => {
   const h = harness(t);
   const define = (engine: FsmEngine) =>
     engine
@@ -356,7 +369,7 @@ test("wait() after a restart returns the durable failed outcome; unknown run ids
   assert.equal(events[0]!.type, "finished");
 });
 
-test("queue(name) bounds concurrency across runs and respects abort signals", async (t) => {
+test("queue(name) bounds concurrency across runs; unknown names get the default limit", LIMIT, async (t) => {
   const h = harness(t, { queues: { download: 2 } });
   let active = 0;
   let peak = 0;
@@ -382,7 +395,7 @@ test("queue(name) bounds concurrency across runs and respects abort signals", as
   assert.ok(h.logs.some((l) => l.level === "warn" && l.fields?.queue === "other"));
 });
 
-test("shutdown aborts steps without recording failures; the run resumes from that step", async (t) => {
+test("shutdown aborts steps without recording failures; the run resumes from that step", LIMIT, async (t) => {
   const h = harness(t);
   const inStep = deferred();
   const calls: { step: string; resumed: boolean; attempt: number; state: unknown }[] = [];
@@ -401,7 +414,7 @@ test("shutdown aborts steps without recording failures; the run resumes from tha
       .end();
   let fsm = define(h.engine, (signal) => {
     inStep.resolve();
-    return new Promise((_, reject) => signal.addEventListener("abort", () => reject(signal.reason)));
+    return aborted(signal);
   });
   await h.engine.resumeAll();
   const { runId } = fsm.start("r", {}, {});
@@ -435,7 +448,7 @@ test("shutdown aborts steps without recording failures; the run resumes from tha
   );
 });
 
-test("shutdown during a retry backoff leaves the run resumable with its attempt count", async (t) => {
+test("shutdown during a retry backoff leaves the run resumable with its attempt count", LIMIT, async (t) => {
   const h = harness(t, { retry: { ...FAST, baseDelayMs: 60_000, maxDelayMs: 60_000 } });
   const failed = deferred();
   const define = (engine: FsmEngine, fail: boolean) =>
@@ -467,21 +480,20 @@ test("shutdown during a retry backoff leaves the run resumable with its attempt 
   assert.equal(run.error, undefined);
 });
 
-test("resumeAll fails runs of unregistered FSMs and runs whose remaining steps were removed", async (t) => {
+test("resumeAll fails runs of unregistered FSMs and runs whose remaining steps were removed", LIMIT, async (t) => {
   const h = harness(t);
-  const hang = () => new Promise<void>((_, reject) => setTimeout(() => reject(new Error("unused")), 60_000).unref());
   const old = h.engine
     .register<{}, {}>("old")
     .start("one", async (ctx) => {
-      await new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason)));
+      await aborted(ctx.signal);
     })
     .end();
   const changing = h.engine
     .register<{}, {}>("changing")
     .start("keep", async (ctx) => {
-      await new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason)));
+      await aborted(ctx.signal);
     })
-    .to("removed", hang)
+    .to("removed", async () => assert.fail("never reached"))
     .end();
   await h.engine.resumeAll();
   const oldRun = old.start("x", {}, {}).runId;
@@ -505,7 +517,7 @@ test("resumeAll fails runs of unregistered FSMs and runs whose remaining steps w
   assert.match(orphan.error, /FSM "old" is not registered/);
 });
 
-test("list() filters by resource and status, newest first, with a limit", async (t) => {
+test("list() filters by resource and status, newest first, with a limit", LIMIT, async (t) => {
   const h = harness(t);
   const fsm = h.engine
     .register<{ fail: boolean }, {}>("listed")
@@ -529,7 +541,7 @@ test("list() filters by resource and status, newest first, with a limit", async 
   assert.deepEqual(fsm.list(), []);
 });
 
-test("registration rules: unique names, start/to/end order, nothing after resumeAll", async (t) => {
+test("registration rules: unique names, start/to/end order, nothing after resumeAll", LIMIT, async (t) => {
   const h = harness(t);
   const noop = async () => {};
   h.engine.register("a").start("x", noop).end();
@@ -545,7 +557,7 @@ test("registration rules: unique names, start/to/end order, nothing after resume
   await assert.rejects(h.engine.resumeAll(), /only once/);
 });
 
-test("a state that cannot be saved as JSON fails the run with a clear error", async (t) => {
+test("a state that cannot be saved as JSON fails the run with a clear error", LIMIT, async (t) => {
   const h = harness(t);
   const fsm = h.engine
     .register<{}, { big?: bigint }>("json")
