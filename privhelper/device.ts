@@ -1,0 +1,69 @@
+// Activating thin devices as /dev/mapper/<name>, removing them, and listing ours.
+import type { HelperConfig } from "./config.ts";
+import { dmCreate, dmDeviceNumber, dmListNames, dmRemove, dmTable, isBusy, parseThinTable } from "./dm.ts";
+import { HelperFailure } from "./errors.ts";
+import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
+
+export type ThinDevice = { name: string; thinId: number };
+
+export async function poolDeviceNumber(config: HelperConfig): Promise<string> {
+  const number = await dmDeviceNumber(config.poolName);
+  if (number === null) throw new HelperFailure("POOL_MISSING", `thin pool ${config.poolName} does not exist (pool.ensure creates it)`);
+  return number;
+}
+
+/** Devices with one of our names whose table is a thin target on our pool. */
+export async function listDevices(config: HelperConfig): Promise<ThinDevice[]> {
+  const pool = await poolDeviceNumber(config);
+  const devices: ThinDevice[] = [];
+  for (const name of await dmListNames()) {
+    if (!LAYER_NAME.test(name) && !ACTIVATION_NAME.test(name)) continue;
+    const table = await dmTable(name);
+    const thin = table === null ? null : parseThinTable(table);
+    if (thin && thin.poolDevice === pool) devices.push({ name, thinId: thin.thinId });
+  }
+  return devices;
+}
+
+export async function activateDevice(config: HelperConfig, name: string, thinId: number): Promise<{ path: string }> {
+  const pool = await poolDeviceNumber(config);
+  const sectors = config.thinBytes / 512;
+  const path = `/dev/mapper/${name}`;
+  const existing = await dmTable(name);
+  if (existing !== null) {
+    const thin = parseThinTable(existing);
+    if (thin && thin.poolDevice === pool && thin.thinId === thinId && thin.sectors === sectors) return { path };
+    throw new HelperFailure("CONFLICT", `device ${name} already exists with a different table: ${existing}`);
+  }
+  const holder = (await listDevices(config)).find((device) => device.thinId === thinId);
+  // Two live devices on one thin id would write the same blocks through two caches.
+  if (holder) throw new HelperFailure("BUSY", `thin id ${thinId} is already active as ${holder.name}`);
+  try {
+    await dmCreate(name, `0 ${sectors} thin /dev/mapper/${config.poolName} ${thinId}`);
+  } catch (err) {
+    // A failed load can leave an empty (tableless) device of that name behind.
+    await dmRemove(name).catch(() => undefined);
+    if (err instanceof Error && /No data available/.test(err.message)) {
+      throw new HelperFailure("NOT_FOUND", `thin id ${thinId} does not exist in pool ${config.poolName}`);
+    }
+    throw err;
+  }
+  return { path };
+}
+
+const REMOVE_ATTEMPTS = 5;
+
+/** Removes the device; a device that is already gone counts as success. */
+export async function deactivateDevice(name: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await dmRemove(name);
+      return;
+    } catch (err) {
+      // Brief opens (blkid, a closing mount) make remove fail with EBUSY: retry a little.
+      if (!isBusy(err)) throw err;
+      if (attempt >= REMOVE_ATTEMPTS) throw new HelperFailure("BUSY", `device ${name} is busy (mounted or open): ${(err as Error).message}`);
+      await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+    }
+  }
+}

@@ -1,0 +1,108 @@
+// Thin wrappers around dmsetup. Callers pass only names that protocol.ts or config.ts validated;
+// tables are built by the helper and passed as a single argument.
+import { CommandFailed, run } from "./run.ts";
+
+// libdevmapper's wording when the kernel has no device of that name.
+function isMissingDevice(err: unknown): boolean {
+  return err instanceof CommandFailed && /Device does not exist|No such device or address/.test(err.stderr);
+}
+
+/** The device's table (one line per target), or null when there is no such device. */
+export async function dmTable(name: string): Promise<string | null> {
+  try {
+    return (await run("dmsetup", ["table", name])).stdout.trim();
+  } catch (err) {
+    if (isMissingDevice(err)) return null;
+    throw err;
+  }
+}
+
+export async function dmStatus(name: string): Promise<string | null> {
+  try {
+    return (await run("dmsetup", ["status", name])).stdout.trim();
+  } catch (err) {
+    if (isMissingDevice(err)) return null;
+    throw err;
+  }
+}
+
+/** "major:minor" of a device, the form the kernel uses for it inside other tables. */
+export async function dmDeviceNumber(name: string): Promise<string | null> {
+  try {
+    const out = (await run("dmsetup", ["info", "-c", "--noheadings", "-o", "major,minor", "--separator", ":", name])).stdout.trim();
+    if (!/^[0-9]+:[0-9]+$/.test(out)) throw new Error(`unexpected dmsetup info output ${JSON.stringify(out)}`);
+    return out;
+  } catch (err) {
+    if (isMissingDevice(err)) return null;
+    throw err;
+  }
+}
+
+export async function dmListNames(): Promise<string[]> {
+  const out = (await run("dmsetup", ["info", "-c", "--noheadings", "-o", "name"])).stdout.trim();
+  if (out === "" || out === "No devices found") return [];
+  return out.split("\n").map((line) => line.trim());
+}
+
+/** Creates and loads a device, then makes its /dev/mapper node (no udev in the VM; see vm-notes). */
+export async function dmCreate(name: string, table: string): Promise<void> {
+  await run("dmsetup", ["create", name, "--noudevsync", "--table", table]);
+  await run("dmsetup", ["mknodes", name]);
+}
+
+/** Removes a device; false when it did not exist. Throws CommandFailed (e.g. busy) otherwise. */
+export async function dmRemove(name: string): Promise<boolean> {
+  try {
+    await run("dmsetup", ["remove", "--noudevsync", name]);
+  } catch (err) {
+    if (isMissingDevice(err)) return false;
+    throw err;
+  } finally {
+    // Drops a stale /dev/mapper node whether or not the remove succeeded.
+    await run("dmsetup", ["mknodes", name]).catch(() => undefined);
+  }
+  return true;
+}
+
+export async function dmMessage(pool: string, message: string): Promise<void> {
+  await run("dmsetup", ["message", pool, "0", message]);
+}
+
+export async function dmSuspend(name: string): Promise<void> {
+  await run("dmsetup", ["suspend", "--noudevsync", name]);
+}
+
+export async function dmResume(name: string): Promise<void> {
+  await run("dmsetup", ["resume", "--noudevsync", name]);
+}
+
+export function isBusy(err: unknown): boolean {
+  return err instanceof CommandFailed && /Device or resource busy/.test(err.stderr);
+}
+
+export type ThinTable = { sectors: number; poolDevice: string; thinId: number };
+
+/** Parses a single-target "0 <len> thin <pool maj:min> <id>" table; null for anything else. */
+export function parseThinTable(table: string): ThinTable | null {
+  const match = /^0 ([0-9]+) thin ([0-9]+:[0-9]+) ([0-9]+)$/.exec(table.trim());
+  if (!match) return null;
+  return { sectors: Number(match[1]), poolDevice: match[2]!, thinId: Number(match[3]) };
+}
+
+export type PoolTable = { sectors: number; metaDevice: string; dataDevice: string; blockSectors: number; features: string[] };
+
+/** Parses a single-target "0 <len> thin-pool <meta> <data> <block> <low water> [<n> <features>...]" table. */
+export function parsePoolTable(table: string): PoolTable | null {
+  const lines = table.trim().split("\n");
+  if (lines.length !== 1) return null;
+  const words = lines[0]!.trim().split(/\s+/);
+  if (words.length < 7 || words[0] !== "0" || words[2] !== "thin-pool") return null;
+  const count = words.length > 7 ? Number(words[7]) : 0;
+  return {
+    sectors: Number(words[1]),
+    metaDevice: words[3]!,
+    dataDevice: words[4]!,
+    blockSectors: Number(words[5]),
+    features: words.slice(8, 8 + count),
+  };
+}
