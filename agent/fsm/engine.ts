@@ -266,7 +266,13 @@ export class FsmEngine {
     if (row.status === "running") {
       if (resumed) row = this.#prepareResume(def, row);
       const finished = row.status === "running" ? await this.#runSteps(def, row, resumed) : row;
-      if (!finished) return; // shutdown: stays "running", resumes on the next start
+      if (!finished) {
+        // Shutdown: the run stays "running" and resumes on the next start. Release its waiters
+        // now, not at the end of shutdown: a step of another run may be awaiting this one.
+        this.#executing.delete(runId);
+        this.#rejectWaiters(runId, unfinishedError(runId));
+        return;
+      }
       row = finished;
     }
     await this.#finalize(def, row);
@@ -427,9 +433,7 @@ export class FsmEngine {
     const row = this.#store.get(runId);
     if (!row || row.fsm !== fsm) return Promise.reject(new Error(`unknown run ${JSON.stringify(runId)} of FSM "${fsm}"`));
     if (row.status !== "running" && !this.#executing.has(runId)) return Promise.resolve(toRecord(row));
-    if (this.#phase === "stopped" || this.#phase === "stopping") {
-      return Promise.reject(new Error(`run ${runId} is unfinished and the FSM engine is shut down; it resumes on the next start`));
-    }
+    if (this.#phase === "stopped" || this.#phase === "stopping") return Promise.reject(unfinishedError(runId));
     return new Promise((resolve, reject) => {
       const list = this.#waiters.get(runId) ?? [];
       list.push({ resolve, reject });
@@ -475,6 +479,9 @@ export class FsmEngine {
   async #doShutdown(timeoutMs?: number): Promise<void> {
     this.#phase = "stopping";
     this.#stop.abort(new EngineShutdownError());
+    for (const runId of [...this.#waiters.keys()]) {
+      if (!this.#executing.has(runId)) this.#rejectWaiters(runId, unfinishedError(runId));
+    }
     const all = Promise.allSettled([...this.#executing.values()]);
     if (timeoutMs === undefined) {
       await all;
@@ -488,9 +495,7 @@ export class FsmEngine {
       if (timedOut) this.#log("warn", "shutdown timed out; steps still running are abandoned", { runs: [...this.#executing.keys()] });
     }
     this.#phase = "stopped";
-    for (const runId of [...this.#waiters.keys()]) {
-      this.#rejectWaiters(runId, new Error(`run ${runId} is unfinished and the FSM engine is shut down; it resumes on the next start`));
-    }
+    for (const runId of [...this.#waiters.keys()]) this.#rejectWaiters(runId, unfinishedError(runId));
     this.#listeners.clear();
   }
 }
@@ -536,6 +541,10 @@ export class Fsm<R, W> {
   history(runId: string): RunHistoryEvent[] {
     return this.#host.history(this.name, runId);
   }
+}
+
+function unfinishedError(runId: string): Error {
+  return new Error(`run ${runId} is unfinished and the FSM engine is shut down; it resumes on the next start`);
 }
 
 function currentStep(row: RunRow): string {

@@ -42,7 +42,8 @@ function harness(t: TestContext, options: EngineOptions = {}): Harness {
     },
   };
   t.after(async () => {
-    await h.engine.shutdown();
+    // Bounded, so that an engine bug fails the test instead of hanging the suite.
+    await Promise.race([h.engine.shutdown(), new Promise((r) => setTimeout(r, 2000).unref())]);
     if (h.db.open) h.db.close();
     rmSync(dir, { recursive: true, force: true });
   });
@@ -446,6 +447,48 @@ test("shutdown aborts steps without recording failures; the run resumes from tha
     fsm.history(runId).map((e) => `${e.type}:${e.step}`),
     ["start:a", "step:a", "resume:b", "step:b", "finish:b"],
   );
+});
+
+test("a step waiting on another FSM's run does not deadlock shutdown, and both resume", LIMIT, async (t) => {
+  const h = harness(t);
+  const innerStarted = deferred();
+  const joins: boolean[] = [];
+  const define = (engine: FsmEngine, hold: boolean) => {
+    const inner = engine
+      .register<{}, { done?: boolean }>("inner")
+      .start("work", async (ctx) => {
+        if (hold) {
+          innerStarted.resolve();
+          await aborted(ctx.signal);
+        }
+        ctx.state.done = true;
+      })
+      .end();
+    const outer = engine
+      .register<{}, { innerOutcome?: string }>("outer")
+      .start("needs-inner", async (ctx) => {
+        const { runId, joined } = inner.start(ctx.resourceId, {}, {});
+        joins.push(joined);
+        ctx.state.innerOutcome = (await inner.wait(runId)).status; // deliberately ignores ctx.signal
+      })
+      .end();
+    return { inner, outer };
+  };
+  let fsms = define(h.engine, true);
+  await h.engine.resumeAll();
+  const { runId } = fsms.outer.start("img", {}, {});
+  await innerStarted.promise;
+  await h.engine.shutdown();
+  assert.equal(fsms.outer.get(runId)!.status, "running");
+  assert.equal(fsms.outer.get(runId)!.attempts, 0);
+
+  await h.restart();
+  fsms = define(h.engine, false);
+  await h.engine.resumeAll();
+  const run = await fsms.outer.wait(runId);
+  assert.equal(run.status, "succeeded");
+  assert.deepEqual(run.state, { innerOutcome: "succeeded" });
+  assert.deepEqual(joins, [false, true], "after the restart the step joined the resumed inner run");
 });
 
 test("shutdown during a retry backoff leaves the run resumable with its attempt count", LIMIT, async (t) => {
