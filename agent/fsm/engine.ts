@@ -5,8 +5,8 @@
 //
 // Execution model: a run is a linear list of named steps. A step runs at least once: if the
 // process dies after its side effects but before its completion is committed, it runs again
-// on resume, so steps must be idempotent. One engine per database (see README notes in the
-// report): two processes resuming the same runs would execute them twice.
+// on resume, so steps must be idempotent. One engine per database: two processes resuming
+// the same runs would execute them twice. Semantics and choices: agent/fsm/README.md.
 import type Database from "better-sqlite3";
 import { monotonicFactory } from "ulid";
 import { AbortError, EngineShutdownError, formatError } from "./errors.ts";
