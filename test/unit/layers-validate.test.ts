@@ -1,0 +1,387 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Readable } from "node:stream";
+import fc from "fast-check";
+import { extract } from "tar-stream";
+import { LayerValidationError, normalizeEntryName, validateLayer, type LayerLimits, type LayerRule } from "../../agent/layers/validate.ts";
+import { END_OF_ARCHIVE, packTar, padded, rawHeader, rawTar, type PackEntry } from "../fixtures/tar-bytes.ts";
+
+/** Feeds `bytes` in chunks of `chunk` bytes (whole by default). */
+function validate(bytes: Buffer, limits: Partial<LayerLimits> = {}, chunk = bytes.length || 1) {
+  const chunks: Buffer[] = [];
+  for (let i = 0; i < bytes.length; i += chunk) chunks.push(bytes.subarray(i, i + chunk));
+  return validateLayer(Readable.from(chunks), limits);
+}
+
+async function refused(bytes: Buffer, rule: LayerRule, limits: Partial<LayerLimits> = {}): Promise<LayerValidationError> {
+  try {
+    const summary = await validate(bytes, limits);
+    assert.fail(`expected ${rule}, but the layer was accepted: ${JSON.stringify(summary)}`);
+  } catch (err) {
+    if (!(err instanceof LayerValidationError)) throw err;
+    assert.equal(err.rule, rule, `expected ${rule}, got ${err.rule}: ${err.message} (entry ${err.entry})`);
+    return err;
+  }
+}
+
+const file = (name: string, body = "x", extra: Partial<PackEntry["header"]> = {}): PackEntry => ({ header: { name, ...extra }, body });
+const dir = (name: string): PackEntry => ({ header: { name, type: "directory" } });
+const symlink = (name: string, linkname: string): PackEntry => ({ header: { name, type: "symlink", linkname } });
+const hardlink = (name: string, linkname: string): PackEntry => ({ header: { name, type: "link", linkname } });
+const whiteout = (name: string): PackEntry => ({ header: { name }, body: "" });
+
+test("a typical layer is accepted and summarized", async () => {
+  const tar = await packTar([
+    dir("usr/"),
+    dir("usr/bin/"),
+    file("usr/bin/perl", "perl binary", { mode: 0o755 }),
+    hardlink("usr/bin/perl5.36.0", "usr/bin/perl"),
+    hardlink("usr/bin/other", "usr/bin/from-a-lower-layer"),
+    symlink("usr/bin/python3", "/usr/bin/python3.11"),
+    symlink("usr/lib/libz.so", "../lib/x"),
+    { header: { name: "run/initctl", type: "fifo" } },
+    file("usr/bin/su", "setuid", { mode: 0o4755 }),
+    file(`usr/share/${"long-component-".repeat(8)}/x`, "long names go through PAX"),
+    file("etc/motd", "with xattrs", { pax: { "SCHILY.xattr.user.origin": "test", "SCHILY.xattr.security.capability": "\u0001" } }),
+    whiteout("etc/.wh.shadow"),
+    whiteout("etc/apt/.wh..wh..opq"),
+    file("empty", ""),
+  ]);
+  const summary = await validate(tar);
+  assert.deepEqual(summary, {
+    entries: 14,
+    files: 5,
+    directories: 2,
+    symlinks: 2,
+    hardlinks: 2,
+    fifos: 1,
+    whiteouts: 1,
+    opaqueDirs: 1,
+    fileBytes: "perl binary".length + "setuid".length + "long names go through PAX".length + "with xattrs".length,
+    tarBytes: tar.length,
+    hasRootEntry: false,
+    lowerLayerLinks: 1,
+    notes: ['hardlink "usr/bin/other" -> "usr/bin/from-a-lower-layer" refers to a lower layer'],
+  });
+});
+
+test("the result does not depend on how the input is chunked", async () => {
+  const tar = await packTar([dir("a/"), file("a/f", "y".repeat(1500)), file(`${"p".repeat(120)}/q`, "z"), hardlink("a/g", "a/f")]);
+  const whole = await validate(tar);
+  for (const chunk of [1, 7, 511, 512, 513, 4096]) assert.deepEqual(await validate(tar, {}, chunk), whole, `chunks of ${chunk}`);
+  const garbage = Buffer.concat([tar, Buffer.from("junk")]);
+  for (const chunk of [1, 100, 512, garbage.length]) {
+    await assert.rejects(validate(garbage, {}, chunk), (err: LayerValidationError) => err.rule === "TRAILING_GARBAGE");
+  }
+});
+
+test("an empty layer (just the end-of-archive marker) is fine, and so is record padding", async () => {
+  assert.equal((await validate(END_OF_ARCHIVE)).entries, 0);
+  const gnuStyle = Buffer.concat([await packTar([file("a")]), Buffer.alloc(10240 - 2048)]);
+  assert.equal((await validate(gnuStyle)).entries, 1);
+});
+
+test('"./" prefixes are stripped and a "./" root directory entry is accepted', async () => {
+  const summary = await validate(await packTar([dir("./"), dir("./etc/"), file("./etc/hosts"), hardlink("./etc/h2", "./etc/hosts")]));
+  assert.equal(summary.hasRootEntry, true);
+  assert.equal(summary.lowerLayerLinks, 0, "./etc/hosts and etc/hosts are the same member");
+});
+
+test("names are normalized and checked", () => {
+  assert.equal(normalizeEntryName("./usr/bin/"), "usr/bin");
+  assert.equal(normalizeEntryName("a//./b/"), "a/b");
+  assert.equal(normalizeEntryName("./"), "");
+  assert.equal(normalizeEntryName("..."), "...");
+  assert.equal(normalizeEntryName("a/..b/c.."), "a/..b/c..");
+  const cases: Array<[string, LayerRule]> = [
+    ["", "EMPTY_NAME"],
+    ["/etc/passwd", "ABSOLUTE_PATH"],
+    ["//etc", "ABSOLUTE_PATH"],
+    ["..", "DOTDOT"],
+    ["../etc", "DOTDOT"],
+    ["a/../../etc", "DOTDOT"],
+    ["a/b/..", "DOTDOT"],
+    ["./../x", "DOTDOT"],
+    ["a\0b", "NUL_IN_NAME"],
+    ["caf\uFFFD", "BAD_ENCODING"],
+    [`${"d/".repeat(256)}f`, "TOO_DEEP"],
+    [`a/${"n".repeat(256)}`, "NAME_COMPONENT_TOO_LONG"],
+    [`${"p".repeat(200)}/`.repeat(21), "PATH_TOO_LONG"],
+  ];
+  for (const [name, rule] of cases) {
+    assert.throws(() => normalizeEntryName(name), (err: LayerValidationError) => err.rule === rule, `${JSON.stringify(name.slice(0, 40))} -> ${rule}`);
+  }
+  assert.equal(normalizeEntryName(`${"d/".repeat(255)}f`).split("/").length, 256);
+  const longest = `${"p".repeat(254)}/`.repeat(16) + "q".repeat(15);
+  assert.equal(Buffer.byteLength(normalizeEntryName(longest)), 4095);
+  assert.throws(() => normalizeEntryName(`${longest}q`), (err: LayerValidationError) => err.rule === "PATH_TOO_LONG");
+  assert.throws(() => normalizeEntryName(`${"é".repeat(2048)}`), (err: LayerValidationError) => err.rule === "NAME_COMPONENT_TOO_LONG");
+});
+
+test("entries with bad names are refused, with the raw name escaped in the error", async () => {
+  await refused(await packTar([file("/etc/passwd")]), "ABSOLUTE_PATH");
+  await refused(await packTar([file("usr/../../etc/passwd")]), "DOTDOT");
+  await refused(await packTar([dir("../")]), "DOTDOT");
+  await refused(await packTar([file(".")]), "EMPTY_NAME");
+  await refused(rawTar([[{ name: "" }, "x"]]), "EMPTY_NAME");
+  await refused(await packTar([symlink("./", "/etc")]), "EMPTY_NAME");
+  // The ustar name field ends at a NUL ("a" here); only a PAX path record can carry one.
+  await refused(await packTar([file("a\0b/../../x", "x", { pax: { comment: "force PAX" } })]), "NUL_IN_NAME");
+  await refused(rawTar([[{ name: Buffer.from([0x61, 0xff, 0x62]) }, "x"]]), "BAD_ENCODING");
+  const err = await refused(await packTar([file("../evil\n\x1b[31mred")]), "DOTDOT");
+  assert.equal(err.entry, "../evil\\x0a\\x1b[31mred");
+});
+
+test("path limits are configurable", async () => {
+  const tar = await packTar([file("a/b/c/d")]);
+  await refused(tar, "TOO_DEEP", { maxDepth: 3 });
+  await refused(tar, "PATH_TOO_LONG", { maxPathBytes: 6 });
+  await refused(await packTar([file("abcdef")]), "NAME_COMPONENT_TOO_LONG", { maxComponentBytes: 5 });
+  assert.equal((await validate(tar, { maxDepth: 4, maxPathBytes: 7, maxComponentBytes: 1 })).files, 1);
+  await assert.rejects(validate(tar, { maxDepth: 0 }), TypeError);
+});
+
+test("device nodes and unknown entry types are refused", async () => {
+  await refused(await packTar([{ header: { name: "dev/null", type: "character-device", devmajor: 1, devminor: 3 } }]), "DEVICE_NODE");
+  await refused(await packTar([{ header: { name: "dev/sda", type: "block-device", devmajor: 8, devminor: 0 } }]), "DEVICE_NODE");
+  await refused(await packTar([{ header: { name: "c", type: "contiguous-file" }, body: "x" }]), "UNKNOWN_TYPE");
+  for (const flag of ["S", "V", "D", "M", "8", "9", "A", "\x7f"]) await refused(rawTar([[{ name: "x", typeflag: flag }]]), "UNKNOWN_TYPE");
+});
+
+test("only regular files carry content", async () => {
+  await refused(rawTar([[{ name: "s", typeflag: "2", linkname: "t" }, "hidden"]]), "NONZERO_SIZE");
+  await refused(rawTar([[{ name: "f", typeflag: "6" }, "hidden"]]), "NONZERO_SIZE");
+  await refused(rawTar([[{ name: "h", typeflag: "1", linkname: "f" }, "hidden"]]), "NONZERO_SIZE");
+  // tar-stream does not skip a directory's "content": the next block is read as a header.
+  await refused(Buffer.concat([rawHeader({ name: "d/", typeflag: "5", size: 512 }), END_OF_ARCHIVE]), "NONZERO_SIZE");
+});
+
+test("symlink targets: anything but empty, NUL or too long", async () => {
+  const ok = await validate(await packTar([symlink("a", "/abs/olute"), symlink("b", "../../../../etc/shadow"), symlink("c", "x".repeat(4095))]));
+  assert.equal(ok.symlinks, 3);
+  await refused(rawTar([[{ name: "s", typeflag: "2" }]]), "SYMLINK_TARGET_INVALID");
+  await refused(await packTar([symlink("s", "x".repeat(4096))]), "SYMLINK_TARGET_INVALID");
+  await refused(await packTar([{ header: { name: "s", type: "symlink", linkname: "a\0b", pax: { comment: "force PAX" } } }]), "SYMLINK_TARGET_INVALID");
+  await refused(rawTar([[{ name: "s", typeflag: "2", linkname: Buffer.from([0xc3, 0x28]) }]]), "BAD_ENCODING");
+  await refused(await packTar([symlink("s", "short")]), "SYMLINK_TARGET_INVALID", { maxLinkTargetBytes: 4 });
+});
+
+test("hardlink targets are names of this layer or of a lower one, never escapes, dirs or deleted paths", async () => {
+  const accepted = await validate(await packTar([file("a/f"), hardlink("a/g", "./a/f"), hardlink("a/h", "lower/file"), symlink("s", "x"), hardlink("s2", "s")]));
+  assert.equal(accepted.hardlinks, 3);
+  assert.equal(accepted.lowerLayerLinks, 1);
+
+  const invalid: PackEntry[][] = [
+    [hardlink("h", "/etc/shadow")],
+    [hardlink("h", "../etc/shadow")],
+    [hardlink("h", "a/../../etc")],
+    [hardlink("h", "./")],
+    [hardlink("h", "h")],
+    [dir("d/"), hardlink("h", "d")],
+    [whiteout("d/.wh.x"), hardlink("h", "d/.wh.x")],
+  ];
+  for (const entries of invalid) await refused(await packTar(entries), "HARDLINK_TARGET_INVALID");
+  await refused(rawTar([[{ name: "h", typeflag: "1" }]]), "HARDLINK_TARGET_INVALID");
+
+  await refused(await packTar([whiteout("etc/.wh.passwd"), hardlink("p", "etc/passwd")]), "HARDLINK_TO_MISSING");
+  await refused(await packTar([whiteout(".wh.etc"), hardlink("p", "etc/passwd")]), "HARDLINK_TO_MISSING");
+  await refused(await packTar([whiteout("etc/.wh..wh..opq"), hardlink("p", "etc/sub/passwd")]), "HARDLINK_TO_MISSING");
+  await refused(await packTar([whiteout(".wh..wh..opq"), hardlink("p", "etc/passwd")]), "HARDLINK_TO_MISSING");
+  // Re-created after the whiteout in the same layer: fine.
+  assert.equal((await validate(await packTar([whiteout("etc/.wh.passwd"), file("etc/passwd"), hardlink("p", "etc/passwd")]))).lowerLayerLinks, 0);
+  // The opaque marker hides lower content of etc/ only, not etc/ itself.
+  assert.equal((await validate(await packTar([whiteout("etc/.wh..wh..opq"), hardlink("p", "etc")]))).lowerLayerLinks, 1);
+});
+
+test("whiteouts: a non-empty plain name, an empty regular file; the opaque marker only as a basename", async () => {
+  const ok = await validate(await packTar([whiteout(".wh.top"), whiteout("a/.wh..hidden"), whiteout("a/.wh..wh..opq"), whiteout(".wh..wh..opq")]));
+  assert.deepEqual([ok.whiteouts, ok.opaqueDirs], [2, 2]);
+  for (const name of ["a/.wh.", "a/.wh..", "a/.wh...", "a/.wh..wh.plnk", ".wh..wh..opq2", "a/.wh..wh."]) {
+    await refused(await packTar([whiteout(name)]), "BAD_WHITEOUT");
+  }
+  await refused(await packTar([file("a/.wh.x", "content")]), "BAD_WHITEOUT");
+  await refused(await packTar([dir("a/.wh.x/")]), "BAD_WHITEOUT");
+  await refused(await packTar([symlink("a/.wh.x", "y")]), "BAD_WHITEOUT");
+  await refused(await packTar([file("a/.wh..wh..opq", "content")]), "BAD_WHITEOUT");
+  // ".wh..wh..opq" as a directory component is just a (strange) name.
+  assert.equal((await validate(await packTar([file("x.wh..wh..opq/y")]))).files, 1);
+});
+
+test("size and count limits", async () => {
+  await refused(await packTar([file("a", "12345")]), "ENTRY_TOO_LARGE", { maxEntryBytes: 4 });
+  assert.equal((await validate(await packTar([file("a", "1234")]), { maxEntryBytes: 4 })).fileBytes, 4);
+  await refused(await packTar([file("a"), file("b"), file("c")]), "TOO_MANY_ENTRIES", { maxEntries: 2 });
+  assert.equal((await validate(await packTar([file("a"), file("b")]), { maxEntries: 2 })).entries, 2);
+  const big = await packTar([file("a", "x".repeat(100_000))]);
+  await refused(big, "LAYER_TOO_LARGE", { maxLayerBytes: big.length - 1 });
+  assert.equal((await validate(big, { maxLayerBytes: big.length })).tarBytes, big.length);
+});
+
+test("owners must be real ids", async () => {
+  const negative = Buffer.from([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe]); // base-256 -1
+  await refused(rawTar([[{ name: "f", uidField: negative }, "x"]]), "BAD_OWNER");
+  const minusOne = Buffer.from([0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+  await refused(rawTar([[{ name: "f", uidField: minusOne }, "x"]]), "BAD_OWNER");
+  assert.equal((await validate(await packTar([file("f", "x", { uid: 65534, gid: 65534 })]))).files, 1);
+});
+
+test("PAX records tar-stream would ignore or misread are refused", async () => {
+  await refused(await packTar([file("f", "x", { uid: 0, pax: { uid: "3000000" } })]), "BAD_PAX");
+  await refused(await packTar([file("f", "x", { gid: 5, pax: { gid: "-1" } })]), "BAD_PAX");
+  assert.equal((await validate(await packTar([file("f", "x", { uid: 7, pax: { uid: "7" } })]))).files, 1);
+  await refused(await packTar([file("f", "x", { pax: { size: "1abc" } })]), "BAD_PAX");
+  await refused(await packTar([file("f", "x", { pax: { "GNU.sparse.major": "1", "GNU.sparse.minor": "0" } })]), "SPARSE_FILE");
+  for (const name of ["trusted.overlay.opaque", "security.selinux", "system.posix_acl_access", "user."]) {
+    await refused(await packTar([file("f", "x", { pax: { [`SCHILY.xattr.${name}`]: "y" } })]), "BAD_XATTR");
+  }
+  await refused(await packTar([file("f", "x", { pax: { "SCHILY.xattr.user.big": "v".repeat(65537) } })]), "BAD_XATTR");
+});
+
+test("objects that are not tars", async () => {
+  await refused(Buffer.alloc(0), "NOT_A_TAR");
+  await refused(Buffer.from("hello"), "NOT_A_TAR");
+  await refused(Buffer.alloc(4096, 0x41), "NOT_A_TAR");
+  const gz = await refused(Buffer.concat([Buffer.from([0x1f, 0x8b, 0x08, 0x00]), Buffer.alloc(2000, 1)]), "NOT_A_TAR");
+  assert.match(gz.message, /gzip/);
+  const zst = await refused(Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(2000, 1)]), "NOT_A_TAR");
+  assert.match(zst.message, /zstd/);
+  await refused(rawTar([[{ name: "f", badChecksum: true }, "x"]]), "NOT_A_TAR");
+  await refused(rawTar([[{ name: "f", magic: "none" }, "x"]]), "NOT_A_TAR");
+  assert.equal((await validate(rawTar([[{ name: "f", magic: "gnu" }, "x"]]))).files, 1);
+  // A bad header after good members.
+  await refused(rawTar([[{ name: "a" }, "x"], [{ name: "b", badChecksum: true }, "y"]]), "NOT_A_TAR");
+});
+
+test("truncated objects", async () => {
+  const tar = await packTar([file("a", "x".repeat(2000)), file("b", "y")]);
+  await refused(tar.subarray(0, 1000), "TRUNCATED"); // inside a's data
+  await refused(tar.subarray(0, 512 + 2048 + 100), "TRUNCATED"); // inside b's header
+  await refused(tar.subarray(0, tar.length - 1024), "TRUNCATED"); // no end marker
+  await refused(tar.subarray(0, tar.length - 512), "TRUNCATED"); // one zero block of two
+  await refused(tar.subarray(0, tar.length - 100), "TRUNCATED");
+  // A PAX header that no member follows, with or without the end marker after it.
+  const pax = await packTar([file(`${"n".repeat(150)}`, "z")]);
+  await refused(Buffer.concat([pax.subarray(0, 1024), END_OF_ARCHIVE]), "TRUNCATED");
+  await refused(pax.subarray(0, 1024), "TRUNCATED");
+});
+
+test("nothing may follow the end of the archive but zeros", async () => {
+  const tar = await packTar([file("a", "x")]);
+  const second = await packTar([file("etc/evil", "appended")]);
+  await refused(Buffer.concat([tar, second]), "TRAILING_GARBAGE");
+  await refused(Buffer.concat([tar, Buffer.from([1])]), "TRAILING_GARBAGE");
+  await refused(Buffer.concat([tar, Buffer.alloc(4096), Buffer.from([1])]), "TRAILING_GARBAGE");
+  await refused(Buffer.concat([tar, Buffer.alloc(100)]), "TRAILING_GARBAGE"); // not whole blocks
+  // A lone zero block, then another member: GNU tar stops there, tar-stream would go on.
+  await refused(Buffer.concat([tar.subarray(0, tar.length - 1024), Buffer.alloc(512), second]), "TRAILING_GARBAGE");
+  // A zero block between a PAX header and its member.
+  const pax = await packTar([file(`${"n".repeat(150)}`, "z")]);
+  await refused(Buffer.concat([pax.subarray(0, 1024), Buffer.alloc(512), pax.subarray(1024)]), "TRAILING_GARBAGE");
+});
+
+test("metadata headers are bounded", async () => {
+  const tar = await packTar([file("f", "x", { pax: { "SCHILY.xattr.user.big": "v".repeat(60000) } })]);
+  await refused(tar, "HEADER_TOO_LARGE", { maxHeaderBytes: 4096 });
+  assert.equal((await validate(tar)).files, 1);
+});
+
+test("a failing input stream rejects with its own error, not a validation error", async () => {
+  const tar = await packTar([file("a", "x".repeat(5000))]);
+  const boom = new Error("connection reset");
+  const input = new Readable({
+    read() {
+      this.push(tar.subarray(0, 1024));
+      this.destroy(boom);
+    },
+  });
+  await assert.rejects(validateLayer(input), (err) => err === boom);
+});
+
+test("a refused layer stops reading its input", async () => {
+  const tar = await packTar([file("/abs", "x")]);
+  let reads = 0;
+  const input = new Readable({
+    read() {
+      reads++;
+      this.push(reads === 1 ? tar : Buffer.alloc(65536));
+    },
+  });
+  await assert.rejects(validateLayer(input), (err: LayerValidationError) => err.rule === "ABSOLUTE_PATH");
+  assert.ok(input.destroyed, "input destroyed");
+  assert.ok(reads < 100, `read ${reads} chunks`);
+});
+
+/** Names as tar-stream reads them back from an archive (members only). */
+async function memberNames(tar: Buffer): Promise<Array<{ name: string; linkname: string | null; type: string }>> {
+  const out: Array<{ name: string; linkname: string | null; type: string }> = [];
+  const parser = extract();
+  const done = (async () => {
+    for await (const member of parser) {
+      for await (const _ of member);
+      out.push({ name: member.header.name, linkname: member.header.linkname || null, type: member.header.type });
+    }
+  })();
+  parser.end(tar);
+  await done;
+  return out;
+}
+
+/** An independent statement of "escapes the root". */
+function escapes(name: string): boolean {
+  return name.startsWith("/") || name.split("/").includes("..");
+}
+
+test("property: no accepted layer has a member (or hardlink target) that escapes the root", async () => {
+  const component = fc.constantFrom("..", ".", "", "a", "b", "etc", "..a", "a..", ".wh.x", "x y", "...");
+  const name = fc
+    .tuple(fc.constantFrom("", "/", "./", "//", "../"), fc.array(component, { minLength: 1, maxLength: 5 }), fc.constantFrom("", "/"))
+    .map(([prefix, parts, suffix]) => prefix + parts.join("/") + suffix);
+  const entry = fc.record({ type: fc.constantFrom("file", "directory", "symlink", "link"), name, target: name });
+  await fc.assert(
+    fc.asyncProperty(fc.array(entry, { minLength: 1, maxLength: 6 }), async (entries) => {
+      const tar = await packTar(
+        entries.map((e) =>
+          e.type === "file"
+            ? { header: { name: e.name }, body: "" }
+            : { header: { name: e.name, type: e.type as "directory" | "symlink" | "link", ...(e.type === "directory" ? {} : { linkname: e.target || "t" }) } },
+        ),
+      );
+      const members = await memberNames(tar);
+      const dangerous = members.some((m) => escapes(m.name) || (m.type === "link" && m.linkname !== null && escapes(m.linkname)));
+      let accepted = true;
+      try {
+        await validate(tar);
+      } catch (err) {
+        if (!(err instanceof LayerValidationError)) throw err;
+        accepted = false;
+      }
+      if (accepted) assert.ok(!dangerous, `accepted a layer with an escaping name: ${JSON.stringify(members)}`);
+      if (dangerous) assert.ok(!accepted);
+    }),
+    { numRuns: 300, seed: 4242 },
+  );
+});
+
+test("property: normalized names are relative, canonical and free of .. components", () => {
+  fc.assert(
+    fc.property(fc.array(fc.constantFrom("..", ".", "", "a", "b/", "/", "c.", ".d", "…"), { maxLength: 8 }), (parts) => {
+      const raw = parts.join("/");
+      let name: string;
+      try {
+        name = normalizeEntryName(raw);
+      } catch (err) {
+        if (err instanceof LayerValidationError) return;
+        throw err;
+      }
+      assert.ok(!escapes(name), name);
+      assert.ok(!name.startsWith("/") && !name.endsWith("/") && !name.includes("//"), name);
+      assert.ok(!name.split("/").includes("."), name);
+    }),
+    { numRuns: 2000, seed: 7 },
+  );
+});
+
+test("padding helper sanity", () => {
+  assert.equal(padded("x").length, 512);
+  assert.equal(padded(Buffer.alloc(512)).length, 512);
+});
