@@ -12,6 +12,7 @@ import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { Logger } from "../log.ts";
 import { activationDeviceName } from "./chain.ts";
+import { classifyStepError, message } from "./errors.ts";
 import type { PullFsm } from "./pull.ts";
 
 export interface ActivateRequest {
@@ -45,11 +46,15 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
       if (row.state === "active") return;
       const origin = catalog.getDevice(row.chainId);
       if (origin?.state !== "ready") throw abort(`image ${ctx.request.image}: its device ${row.chainId} is not ready`);
-      await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId });
+      await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId }).catch((err) => {
+        throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: snapshot`);
+      });
     })
     .to("activate", async (ctx) => {
       const row = activationRow(deps, ctx);
-      const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId });
+      const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId }).catch((err) => {
+        throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: activate`);
+      });
       catalog.markActivationActive(row.id);
       ctx.state.devicePath = path;
     })
@@ -94,6 +99,6 @@ async function undoActivation({ catalog, helper, log }: ActivateDeps, row: Activ
     await helper.call("thin.delete", { thinId: row.thinId });
     catalog.deleteActivation(row.id);
   } catch (err) {
-    log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: String(err) });
+    log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: message(err) });
   }
 }

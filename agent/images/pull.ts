@@ -15,15 +15,14 @@ import type { Catalog, DeviceRow } from "../catalog.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
-import { HelperError } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { LayerValidationError, validateLayer } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
-import { isPermanentS3Error } from "../s3/errors.ts";
 import { chainIds, layerDeviceName } from "./chain.ts";
+import { classifyStepError, message } from "./errors.ts";
 
 export interface PullRequest {
   image: string;
@@ -79,7 +78,7 @@ async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promis
   try {
     objects = await listImageLayers(s3, s3Config, ctx.request.image);
   } catch (err) {
-    throw isPermanentS3Error(err) ? abort(`image ${ctx.request.image}: ${message(err)}`, err) : err;
+    throw classifyStepError(err, `image ${ctx.request.image}`);
   }
   ctx.state.layers = objects.map((o) => ({ position: o.position, key: o.key, size: o.size, etag: o.etag }));
   ctx.state.chainIds = [];
@@ -124,7 +123,7 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
     try {
       ({ digest } = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) }));
     } catch (err) {
-      throw isPermanentS3Error(err) ? abort(`image ${ctx.request.image}: layer ${layer.key}: ${message(err)}`, err) : err;
+      throw classifyStepError(err, `image ${ctx.request.image}: layer ${layer.key}`);
     }
     try {
       await validateLayer(createReadStream(blobs.pathFor(digest)));
@@ -182,10 +181,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
     await discardDevice(deps, device).catch((cleanupErr) =>
       ctx.log("error", "could not discard a failed layer device", { chainId, error: message(cleanupErr) }),
     );
-    if (err instanceof HelperError && err.permanent) {
-      throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) refused: ${err.code}: ${err.message}`, err);
-    }
-    throw err;
+    throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
   }
   catalog.markDeviceReady(chainId);
 }
@@ -195,8 +191,4 @@ async function discardDevice({ catalog, helper }: PullDeps, device: DeviceRow): 
   await helper.call("device.deactivate", { name: device.name });
   await helper.call("thin.delete", { thinId: device.thinId });
   catalog.deleteDevice(device.chainId);
-}
-
-function message(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }

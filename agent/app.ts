@@ -1,0 +1,74 @@
+// Assembles the agent: state directory, catalog, blob store, S3, helper client, FSMs, gRPC.
+// main.ts runs it as a service; tests start it in-process.
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { BlobStore } from "./blobs/store.ts";
+import { Catalog } from "./catalog.ts";
+import type { AgentConfig } from "./config.ts";
+import { openDatabase } from "./db.ts";
+import { FsmEngine } from "./fsm/engine.ts";
+import { startGrpcServer } from "./grpc/server.ts";
+import { HelperClient } from "./helper-client.ts";
+import { registerActivateFsm } from "./images/activate.ts";
+import { registerPullFsm } from "./images/pull.ts";
+import { KeyedLock } from "./keyed-lock.ts";
+import type { Logger } from "./log.ts";
+import { createS3Client, loadS3Config } from "./s3/client.ts";
+
+export interface RunningAgent {
+  port: number;
+  catalog: Catalog;
+  stop(): Promise<void>;
+}
+
+export async function startAgent(config: AgentConfig, log: Logger, options: { poolWaitAttempts?: number } = {}): Promise<RunningAgent> {
+  mkdirSync(config.stateDir, { recursive: true, mode: 0o750 });
+  const db = openDatabase(join(config.stateDir, "imgd.db"));
+  const catalog = new Catalog(db);
+  const blobs = new BlobStore(config.stateDir);
+  await blobs.init();
+  const s3Config = loadS3Config(config.settings);
+  const s3 = createS3Client(s3Config);
+  const helper = new HelperClient(config.helperSocket);
+  const engine = new FsmEngine(db, {
+    log: (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }),
+    queues: { download: config.downloadConcurrency, apply: config.applyConcurrency },
+  });
+
+  await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
+  const locks = new KeyedLock();
+  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
+  const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
+  await engine.resumeAll();
+
+  const { server, port } = await startGrpcServer(config.listen, { catalog, helper, pull, activate });
+  log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
+
+  return {
+    port,
+    catalog,
+    async stop() {
+      await server.shutdown();
+      await engine.shutdown();
+      helper.close();
+      s3.destroy();
+      db.close();
+    },
+  };
+}
+
+/** The helper may start after the agent (or restart): wait for it and make sure the pool exists. */
+async function waitForPool(helper: HelperClient, log: Logger, attempts: number): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const pool = await helper.call("pool.ensure", {});
+      log("info", "thin pool ready", { ...pool });
+      return;
+    } catch (err) {
+      const reason = err instanceof Error ? err.message : String(err);
+      if (attempt >= attempts) throw new Error(`the root helper did not provide the thin pool: ${reason}`);
+      log("warn", "waiting for the root helper", { attempt, error: reason });
+      await new Promise((resolve) => setTimeout(resolve, Math.min(500 * attempt, 5000)));
+    }
+  }
+}

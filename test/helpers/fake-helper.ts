@@ -1,0 +1,149 @@
+// A TEST DOUBLE of the root helper, for host-side agent tests only (the end-to-end tests in the
+// VM use the real helper and the kernel's thin pool). It speaks the real socket protocol, parsed
+// by the real privhelper/protocol.ts, and models the pool as thin ids with origins: each thin
+// device carries the list of layer digests applied to it, inherited by its snapshots, so a test
+// can check what an image's device would contain.
+import { createServer, type Server } from "node:net";
+import { existsSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseRequestLine, type OpName, type Request } from "../../privhelper/protocol.ts";
+
+export interface FakeThin {
+  origin: number | null;
+  layers: string[];
+  formatted: boolean;
+}
+
+export interface FakeHelper {
+  socketPath: string;
+  thins: Map<number, FakeThin>;
+  active: Map<string, number>;
+  calls: { op: OpName; args: unknown }[];
+  /** Makes the next call of `op` fail with this code (and message). */
+  failNext(op: OpName, code: string, message?: string): void;
+  /** Makes every layer.apply wait for this promise (to hold runs mid-step). */
+  holdApply(gate: Promise<void> | undefined): void;
+  close(): Promise<void>;
+}
+
+export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
+  const socketPath = join(mkdtempSync(join(tmpdir(), "imgd-fake-helper-")), "helper.sock");
+  const thins = new Map<number, FakeThin>();
+  const active = new Map<string, number>();
+  const calls: { op: OpName; args: unknown }[] = [];
+  const failures = new Map<OpName, { code: string; message: string }>();
+  let applyGate: Promise<void> | undefined;
+
+  const pool = () => ({
+    name: "fake-pool",
+    dataUsedBytes: [...thins.values()].reduce((n, t) => n + t.layers.length * 1048576, 0),
+    dataTotalBytes: 2 ** 31,
+    metaUsedBytes: 4096 * thins.size,
+    metaTotalBytes: 2 ** 20,
+    mode: "rw",
+    blockSizeBytes: 1048576,
+    errorIfNoSpace: true,
+  });
+
+  const fail = (code: string, message: string) => Object.assign(new Error(message), { code });
+
+  async function handle(request: Request): Promise<unknown> {
+    calls.push({ op: request.op, args: request.args });
+    const injected = failures.get(request.op);
+    if (injected) {
+      failures.delete(request.op);
+      throw fail(injected.code, injected.message);
+    }
+    switch (request.op) {
+      case "pool.status":
+      case "pool.ensure":
+        return pool();
+      case "thin.create": {
+        if (thins.has(request.args.thinId)) throw fail("EXISTS", `thin ${request.args.thinId} exists`);
+        thins.set(request.args.thinId, { origin: null, layers: [], formatted: false });
+        return {};
+      }
+      case "thin.snapshot": {
+        const origin = thins.get(request.args.originId);
+        if (!origin) throw fail("NOT_FOUND", `origin ${request.args.originId} does not exist`);
+        if (thins.has(request.args.thinId)) throw fail("EXISTS", `thin ${request.args.thinId} exists`);
+        thins.set(request.args.thinId, { origin: request.args.originId, layers: [...origin.layers], formatted: origin.formatted });
+        return {};
+      }
+      case "thin.delete": {
+        if ([...active.values()].includes(request.args.thinId)) throw fail("BUSY", `thin ${request.args.thinId} is active`);
+        thins.delete(request.args.thinId);
+        return {};
+      }
+      case "device.activate": {
+        if (!thins.has(request.args.thinId)) throw fail("NOT_FOUND", `thin ${request.args.thinId} does not exist`);
+        active.set(request.args.name, request.args.thinId);
+        return { path: `/dev/mapper/${request.args.name}` };
+      }
+      case "device.deactivate":
+        active.delete(request.args.name);
+        return {};
+      case "device.list":
+        return { devices: [...active].map(([name, thinId]) => ({ name, thinId })) };
+      case "fs.mkfs": {
+        const thin = thins.get(active.get(request.args.name) ?? -1);
+        if (!thin) throw fail("NOT_FOUND", `${request.args.name} is not active`);
+        if (thin.formatted) throw fail("HAS_FILESYSTEM", `${request.args.name} already has a filesystem`);
+        thin.formatted = true;
+        return {};
+      }
+      case "layer.apply": {
+        const thin = thins.get(active.get(request.args.name) ?? -1);
+        if (!thin?.formatted) throw fail("NOT_FOUND", `${request.args.name} is not an active formatted device`);
+        if (!existsSync(join(blobDir, "sha256", request.args.digest.slice(7)))) throw fail("BLOB_MISSING", `no blob ${request.args.digest}`);
+        await applyGate;
+        thin.layers.push(request.args.digest);
+        return { entries: 1, bytes: 1 };
+      }
+      case "fs.mount":
+      case "fs.unmount":
+        throw fail("INTERNAL", "not modelled by the fake helper");
+    }
+  }
+
+  const server: Server = createServer((socket) => {
+    let buffered = "";
+    let queue = Promise.resolve();
+    socket.on("data", (chunk) => {
+      buffered += chunk.toString("utf8");
+      let newline;
+      while ((newline = buffered.indexOf("\n")) >= 0) {
+        const line = buffered.slice(0, newline);
+        buffered = buffered.slice(newline + 1);
+        queue = queue.then(async () => {
+          const parsed = parseRequestLine(line);
+          let response;
+          if (!parsed.ok) response = { id: parsed.id, ok: false, error: { code: parsed.code, message: parsed.message } };
+          else {
+            try {
+              response = { id: parsed.request.id, ok: true, result: await handle(parsed.request) };
+            } catch (err) {
+              const e = err as Error & { code?: string };
+              response = { id: parsed.request.id, ok: false, error: { code: e.code ?? "INTERNAL", message: e.message } };
+            }
+          }
+          if (!socket.destroyed) socket.write(JSON.stringify(response) + "\n");
+        });
+      }
+    });
+    socket.on("error", () => {});
+  });
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+
+  return {
+    socketPath,
+    thins,
+    active,
+    calls,
+    failNext: (op, code, message = `injected ${code}`) => void failures.set(op, { code, message }),
+    holdApply: (gate) => void (applyGate = gate),
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}

@@ -1,0 +1,207 @@
+// The agent on the host: real s3rver over HTTP (behind a recording proxy), real SQLite, real
+// gRPC client; the root helper is a TEST DOUBLE (test/helpers/fake-helper.ts), because this
+// kernel has no device-mapper. The VM end-to-end tests cover the real helper and pool.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, readdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pack } from "tar-stream";
+import { startAgent, type RunningAgent } from "../../agent/app.ts";
+import { loadAgentConfig } from "../../agent/config.ts";
+import { connectImgd, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
+import { startS3rver, startTamperProxy, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
+
+async function tarOf(files: Record<string, string>): Promise<Buffer> {
+  const p = pack();
+  for (const [name, content] of Object.entries(files)) p.entry({ name, mode: 0o644, mtime: new Date(0) }, content);
+  p.finalize();
+  const chunks: Buffer[] = [];
+  for await (const chunk of p) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+let s3: TestS3;
+let proxy: TamperProxy;
+let helper: FakeHelper;
+let agent: RunningAgent;
+let client: ImgdClient;
+let closeClient: () => void;
+const stateDir = mkdtempSync(join(tmpdir(), "imgd-agent-"));
+const silent = () => {};
+
+async function start(): Promise<void> {
+  const config = loadAgentConfig([], {
+    IMGD_STATE_DIR: stateDir,
+    IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_HELPER_SOCKET: helper.socketPath,
+    IMGD_S3_ENDPOINT: proxy.endpoint,
+    IMGD_S3_BUCKET: s3.bucket,
+  });
+  agent = await startAgent(config, silent, { poolWaitAttempts: 1 });
+  const c = connectImgd(`127.0.0.1:${agent.port}`);
+  client = c.client;
+  closeClient = () => c.channel.close();
+}
+
+async function stop(): Promise<void> {
+  closeClient();
+  await agent.stop();
+}
+
+const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+
+before(async () => {
+  s3 = await startS3rver();
+  proxy = await startTamperProxy(s3.endpoint);
+  const put = async (image: string, layers: Record<string, string>[]) => {
+    for (const [i, files] of layers.entries()) await s3.put(`images/${image}/${i + 1}.tar`, await tarOf(files));
+  };
+  await put("golang", [...shared, { "go/bin/go": "go\n" }, { "go/version": "1.23\n" }]);
+  await put("node", [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }]);
+  await put("python", [...shared, { "node/bin/node": "node\n" }, { "python/version": "3.11\n" }]);
+  await s3.put("images/broken/1.tar", "this is not a tar archive, whatever its name says");
+  helper = await startFakeHelper(join(stateDir, "blobs"));
+  await start();
+});
+
+after(async () => {
+  await stop();
+  await helper.close();
+  await proxy.close();
+  await s3.close();
+});
+
+async function pull(image: string) {
+  const updates = [];
+  for await (const u of client.pullImage({ image })) updates.push(u);
+  return updates;
+}
+
+/** Object downloads seen by S3 (listings are GETs too, with list-type in the query). */
+const objectGets = () => proxy.requests.filter((r) => r.method === "GET" && !r.url.includes("list-type")).map((r) => r.url.split("?")[0]);
+const blobCount = () => readdirSync(join(stateDir, "blobs/sha256")).length;
+
+test("pull builds a chain of devices holding the layers in order", async () => {
+  const last = (await pull("golang")).at(-1)!;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  const { image } = await client.getImage({ image: "golang" });
+  assert.equal(image!.state, ImageState.READY);
+  assert.deepEqual(helper.thins.get(image!.thinId)!.layers, image!.layers.map((l) => l.digest));
+  assert.equal(helper.active.size, 0, "layer devices are deactivated once built");
+  assert.equal(blobCount(), 5);
+});
+
+test("a second image downloads and builds only what it does not share", async () => {
+  const gets = objectGets().length;
+  const thins = helper.thins.size;
+  const last = (await pull("node")).at(-1)!;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  assert.deepEqual(objectGets().slice(gets).sort(), ["/imgd-test/images/node/4.tar", "/imgd-test/images/node/5.tar"]);
+  assert.equal(helper.thins.size, thins + 2);
+  assert.equal(blobCount(), 7);
+});
+
+test("re-pulling a ready image starts no run and touches neither S3 nor the helper", async () => {
+  const [requests, calls] = [proxy.requests.length, helper.calls.length];
+  const updates = await pull("golang");
+  assert.equal(updates.length, 1);
+  assert.equal(updates[0].runId, "");
+  assert.equal(updates[0].status, RunStatus.SUCCEEDED);
+  assert.equal(proxy.requests.length, requests);
+  assert.equal(helper.calls.length, calls);
+});
+
+test("ten concurrent pulls of one image share one run and do each step once", async () => {
+  let open!: () => void;
+  helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
+  const gets = objectGets().length;
+  const pulls = Array.from({ length: 10 }, () => pull("python"));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  helper.holdApply(undefined);
+  open();
+  const results = await Promise.all(pulls);
+  const runIds = new Set(results.map((u) => u.at(-1)!.runId));
+  assert.equal(runIds.size, 1, "all callers followed the same run");
+  assert.ok(results.every((u) => u.at(-1)!.status === RunStatus.SUCCEEDED));
+  assert.equal(results.filter((u) => u.some((x) => x.joined)).length, 9);
+  assert.deepEqual(objectGets().slice(gets), ["/imgd-test/images/python/5.tar"], "python shares node's layer 4 bytes: only 5 is fetched");
+});
+
+test("a layer that is not a tar is refused with the image, key, digest and rule; nothing is left behind", async () => {
+  const thins = helper.thins.size;
+  const updates = await pull("broken").then(
+    () => assert.fail("the pull should fail"),
+    (err: Error) => err,
+  );
+  assert.match(updates.message, /broken.*images\/broken\/1\.tar.*sha256:[0-9a-f]{64}.*NOT_A_TAR/s);
+  const { image } = await client.getImage({ image: "broken" });
+  assert.equal(image!.state, ImageState.FAILED);
+  assert.match(image!.error, /NOT_A_TAR/);
+  assert.equal(helper.thins.size, thins, "no device was made");
+  assert.equal(blobCount(), 8, "the refused blob is not kept");
+  // The publisher fixes the object: the next pull works.
+  await s3.put("images/broken/1.tar", await tarOf({ fixed: "yes\n" }));
+  assert.equal((await pull("broken")).at(-1)!.status, RunStatus.SUCCEEDED);
+});
+
+test("a transient helper failure during apply is retried; the half-made device is discarded", async () => {
+  await s3.put("images/retry/1.tar", await tarOf({ a: "1\n" }));
+  helper.failNext("layer.apply", "COMMAND_FAILED", "mount: transient");
+  const last = (await pull("retry")).at(-1)!;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  const { image } = await client.getImage({ image: "retry" });
+  const orphans = [...helper.thins.keys()].filter((id) => !agent.catalog.listDevices().some((d) => d.thinId === id) && !agent.catalog.listActivations().some((a) => a.thinId === id));
+  assert.deepEqual(orphans, [], "every thin id in the pool is known to the catalog");
+  assert.equal(helper.thins.get(image!.thinId)!.layers.length, 1);
+});
+
+test("activations are independent snapshots of the image's device", async () => {
+  const { activation: a } = await client.activateImage({ image: "golang" });
+  const { activation: b } = await client.activateImage({ image: "golang" });
+  const { image } = await client.getImage({ image: "golang" });
+  assert.notEqual(a!.thinId, b!.thinId);
+  for (const x of [a!, b!]) {
+    assert.equal(helper.thins.get(x.thinId)!.origin, image!.thinId);
+    assert.equal(helper.active.get(x.devicePath.replace("/dev/mapper/", "")), x.thinId);
+  }
+  const { activations } = await client.listActivations({ image: "golang" });
+  assert.deepEqual(activations.map((x) => x.id).sort(), [a!.id, b!.id].sort());
+});
+
+test("activating an image that was never pulled pulls it first", async () => {
+  await s3.put("images/fresh/1.tar", await tarOf({ f: "1\n" }));
+  const { activation } = await client.activateImage({ image: "fresh" });
+  assert.equal((await client.getImage({ image: "fresh" })).image!.state, ImageState.READY);
+  assert.match(activation!.devicePath, /^\/dev\/mapper\/imgd-act-/);
+});
+
+test("a failed activation leaves no snapshot and no row", async () => {
+  const before = { thins: helper.thins.size, rows: agent.catalog.listActivations().length };
+  helper.failNext("device.activate", "BAD_ARGS", "injected refusal");
+  await assert.rejects(client.activateImage({ image: "golang" }), /activation of golang failed: .*BAD_ARGS: injected refusal/);
+  assert.equal(helper.thins.size, before.thins);
+  assert.equal(agent.catalog.listActivations().length, before.rows);
+});
+
+test("bad names are refused before anything runs", async () => {
+  for (const bad of ["", "../etc", "Golang", "a/b", "-rf", "x".repeat(200)]) {
+    await assert.rejects(client.getImage({ image: bad }), /INVALID_ARGUMENT|image name/i, bad);
+    await assert.rejects(pull(bad), /INVALID_ARGUMENT|image name/i, bad);
+  }
+  await assert.rejects(client.getImage({ image: "never" }), /not known/);
+  await assert.rejects(pull("never"), /never/);
+});
+
+test("after a restart the agent answers from SQLite and still knows every device", async () => {
+  const before = (await client.listImages({})).images.map((i) => [i.name, i.state, i.thinId]);
+  await stop();
+  await start();
+  assert.deepEqual((await client.listImages({})).images.map((i) => [i.name, i.state, i.thinId]), before);
+  const requests = proxy.requests.length;
+  assert.equal((await pull("node")).length, 1);
+  assert.equal(proxy.requests.length, requests);
+  const runs = (await client.listRuns({ fsm: "pull" })).runs;
+  assert.ok(runs.some((r) => r.resourceId === "broken" && r.status === RunStatus.FAILED && /NOT_A_TAR/.test(r.error)), "failed outcomes are durable");
+});
