@@ -12,10 +12,10 @@ import { createHash } from "node:crypto";
 import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync } from "node:fs";
 import { isAbsolute, normalize } from "node:path";
 import { Transform } from "node:stream";
-import { chroot, fchdir, lsetxattr, mkfifo, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
+import { chroot, fchdir, killMeWithParent, lsetxattr, mkfifo, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
 import { applyLayer, LayerRefused } from "./oci-apply.ts";
 
-type Args = { blob: string; digest: string; root?: string; device?: string; mountPoint?: string };
+type Args = { blob: string; digest: string; root?: string; device?: string; mountPoint?: string; parentPid?: number };
 
 class ChildFailure extends Error {
   readonly code: string;
@@ -29,7 +29,7 @@ function parseArgs(argv: string[]): Args {
   const values = new Map<string, string>();
   for (let i = 0; i < argv.length; i += 2) {
     const [flag, value] = [argv[i]!, argv[i + 1]];
-    if (!["--blob", "--digest", "--root", "--device", "--mountpoint"].includes(flag) || value === undefined || values.has(flag)) {
+    if (!["--blob", "--digest", "--root", "--device", "--mountpoint", "--parent-pid"].includes(flag) || value === undefined || values.has(flag)) {
       throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
     }
     values.set(flag, value);
@@ -41,7 +41,9 @@ function parseArgs(argv: string[]): Args {
     }
     return value;
   };
-  const args = { blob: path("--blob"), digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint") };
+  const parentPid = values.has("--parent-pid") ? Number(values.get("--parent-pid")) : undefined;
+  if (parentPid !== undefined && !(Number.isSafeInteger(parentPid) && parentPid > 1)) throw new ChildFailure("INTERNAL", "bad --parent-pid");
+  const args = { blob: path("--blob"), digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint"), parentPid };
   const mounted = args.device !== undefined && args.mountPoint !== undefined && args.root === undefined;
   const testMode = args.root !== undefined && args.device === undefined && args.mountPoint === undefined;
   if (!args.blob || !args.digest || !/^sha256:[0-9a-f]{64}$/.test(args.digest) || !(mounted || testMode)) {
@@ -71,6 +73,12 @@ function openBlob(path: string): number {
 
 async function main(): Promise<{ entries: number; bytes: number }> {
   const args = parseArgs(process.argv.slice(2));
+  if (args.parentPid !== undefined) {
+    // If the helper dies (even by SIGKILL) we must not go on writing to a device it no longer
+    // tracks. The ppid check closes the race with a parent that died before the prctl.
+    killMeWithParent();
+    if (process.ppid !== args.parentPid) throw new ChildFailure("APPLY_FAILED", "the helper exited before the applier started");
+  }
   process.umask(0); // modes come from the layer, exactly
 
   void process.stdout; // created lazily by Node: make it exist before the host disappears

@@ -26,6 +26,7 @@ export function applyCommand(config: HelperConfig, name: string, digest: string)
     "--mount", "--propagation", "private", "--",
     process.execPath, CHILD,
     "--device", devicePath(name), "--mountpoint", mountPoint, "--blob", blob, "--digest", digest,
+    "--parent-pid", String(process.pid),
   ];
   return { args, mountPoint };
 }
@@ -47,11 +48,13 @@ export async function applyLayerToDevice(config: HelperConfig, name: string, dig
   if (report.ok) return { entries: report.entries, bytes: report.bytes };
 
   const where = report.entry ? ` (entry ${JSON.stringify(report.entry)}${report.rule ? `, rule ${report.rule}` : ""})` : "";
-  let code: FailureCode = CHILD_CODES.has(report.code as FailureCode) ? (report.code as FailureCode) : "APPLY_FAILED";
-  // With error_if_no_space a full pool surfaces as I/O errors in ext4: say what really happened.
+  const code: FailureCode = CHILD_CODES.has(report.code as FailureCode) ? (report.code as FailureCode) : "APPLY_FAILED";
   if (code === "APPLY_FAILED") {
+    // With error_if_no_space a full pool surfaces as I/O errors in ext4: say what really happened.
     const pool = await poolStatus(config).catch(() => null);
-    if (pool?.mode === "out_of_data_space") code = "NO_SPACE";
+    if (pool?.mode === "out_of_data_space") {
+      throw new HelperFailure("NO_SPACE", `thin pool ${config.poolName} ran out of data space while applying ${digest}: ${report.message}${where}`);
+    }
   }
   throw new HelperFailure(code, `${report.message}${where}`);
 }

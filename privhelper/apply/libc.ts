@@ -11,10 +11,13 @@ const umount2Fn = libc.func("int umount2(const char *target, int flags)");
 const mknodFn = libc.func("int mknod(const char *path, uint32_t mode, uint64_t dev)");
 const lsetxattrFn = libc.func("int lsetxattr(const char *path, const char *name, const void *value, size_t size, int flags)");
 const syncfsFn = libc.func("int syncfs(int fd)");
+const prctlFn = libc.func("int prctl(int option, ...)");
 
 export const MS_NOSUID = 2;
 export const MS_NODEV = 4;
 export const S_IFIFO = 0o010000;
+const PR_SET_PDEATHSIG = 1;
+const SIGKILL = 9;
 
 const ERRNO_NAMES = new Map(Object.entries(koffi.os.errno).map(([name, value]) => [value, name]));
 
@@ -62,4 +65,9 @@ export function lsetxattr(path: string, name: string, value: Buffer): void {
 
 export function syncfs(fd: number): void {
   check(syncfsFn(fd), "syncfs", String(fd));
+}
+
+/** Asks the kernel to SIGKILL this process when its parent (the helper) dies. */
+export function killMeWithParent(): void {
+  check(prctlFn(PR_SET_PDEATHSIG, "unsigned long", SIGKILL, "unsigned long", 0, "unsigned long", 0, "unsigned long", 0), "prctl", "PR_SET_PDEATHSIG");
 }

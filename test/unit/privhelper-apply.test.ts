@@ -283,6 +283,15 @@ test("blob checks: digest mismatch, missing blob, symlinked blob", opts, async (
 
   const bad = await runChild(["--root", box.root, "--blob", "relative.tar", "--digest", digest]);
   assert.equal(bad.report.ok, false);
+
+  // Started by a parent that is not (any more) the one named: it must not apply anything.
+  const fresh = join(box.base, "fresh");
+  mkdirSync(fresh);
+  const orphan = await runChild(["--root", fresh, "--blob", join(box.base, "real.tar"), "--digest", digest, "--parent-pid", "999999"]);
+  assert.deepEqual([orphan.report.code, readdirSync(fresh)], ["APPLY_FAILED", []]);
+  const mine = await runChild(["--root", fresh, "--blob", join(box.base, "real.tar"), "--digest", digest, "--parent-pid", String(process.pid)]);
+  assert.equal(mine.report.ok, true, JSON.stringify(mine.report));
+  assert.deepEqual(readdirSync(fresh), ["a"]);
 });
 
 test("device mode: mounts in a private namespace, applies, unmounts (ext4 on a loop device)", opts, async (t) => {
