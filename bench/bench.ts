@@ -1,0 +1,160 @@
+// imgd benchmark, run inside the VM (bench/run) as root, against the real helper, pool and S3
+// server the harness started. Every figure is a ratio against a baseline measured in the same
+// run on the same machine, never an absolute target:
+//   unpack    layer.apply (validated, chrooted OCI apply) vs `tar -x` of the same layer into the
+//             same kind of fresh thin device (mkfs'd the same way, mounted the same way)
+//   download  the agent's blob download (hash, fsync, rename) vs the aws CLI copying the same
+//             objects from the same server
+//   re-pull   latency of PullImage on a ready image (median of many)
+//   activate  latency of ActivateImage (median)
+//   pool      data used by the three images vs the sum of their layer sizes
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { BlobStore } from "../agent/blobs/store.ts";
+import { HelperClient } from "../agent/helper-client.ts";
+import { createS3Client, loadS3Config } from "../agent/s3/client.ts";
+import { listImageLayers } from "../agent/s3/image-source.ts";
+import { connectImgd } from "../client/sdk.ts";
+
+const helper = new HelperClient(process.env.IMGD_HELPER_SOCKET ?? "/run/imgd/privhelper.sock");
+const { client, channel } = connectImgd();
+const s3Config = loadS3Config(process.env);
+const s3 = createS3Client(s3Config);
+const images = ["golang", "node", "python"];
+const MiB = 1048576;
+
+const now = () => performance.now();
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const sh = (cmd: string, args: string[], env?: NodeJS.ProcessEnv) => execFileSync(cmd, args, { encoding: "utf8", env: { ...process.env, ...env } });
+const rows: [string, string, string, string][] = [];
+const row = (what: string, imgd: string, baseline: string, ratio: string) => rows.push([what, imgd, baseline, ratio]);
+
+async function benchPoolAndPull(): Promise<void> {
+  const before = await client.getPool({});
+  let layerBytes = 0;
+  const unique = new Map<string, number>();
+  const t0 = now();
+  for (const image of images) {
+    for await (const update of client.pullImage({ image })) if (update.error) throw new Error(update.error);
+    const { image: info } = await client.getImage({ image });
+    for (const l of info!.layers) {
+      layerBytes += Number(l.size);
+      unique.set(l.digest, Number(l.size));
+    }
+  }
+  const pullSeconds = (now() - t0) / 1000;
+  const after = await client.getPool({});
+  const used = Number(after.dataUsedBytes - before.dataUsedBytes);
+  const uniqueBytes = [...unique.values()].reduce((a, b) => a + b, 0);
+  row("pool data used by 3 images", `${(used / MiB).toFixed(1)} MiB`, `${(layerBytes / MiB).toFixed(1)} MiB of layers`, `${(used / layerBytes).toFixed(2)}x`);
+  row("  (against unique layer bytes)", `${(used / MiB).toFixed(1)} MiB`, `${(uniqueBytes / MiB).toFixed(1)} MiB unique`, `${(used / uniqueBytes).toFixed(2)}x`);
+  row("cold pull of 3 images", `${pullSeconds.toFixed(1)} s`, "-", "-");
+}
+
+async function benchRepullAndActivate(): Promise<void> {
+  const repull: number[] = [];
+  for (let i = 0; i < 30; i++) {
+    const t = now();
+    for await (const _ of client.pullImage({ image: "golang" }));
+    repull.push(now() - t);
+  }
+  const getImage: number[] = [];
+  for (let i = 0; i < 30; i++) {
+    const t = now();
+    await client.getImage({ image: "golang" });
+    getImage.push(now() - t);
+  }
+  row("re-pull latency (median of 30)", `${median(repull).toFixed(1)} ms`, `GetImage ${median(getImage).toFixed(1)} ms`, `${(median(repull) / median(getImage)).toFixed(2)}x`);
+  const activate: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    const t = now();
+    await client.activateImage({ image: images[i % 3] });
+    activate.push(now() - t);
+  }
+  const dm: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    const t = now();
+    sh("/usr/sbin/dmsetup", ["version"]);
+    dm.push(now() - t);
+  }
+  row("activation latency (median of 10)", `${median(activate).toFixed(0)} ms`, `one dmsetup call ${median(dm).toFixed(0)} ms`, `${(median(activate) / median(dm)).toFixed(1)}x`);
+}
+
+async function benchDownload(): Promise<void> {
+  const objects = (await Promise.all(images.map((image) => listImageLayers(s3, s3Config, image)))).flat();
+  const bytes = objects.reduce((n, o) => n + o.size, 0);
+  const ours = mkdtempSync("/tmp/imgd-bench-dl-");
+  const store = new BlobStore(ours);
+  await store.init();
+  const t0 = now();
+  for (const obj of objects) await store.downloadLayer(s3, s3Config, obj, {});
+  const oursSeconds = (now() - t0) / 1000;
+  const theirs = mkdtempSync("/tmp/imgd-bench-aws-");
+  const t1 = now();
+  sh("/usr/bin/aws", ["s3", "cp", "--recursive", "--no-sign-request", "--endpoint-url", s3Config.endpoint!, `s3://${s3Config.bucket}/${s3Config.prefix}`, theirs, "--only-show-errors"], {
+    AWS_DEFAULT_REGION: s3Config.region,
+    AWS_MAX_CONCURRENT_REQUESTS: "1",
+  });
+  sh("/usr/bin/sync", []);
+  const awsSeconds = (now() - t1) / 1000;
+  const mbps = (s: number) => `${(bytes / MiB / s).toFixed(1)} MiB/s`;
+  row(`download ${objects.length} objects, ${(bytes / MiB).toFixed(0)} MiB`, mbps(oursSeconds), `aws s3 cp ${mbps(awsSeconds)}`, `${(awsSeconds / oursSeconds).toFixed(2)}x`);
+  rmSync(ours, { recursive: true, force: true });
+  rmSync(theirs, { recursive: true, force: true });
+}
+
+/** Applies the largest layer into a fresh thin device, with imgd's helper and with tar -x. */
+async function benchUnpack(): Promise<void> {
+  const blobDir = "/var/lib/imgd/blobs/sha256";
+  const largest = readdirSync(blobDir).map((hex) => ({ hex, size: statSync(join(blobDir, hex)).size })).sort((a, b) => b.size - a.size)[0];
+  const digest = `sha256:${largest.hex}`;
+  const base = 0xff0000 + (process.pid % 0xff00);
+  const fresh = async (thinId: number, name: string) => {
+    await helper.call("thin.create", { thinId });
+    await helper.call("device.activate", { name, thinId });
+    await helper.call("fs.mkfs", { name });
+  };
+  const dispose = async (thinId: number, name: string) => {
+    await helper.call("device.deactivate", { name });
+    await helper.call("thin.delete", { thinId });
+  };
+  const oursName = `imgd-layer-${"b".repeat(31)}1`;
+  const tarName = `imgd-layer-${"b".repeat(31)}2`;
+  await fresh(base, oursName);
+  const t0 = now();
+  await helper.call("layer.apply", { name: oursName, digest });
+  const oursSeconds = (now() - t0) / 1000;
+  await dispose(base, oursName);
+
+  await fresh(base + 1, tarName);
+  const { path } = await helper.call("fs.mount", { name: tarName, readOnly: false });
+  const t1 = now();
+  sh("/usr/bin/tar", ["-x", "-f", join(blobDir, largest.hex), "-C", path, "--numeric-owner", "--same-permissions", "--xattrs"]);
+  sh("/usr/bin/sync", ["-f", path]);
+  const tarSeconds = (now() - t1) / 1000;
+  await helper.call("fs.unmount", { name: tarName });
+  await dispose(base + 1, tarName);
+  const mbps = (s: number) => `${(largest.size / MiB / s).toFixed(1)} MiB/s`;
+  row(`unpack largest layer (${(largest.size / MiB).toFixed(1)} MiB)`, mbps(oursSeconds), `tar -x ${mbps(tarSeconds)}`, `${(tarSeconds / oursSeconds).toFixed(2)}x`);
+}
+
+async function main(): Promise<void> {
+  await benchPoolAndPull();
+  await benchRepullAndActivate();
+  await benchDownload();
+  await benchUnpack();
+  const widths = [0, 1, 2, 3].map((i) => Math.max(...[["measure", "imgd", "baseline", "imgd vs baseline"], ...rows].map((r) => r[i].length)));
+  const print = (r: string[]) => console.log(r.map((c, i) => c.padEnd(widths[i])).join("  "));
+  console.log("\nimgd benchmark (in the VM, one run; ratios >1 mean imgd is faster, except pool and latency rows where they are imgd/baseline)");
+  print(["measure", "imgd", "baseline", "imgd vs baseline"]);
+  rows.forEach(print);
+  helper.close();
+  channel.close();
+  s3.destroy();
+}
+
+main().catch((err) => {
+  console.error(`bench: ${err instanceof Error ? err.stack : err}`);
+  process.exit(1);
+});
