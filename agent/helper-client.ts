@@ -1,6 +1,8 @@
 // Client for the root helper's socket (protocol in privhelper/protocol.ts, whose types it shares).
-// One connection, opened on demand and reopened after an error; requests carry increasing ids and
-// responses are matched by id. The helper answers one connection's requests in order.
+// Requests carry increasing ids and responses are matched by id. The helper answers one
+// connection's requests in order, so long operations (layer.apply can take minutes) get their own
+// connection: a status query is not stuck behind them. Connections open on demand and are
+// reopened after an error.
 import { createConnection, type Socket } from "node:net";
 import type { OpArgs, OpName, OpResult, Response } from "../privhelper/protocol.ts";
 
@@ -23,55 +25,73 @@ export class HelperError extends Error {
 }
 
 // layer.apply unpacks hundreds of MB (the helper itself gives up after 30 min); mkfs and pool
-// creation write real data; everything else is a few dmsetup calls.
+// creation write real data; everything else is a few dmsetup calls (but may wait for the
+// helper's lock while a long operation runs).
 const TIMEOUTS_MS: Partial<Record<OpName, number>> = {
   "layer.apply": 35 * 60_000,
   "fs.mkfs": 11 * 60_000,
   "pool.ensure": 11 * 60_000,
 };
-const DEFAULT_TIMEOUT_MS = 60_000;
+const DEFAULT_TIMEOUT_MS = 5 * 60_000;
 const CONNECT_TIMEOUT_MS = 5_000;
-
-type Pending = { op: OpName; resolve: (value: unknown) => void; reject: (err: Error) => void; timer: NodeJS.Timeout };
+const SLOW_OPS = new Set<OpName>(["layer.apply", "fs.mkfs", "pool.ensure"]);
 
 export type HelperClientOptions = { timeoutsMs?: Partial<Record<OpName, number>> };
 
 export class HelperClient {
-  private readonly socketPath: string;
   private readonly timeouts: Partial<Record<OpName, number>>;
-  private socket: Socket | null = null;
-  private connecting: Promise<Socket> | null = null;
-  private readonly pending = new Map<number, Pending>();
+  private readonly fast: Connection;
+  private readonly slow: Connection;
   private nextId = 1;
-  private buffered = "";
   private closed = false;
 
   constructor(socketPath: string, options: HelperClientOptions = {}) {
-    this.socketPath = socketPath;
     this.timeouts = { ...TIMEOUTS_MS, ...options.timeoutsMs };
+    this.fast = new Connection(socketPath);
+    this.slow = new Connection(socketPath);
   }
 
   async call<Op extends OpName>(op: Op, args: OpArgs<Op>): Promise<OpResult<Op>> {
     if (this.closed) throw new HelperError(op, "CLIENT_CLOSED", "helper client is closed");
-    const socket = await this.connect(op);
-    const id = this.nextId++;
-    const timeoutMs = this.timeouts[op] ?? DEFAULT_TIMEOUT_MS;
-    return new Promise<OpResult<Op>>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(new HelperError(op, "TIMEOUT", `no answer from the helper within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.pending.set(id, { op, resolve: resolve as (value: unknown) => void, reject, timer });
-      socket.write(JSON.stringify({ id, op, args }) + "\n");
-    });
+    const connection = SLOW_OPS.has(op) ? this.slow : this.fast;
+    const result = await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS);
+    return result as OpResult<Op>;
   }
 
   close(): void {
     this.closed = true;
-    this.drop(new Error("helper client closed"), "CLIENT_CLOSED");
+    this.fast.drop("CLIENT_CLOSED", "helper client closed");
+    this.slow.drop("CLIENT_CLOSED", "helper client closed");
+  }
+}
+
+type Pending = { op: string; resolve: (value: unknown) => void; reject: (err: Error) => void; timer: NodeJS.Timeout };
+
+/** One socket to the helper, with its in-flight requests. */
+class Connection {
+  private readonly socketPath: string;
+  private socket: Socket | null = null;
+  private connecting: Promise<Socket> | null = null;
+  private readonly pending = new Map<number, Pending>();
+  private buffered = "";
+
+  constructor(socketPath: string) {
+    this.socketPath = socketPath;
   }
 
-  private connect(op: OpName): Promise<Socket> {
+  async request(id: number, op: string, args: unknown, timeoutMs: number): Promise<unknown> {
+    const socket = await this.connect(op);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new HelperError(op, "TIMEOUT", `no answer from the helper within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, { op, resolve, reject, timer });
+      socket.write(JSON.stringify({ id, op, args }) + "\n");
+    });
+  }
+
+  private connect(op: string): Promise<Socket> {
     if (this.socket) return Promise.resolve(this.socket);
     this.connecting ??= new Promise<Socket>((resolve, reject) => {
       const socket = createConnection(this.socketPath);
@@ -90,9 +110,9 @@ export class HelperClient {
           this.connecting = null;
           reject(new HelperError(op, "UNAVAILABLE", `cannot connect to the helper at ${this.socketPath}: ${err.message}`));
         }
-        this.dropSocket(socket, err);
+        this.dropSocket(socket, err.message);
       });
-      socket.on("close", () => this.dropSocket(socket, new Error("connection closed by the helper")));
+      socket.on("close", () => this.dropSocket(socket, "connection closed by the helper"));
     });
     return this.connecting;
   }
@@ -111,12 +131,11 @@ export class HelperClient {
     try {
       response = JSON.parse(line) as Response;
     } catch {
-      return this.drop(new Error(`unreadable answer from the helper: ${line.slice(0, 200)}`), "PROTOCOL");
+      return this.drop("PROTOCOL", `unreadable answer from the helper: ${line.slice(0, 200)}`);
     }
     if (response.id === null) {
       // The helper could not read a request's id (a client bug): fail everything in flight.
-      const error = response.ok ? "unexpected answer" : `${response.error.code}: ${response.error.message}`;
-      return this.drop(new Error(error), response.ok ? "PROTOCOL" : response.error.code);
+      return response.ok ? this.drop("PROTOCOL", "answer without id") : this.drop(response.error.code, response.error.message);
     }
     const pending = this.pending.get(response.id);
     if (!pending) return; // its caller already timed out
@@ -126,13 +145,12 @@ export class HelperClient {
     else pending.reject(new HelperError(pending.op, response.error.code, response.error.message));
   }
 
-  private dropSocket(socket: Socket, err: Error): void {
-    if (this.socket !== socket) return;
-    this.drop(err, "CONNECTION_LOST");
+  private dropSocket(socket: Socket, message: string): void {
+    if (this.socket === socket) this.drop("CONNECTION_LOST", message);
   }
 
-  /** Forgets the connection (the next call reconnects) and fails every request in flight. */
-  private drop(err: Error, code: string): void {
+  /** Forgets the socket (the next request reconnects) and fails every request in flight. */
+  drop(code: string, message: string): void {
     const socket = this.socket;
     this.socket = null;
     this.buffered = "";
@@ -140,7 +158,7 @@ export class HelperClient {
     for (const [id, pending] of this.pending) {
       clearTimeout(pending.timer);
       this.pending.delete(id);
-      pending.reject(new HelperError(pending.op, code, err.message));
+      pending.reject(new HelperError(pending.op, code, message));
     }
   }
 }

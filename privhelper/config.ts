@@ -27,7 +27,7 @@ export function parseSize(text: string): number {
 }
 
 function absolutePath(name: string, value: string): string {
-  if (!isAbsolute(value) || value.includes("\0") || normalize(value) !== value || value.length > 1024) {
+  if (!isAbsolute(value) || value === "/" || value.includes("\0") || normalize(value) !== value || value.length > 1024) {
     throw new Error(`${name} must be a normalized absolute path, got ${JSON.stringify(value)}`);
   }
   return value.length > 1 && value.endsWith("/") ? value.slice(0, -1) : value;
@@ -48,10 +48,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): HelperConfig {
     throw new Error(`IMGD_HELPER_GROUP ${JSON.stringify(socketGroup)} is not a group name or gid`);
   }
 
-  const poolBlockSectors = Number(get("IMGD_POOL_BLOCK_SECTORS", "2048"));
+  const blockSectorsText = get("IMGD_POOL_BLOCK_SECTORS", "2048");
+  const poolBlockSectors = /^[1-9][0-9]{0,6}$/.test(blockSectorsText) ? Number(blockSectorsText) : NaN;
   // dm-thin: block size is a multiple of 128 sectors (64 KiB), between 64 KiB and 1 GiB.
-  if (!Number.isInteger(poolBlockSectors) || poolBlockSectors < 128 || poolBlockSectors > 2097152 ||
-      poolBlockSectors % 128 !== 0 || !/^[0-9]+$/.test(get("IMGD_POOL_BLOCK_SECTORS", "2048"))) {
+  if (!(poolBlockSectors >= 128 && poolBlockSectors <= 2097152 && poolBlockSectors % 128 === 0)) {
     throw new Error("IMGD_POOL_BLOCK_SECTORS must be a multiple of 128 between 128 and 2097152");
   }
   const blockBytes = poolBlockSectors * 512;

@@ -1,6 +1,6 @@
 // imgd-privhelper: the root side of imgd. Serves the allow-listed operations in protocol.ts on a
 // Unix socket that only root and the imgd group can reach.
-import { mkdir } from "node:fs/promises";
+import { chmod, chown, mkdir } from "node:fs/promises";
 import { loadConfig, resolveGroupId } from "./config.ts";
 import { perform } from "./operations.ts";
 import { abortAllRuns } from "./run.ts";
@@ -16,7 +16,11 @@ async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error("must run as root");
   const config = loadConfig();
   const socketGid = resolveGroupId(config.socketGroup);
+  // Root-owned and traversable: mnt/ below it holds the inspection mounts the agent reads;
+  // pool/ (0700) and its files (0600) stay private.
   await mkdir(config.stateDir, { recursive: true, mode: 0o755 });
+  await chown(config.stateDir, 0, 0);
+  await chmod(config.stateDir, 0o755);
 
   const server = new HelperServer({ socketPath: config.socketPath, socketGid, handler: (request) => perform(config, request), log });
   await server.start();

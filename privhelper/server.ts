@@ -33,6 +33,9 @@ export class Mutex {
 
 // A client may pipeline requests; past this many queued lines we stop reading its socket.
 const MAX_QUEUED_PER_CONNECTION = 16;
+// Pure queries (they only read dm tables/status) skip the lock, so a status request is not held
+// up for minutes behind a layer.apply. Everything that changes state takes the lock.
+const UNLOCKED_OPS = new Set<string>(["pool.status", "device.list"]);
 
 export class HelperServer {
   private readonly options: ServerOptions;
@@ -149,7 +152,8 @@ export class HelperServer {
       response = { id, ok: false, error: { code: "SHUTTING_DOWN", message: "the helper is shutting down" } };
     } else {
       try {
-        const result = await this.mutex.run(() => this.options.handler(parsed.request));
+        const work = () => this.options.handler(parsed.request);
+        const result = await (UNLOCKED_OPS.has(op) ? work() : this.mutex.run(work));
         response = { id, ok: true, result };
       } catch (err) {
         const error = err instanceof HelperFailure

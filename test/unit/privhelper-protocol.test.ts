@@ -225,7 +225,11 @@ test("config sizes are parsed strictly", () => {
   assert.equal(config.poolName, "imgd-pool");
   assert.throws(() => loadConfig({ IMGD_POOL_NAME: "-pool" }), /IMGD_POOL_NAME/);
   assert.throws(() => loadConfig({ IMGD_POOL_NAME: "imgd-layer-x" }), /IMGD_POOL_NAME/);
-  assert.throws(() => loadConfig({ IMGD_POOL_BLOCK_SECTORS: "100" }), /BLOCK_SECTORS/);
+  for (const bad of ["100", "2048.0", " 2048", "0x800", "4194304"]) {
+    assert.throws(() => loadConfig({ IMGD_POOL_BLOCK_SECTORS: bad }), /BLOCK_SECTORS/, bad);
+  }
+  assert.equal(loadConfig({ IMGD_POOL_BLOCK_SECTORS: "128", IMGD_POOL_DATA_SIZE: "64M" }).poolBlockSectors, 128);
+  assert.throws(() => loadConfig({ IMGD_HELPER_STATE_DIR: "/" }), /STATE_DIR/);
   assert.throws(() => loadConfig({ IMGD_POOL_DATA_SIZE: "1000K" }), /DATA_SIZE/);
   assert.throws(() => loadConfig({ IMGD_HELPER_STATE_DIR: "relative/dir" }), /STATE_DIR/);
   assert.throws(() => loadConfig({ IMGD_HELPER_STATE_DIR: "/var/lib/../etc" }), /STATE_DIR/);

@@ -117,6 +117,26 @@ test("one operation at a time across connections; in order within a connection",
   assert.deepEqual(order.filter((id) => id > 10), [11, 12, 13]);
 });
 
+test("queries are not held up by a long operation on another connection", opts, async (t) => {
+  let release: (() => void) | null = null;
+  const h = await start(t, async (request) => {
+    if (request.op === "layer.apply") await new Promise<void>((resolve) => (release = resolve));
+    return request.op === "pool.status" ? { mode: "rw" } : {};
+  });
+  const apply = h.client.call("layer.apply", { name: LAYER, digest: `sha256:${"a".repeat(64)}` });
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.deepEqual(await h.client.call("pool.status", {}), { mode: "rw" });
+  assert.deepEqual(await h.client.call("device.list", {}), {});
+  // A mutation waits for the lock.
+  let created = false;
+  const create = h.client.call("thin.create", { thinId: 1 }).then(() => (created = true));
+  await new Promise((resolve) => setTimeout(resolve, 30));
+  assert.equal(created, false);
+  release!();
+  await apply;
+  await create;
+});
+
 test("bad JSON is answered and the connection stays usable; an oversized line closes it", opts, async (t) => {
   const h = await start(t, async () => ({}));
   const good = JSON.stringify({ id: 4, op: "pool.status", args: {} });
@@ -187,6 +207,8 @@ test("client: reconnects after the helper restarts, times out, fails in-flight c
   await assert.rejects(inFlight, (err: unknown) => err instanceof HelperError && err.code === "CONNECTION_LOST");
   release!();
   await stopped;
+  // (CONNECTION_LOST if the idle connection's close had not been seen yet, else UNAVAILABLE)
+  await assert.rejects(h.client.call("pool.status", {}), (err: unknown) => err instanceof HelperError && ["UNAVAILABLE", "CONNECTION_LOST"].includes(err.code));
   await assert.rejects(h.client.call("pool.status", {}), (err: unknown) => err instanceof HelperError && err.code === "UNAVAILABLE");
 
   // A new helper on the same path: the same client object works again.
