@@ -2,7 +2,7 @@
 import { chmod, lstat, mkdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
-import { dmCreate, dmStatus, dmTable, parsePoolTable } from "./dm.ts";
+import { dmCreate, dmRemove, dmStatus, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import type { PoolStatus } from "./protocol.ts";
 import { run } from "./run.ts";
@@ -78,6 +78,8 @@ async function createPool(config: HelperConfig): Promise<void> {
     const table = `0 ${dataSectors} thin-pool ${meta} ${data} ${config.poolBlockSectors} ${lowWater} 1 error_if_no_space`;
     await dmCreate(config.poolName, table);
   } catch (err) {
+    // A failed table load can leave an empty device behind that would block every later attempt.
+    if ((await dmTable(config.poolName).catch(() => null)) === "") await dmRemove(config.poolName).catch(() => undefined);
     for (const loop of attached) await run("losetup", ["--detach", loop]).catch(() => undefined);
     throw err;
   }

@@ -2,7 +2,7 @@
 // In production the root is "/" of a chroot into the image's filesystem, so the kernel confines
 // every path; the checks here are the first line of defence, not the only one.
 import { constants } from "node:fs";
-import { lchown, link, lstat, lutimes, mkdir, open, readdir, rm, symlink, chmod } from "node:fs/promises";
+import { chmod, lchown, link, lstat, lutimes, mkdir, open, readdir, rm, symlink, type FileHandle } from "node:fs/promises";
 import { posix } from "node:path";
 import type { Readable } from "node:stream";
 import tar from "tar-stream";
@@ -165,7 +165,7 @@ class LayerApplier {
         // O_EXCL|O_NOFOLLOW: never write through something that appeared at this path.
         const handle = await open(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
         try {
-          for await (const chunk of body) await handle.write(chunk);
+          for await (const chunk of body) await writeAll(handle, chunk);
           await handle.chown(owner.uid, owner.gid);
           await handle.chmod(mode);
         } finally {
@@ -266,6 +266,14 @@ class LayerApplier {
       const info = await lstat(this.full(rel)).catch(ignoreMissing);
       if (info?.isDirectory()) await lutimes(this.full(rel), mtime, mtime);
     }
+  }
+}
+
+async function writeAll(handle: FileHandle, chunk: Buffer): Promise<void> {
+  for (let offset = 0; offset < chunk.byteLength; ) {
+    const { bytesWritten } = await handle.write(chunk, offset);
+    if (bytesWritten <= 0) throw Object.assign(new Error("short write"), { code: "EIO" });
+    offset += bytesWritten;
   }
 }
 
