@@ -12,7 +12,7 @@ import { createHash } from "node:crypto";
 import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync } from "node:fs";
 import { isAbsolute, normalize } from "node:path";
 import { Transform } from "node:stream";
-import { chroot, fchdir, killMeWithParent, lsetxattr, mkfifo, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
+import { chroot, fchdir, killMeWithParent, lsetxattr, mkfifo, MNT_DETACH, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
 import { applyLayer, LayerRefused } from "./oci-apply.ts";
 
 type Args = { blob: string; digest: string; root?: string; device?: string; mountPoint?: string; parentPid?: number };
@@ -93,6 +93,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
 
   const hostRoot = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
   let chrooted = false;
+  let failed = false;
   try {
     chroot(root);
     chrooted = true;
@@ -122,15 +123,31 @@ async function main(): Promise<{ entries: number; bytes: number }> {
       closeSync(imageRoot);
     }
     return { entries, bytes };
+  } catch (err) {
+    failed = true;
+    throw err;
   } finally {
-    if (chrooted) {
-      // Back to the host root (the saved fd still points at it) so the mount point can be named.
-      fchdir(hostRoot);
-      chroot(".");
-      process.chdir("/");
+    try {
+      if (chrooted) {
+        // Back to the host root (the saved fd still points at it) so the mount point can be named.
+        fchdir(hostRoot);
+        chroot(".");
+        process.chdir("/");
+      }
+      closeSync(hostRoot);
+      if (args.device !== undefined) unmount(args.mountPoint!);
+    } catch (cleanupError) {
+      // The first error is the one worth reporting; the namespace takes the mount with it anyway.
+      if (!failed) throw cleanupError;
     }
-    closeSync(hostRoot);
-    if (args.device !== undefined) umount2(args.mountPoint!, 0);
+  }
+}
+
+function unmount(mountPoint: string): void {
+  try {
+    umount2(mountPoint, 0);
+  } catch {
+    umount2(mountPoint, MNT_DETACH); // something still holds it: detach now, freed when released
   }
 }
 

@@ -15,6 +15,7 @@ const prctlFn = libc.func("int prctl(int option, ...)");
 
 export const MS_NOSUID = 2;
 export const MS_NODEV = 4;
+export const MNT_DETACH = 2;
 export const S_IFIFO = 0o010000;
 const PR_SET_PDEATHSIG = 1;
 const SIGKILL = 9;
