@@ -11,6 +11,7 @@ import { startGrpcServer } from "./grpc/server.ts";
 import { HelperClient } from "./helper-client.ts";
 import { registerActivateFsm } from "./images/activate.ts";
 import { registerPullFsm } from "./images/pull.ts";
+import { lockStateDir } from "./instance-lock.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
 import { createS3Client, loadS3Config } from "./s3/client.ts";
@@ -23,6 +24,7 @@ export interface RunningAgent {
 
 export async function startAgent(config: AgentConfig, log: Logger, options: { poolWaitAttempts?: number } = {}): Promise<RunningAgent> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o750 });
+  const lock = lockStateDir(config.stateDir);
   const db = openDatabase(join(config.stateDir, "imgd.db"));
   const catalog = new Catalog(db);
   const blobs = new BlobStore(config.stateDir);
@@ -53,6 +55,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
       helper.close();
       s3.destroy();
       db.close();
+      lock.release();
     },
   };
 }

@@ -194,6 +194,11 @@ test("bad names are refused before anything runs", async () => {
   await assert.rejects(pull("never"), /never/);
 });
 
+test("a second agent on the same state directory is refused", async () => {
+  const config = loadAgentConfig([], { IMGD_STATE_DIR: stateDir, IMGD_LISTEN: "127.0.0.1:0", IMGD_HELPER_SOCKET: helper.socketPath, IMGD_S3_ENDPOINT: proxy.endpoint, IMGD_S3_BUCKET: s3.bucket });
+  await assert.rejects(startAgent(config, silent, { poolWaitAttempts: 1 }), /another imgd is running on .*imgd\.lock is locked/);
+});
+
 test("after a restart the agent answers from SQLite and still knows every device", async () => {
   const before = (await client.listImages({})).images.map((i) => [i.name, i.state, i.thinId]);
   await stop();
