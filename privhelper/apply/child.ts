@@ -9,7 +9,7 @@
 // Everything the child needs is imported statically here, before the chroot: once inside, nothing
 // from the host filesystem (node_modules, libc) is reachable any more.
 import { createHash } from "node:crypto";
-import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync } from "node:fs";
+import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync, readSync } from "node:fs";
 import { isAbsolute, normalize } from "node:path";
 import { Transform } from "node:stream";
 import { chroot, fchdir, killMeWithParent, lsetxattr, mkfifo, MNT_DETACH, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
@@ -108,9 +108,18 @@ async function main(): Promise<{ entries: number; bytes: number }> {
         callback(null, chunk);
       },
     });
-    const blob = createReadStream("", { fd: blobFd, autoClose: true, highWaterMark: 1024 * 1024 });
+    const blob = createReadStream("", { fd: blobFd, autoClose: false, highWaterMark: 1024 * 1024 });
     blob.on("error", (err) => hashing.destroy(err));
-    const { entries } = await applyLayer("/", blob.pipe(hashing), { mkfifo, lsetxattr });
+    let entries: number;
+    try {
+      ({ entries } = await applyLayer("/", blob.pipe(hashing), { mkfifo, lsetxattr }));
+    } catch (err) {
+      // Bytes that are not the requested blob explain any failure better (and are not the
+      // layer's fault): check the whole file before blaming its content.
+      const actual = hashWholeFile(blobFd);
+      if (actual !== args.digest) throw new ChildFailure("BLOB_MISMATCH", `blob ${args.blob} hashes to ${actual}, not ${args.digest}`);
+      throw err;
+    }
 
     const actual = `sha256:${hash.digest("hex")}`;
     if (actual !== args.digest) {
@@ -135,11 +144,23 @@ async function main(): Promise<{ entries: number; bytes: number }> {
         process.chdir("/");
       }
       closeSync(hostRoot);
+      closeSync(blobFd);
       if (args.device !== undefined) unmount(args.mountPoint!);
     } catch (cleanupError) {
       // The first error is the one worth reporting; the namespace takes the mount with it anyway.
       if (!failed) throw cleanupError;
     }
+  }
+}
+
+function hashWholeFile(fd: number): string {
+  const hash = createHash("sha256");
+  const buffer = Buffer.alloc(1024 * 1024);
+  for (let position = 0; ; ) {
+    const read = readSync(fd, buffer, 0, buffer.length, position);
+    if (read === 0) return `sha256:${hash.digest("hex")}`;
+    hash.update(buffer.subarray(0, read));
+    position += read;
   }
 }
 

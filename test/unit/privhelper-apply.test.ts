@@ -270,6 +270,10 @@ test("blob checks: digest mismatch, missing blob, symlinked blob", opts, async (
   const mismatch = await box.apply([file("a", "a")], other);
   assert.deepEqual([mismatch.ok, mismatch.code], [false, "BLOB_MISMATCH"]);
 
+  // Malformed AND not the requested bytes: the mismatch is reported (a re-download may fix it).
+  const garbage = await box.apply(Buffer.alloc(1024, 0x41), other);
+  assert.deepEqual([garbage.ok, garbage.code], [false, "BLOB_MISMATCH"]);
+
   const missing = await runChild(["--root", box.root, "--blob", join(box.base, "nope"), "--digest", other]);
   assert.deepEqual([missing.report.code, missing.exitCode], ["BLOB_MISSING", 1]);
 

@@ -1,0 +1,275 @@
+// The real helper against a real device-mapper kernel. Only inside the test VM (skipped elsewhere):
+//   test/vm/run --no-services -- node --test test/unit/privhelper-vm.test.ts
+// Uses its own pool name, socket, state and blob directories, so it does not disturb services.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { createHash } from "node:crypto";
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createConnection } from "node:net";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import tar from "tar-stream";
+import { HelperClient, HelperError } from "../../agent/helper-client.ts";
+
+const inVm = process.env.IMGD_VM === "1" && process.getuid?.() === 0;
+const opts = { skip: inVm ? false : "device-mapper tests run only in the VM (test/vm/run)" };
+
+const MAIN = fileURLToPath(new URL("../../privhelper/main.ts", import.meta.url));
+const POOL = "imgd-vmtest-pool";
+const SOCKET = "/run/imgd-vmtest/privhelper.sock";
+const STATE = "/var/lib/imgd-privhelper-vmtest";
+const BLOBS = "/var/lib/imgd-vmtest/blobs";
+const LOG = "/tmp/imgd-vmtest-helper.log";
+const ACT = "imgd-act-01jd5x7k3m9q2w8e4r6t0y1u3i";
+const layer = (n: number) => `imgd-layer-${n.toString(16).padStart(32, "0")}`;
+const MiB = 1024 * 1024;
+
+let helper: ChildProcess | null = null;
+let client: HelperClient;
+
+async function startHelper(): Promise<void> {
+  const child = spawn(process.execPath, [MAIN], {
+    env: { ...process.env, IMGD_HELPER_SOCKET: SOCKET, IMGD_HELPER_GROUP: "0", IMGD_HELPER_STATE_DIR: STATE, IMGD_BLOB_DIR: BLOBS, IMGD_POOL_NAME: POOL, IMGD_POOL_DATA_SIZE: "256M" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  child.stderr!.on("data", (chunk) => appendFileSync(LOG, chunk));
+  helper = child;
+  const connectable = () => new Promise<boolean>((resolve) => {
+    const socket = createConnection(SOCKET);
+    socket.once("connect", () => { socket.destroy(); resolve(true); });
+    socket.once("error", () => resolve(false));
+  });
+  for (let i = 0; i < 600 && !(await connectable()); i++) await new Promise((r) => setTimeout(r, 100));
+  assert.ok(await connectable(), `helper did not listen; log:\n${readFileSync(LOG, "utf8")}`);
+  client = new HelperClient(SOCKET);
+}
+
+async function stopHelper(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
+  const child = helper!;
+  helper = null;
+  if (child.exitCode === null) {
+    const exited = new Promise((resolve) => child.once("exit", resolve));
+    child.kill(signal);
+    await exited;
+  }
+  client.close();
+}
+
+async function blob(entries: { header: Partial<tar.Header> & { name: string }; body?: string | Buffer }[]): Promise<string> {
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  const done = (async () => { for await (const chunk of pack) chunks.push(chunk as Buffer); })();
+  for (const { header, body } of entries) {
+    await new Promise<void>((resolve, reject) => {
+      const callback = (err?: Error | null) => (err ? reject(err) : resolve());
+      if (body === undefined) pack.entry(header as tar.Header, callback);
+      else pack.entry(header as tar.Header, body, callback);
+    });
+  }
+  pack.finalize();
+  await done;
+  const data = Buffer.concat(chunks);
+  const hex = createHash("sha256").update(data).digest("hex");
+  writeFileSync(join(BLOBS, "sha256", hex), data);
+  return `sha256:${hex}`;
+}
+
+async function refused(promise: Promise<unknown>, code: string): Promise<HelperError> {
+  let caught: unknown;
+  await assert.rejects(promise, (err: unknown) => ((caught = err), err instanceof HelperError && err.code === code));
+  return caught as HelperError;
+}
+
+const dmsetup = (...args: string[]) => execFileSync("/usr/sbin/dmsetup", args).toString();
+const mountinfo = () => readFileSync("/proc/self/mountinfo", "utf8");
+const applierRunning = () => readdirSync("/proc").filter((p) => /^[0-9]+$/.test(p)).some((p) => {
+  try { return readFileSync(`/proc/${p}/cmdline`, "utf8").includes("apply/child.ts"); } catch { return false; }
+});
+
+/** Removes everything this file created in the kernel (devices, pool, loop devices). */
+function teardownKernelState(): void {
+  const names = dmsetup("info", "-c", "--noheadings", "-o", "name").split("\n").map((l) => l.trim());
+  for (const name of names.filter((n) => n.startsWith("imgd-") && n !== POOL)) {
+    const table = dmsetup("table", name);
+    if (table.includes(" thin ")) execFileSync("/usr/sbin/dmsetup", ["remove", name], { stdio: "ignore" });
+  }
+  if (names.includes(POOL)) execFileSync("/usr/sbin/dmsetup", ["remove", POOL], { stdio: "ignore" });
+  for (const file of ["meta", "data"]) {
+    const out = execFileSync("/usr/sbin/losetup", ["--associated", join(STATE, "pool", file)]).toString();
+    for (const match of out.matchAll(/^(\/dev\/loop[0-9]+):/gm)) execFileSync("/usr/sbin/losetup", ["--detach", match[1]!]);
+  }
+}
+
+before(async () => {
+  if (!inVm) return;
+  for (const dir of [STATE, "/var/lib/imgd-vmtest"]) rmSync(dir, { recursive: true, force: true });
+  mkdirSync(join(BLOBS, "sha256"), { recursive: true });
+  writeFileSync(LOG, "");
+  await startHelper();
+});
+
+after(async () => {
+  if (!inVm) return;
+  if (helper) await stopHelper();
+  teardownKernelState();
+});
+
+test("pool.ensure creates the pool from config; pool.status reads it", opts, async () => {
+  await refused(client.call("pool.status", {}), "POOL_MISSING");
+  const pool = await client.call("pool.ensure", {});
+  assert.deepEqual({ ...pool, metaUsedBytes: 0 }, {
+    name: POOL, dataUsedBytes: 0, dataTotalBytes: 256 * MiB, metaUsedBytes: 0, metaTotalBytes: MiB,
+    mode: "rw", blockSizeBytes: MiB, errorIfNoSpace: true,
+  });
+  assert.equal(statSync(join(STATE, "pool/data")).size, 256 * MiB);
+  assert.equal(statSync(join(STATE, "pool/meta")).mode & 0o777, 0o600);
+  assert.match(dmsetup("table", POOL), /^0 524288 thin-pool \d+:\d+ \d+:\d+ 2048 \d+ 1 error_if_no_space/);
+  assert.deepEqual(await client.call("pool.ensure", {}), await client.call("pool.status", {}));
+});
+
+test("thin.create, device.activate (idempotent, conflicts refused), fs.mkfs", opts, async () => {
+  await client.call("thin.create", { thinId: 1 });
+  await refused(client.call("thin.create", { thinId: 1 }), "EXISTS");
+  const { path } = await client.call("device.activate", { name: layer(1), thinId: 1 });
+  assert.equal(path, `/dev/mapper/${layer(1)}`);
+  assert.ok(statSync(path).isBlockDevice());
+  assert.deepEqual(await client.call("device.activate", { name: layer(1), thinId: 1 }), { path });
+  await refused(client.call("device.activate", { name: layer(1), thinId: 2 }), "CONFLICT");
+  await refused(client.call("device.activate", { name: layer(2), thinId: 1 }), "BUSY");
+  await refused(client.call("device.activate", { name: layer(2), thinId: 99 }), "NOT_FOUND");
+  assert.equal(existsSync(`/dev/mapper/${layer(2)}`), false);
+  assert.doesNotMatch(dmsetup("info", "-c", "--noheadings", "-o", "name"), new RegExp(layer(2)));
+
+  await client.call("fs.mkfs", { name: layer(1) });
+  await refused(client.call("fs.mkfs", { name: layer(1) }), "HAS_FILESYSTEM");
+  const used = (await client.call("pool.status", {})).dataUsedBytes;
+  assert.ok(used < 64 * MiB, `mkfs of an 8 GiB thin device provisioned ${used} bytes`);
+});
+
+const precious = "/etc/imgd-vmtest-precious";
+
+test("layer.apply: content lands in the device, never on the host; refusals", opts, async () => {
+  writeFileSync(precious, "host data");
+  const first = await blob([
+    { header: { name: "etc/", type: "directory", mode: 0o755 } },
+    { header: { name: "etc/os-release", mode: 0o644 }, body: "ID=vmtest\n" },
+    { header: { name: "usr/bin/su", mode: 0o4755 }, body: "su" },
+    { header: { name: "bin", type: "symlink", linkname: "usr/bin" } },
+    { header: { name: "escape", type: "symlink", linkname: precious } },
+    { header: { name: "old/a", mode: 0o644 }, body: "lower" },
+    { header: { name: "opq/lower", mode: 0o644 }, body: "lower" },
+    { header: { name: "big", mode: 0o644 }, body: Buffer.alloc(8 * MiB, 7) },
+  ]);
+  assert.deepEqual(await client.call("layer.apply", { name: layer(1), digest: first }), { entries: 8, bytes: statSync(join(BLOBS, "sha256", first.slice(7))).size });
+  assert.doesNotMatch(mountinfo(), /apply-/);
+  assert.equal(existsSync(join(STATE, "mnt", `apply-${layer(1)}`)), false);
+
+  await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${"0".repeat(64)}` }), "BLOB_MISSING");
+  const notTar = Buffer.from("not a tar");
+  const notTarHex = createHash("sha256").update(notTar).digest("hex");
+  writeFileSync(join(BLOBS, "sha256", notTarHex), notTar);
+  await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${notTarHex}` }), "LAYER_REFUSED");
+  writeFileSync(join(BLOBS, "sha256", "2".repeat(64)), readFileSync(join(BLOBS, "sha256", first.slice(7))));
+  await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${"2".repeat(64)}` }), "BLOB_MISMATCH");
+  const device = await blob([{ header: { name: "dev/sda", type: "block-device", devmajor: 8, devminor: 0 } }]);
+  const err = await refused(client.call("layer.apply", { name: layer(1), digest: device }), "LAYER_REFUSED");
+  assert.match(err.message, /DEVICE_NODE/);
+  await refused(client.call("layer.apply", { name: layer(5), digest: first }), "NOT_FOUND");
+});
+
+test("thin.snapshot of an active origin; a second layer with whiteouts on the snapshot", opts, async () => {
+  await client.call("thin.snapshot", { thinId: 2, originId: 1 });
+  await refused(client.call("thin.snapshot", { thinId: 2, originId: 1 }), "EXISTS");
+  await refused(client.call("thin.snapshot", { thinId: 3, originId: 77 }), "NOT_FOUND");
+  await refused(client.call("thin.delete", { thinId: 1 }), "BUSY");
+  await client.call("device.deactivate", { name: layer(1) });
+  await client.call("device.deactivate", { name: layer(1) });
+  assert.equal(existsSync(`/dev/mapper/${layer(1)}`), false);
+
+  await client.call("device.activate", { name: layer(2), thinId: 2 });
+  const second = await blob([
+    { header: { name: ".wh.old", mode: 0o644 }, body: "" },
+    { header: { name: "opq/", type: "directory", mode: 0o755 } },
+    { header: { name: "opq/.wh..wh..opq", mode: 0o644 }, body: "" },
+    { header: { name: "opq/upper", mode: 0o644 }, body: "upper" },
+    { header: { name: "escape", mode: 0o644 }, body: "written into the image" },
+  ]);
+  assert.equal((await client.call("layer.apply", { name: layer(2), digest: second })).entries, 5);
+  assert.deepEqual((await client.call("device.list", {})).devices, [{ name: layer(2), thinId: 2 }]);
+  await client.call("device.deactivate", { name: layer(2) });
+  assert.equal(readFileSync(precious, "utf8"), "host data");
+});
+
+test("an activation: snapshot of the image, mounted read-only, nosuid,nodev, exact content", opts, async () => {
+  await client.call("thin.snapshot", { thinId: 3, originId: 2 });
+  await client.call("device.activate", { name: ACT, thinId: 3 });
+  const { path: mnt } = await client.call("fs.mount", { name: ACT, readOnly: true });
+  assert.deepEqual(await client.call("fs.mount", { name: ACT, readOnly: true }), { path: mnt });
+  await refused(client.call("fs.mount", { name: ACT, readOnly: false }), "CONFLICT");
+  const line = mountinfo().split("\n").find((l) => l.split(" ")[4] === mnt) ?? "";
+  for (const option of ["ro", "nosuid", "nodev"]) assert.ok(line.split(" ")[5]!.split(",").includes(option), line);
+  assert.equal(readFileSync(join(mnt, "etc/os-release"), "utf8"), "ID=vmtest\n");
+  assert.equal(statSync(join(mnt, "usr/bin/su")).mode & 0o7777, 0o4755);
+  assert.equal(readlinkSync(join(mnt, "bin")), "usr/bin");
+  assert.equal(readFileSync(join(mnt, "escape"), "utf8"), "written into the image");
+  assert.equal(existsSync(join(mnt, "old")), false);
+  assert.deepEqual(readdirSync(join(mnt, "opq")), ["upper"]);
+  assert.equal(statSync(join(mnt, "big")).size, 8 * MiB);
+  await refused(client.call("device.deactivate", { name: ACT }), "BUSY");
+  await client.call("fs.unmount", { name: ACT });
+  await client.call("fs.unmount", { name: ACT });
+  assert.equal(existsSync(mnt), false);
+  await client.call("device.deactivate", { name: ACT });
+});
+
+test("restart and 'reboot': the pool is found again, or rebuilt from its files with its thin devices", opts, async () => {
+  const before = await client.call("pool.status", {});
+  await stopHelper();
+  assert.equal(existsSync(SOCKET), false, "socket removed on SIGTERM");
+  await startHelper();
+  assert.equal((await client.call("pool.ensure", {})).dataUsedBytes, before.dataUsedBytes);
+  await stopHelper();
+  teardownKernelState(); // what a reboot does: no dm devices, no loop devices
+  await startHelper();
+  assert.equal((await client.call("pool.ensure", {})).dataUsedBytes, before.dataUsedBytes);
+  await client.call("device.activate", { name: ACT, thinId: 3 });
+  const { path } = await client.call("fs.mount", { name: ACT, readOnly: true });
+  assert.equal(readFileSync(join(path, "etc/os-release"), "utf8"), "ID=vmtest\n");
+  await client.call("fs.unmount", { name: ACT });
+  await client.call("device.deactivate", { name: ACT });
+  for (const id of [3, 2, 1, 1]) await client.call("thin.delete", { thinId: id });
+  assert.equal((await client.call("pool.status", {})).dataUsedBytes, 0);
+});
+
+test("a layer larger than the pool fails with NO_SPACE (no hang) and the pool recovers", opts, async () => {
+  await client.call("thin.create", { thinId: 10 });
+  await client.call("device.activate", { name: layer(10), thinId: 10 });
+  await client.call("fs.mkfs", { name: layer(10) });
+  const huge = await blob([{ header: { name: "huge", mode: 0o644 }, body: Buffer.alloc(300 * MiB, 1) }]);
+  await refused(client.call("layer.apply", { name: layer(10), digest: huge }), "NO_SPACE");
+  assert.equal((await client.call("pool.status", {})).mode, "out_of_data_space");
+  await client.call("device.deactivate", { name: layer(10) });
+  await client.call("thin.delete", { thinId: 10 });
+  const pool = await client.call("pool.status", {});
+  assert.deepEqual([pool.mode, pool.dataUsedBytes], ["rw", 0]);
+});
+
+test("helper killed (-9) during layer.apply: the applier dies too; the device can be discarded", opts, async () => {
+  await client.call("thin.create", { thinId: 11 });
+  await client.call("device.activate", { name: layer(11), thinId: 11 });
+  await client.call("fs.mkfs", { name: layer(11) });
+  const slow = await blob(Array.from({ length: 40 }, (_, i) => ({ header: { name: `f${i}`, mode: 0o644 }, body: Buffer.alloc(2 * MiB, i) })));
+  const pending = client.call("layer.apply", { name: layer(11), digest: slow }).catch((err: unknown) => err);
+  for (let i = 0; i < 200 && !applierRunning(); i++) await new Promise((r) => setTimeout(r, 25));
+  assert.ok(applierRunning(), "the applier started");
+  await stopHelper("SIGKILL");
+  assert.equal(((await pending) as HelperError).code, "CONNECTION_LOST");
+  for (let i = 0; i < 100 && applierRunning(); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.equal(applierRunning(), false, "the applier died with the helper");
+  await startHelper(); // over the stale socket the killed helper left
+  await client.call("device.deactivate", { name: layer(11) });
+  await client.call("thin.delete", { thinId: 11 });
+  assert.doesNotMatch(mountinfo(), new RegExp(`${STATE}/mnt`));
+  rmSync(precious, { force: true });
+});
