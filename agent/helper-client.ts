@@ -24,15 +24,14 @@ export class HelperError extends Error {
   }
 }
 
-// layer.apply unpacks hundreds of MB (the helper itself gives up after 30 min); mkfs and pool
-// creation write real data; everything else is a few dmsetup calls (but may wait for the
-// helper's lock while a long operation runs).
+// The helper always answers: its programs have timeouts (layer.apply: 30 min). Every operation
+// that changes state may first wait for the helper's lock behind a running layer.apply, so it
+// gets more than that; the two lock-free queries answer at once.
 const TIMEOUTS_MS: Partial<Record<OpName, number>> = {
-  "layer.apply": 35 * 60_000,
-  "fs.mkfs": 11 * 60_000,
-  "pool.ensure": 11 * 60_000,
+  "pool.status": 30_000,
+  "device.list": 30_000,
 };
-const DEFAULT_TIMEOUT_MS = 5 * 60_000;
+const DEFAULT_TIMEOUT_MS = 40 * 60_000;
 const CONNECT_TIMEOUT_MS = 5_000;
 const SLOW_OPS = new Set<OpName>(["layer.apply", "fs.mkfs", "pool.ensure"]);
 
