@@ -1,5 +1,5 @@
-// The real helper against a real device-mapper kernel. Only inside the test VM (skipped elsewhere):
-//   test/vm/run --no-services -- node --test test/unit/privhelper-vm.test.ts
+// The real helper against a real device-mapper kernel, inside the test VM (npm run test:vm):
+//   test/vm/run --no-services -- node --test test/e2e/privhelper.test.ts
 // Uses its own pool name, socket, state and blob directories, so it does not disturb services.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -12,8 +12,8 @@ import { fileURLToPath } from "node:url";
 import tar from "tar-stream";
 import { HelperClient, HelperError } from "../../agent/helper-client.ts";
 
-const inVm = process.env.IMGD_VM === "1" && process.getuid?.() === 0;
-const opts = { skip: inVm ? false : "device-mapper tests run only in the VM (test/vm/run)" };
+const opts = {};
+assert.ok(process.env.IMGD_VM === "1" && process.getuid?.() === 0, "device-mapper tests run as root inside the VM: npm run test:vm");
 
 const MAIN = fileURLToPath(new URL("../../privhelper/main.ts", import.meta.url));
 const POOL = "imgd-vmtest-pool";
@@ -102,7 +102,6 @@ function teardownKernelState(): void {
 }
 
 before(async () => {
-  if (!inVm) return;
   for (const dir of [STATE, "/var/lib/imgd-vmtest"]) rmSync(dir, { recursive: true, force: true });
   mkdirSync(join(BLOBS, "sha256"), { recursive: true });
   writeFileSync(LOG, "");
@@ -110,7 +109,6 @@ before(async () => {
 });
 
 after(async () => {
-  if (!inVm) return;
   if (helper) await stopHelper();
   teardownKernelState();
 });
