@@ -1,12 +1,12 @@
 # shellcheck shell=bash
 # Host-side preparation for test/vm/run: tools, a Debian kernel and a tiny initramfs.
 # Sourced by test/vm/run; expects VM_CACHE (the repo's .vm/ directory) and VM_DIR (test/vm).
-# Everything is cached under $VM_CACHE/boot-<hash>/, so a second run touches no registry.
+# Everything is cached under $VM_CACHE (kernel-<hash>/, initrd-<hash>.cpio): a second run
+# touches no registry.
 
 # Modules the guest needs; their dependencies are resolved from each .ko's "depends=" field.
 # crc32c_generic goes first: ext4/jbd2/libcrc32c only name it as a soft dependency.
 VM_WANTED_MODULES="crc32c_generic virtio_pci virtio-rng 9pnet_virtio 9p overlay loop dm-thin-pool ext4"
-VM_HOST_PACKAGES="qemu-system-x86 busybox-static cpio"
 
 vm_log() { printf 'vm: %s\n' "$*" >&2; }
 vm_die() { printf 'vm: error: %s\n' "$*" >&2; exit 125; }
@@ -29,6 +29,9 @@ vm_ensure_host_tools() {
   command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
   vm_have_static_busybox || missing+=(busybox-static)
   command -v cpio >/dev/null || missing+=(cpio)
+  # The guest runs the host's userland: the helper's device-mapper and ext4 tools come from here.
+  [ -x /usr/sbin/dmsetup ] || missing+=(dmsetup)
+  [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
   [ ${#missing[@]} = 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
     vm_die "missing host packages: ${missing[*]} (run as root to install them automatically)"
@@ -80,7 +83,12 @@ vm_module_field() {
     *.xz) xz -dc "$file" ;;
     *.zst) zstd -qdc "$file" ;;
     *) cat "$file" ;;
-  esac | strings | sed -n "s/^$field=//p" | head -n1
+  esac | vm_strings | sed -n "s/^$field=//p" | head -n1
+}
+
+# binutils' strings when present, else busybox's (always installed by now).
+vm_strings() {
+  if command -v strings >/dev/null; then strings; else /bin/busybox strings; fi
 }
 
 vm_copy_module() {
@@ -92,45 +100,71 @@ vm_copy_module() {
   esac
 }
 
-# Build (once) $VM_CACHE/boot-<hash>/{vmlinuz,initramfs.cpio}; prints that directory.
-vm_ensure_boot_files() {
-  local key dir tmp pkg deb kroot moddir i=0 name path
-  key=$(cat "$VM_DIR/init" "$VM_DIR/lib/prepare.sh" | sha256sum | cut -c1-16)
-  dir=$VM_CACHE/boot-$key
-  if [ -s "$dir/vmlinuz" ] && [ -s "$dir/initramfs.cpio" ]; then
+vm_download_kernel_package() { # PKG DIR: the .deb into DIR
+  local pkg=$1 dir=$2
+  if ! (cd "$dir" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); then
+    vm_apt_update_once
+    (cd "$dir" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) || vm_die "apt-get download $pkg failed"
+  fi
+}
+
+# Once: $VM_CACHE/kernel-<hash>/ with vmlinuz, the wanted modules (numbered in load order) and
+# modules/order. Prints that directory.
+vm_ensure_kernel() {
+  local key dir tmp pkg order i=0 name path
+  key=$(printf '%s\n' "$VM_WANTED_MODULES" | sha256sum | cut -c1-12)
+  dir=$VM_CACHE/kernel-$key
+  if [ -s "$dir/vmlinuz" ] && [ -s "$dir/modules/order" ]; then
     printf '%s\n' "$dir"; return 0
   fi
   mkdir -p "$VM_CACHE"
-  tmp=$(mktemp -d "$VM_CACHE/.boot-build.XXXXXX")
+  tmp=$(mktemp -d "$VM_CACHE/.kernel-build.XXXXXX")
   pkg=$(vm_kernel_package)
   vm_log "downloading $pkg"
-  (cd "$tmp" && apt-get download -q "$pkg" >&2 2>/dev/null) \
-    || (vm_apt_update_once; cd "$tmp" && apt-get download -q "$pkg" >&2) \
-    || vm_die "apt-get download $pkg failed"
-  deb=$(ls "$tmp"/*.deb)
-  kroot=$tmp/pkg
-  dpkg -x "$deb" "$kroot"
-  rm -f "$deb"
-
-  local initrd=$tmp/initrd
-  mkdir -p "$initrd"/{bin,dev,proc,sys,mnt,newroot,modules}
-  cp /bin/busybox "$initrd/bin/busybox"
-  cp "$VM_DIR/init" "$initrd/init"
-  chmod 0755 "$initrd/init"
-  moddir=$(echo "$kroot"/lib/modules/*)
-  [ -d "$moddir" ] || vm_die "no lib/modules in $pkg"
-  : >"$initrd/modules/order"
+  vm_download_kernel_package "$pkg" "$tmp"
+  dpkg -x "$tmp"/*.deb "$tmp/pkg" || vm_die "cannot unpack $pkg"
+  rm -f "$tmp"/*.deb
+  [ -d "$(echo "$tmp"/pkg/lib/modules/*)" ] || vm_die "no lib/modules in $pkg"
+  order=$(vm_module_order "$(echo "$tmp"/pkg/lib/modules/*)") || exit 125
+  mkdir -p "$tmp/modules"
   while read -r name path; do
     i=$((i + 1))
-    vm_copy_module "$path" "$initrd/modules/$(printf '%02d' $i)-$name.ko"
-    printf '%02d-%s.ko\n' "$i" "$name" >>"$initrd/modules/order"
-  done < <(vm_module_order "$moddir")
-  (cd "$initrd" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$tmp/initramfs.cpio"
-  cp "$kroot"/boot/vmlinuz-* "$tmp/vmlinuz"
+    vm_copy_module "$path" "$tmp/modules/$(printf '%02d' $i)-$name.ko"
+    printf '%02d-%s.ko\n' "$i" "$name" >>"$tmp/modules/order"
+  done <<<"$order"
+  cp "$tmp"/pkg/boot/vmlinuz-* "$tmp/vmlinuz"
   printf '%s\n' "$pkg" >"$tmp/kernel-package"
-  rm -rf "$kroot" "$initrd"
-  # Publish atomically; a concurrent run may have won the race, which is fine.
-  if ! mv -T "$tmp" "$dir" 2>/dev/null; then rm -rf "$tmp"; fi
-  vm_log "boot files ready in $dir ($(cat "$dir/kernel-package"))"
+  rm -rf "$tmp/pkg"
+  vm_publish "$tmp" "$dir"
   printf '%s\n' "$dir"
+}
+
+# Once per (kernel, init script, busybox): $VM_CACHE/initrd-<hash>.cpio. Prints its path.
+vm_ensure_initramfs() {
+  local kernel_dir=$1 key file tmp
+  key=$(cat "$VM_DIR/init" "$kernel_dir/modules/order" /bin/busybox | sha256sum | cut -c1-12)
+  file=$VM_CACHE/initrd-$key.cpio
+  if [ -s "$file" ]; then printf '%s\n' "$file"; return 0; fi
+  tmp=$(mktemp -d "$VM_CACHE/.initrd-build.XXXXXX")
+  mkdir -p "$tmp/root"/{bin,dev,proc,sys,mnt,newroot}
+  cp /bin/busybox "$tmp/root/bin/busybox"
+  install -m 0755 "$VM_DIR/init" "$tmp/root/init"
+  cp -r "$kernel_dir/modules" "$tmp/root/modules"
+  (cd "$tmp/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$tmp/initrd.cpio" \
+    || vm_die "cannot build the initramfs"
+  mv -f "$tmp/initrd.cpio" "$file"
+  rm -rf "$tmp"
+  printf '%s\n' "$file"
+}
+
+# Move a freshly built directory into place; a concurrent run may have won the race: fine.
+vm_publish() {
+  local tmp=$1 dir=$2
+  if ! mv -T "$tmp" "$dir" 2>/dev/null; then rm -rf "$tmp"; fi
+}
+
+# Runs killed hard leave their directories behind; drop those older than a day.
+vm_prune_runs() {
+  [ -d "$VM_CACHE/runs" ] && find "$VM_CACHE/runs" -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {} + 2>/dev/null
+  return 0
 }
