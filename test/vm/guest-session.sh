@@ -69,6 +69,10 @@ run_command() {
   mapfile -d '' cmd </run/imgd-vm/command
   cd "$IMGD_VM_REPO" || return 1
   if [ "${IMGD_VM_HOST_TTY:-0}" = 1 ]; then
+    # The serial console does not know the host terminal's size.
+    if [ -n "${IMGD_VM_TTY_SIZE:-}" ]; then
+      stty rows "${IMGD_VM_TTY_SIZE% *}" cols "${IMGD_VM_TTY_SIZE#* }" </dev/console 2>/dev/null || true
+    fi
     "${cmd[@]}" </dev/null
   else
     # The host's output is not a terminal: give the command none either (plain test reports).
