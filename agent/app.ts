@@ -50,7 +50,12 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
     port,
     catalog,
     async stop() {
-      await server.shutdown();
+      // Graceful close waits for every client connection to go away; a control plane keeping
+      // its channel open must not hold a restart hostage, so give calls a few seconds, then cut.
+      const graceful = server.shutdown();
+      const timer = setTimeout(() => server.forceShutdown(), 5000);
+      await graceful;
+      clearTimeout(timer);
       await engine.shutdown();
       helper.close();
       s3.destroy();
