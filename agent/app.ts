@@ -51,12 +51,16 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
     catalog,
     async stop() {
       // Graceful close waits for every client connection to go away; a control plane keeping
-      // its channel open must not hold a restart hostage, so give calls a few seconds, then cut.
+      // its channel open must not hold a restart hostage: give calls a few seconds, then cut.
       const graceful = server.shutdown();
-      const timer = setTimeout(() => server.forceShutdown(), 5000);
-      await graceful;
-      clearTimeout(timer);
+      const timedOut = await Promise.race([graceful.then(() => false), sleep(5000).then(() => true)]);
+      if (timedOut) {
+        log("warn", "gRPC clients still connected after 5 s: closing their connections");
+        server.forceShutdown();
+      }
+      log("info", "gRPC server closed");
       await engine.shutdown();
+      log("info", "FSM engine stopped");
       helper.close();
       s3.destroy();
       db.close();
@@ -64,6 +68,8 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
     },
   };
 }
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
 
 /** The helper may start after the agent (or restart): wait for it and make sure the pool exists. */
 async function waitForPool(helper: HelperClient, log: Logger, attempts: number): Promise<void> {

@@ -12,7 +12,13 @@ async function main(): Promise<void> {
   const agent = await startAgent(config, log);
   const stop = async (signal: string) => {
     log("info", "shutting down", { signal });
+    // Every run is durable and resumes at the next start, so a stop that hangs may be cut short.
+    setTimeout(() => {
+      log("error", "shutdown did not finish within 20 s; exiting anyway");
+      process.exit(1);
+    }, 20_000).unref();
     await agent.stop();
+    log("info", "stopped");
     process.exit(0);
   };
   process.once("SIGTERM", () => void stop("SIGTERM"));
