@@ -6,21 +6,14 @@ import assert from "node:assert/strict";
 import { mkdtempSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { pack } from "tar-stream";
 import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
 import { connectImgd, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
+import { packTar } from "../fixtures/tar-bytes.ts";
 import { startS3rver, startTamperProxy, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
 
-async function tarOf(files: Record<string, string>): Promise<Buffer> {
-  const p = pack();
-  for (const [name, content] of Object.entries(files)) p.entry({ name, mode: 0o644, mtime: new Date(0) }, content);
-  p.finalize();
-  const chunks: Buffer[] = [];
-  for await (const chunk of p) chunks.push(chunk as Buffer);
-  return Buffer.concat(chunks);
-}
+const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
 
 let s3: TestS3;
 let proxy: TamperProxy;
