@@ -10,6 +10,12 @@ import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
 import { connectImgd, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
+import { fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
+import { createChannel, createClient } from "nice-grpc";
+import { HealthDefinition } from "nice-grpc-server-health";
+import { ServerReflectionService } from "nice-grpc-server-reflection";
+import reflectionMessages from "nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js";
 import { packTar } from "../fixtures/tar-bytes.ts";
 import { startS3rver, startTamperProxy, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
 
@@ -202,4 +208,30 @@ test("after a restart the agent answers from SQLite and still knows every device
   assert.equal(proxy.requests.length, requests);
   const runs = (await client.listRuns({ fsm: "pull" })).runs;
   assert.ok(runs.some((r) => r.resourceId === "broken" && r.status === RunStatus.FAILED && /NOT_A_TAR/.test(r.error)), "failed outcomes are durable");
+});
+
+test("server reflection lists and describes the API, as grpcurl asks; health reports SERVING", async () => {
+  const channel = createChannel(`127.0.0.1:${agent.port}`);
+  try {
+    const reflection = createClient(ServerReflectionService, channel);
+    const { ServerReflectionRequest } = reflectionMessages;
+    const ask = async (fill: (r: InstanceType<typeof ServerReflectionRequest>) => void) => {
+      const request = new ServerReflectionRequest();
+      fill(request);
+      async function* one() {
+        yield request;
+      }
+      for await (const response of reflection.serverReflectionInfo(one())) return response;
+      throw new Error("no reflection response");
+    };
+    const listed = await ask((r) => r.setListServices(""));
+    assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService"]);
+    const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
+    const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
+    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "ListActivations", "GetPool", "ListRuns"]);
+    const health = createClient(HealthDefinition, channel);
+    assert.equal((await health.check({ service: "imgd.v1.ImageService" })).status, 1 /* SERVING */);
+  } finally {
+    channel.close();
+  }
 });
