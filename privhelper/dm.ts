@@ -64,6 +64,12 @@ export async function dmRemove(name: string): Promise<boolean> {
   return true;
 }
 
+/** Replaces a live device's table: loaded as the inactive table, then swapped in by resume. */
+export async function dmReload(name: string, table: string): Promise<void> {
+  await run("dmsetup", ["reload", name, "--table", table]);
+  await run("dmsetup", ["resume", "--noudevsync", name]);
+}
+
 export async function dmMessage(pool: string, message: string): Promise<void> {
   await run("dmsetup", ["message", pool, "0", message]);
 }

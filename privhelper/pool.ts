@@ -2,7 +2,7 @@
 import { chmod, lstat, mkdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
-import { dmCreate, dmRemove, dmStatus, dmTable, parsePoolTable } from "./dm.ts";
+import { dmCreate, dmReload, dmRemove, dmStatus, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import type { PoolStatus } from "./protocol.ts";
 import { run } from "./run.ts";
@@ -53,8 +53,24 @@ export async function poolStatus(config: HelperConfig): Promise<PoolStatus> {
 }
 
 export async function poolEnsure(config: HelperConfig): Promise<PoolStatus> {
-  if ((await dmTable(config.poolName)) === null) await createPool(config);
+  const table = await dmTable(config.poolName);
+  if (table === null) await createPool(config);
+  else await failWritesWhenFull(config.poolName, table);
   return poolStatus(config);
+}
+
+/**
+ * A pool made elsewhere (the challenge README's table, for one) keeps the kernel default,
+ * queue_if_no_space: once full, every write to every thin device blocks forever. Reload its
+ * table with the same devices and error_if_no_space added, so a full pool fails writes instead.
+ */
+async function failWritesWhenFull(name: string, table: string): Promise<void> {
+  const parsed = parsePoolTable(table);
+  if (!parsed) throw new HelperFailure("POOL_INVALID", `device ${name} exists but is not a thin pool: ${table.trim()}`);
+  if (parsed.features.includes("error_if_no_space")) return;
+  const head = table.trim().split(/\s+/).slice(0, 7);
+  const features = [...parsed.features, "error_if_no_space"];
+  await dmReload(name, [...head, String(features.length), ...features].join(" "));
 }
 
 async function createPool(config: HelperConfig): Promise<void> {

@@ -240,6 +240,19 @@ test("restart and 'reboot': the pool is found again, or rebuilt from its files w
   assert.equal((await client.call("pool.status", {})).dataUsedBytes, 0);
 });
 
+test("an existing pool that queues writes when full is switched to error_if_no_space", opts, async () => {
+  const table = dmsetup("table", POOL).trim();
+  assert.match(table, / 1 error_if_no_space$/);
+  await stopHelper();
+  // What the challenge README's table gives: no feature arguments, the kernel's queue_if_no_space.
+  dmsetup("reload", POOL, "--table", table.replace(/ 1 error_if_no_space$/, ""));
+  dmsetup("resume", POOL);
+  assert.match(dmsetup("status", POOL), /queue_if_no_space/);
+  await startHelper();
+  assert.equal((await client.call("pool.ensure", {})).errorIfNoSpace, true);
+  assert.equal(dmsetup("table", POOL).trim(), table);
+});
+
 test("a layer larger than the pool fails with NO_SPACE (no hang) and the pool recovers", opts, async () => {
   await client.call("thin.create", { thinId: 10 });
   await client.call("device.activate", { name: layer(10), thinId: 10 });
