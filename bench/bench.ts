@@ -1,15 +1,19 @@
 // imgd benchmark, run inside the VM (bench/run) as root, against the real helper, pool and S3
 // server the harness started. Every figure is a ratio against a baseline measured in the same
 // run on the same machine, never an absolute target:
-//   unpack    layer.apply (validated, chrooted OCI apply) vs `tar -x` of the same layer into the
-//             same kind of fresh thin device (mkfs'd the same way, mounted the same way)
+//   unpack    layer.apply (chrooted OCI apply: mount, apply, hash, sync, unmount) vs mount +
+//             `tar -x` + sync + unmount of the same layer into the same kind of fresh thin device;
+//             for the largest synthetic layer and for a generated one (IMGD_BENCH_LAYER_MB, 128)
 //   download  the agent's blob download (hash, fsync, rename) vs the aws CLI copying the same
 //             objects from the same server
 //   re-pull   latency of PullImage on a ready image (median of many)
 //   activate  latency of ActivateImage (median)
 //   pool      data used by the three images vs the sum of their layer sizes
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { createHash, randomBytes } from "node:crypto";
+import { createWriteStream, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { pipeline } from "node:stream/promises";
+import { pack } from "tar-stream";
 import { join } from "node:path";
 import { BlobStore } from "../agent/blobs/store.ts";
 import { HelperClient } from "../agent/helper-client.ts";
@@ -104,12 +108,12 @@ async function benchDownload(): Promise<void> {
   rmSync(theirs, { recursive: true, force: true });
 }
 
-/** Applies the largest layer into a fresh thin device, with imgd's helper and with tar -x. */
-async function benchUnpack(): Promise<void> {
-  const blobDir = "/var/lib/imgd/blobs/sha256";
-  const largest = readdirSync(blobDir).map((hex) => ({ hex, size: statSync(join(blobDir, hex)).size })).sort((a, b) => b.size - a.size)[0];
-  const digest = `sha256:${largest.hex}`;
-  const base = 0xff0000 + (process.pid % 0xff00);
+/**
+ * Applies a layer into a fresh thin device with imgd's helper (mount, chroot, validate, apply,
+ * hash, sync, unmount) and, as the baseline, mounts a second fresh device the same way and runs
+ * `tar -x` + sync + unmount: the same work a tar-based unpacker would do.
+ */
+async function compareUnpack(label: string, blobPath: string, digest: string, bytes: number, thinBase: number): Promise<void> {
   const fresh = async (thinId: number, name: string) => {
     await helper.call("thin.create", { thinId });
     await helper.call("device.activate", { name, thinId });
@@ -119,24 +123,56 @@ async function benchUnpack(): Promise<void> {
     await helper.call("device.deactivate", { name });
     await helper.call("thin.delete", { thinId });
   };
-  const oursName = `imgd-layer-${"b".repeat(31)}1`;
-  const tarName = `imgd-layer-${"b".repeat(31)}2`;
-  await fresh(base, oursName);
+  const oursName = `imgd-layer-${thinBase.toString(16).padStart(32, "0")}`;
+  const tarName = `imgd-layer-${(thinBase + 1).toString(16).padStart(32, "0")}`;
+  await fresh(thinBase, oursName);
   const t0 = now();
   await helper.call("layer.apply", { name: oursName, digest });
   const oursSeconds = (now() - t0) / 1000;
-  await dispose(base, oursName);
+  await dispose(thinBase, oursName);
 
-  await fresh(base + 1, tarName);
-  const { path } = await helper.call("fs.mount", { name: tarName, readOnly: false });
+  await fresh(thinBase + 1, tarName);
   const t1 = now();
-  sh("/usr/bin/tar", ["-x", "-f", join(blobDir, largest.hex), "-C", path, "--numeric-owner", "--same-permissions", "--xattrs"]);
+  const { path } = await helper.call("fs.mount", { name: tarName, readOnly: false });
+  sh("/usr/bin/tar", ["-x", "-f", blobPath, "-C", path, "--numeric-owner", "--same-permissions", "--xattrs"]);
   sh("/usr/bin/sync", ["-f", path]);
-  const tarSeconds = (now() - t1) / 1000;
   await helper.call("fs.unmount", { name: tarName });
-  await dispose(base + 1, tarName);
-  const mbps = (s: number) => `${(largest.size / MiB / s).toFixed(1)} MiB/s`;
-  row(`unpack largest layer (${(largest.size / MiB).toFixed(1)} MiB)`, mbps(oursSeconds), `tar -x ${mbps(tarSeconds)}`, `${(tarSeconds / oursSeconds).toFixed(2)}x`);
+  const tarSeconds = (now() - t1) / 1000;
+  await dispose(thinBase + 1, tarName);
+  const mbps = (s: number) => `${(bytes / MiB / s).toFixed(1)} MiB/s`;
+  row(`unpack ${label} (${(bytes / MiB).toFixed(1)} MiB)`, mbps(oursSeconds), `mount+tar -x+umount ${mbps(tarSeconds)}`, `${(tarSeconds / oursSeconds).toFixed(2)}x`);
+}
+
+/** Writes a layer of `count` files of `fileBytes` pseudo-random bytes into the blob store. */
+async function generatedLayer(count: number, fileBytes: number): Promise<{ path: string; digest: string; bytes: number }> {
+  const tmp = `/var/lib/imgd/tmp/bench-${process.pid}.tar`;
+  const archive = pack();
+  const hash = createHash("sha256");
+  const written = pipeline(archive, async function* (source) {
+    for await (const chunk of source) {
+      hash.update(chunk as Buffer);
+      yield chunk;
+    }
+  }, createWriteStream(tmp));
+  for (let i = 0; i < count; i++) {
+    await new Promise<void>((resolve, reject) => archive.entry({ name: `data/d${i % 16}/f${i}`, mode: 0o644 }, randomBytes(fileBytes), (err) => (err ? reject(err) : resolve())));
+  }
+  archive.finalize();
+  await written;
+  const hex = hash.digest("hex");
+  const path = join("/var/lib/imgd/blobs/sha256", hex);
+  renameSync(tmp, path);
+  return { path, digest: `sha256:${hex}`, bytes: statSync(path).size };
+}
+
+async function benchUnpack(): Promise<void> {
+  const blobDir = "/var/lib/imgd/blobs/sha256";
+  const largest = readdirSync(blobDir).map((hex) => ({ hex, size: statSync(join(blobDir, hex)).size })).sort((a, b) => b.size - a.size)[0];
+  await compareUnpack("largest synthetic layer", join(blobDir, largest.hex), `sha256:${largest.hex}`, largest.size, 0xfff000);
+  const mb = Number(process.env.IMGD_BENCH_LAYER_MB ?? 128);
+  const big = await generatedLayer(mb * 4, 256 * 1024);
+  await compareUnpack("generated layer", big.path, big.digest, big.bytes, 0xfff010);
+  rmSync(big.path);
 }
 
 async function main(): Promise<void> {
