@@ -15,7 +15,8 @@ function kernelSays(err: unknown, pattern: RegExp): boolean {
 
 /**
  * An existing id is reported as EXISTS, not success: an old id may hold old data, and the caller
- * must decide (delete and retry). TODO(state checks): compare with the agent's records.
+ * must decide (delete and retry). Telling "exists with the same origin" apart, so that a repeated
+ * request can succeed, needs the pool's metadata (thin_ls): that is the crash-recovery work.
  */
 export async function createThin(config: HelperConfig, thinId: number): Promise<void> {
   await poolDeviceNumber(config);
