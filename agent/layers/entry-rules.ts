@@ -2,6 +2,7 @@
 // They need a little memory of earlier members (hardlink targets, whiteouts): names are kept as
 // 96-bit hashes so a hostile layer with a million 4 KiB names cannot make the agent hold 4 GB.
 import { createHash } from "node:crypto";
+import type { Compression } from "./compression.ts";
 import { LayerValidationError, printable, type LayerRule } from "./errors.ts";
 import { baseOf, joinName, normalizeEntryName, parentOf, type PathLimits } from "./names.ts";
 
@@ -29,8 +30,12 @@ export interface LayerSummary {
   opaqueDirs: number;
   /** Bytes of regular-file content. */
   fileBytes: number;
-  /** Bytes of the whole object. */
+  /** Bytes of the tar (after decompression, for a compressed object). */
   tarBytes: number;
+  /** How the object was stored, told by its magic bytes. */
+  compression: Compression;
+  /** Bytes of the object as stored (equal to tarBytes when not compressed). */
+  objectBytes: number;
   /** The layer has an entry for the image root itself ("./"), as `tar -C dir .` writes. */
   hasRootEntry: boolean;
   /** Hardlinks whose target is not an earlier member of this layer: it must exist in a lower
@@ -72,6 +77,8 @@ export class EntryRules {
     opaqueDirs: 0,
     fileBytes: 0,
     tarBytes: 0,
+    compression: "none",
+    objectBytes: 0,
     hasRootEntry: false,
     lowerLayerLinks: 0,
     notes: [],

@@ -9,6 +9,9 @@ export type LayerRule =
   | "HEADER_TOO_LARGE"
   | "LAYER_TOO_LARGE"
   | "TOO_MANY_ENTRIES"
+  // compression (gzip, zstd)
+  | "BAD_COMPRESSION"
+  | "DECOMPRESSION_LIMIT"
   // names
   | "EMPTY_NAME"
   | "ABSOLUTE_PATH"

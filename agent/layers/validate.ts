@@ -7,8 +7,9 @@
 // Decisions:
 // - A zero-byte object is refused (NOT_A_TAR): every tar writer emits at least the two zero blocks
 //   of the end-of-archive marker, so an empty object is a broken upload, not an empty layer.
-// - Only POSIX ustar / PAX and GNU headers are accepted; old v7 headers (no "ustar" magic) and
-//   compressed objects are NOT_A_TAR (compression is detected and named in the message).
+// - Only POSIX ustar / PAX and GNU headers are accepted; old v7 headers (no "ustar" magic) are
+//   NOT_A_TAR. gzip and zstd objects are recognized by their magic bytes (never by name) and the
+//   tar inside is checked (compression.ts); xz and bzip2 are NOT_A_TAR, named in the message.
 // - Devices are refused (DEVICE_NODE): no layer may create device nodes; /dev comes from the
 //   runtime. Contiguous files and any other type flag are UNKNOWN_TYPE.
 // - The root entry ("./" as `tar -C dir .` writes) is accepted when it is a directory.
@@ -17,6 +18,7 @@
 //   path inside the image root).
 import type { Readable } from "node:stream";
 import { extract as tarExtract } from "tar-stream";
+import { Decompression } from "./compression.ts";
 import { EntryRules, type EntryLimits, type LayerSummary, type MemberHeader } from "./entry-rules.ts";
 import { LayerValidationError, WHOLE_ARCHIVE } from "./errors.ts";
 import { ArchiveFraming, roundUpToBlock } from "./framing.ts";
@@ -25,10 +27,14 @@ import { DEFAULT_PATH_LIMITS } from "./names.ts";
 export { LayerValidationError, printable, type LayerRule } from "./errors.ts";
 export { normalizeEntryName, type PathLimits } from "./names.ts";
 export type { LayerSummary } from "./entry-rules.ts";
+export { detectCompression, type Compression } from "./compression.ts";
 
 export interface LayerLimits extends EntryLimits {
-  /** Largest object, in bytes. */
+  /** Largest tar, in bytes; also the largest object as stored. */
   maxLayerBytes: number;
+  /** Most bytes a compressed object may decompress to (DECOMPRESSION_LIMIT): bounds the work a
+   *  small hostile object (a "bomb") can cause, whatever the tar inside looks like. */
+  maxDecompressedBytes: number;
   /** Most bytes of metadata headers (PAX, GNU long names) before one member. */
   maxHeaderBytes: number;
 }
@@ -41,6 +47,7 @@ export const DEFAULT_LAYER_LIMITS: Readonly<LayerLimits> = {
   maxEntryBytes: 4 * GiB,
   // A layer can never unpack into more than one thin device (IMGD_THIN_SIZE, 8G by default).
   maxLayerBytes: 8 * GiB,
+  maxDecompressedBytes: 16 * GiB,
   maxLinkTargetBytes: 4095,
   maxHeaderBytes: 1024 * 1024,
 };
@@ -61,6 +68,7 @@ export async function validateLayer(
   const framing = new ArchiveFraming(resolved.maxHeaderBytes);
   const rules = new EntryRules(resolved);
   const extract = tarExtract();
+  const decompression = new Decompression(resolved.maxLayerBytes, resolved.maxDecompressedBytes);
 
   let failure: { error: unknown } | null = null;
   let parseError: unknown = null;
@@ -72,8 +80,7 @@ export async function validateLayer(
   };
 
   const feeding = (async () => {
-    for await (const chunk of input) {
-      const bytes = typeof chunk === "string" ? Buffer.from(chunk) : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    for await (const bytes of decompression.tarBytes(input)) {
       for (let at = 0; at < bytes.length; at += SLICE_BYTES) {
         if (failure !== null || extract.destroying) return;
         const slice = bytes.subarray(at, at + SLICE_BYTES);
@@ -107,6 +114,8 @@ export async function validateLayer(
   if (parseError !== null) throw classifyParseError(parseError, framing);
   framing.finish();
   rules.summary.tarBytes = framing.total;
+  rules.summary.compression = decompression.compression;
+  rules.summary.objectBytes = decompression.rawBytes;
   return rules.summary;
 }
 
@@ -135,9 +144,8 @@ function drained(stream: { once(event: string, fn: () => void): unknown; off(eve
   });
 }
 
+/** Compressions not supported, named when an object that carries their magic is refused. */
 const COMPRESSION_MAGIC: ReadonlyArray<readonly [string, number[]]> = [
-  ["gzip", [0x1f, 0x8b]],
-  ["zstd", [0x28, 0xb5, 0x2f, 0xfd]],
   ["xz", [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]],
   ["bzip2", [0x42, 0x5a, 0x68]],
 ];
@@ -152,7 +160,7 @@ function classifyParseError(err: unknown, framing: ArchiveFraming): LayerValidat
   if (framing.endMarkerAt !== null) return refuse("TRAILING_GARBAGE", `data after the end of the archive at byte ${framing.endMarkerAt}`);
   if (at === 0) {
     const compression = COMPRESSION_MAGIC.find(([, magic]) => magic.every((b, i) => framing.head[i] === b));
-    if (compression) return refuse("NOT_A_TAR", `object is ${compression[0]}-compressed; only uncompressed tar layers are supported`);
+    if (compression) return refuse("NOT_A_TAR", `object is ${compression[0]}-compressed; only plain, gzip and zstd tar layers are supported`);
     if (framing.total < 512) return refuse("NOT_A_TAR", `object is ${framing.total} bytes, shorter than one tar header`);
   }
   if (/Unexpected end of data/.test(text)) return refuse("TRUNCATED", `the object ends inside an entry or header (after byte ${at})`);

@@ -2,7 +2,11 @@
 //   unshare --mount --propagation private -- node child.ts --device D --mountpoint M --blob B --digest sha256:X
 // It mounts D at M inside its own mount namespace, chroots into M so the KERNEL confines every
 // path the layer names to the image's filesystem, applies the blob, syncs, leaves the chroot and
-// unmounts. Test mode: --root DIR instead of --device/--mountpoint (no mount, still chrooted).
+// unmounts. Test mode: --root DIR instead of --device/--mountpoint (no mount, still chrooted), and
+// only there --max-decompressed-bytes N (to test the cap without gigabytes; production always
+// uses MAX_DECOMPRESSED_BYTES).
+// gzip and zstd blobs are decompressed (decompress.ts, by magic bytes); the digest is always
+// checked over the blob's raw bytes, as stored.
 // Output: one JSON line on stdout, {"ok":true,"entries":N,"bytes":N} or
 // {"ok":false,"code":...,"message":...,"entry":...,"rule":...} with a non-zero exit.
 //
@@ -13,9 +17,18 @@ import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync,
 import { isAbsolute, normalize } from "node:path";
 import { Transform } from "node:stream";
 import { chroot, fchdir, killMeWithParent, lsetxattr, mkfifo, MNT_DETACH, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
+import { MAX_DECOMPRESSED_BYTES, tarStream } from "./decompress.ts";
 import { applyLayer, LayerRefused } from "./oci-apply.ts";
 
-type Args = { blob: string; digest: string; root?: string; device?: string; mountPoint?: string; parentPid?: number };
+type Args = {
+  blob: string;
+  digest: string;
+  root?: string;
+  device?: string;
+  mountPoint?: string;
+  parentPid?: number;
+  maxDecompressedBytes: number;
+};
 
 class ChildFailure extends Error {
   readonly code: string;
@@ -29,7 +42,7 @@ function parseArgs(argv: string[]): Args {
   const values = new Map<string, string>();
   for (let i = 0; i < argv.length; i += 2) {
     const [flag, value] = [argv[i]!, argv[i + 1]];
-    if (!["--blob", "--digest", "--root", "--device", "--mountpoint", "--parent-pid"].includes(flag) || value === undefined || values.has(flag)) {
+    if (!["--blob", "--digest", "--root", "--device", "--mountpoint", "--parent-pid", "--max-decompressed-bytes"].includes(flag) || value === undefined || values.has(flag)) {
       throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
     }
     values.set(flag, value);
@@ -43,8 +56,11 @@ function parseArgs(argv: string[]): Args {
   };
   const parentPid = values.has("--parent-pid") ? Number(values.get("--parent-pid")) : undefined;
   if (parentPid !== undefined && !(Number.isSafeInteger(parentPid) && parentPid > 1)) throw new ChildFailure("INTERNAL", "bad --parent-pid");
-  const args = { blob: path("--blob"), digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint"), parentPid };
-  const mounted = args.device !== undefined && args.mountPoint !== undefined && args.root === undefined;
+  const maxText = values.get("--max-decompressed-bytes");
+  const maxDecompressedBytes = maxText === undefined ? MAX_DECOMPRESSED_BYTES : Number(maxText);
+  if (!(Number.isSafeInteger(maxDecompressedBytes) && maxDecompressedBytes > 0)) throw new ChildFailure("INTERNAL", "bad --max-decompressed-bytes");
+  const args = { blob: path("--blob"), digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint"), parentPid, maxDecompressedBytes };
+  const mounted = args.device !== undefined && args.mountPoint !== undefined && args.root === undefined && maxText === undefined;
   const testMode = args.root !== undefined && args.device === undefined && args.mountPoint === undefined;
   if (!args.blob || !args.digest || !/^sha256:[0-9a-f]{64}$/.test(args.digest) || !(mounted || testMode)) {
     throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
@@ -101,6 +117,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
 
     const hash = createHash("sha256");
     let bytes = 0;
+    // Hashed as stored (the digest names the blob, compressed or not), then decompressed.
     const hashing = new Transform({
       transform(chunk: Buffer, _encoding, callback) {
         hash.update(chunk);
@@ -112,7 +129,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
     blob.on("error", (err) => hashing.destroy(err));
     let entries: number;
     try {
-      ({ entries } = await applyLayer("/", blob.pipe(hashing), { mkfifo, lsetxattr }));
+      ({ entries } = await applyLayer("/", tarStream(blob.pipe(hashing), args.maxDecompressedBytes), { mkfifo, lsetxattr }));
     } catch (err) {
       // Bytes that are not the requested blob explain any failure better (and are not the
       // layer's fault): check the whole file before blaming its content.

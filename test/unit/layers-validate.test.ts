@@ -1,6 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Readable } from "node:stream";
+import { gzipSync, zstdCompressSync } from "node:zlib";
 import fc from "fast-check";
 import { extract } from "tar-stream";
 import { LayerValidationError, normalizeEntryName, validateLayer, type LayerLimits, type LayerRule } from "../../agent/layers/validate.ts";
@@ -24,7 +25,7 @@ async function refused(bytes: Buffer, rule: LayerRule, limits: Partial<LayerLimi
   }
 }
 
-const file = (name: string, body = "x", extra: Partial<PackEntry["header"]> = {}): PackEntry => ({ header: { name, ...extra }, body });
+const file = (name: string, body: string | Buffer = "x", extra: Partial<PackEntry["header"]> = {}): PackEntry => ({ header: { name, ...extra }, body });
 const dir = (name: string): PackEntry => ({ header: { name, type: "directory" } });
 const symlink = (name: string, linkname: string): PackEntry => ({ header: { name, type: "symlink", linkname } });
 const hardlink = (name: string, linkname: string): PackEntry => ({ header: { name, type: "link", linkname } });
@@ -59,6 +60,8 @@ test("a typical layer is accepted and summarized", async () => {
     opaqueDirs: 1,
     fileBytes: "perl binary".length + "setuid".length + "long names go through PAX".length + "with xattrs".length,
     tarBytes: tar.length,
+    compression: "none",
+    objectBytes: tar.length,
     hasRootEntry: false,
     lowerLayerLinks: 1,
     notes: ['hardlink "usr/bin/other" -> "usr/bin/from-a-lower-layer" refers to a lower layer'],
@@ -241,15 +244,93 @@ test("objects that are not tars", async () => {
   await refused(Buffer.alloc(0), "NOT_A_TAR");
   await refused(Buffer.from("hello"), "NOT_A_TAR");
   await refused(Buffer.alloc(4096, 0x41), "NOT_A_TAR");
-  const gz = await refused(Buffer.concat([Buffer.from([0x1f, 0x8b, 0x08, 0x00]), Buffer.alloc(2000, 1)]), "NOT_A_TAR");
-  assert.match(gz.message, /gzip/);
-  const zst = await refused(Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(2000, 1)]), "NOT_A_TAR");
-  assert.match(zst.message, /zstd/);
+  const xz = await refused(Buffer.concat([Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]), Buffer.alloc(2000, 1)]), "NOT_A_TAR");
+  assert.match(xz.message, /xz/);
   await refused(rawTar([[{ name: "f", badChecksum: true }, "x"]]), "NOT_A_TAR");
   await refused(rawTar([[{ name: "f", magic: "none" }, "x"]]), "NOT_A_TAR");
   assert.equal((await validate(rawTar([[{ name: "f", magic: "gnu" }, "x"]]))).files, 1);
   // A bad header after good members.
   await refused(rawTar([[{ name: "a" }, "x"], [{ name: "b", badChecksum: true }, "y"]]), "NOT_A_TAR");
+});
+
+test("gzip and zstd layers are recognized by magic bytes and hold the same entries as the plain tar", async () => {
+  const tar = await packTar([dir("usr/"), file("usr/bin/perl", "perl".repeat(3000), { mode: 0o755 }), symlink("bin", "usr/bin"), hardlink("usr/bin/p", "usr/bin/perl")]);
+  const plain = await validate(tar);
+  assert.equal(plain.compression, "none");
+  const zipped = [gzipSync(tar), zstdCompressSync(tar)];
+  for (const [i, compression] of (["gzip", "zstd"] as const).entries()) {
+    const bytes = zipped[i]!;
+    assert.ok(bytes.length < tar.length / 2, `${compression} really compressed`);
+    for (const chunk of [1, 3, 100, bytes.length]) {
+      assert.deepEqual(await validate(bytes, {}, chunk), { ...plain, compression, objectBytes: bytes.length }, `${compression}, chunks of ${chunk}`);
+    }
+  }
+  // Concatenated gzip members are one stream (RFC 1952; gunzip and zlib agree).
+  const split = Buffer.concat([gzipSync(tar.subarray(0, 1000)), gzipSync(tar.subarray(1000))]);
+  assert.deepEqual(await validate(split), { ...plain, compression: "gzip", objectBytes: split.length });
+});
+
+test("compression is told by content, never by name", async () => {
+  // validateLayer never sees a name; an object that a ".tar.gz" key would call gzip but that is
+  // a plain tar is a plain tar, and plain bytes stay "not a tar" whatever they are called.
+  const tar = await packTar([file("a", "x")]);
+  assert.equal((await validate(tar)).compression, "none");
+  await refused(Buffer.from("not gzip at all, despite layer.tar.gz"), "NOT_A_TAR");
+  // A plain tar that carries gzip data as a member is a plain tar.
+  const carrier = await packTar([file("inner.tar.gz", gzipSync(tar))]);
+  assert.deepEqual([(await validate(carrier)).compression, (await validate(carrier)).files], ["none", 1]);
+  // Only the very first bytes count: the gzip magic one byte in is plain bytes, not a tar.
+  await refused(Buffer.concat([Buffer.from([0]), gzipSync(tar)]), "NOT_A_TAR");
+});
+
+test("broken compressed objects: truncated, garbage after the magic, data after the stream", async () => {
+  const tar = await packTar([file("a", "x".repeat(100_000)), file("b", "y")]);
+  for (const packed of [gzipSync(tar), zstdCompressSync(tar)]) {
+    for (const cut of [4, 10, packed.length >> 1, packed.length - 1]) {
+      const err = await refused(packed.subarray(0, cut), "BAD_COMPRESSION");
+      assert.match(err.message, /(gzip|zstd) stream is corrupt or truncated: .+/);
+    }
+  }
+  await refused(Buffer.from([0x1f, 0x8b]), "BAD_COMPRESSION");
+  await refused(Buffer.concat([Buffer.from([0x1f, 0x8b]), Buffer.alloc(2000, 1)]), "BAD_COMPRESSION");
+  await refused(Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(2000, 1)]), "BAD_COMPRESSION");
+  // A good stream of a bad tar: the tar rules still apply inside.
+  await refused(gzipSync(tar.subarray(0, 1000)), "TRUNCATED");
+  await refused(zstdCompressSync(await packTar([file("../etc/passwd", "x")])), "DOTDOT");
+  // Raw bytes the decoder did not consume are refused, not silently dropped.
+  await refused(Buffer.concat([gzipSync(tar), Buffer.alloc(512)]), "TRAILING_GARBAGE");
+  await refused(Buffer.concat([gzipSync(tar), Buffer.from("junk")]), "BAD_COMPRESSION");
+  const zstdTwoFrames = Buffer.concat([zstdCompressSync(tar.subarray(0, 1024)), zstdCompressSync(tar.subarray(1024))]);
+  const frames = await refused(zstdTwoFrames, "TRAILING_GARBAGE");
+  assert.match(frames.message, /single-frame/);
+  await refused(Buffer.concat([zstdCompressSync(tar), Buffer.from("junk")]), "TRAILING_GARBAGE");
+});
+
+test("a decompression bomb stops at maxDecompressedBytes, quickly", async () => {
+  const bomb = gzipSync(await packTar([file("zeros", Buffer.alloc(64 * 1024 * 1024))]));
+  assert.ok(bomb.length < 200 * 1024, `bomb is ${bomb.length} bytes`);
+  const started = performance.now();
+  const err = await refused(bomb, "DECOMPRESSION_LIMIT", { maxDecompressedBytes: 1024 * 1024 });
+  assert.match(err.message, /gzip layer decompresses to more than 1048576 bytes/);
+  assert.ok(performance.now() - started < 2000, "stopped early");
+  await refused(zstdCompressSync(Buffer.alloc(8 * 1024 * 1024)), "DECOMPRESSION_LIMIT", { maxDecompressedBytes: 1024 * 1024 });
+  // Under the limit the same object is a fine (if large) layer; the tar limits still apply to it.
+  assert.equal((await validate(bomb, { maxDecompressedBytes: 65 * 1024 * 1024 })).fileBytes, 64 * 1024 * 1024);
+  await refused(bomb, "LAYER_TOO_LARGE", { maxLayerBytes: 32 * 1024 * 1024 });
+  // maxLayerBytes also bounds the object as stored.
+  await refused(bomb, "LAYER_TOO_LARGE", { maxLayerBytes: bomb.length - 1 });
+});
+
+test("a failing input stream rejects with its own error, also inside a compressed layer", async () => {
+  const packed = gzipSync(await packTar([file("a", "x".repeat(50_000))]));
+  const boom = new Error("connection reset");
+  const input = new Readable({
+    read() {
+      this.push(packed.subarray(0, 100));
+      this.destroy(boom);
+    },
+  });
+  await assert.rejects(validateLayer(input), (err) => err === boom);
 });
 
 test("truncated objects", async () => {

@@ -6,7 +6,8 @@ import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, relative } from "node:path";
+import { gzipSync, zstdCompressSync } from "node:zlib";
 import { fileURLToPath } from "node:url";
 import koffi from "koffi";
 import tar from "tar-stream";
@@ -296,6 +297,107 @@ test("blob checks: digest mismatch, missing blob, symlinked blob", opts, async (
   const mine = await runChild(["--root", fresh, "--blob", join(box.base, "real.tar"), "--digest", digest, "--parent-pid", String(process.pid)]);
   assert.equal(mine.report.ok, true, JSON.stringify(mine.report));
   assert.deepEqual(readdirSync(fresh), ["a"]);
+});
+
+/** Everything apply can set, for every path under `root`, in a stable order. */
+function treeOf(root: string): string[] {
+  const out: string[] = [];
+  const walk = (path: string) => {
+    const info = lstatSync(path);
+    const kind = info.isDirectory() ? "dir" : info.isSymbolicLink() ? `link->${readlinkSync(path)}` : info.isFIFO() ? "fifo"
+      : `file:${createHash("sha256").update(readFileSync(path)).digest("hex").slice(0, 16)}:nlink=${info.nlink}`;
+    // Directories the layer does not name (the root, implicit parents) get the time of the run.
+    const fromLayer = [T1, T2, T3].some((time) => time.getTime() === info.mtimeMs);
+    const mtime = info.isFIFO() ? 0 : info.isDirectory() && !fromLayer ? "now" : info.mtimeMs;
+    out.push(`${relative(root, path) || "."} ${kind} ${info.uid}:${info.gid} ${(info.mode & 0o7777).toString(8)} ${mtime} ${getXattr(path, "user.origin") ?? ""}`);
+    if (info.isDirectory()) for (const name of readdirSync(path).sort()) walk(join(path, name));
+  };
+  walk(root);
+  return out;
+}
+
+test("gzip and zstd blobs (told by magic bytes) apply to the same tree as the plain tar", opts, async (t) => {
+  const lower = await buildTar([dir("etc/"), file("etc/old", "gone"), file("keep", "kept")]);
+  const upper = await buildTar([
+    dir("usr/bin/", { mtime: T1 }),
+    file("usr/bin/su", "su".repeat(5000), { mode: 0o4755, uid: 3, gid: 4, mtime: T2, pax: { "SCHILY.xattr.user.origin": "upper" } }),
+    hardlink("usr/bin/su2", "usr/bin/su"),
+    symlink("bin", "usr/bin"),
+    { header: { name: "run/fifo", type: "fifo", mode: 0o600 } },
+    file("etc/.wh.old", ""),
+  ]);
+  const trees: string[][] = [];
+  for (const pack of [(b: Buffer) => b, gzipSync, zstdCompressSync]) {
+    const box = sandbox(t);
+    const report = await box.apply(pack(lower));
+    assert.equal(report.ok, true, JSON.stringify(report));
+    const blob = pack(upper);
+    const applied = await box.apply(blob);
+    // bytes: the blob as stored, which is also what the digest was computed over.
+    assert.deepEqual(applied, { ok: true, entries: 6, bytes: blob.length });
+    trees.push(treeOf(box.root));
+  }
+  assert.ok(trees[0]!.some((line) => line.startsWith("usr/bin/su file:") && line.includes(" 4755 ")), trees[0]!.join("\n"));
+  assert.ok(trees[0]!.includes(`usr/bin dir 0:0 755 ${T1.getTime()} `), trees[0]!.join("\n"));
+  assert.ok(!trees[0]!.some((line) => line.startsWith("etc/old")));
+  assert.deepEqual(trees[1], trees[0], "gzip");
+  assert.deepEqual(trees[2], trees[0], "zstd");
+  // A blob whose name says .tar.gz but whose bytes are a plain tar is a plain tar: names are
+  // never consulted (the child only gets a path; this one is misleading on purpose).
+  const box = sandbox(t);
+  const misnamed = join(box.base, "layer.tar.gz");
+  writeFileSync(misnamed, upper);
+  const digest = `sha256:${createHash("sha256").update(upper).digest("hex")}`;
+  const run = await runChild(["--root", box.root, "--blob", misnamed, "--digest", digest]);
+  assert.equal(run.report.ok, true, JSON.stringify(run.report));
+});
+
+test("compressed blobs: the digest is of the stored bytes; corrupt, trailing data and bombs are refused", opts, async (t) => {
+  const box = sandbox(t);
+  const tar = await buildTar([file("a", "x".repeat(100_000)), file("b", "y")]);
+  const cut = (bytes: Buffer) => bytes.subarray(0, bytes.length - 5);
+  const digestOf = (bytes: Buffer) => `sha256:${createHash("sha256").update(bytes).digest("hex")}`;
+
+  // The digest of the tar inside is not the blob's digest.
+  const asTar = await box.apply(gzipSync(tar), digestOf(tar));
+  assert.deepEqual([asTar.ok, asTar.code], [false, "BLOB_MISMATCH"], JSON.stringify(asTar));
+  assert.equal((await box.apply(zstdCompressSync(tar), digestOf(tar))).code, "BLOB_MISMATCH");
+
+  const refusals: [Buffer, string][] = [
+    [cut(gzipSync(tar)), "BAD_COMPRESSION"],
+    [cut(zstdCompressSync(tar)), "BAD_COMPRESSION"],
+    [Buffer.concat([Buffer.from([0x1f, 0x8b]), Buffer.alloc(2000, 1)]), "BAD_COMPRESSION"],
+    [Buffer.concat([gzipSync(tar), Buffer.alloc(512)]), "TRAILING_DATA"],
+    [Buffer.concat([zstdCompressSync(tar.subarray(0, 1024)), zstdCompressSync(tar.subarray(1024))]), "TRAILING_DATA"],
+    [gzipSync(tar.subarray(0, 1536)), "BAD_TAR"], // a good stream of a broken tar
+  ];
+  for (const [blob, rule] of refusals) {
+    const report = await box.apply(blob);
+    assert.deepEqual([report.ok, report.code, report.rule], [false, "LAYER_REFUSED", rule], JSON.stringify(report));
+    if (rule !== "BAD_TAR") assert.match(report.message ?? "", /(gzip|zstd)/);
+  }
+
+  // A bomb: 64 MiB of zeros in ~64 KiB. The cap (lowered here; production always uses
+  // MAX_DECOMPRESSED_BYTES) stops it after at most the cap was written.
+  const bomb = gzipSync(await buildTar([file("zeros", "\0".repeat(64 * 1024 * 1024))]));
+  const path = join(box.base, "bomb");
+  writeFileSync(path, bomb);
+  const fresh = join(box.base, "bombed");
+  mkdirSync(fresh);
+  const cap = 1024 * 1024;
+  const started = performance.now();
+  const capped = await runChild(["--root", fresh, "--blob", path, "--digest", digestOf(bomb), "--max-decompressed-bytes", String(cap)]);
+  assert.deepEqual([capped.report.code, capped.report.rule, capped.exitCode], ["LAYER_REFUSED", "DECOMPRESSION_LIMIT", 1], JSON.stringify(capped.report));
+  assert.match(capped.report.message ?? "", /gzip blob decompresses to more than 1048576 bytes/);
+  assert.ok(performance.now() - started < 5000, "stopped early");
+  assert.ok(statSync(join(fresh, "zeros")).size <= cap, "no more than the cap reached the tree");
+  const roomy = await runChild(["--root", fresh, "--blob", path, "--digest", digestOf(bomb), "--max-decompressed-bytes", String(65 * 1024 * 1024)]);
+  assert.equal(roomy.report.ok, true, JSON.stringify(roomy.report));
+  assert.equal(statSync(join(fresh, "zeros")).size, 64 * 1024 * 1024);
+
+  // The lowered cap is a test-mode switch only: with a device it is a bad argument.
+  const mounted = await runChild(["--device", "/dev/null", "--mountpoint", join(box.base, "m"), "--blob", path, "--digest", digestOf(bomb), "--max-decompressed-bytes", "1"]);
+  assert.equal(mounted.report.code, "INTERNAL", JSON.stringify(mounted.report));
 });
 
 test("device mode: mounts in a private namespace, applies, unmounts (ext4 on a loop device)", opts, async (t) => {
