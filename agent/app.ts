@@ -10,6 +10,7 @@ import { FsmEngine } from "./fsm/engine.ts";
 import { startGrpcServer } from "./grpc/server.ts";
 import { HelperClient } from "./helper-client.ts";
 import { registerActivateFsm } from "./images/activate.ts";
+import { registerDeactivateFsm } from "./images/deactivate.ts";
 import { registerPullFsm } from "./images/pull.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { KeyedLock } from "./keyed-lock.ts";
@@ -41,9 +42,10 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const locks = new KeyedLock();
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
+  const deactivate = registerDeactivateFsm({ engine, catalog, helper });
   await engine.resumeAll();
 
-  const { server, port } = await startGrpcServer(config.listen, { catalog, helper, pull, activate });
+  const { server, port } = await startGrpcServer(config.listen, { catalog, helper, pull, activate, deactivate });
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
 
   return {

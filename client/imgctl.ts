@@ -8,6 +8,7 @@ const USAGE = `usage: imgctl [--addr HOST:PORT] [--json] COMMAND
 commands:
   pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
   activate IMAGE        create and activate a thin snapshot of IMAGE (pulls it first if needed)
+  deactivate ID         remove an activation's device and snapshot
   images                list images
   image IMAGE           show one image and its layers
   activations [IMAGE]   list activations
@@ -42,6 +43,11 @@ async function main(argv: string[]): Promise<number> {
       case "activate": {
         const { activation } = await client.activateImage({ image: one(args, "IMAGE") });
         out(() => console.log(`activated ${activation!.image}: ${activation!.id} ${activation!.devicePath}`), activation);
+        return 0;
+      }
+      case "deactivate": {
+        const { activation } = await client.deactivateImage({ activationId: one(args, "ID") });
+        out(() => console.log(`deactivated ${activation!.image}: ${activation!.id} (${activation!.devicePath} removed)`), activation);
         return 0;
       }
       case "images": {

@@ -6,6 +6,7 @@ import {
   ImageState,
   RunStatus,
   type ActivateImageRequest,
+  type DeactivateImageRequest,
   type GetImageRequest,
   type ListActivationsRequest,
   type ListRunsRequest,
@@ -19,6 +20,7 @@ import type { ActivationRow, Catalog } from "../catalog.ts";
 import type { RunRecord } from "../fsm/engine.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { ActivateFsm } from "../images/activate.ts";
+import type { DeactivateFsm } from "../images/deactivate.ts";
 import type { PullFsm } from "../images/pull.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
@@ -32,9 +34,10 @@ export interface ImageServiceDeps {
   helper: HelperClient;
   pull: PullFsm;
   activate: ActivateFsm;
+  deactivate: DeactivateFsm;
 }
 
-export function imageService({ catalog, helper, pull, activate }: ImageServiceDeps) {
+export function imageService({ catalog, helper, pull, activate, deactivate }: ImageServiceDeps) {
   const imageMessage = (name: string): ImageMsg | undefined => {
     const row = catalog.getImage(name);
     if (!row) return undefined;
@@ -126,6 +129,23 @@ export function imageService({ catalog, helper, pull, activate }: ImageServiceDe
       return { activation: activationMessage(row) };
     },
 
+    async deactivateImage(request: DeactivateImageRequest) {
+      if (!ACTIVATION_ID.test(request.activationId)) {
+        throw new ServerError(Status.INVALID_ARGUMENT, `activation id must be the 26-character id ActivateImage returned, got ${JSON.stringify(request.activationId.slice(0, 64))}`);
+      }
+      const row = catalog.getActivation(request.activationId);
+      if (!row) throw new ServerError(Status.NOT_FOUND, `activation ${request.activationId} is not known`);
+      // A half-made activation whose run has ended (failed, and its undo too) may be removed;
+      // one whose run is still going may not.
+      if (row.state !== "active" && activate.list({ resourceId: row.id, status: "running" }).length > 0) {
+        throw new ServerError(Status.FAILED_PRECONDITION, `activation ${row.id} is still being created`);
+      }
+      const { runId } = deactivate.start(row.id, { activationId: row.id }, {});
+      const outcome = await deactivate.wait(runId);
+      if (outcome.status !== "succeeded") throw new ServerError(Status.ABORTED, `deactivation of ${row.id} failed: ${outcome.error}`);
+      return { activation: activationMessage(row) };
+    },
+
     async listActivations(request: ListActivationsRequest) {
       const image = request.image === "" ? undefined : imageName(request.image);
       return { activations: catalog.listActivations(image).filter((a) => a.state === "active").map(activationMessage) };
@@ -148,8 +168,8 @@ export function imageService({ catalog, helper, pull, activate }: ImageServiceDe
     async listRuns(request: ListRunsRequest) {
       const limit = request.limit === 0 ? 100 : Math.min(request.limit, 1000);
       const filter = { resourceId: request.resourceId || undefined, limit };
-      const fsms = { pull, activate } as const;
-      if (request.fsm !== "" && !(request.fsm in fsms)) throw new ServerError(Status.INVALID_ARGUMENT, `unknown fsm ${JSON.stringify(request.fsm)}: expected pull or activate`);
+      const fsms = { pull, activate, deactivate } as const;
+      if (request.fsm !== "" && !(request.fsm in fsms)) throw new ServerError(Status.INVALID_ARGUMENT, `unknown fsm ${JSON.stringify(request.fsm)}: expected pull, activate or deactivate`);
       const runs: RunRecord<unknown, unknown>[] = [];
       for (const [fsmName, fsm] of Object.entries(fsms)) {
         if (request.fsm === "" || request.fsm === fsmName) runs.push(...(fsm.list(filter) as RunRecord<unknown, unknown>[]));
@@ -159,6 +179,9 @@ export function imageService({ catalog, helper, pull, activate }: ImageServiceDe
     },
   };
 }
+
+/** Activation ids are ULIDs (Crockford base 32, upper case). */
+const ACTIVATION_ID = /^[0-9A-HJKMNP-TV-Z]{26}$/;
 
 function imageName(raw: string): string {
   try {

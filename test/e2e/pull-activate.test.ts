@@ -166,6 +166,21 @@ test("after an agent restart everything is intact", async () => {
   assert.deepEqual(diffManifests(expected("golang"), await treeOf(activation!.devicePath)), []);
 });
 
+test("deactivation removes the device from the kernel; the image and other activations stay", async () => {
+  const { activations } = await client.listActivations({ image: "python" });
+  assert.ok(activations.length >= 3);
+  // The newest was only ever read; the second one was written to by the independence test.
+  const [drop, keep] = [activations[0], activations.at(-1)!];
+  const nameOf = (path: string) => path.replace("/dev/mapper/", "");
+  assert.match(sh("imgctl", "deactivate", drop.id), /deactivated python/);
+  assert.ok(!existsSync(drop.devicePath), "the device node is gone");
+  assert.ok(!dmDevices().includes(nameOf(drop.devicePath)), "the dm table is gone");
+  assert.ok(dmDevices().includes(nameOf(keep.devicePath)));
+  assert.deepEqual(diffManifests(expected("python"), await treeOf(keep.devicePath)), []);
+  assert.ok(!(await client.listActivations({ image: "python" })).activations.some((a) => a.id === drop.id));
+  await assert.rejects(client.deactivateImage({ activationId: drop.id }), /not known/);
+});
+
 test("imgctl shows images, activations and the pool", () => {
   const images = sh("imgctl", "images");
   for (const name of ["golang", "node", "python"]) assert.match(images, new RegExp(`^${name}\\s+ready`, "m"));

@@ -228,10 +228,36 @@ test("server reflection lists and describes the API, as grpcurl asks; health rep
     assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
     const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
-    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "ListActivations", "GetPool", "ListRuns"]);
+    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns"]);
     const health = createClient(HealthDefinition, channel);
     assert.equal((await health.check({ service: "imgd.v1.ImageService" })).status, 1 /* SERVING */);
   } finally {
     channel.close();
   }
+});
+
+test("deactivation removes the device and the snapshot, and only those", async () => {
+  const { activation: keep } = await client.activateImage({ image: "node" });
+  const { activation: drop } = await client.activateImage({ image: "node" });
+  const dropName = drop!.devicePath.replace("/dev/mapper/", "");
+  const { activation } = await client.deactivateImage({ activationId: drop!.id });
+  assert.equal(activation!.id, drop!.id);
+  assert.equal(helper.active.has(dropName), false, "device removed");
+  assert.equal(helper.thins.has(drop!.thinId), false, "snapshot deleted");
+  assert.equal(agent.catalog.getActivation(drop!.id), undefined, "row gone");
+  assert.equal(helper.active.get(keep!.devicePath.replace("/dev/mapper/", "")), keep!.thinId, "the other activation is untouched");
+  assert.equal((await client.getImage({ image: "node" })).image!.state, ImageState.READY);
+  await assert.rejects(client.deactivateImage({ activationId: drop!.id }), /NOT_FOUND|not known/);
+  await assert.rejects(client.deactivateImage({ activationId: "../../etc" }), /INVALID_ARGUMENT|activation id/);
+  await assert.rejects(client.deactivateImage({ activationId: "" }), /INVALID_ARGUMENT|activation id/);
+  const runs = (await client.listRuns({ fsm: "deactivate", resourceId: drop!.id })).runs;
+  assert.deepEqual(runs.map((r) => r.status), [RunStatus.SUCCEEDED]);
+});
+
+test("a deactivation that fails on a transient helper error is retried to the end", async () => {
+  const { activation } = await client.activateImage({ image: "golang" });
+  helper.failNext("thin.delete", "BUSY", "injected busy");
+  await client.deactivateImage({ activationId: activation!.id });
+  assert.equal(helper.thins.has(activation!.thinId), false);
+  assert.equal(agent.catalog.getActivation(activation!.id), undefined);
 });

@@ -1,0 +1,42 @@
+// The deactivate FSM: remove-device → delete-snapshot → forget.
+//
+// Each step checks before acting and tolerates "already gone" (the helper reports success for a
+// device or thin id that no longer exists), so a run resumed after a crash finishes the job. The
+// row goes last: until the snapshot is gone from the pool, the catalog still accounts for its id.
+import type { Catalog } from "../catalog.ts";
+import type { Fsm, FsmEngine } from "../fsm/engine.ts";
+import { abort } from "../fsm/errors.ts";
+import type { HelperClient } from "../helper-client.ts";
+import { classifyStepError } from "./errors.ts";
+
+export interface DeactivateRequest {
+  activationId: string;
+}
+
+export type DeactivateFsm = Fsm<DeactivateRequest, Record<string, never>>;
+
+export function registerDeactivateFsm({ engine, catalog, helper }: { engine: FsmEngine; catalog: Catalog; helper: HelperClient }): DeactivateFsm {
+  const activation = (id: string) => {
+    const row = catalog.getActivation(id);
+    if (!row) throw abort(`activation ${id} is not known`);
+    return row;
+  };
+  return engine
+    .register<DeactivateRequest, Record<string, never>>("deactivate")
+    .start("remove-device", async (ctx) => {
+      const row = activation(ctx.request.activationId);
+      await helper.call("device.deactivate", { name: row.name }).catch((err) => {
+        throw classifyStepError(err, `deactivation of ${row.id}: remove ${row.name}`);
+      });
+    })
+    .to("delete-snapshot", async (ctx) => {
+      const row = activation(ctx.request.activationId);
+      await helper.call("thin.delete", { thinId: row.thinId }).catch((err) => {
+        throw classifyStepError(err, `deactivation of ${row.id}: delete thin ${row.thinId}`);
+      });
+    })
+    .to("forget", async (ctx) => {
+      catalog.deleteActivation(ctx.request.activationId);
+    })
+    .end();
+}
