@@ -66,6 +66,11 @@ const MIGRATIONS = [
     created_at TEXT NOT NULL
   );
   `,
+  // What validation measured, for the pool space check before an apply.
+  `
+  ALTER TABLE blobs ADD COLUMN file_bytes INTEGER;
+  ALTER TABLE blobs ADD COLUMN entries INTEGER;
+  `,
 ];
 
 export type ImageState = "pulling" | "ready" | "failed";
@@ -120,9 +125,11 @@ export class Catalog {
 
   // --- blobs -------------------------------------------------------------------------------
 
-  recordBlob(obj: { key: string; etag: string; size: number }, digest: string): void {
+  /** Records a validated blob (with what validation measured) and the S3 object it came from. */
+  recordBlob(obj: { key: string; etag: string; size: number }, digest: string, measured?: { fileBytes: number; entries: number }): void {
     this.db.transaction(() => {
       this.db.prepare("INSERT OR IGNORE INTO blobs (digest, size, stored_at) VALUES (?, ?, ?)").run(digest, obj.size, now());
+      if (measured) this.db.prepare("UPDATE blobs SET file_bytes = ?, entries = ? WHERE digest = ?").run(measured.fileBytes, measured.entries, digest);
       this.db.prepare("INSERT OR REPLACE INTO s3_objects (key, etag, size, digest) VALUES (?, ?, ?, ?)").run(obj.key, obj.etag, obj.size, digest);
     })();
   }
@@ -138,6 +145,12 @@ export class Catalog {
     if (!/^"?[0-9a-f]{32}"?$/.test(obj.etag)) return undefined;
     const sameContent = this.db.prepare("SELECT digest FROM s3_objects WHERE etag = ? AND size = ? LIMIT 1").get(obj.etag, obj.size) as { digest: string } | undefined;
     return sameContent?.digest;
+  }
+
+  /** What validation measured of a blob, if it was recorded. */
+  blobContent(digest: string): { fileBytes: number; entries: number } | undefined {
+    const row = this.db.prepare("SELECT file_bytes AS fileBytes, entries FROM blobs WHERE digest = ? AND file_bytes IS NOT NULL").get(digest);
+    return row as { fileBytes: number; entries: number } | undefined;
   }
 
   forgetBlob(digest: string): void {

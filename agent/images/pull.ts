@@ -23,6 +23,7 @@ import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
 import { chainIds, layerDeviceName } from "./chain.ts";
 import { classifyStepError, message } from "./errors.ts";
+import { spaceProblem } from "./pool-space.ts";
 
 export interface PullRequest {
   image: string;
@@ -125,14 +126,15 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
     } catch (err) {
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${layer.key}`);
     }
+    let summary;
     try {
-      await validateLayer(createReadStream(blobs.pathFor(digest)));
+      summary = await validateLayer(createReadStream(blobs.pathFor(digest)));
     } catch (err) {
       if (!(err instanceof LayerValidationError)) throw err;
       await blobs.remove(digest);
       throw abort(`image ${ctx.request.image}: layer ${layer.key} (${digest}) refused: entry ${err.entry}: ${err.rule}: ${err.message}`, err);
     }
-    catalog.recordBlob(layer, digest);
+    catalog.recordBlob(layer, digest, { fileBytes: summary.fileBytes, entries: summary.entries });
     return digest;
   });
 }
@@ -163,27 +165,37 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
 
   const parent = parentChainId === null ? null : catalog.getDevice(parentChainId);
   if (parentChainId !== null && parent?.state !== "ready") throw new Error(`parent device ${parentChainId} is not ready`);
-  const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
-  ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
+  // One apply at a time (by default): the space check below must not be raced by another apply.
+  const slot = await deps.engine.queue("apply").acquire(ctx.signal);
   try {
-    if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId });
-    else await helper.call("thin.create", { thinId: device.thinId });
-    await helper.call("device.activate", { name: device.name, thinId: device.thinId });
-    if (!parent) await helper.call("fs.mkfs", { name: device.name });
-    const slot = await deps.engine.queue("apply").acquire(ctx.signal);
+    await checkPoolSpace(deps, ctx, digest, key);
+    const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
+    ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
     try {
+      if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId });
+      else await helper.call("thin.create", { thinId: device.thinId });
+      await helper.call("device.activate", { name: device.name, thinId: device.thinId });
+      if (!parent) await helper.call("fs.mkfs", { name: device.name });
       await helper.call("layer.apply", { name: device.name, digest });
-    } finally {
-      slot.release();
+      await helper.call("device.deactivate", { name: device.name });
+    } catch (err) {
+      await discardDevice(deps, device).catch((cleanupErr) =>
+        ctx.log("error", "could not discard a failed layer device", { chainId, error: message(cleanupErr) }),
+      );
+      throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
-    await helper.call("device.deactivate", { name: device.name });
-  } catch (err) {
-    await discardDevice(deps, device).catch((cleanupErr) =>
-      ctx.log("error", "could not discard a failed layer device", { chainId, error: message(cleanupErr) }),
-    );
-    throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
+  } finally {
+    slot.release();
   }
   catalog.markDeviceReady(chainId);
+}
+
+/** Refuses a layer the pool cannot hold, before any device is made for it. */
+async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, digest: string, key: string): Promise<void> {
+  const content = catalog.blobContent(digest) ?? { fileBytes: (await blobs.has(digest))?.size ?? 0, entries: 0 };
+  const pool = await helper.call("pool.status", {});
+  const problem = spaceProblem(content, pool);
+  if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
 }
 
 /** Removes a device from the pool and then from the catalog; both steps tolerate "already gone". */

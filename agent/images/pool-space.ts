@@ -1,0 +1,40 @@
+// Will a layer fit? Checked before its device is made, so a layer that cannot fit is refused
+// with a clear reason instead of filling the pool (which error_if_no_space turns into a failed
+// write mid-apply) or, worse, running its metadata out of space, which can leave a pool that
+// needs repair. The estimate is deliberately generous; the kernel remains the hard limit.
+import type { PoolStatus } from "../../privhelper/protocol.ts";
+
+export interface LayerSize {
+  /** Bytes of file content the layer writes. */
+  fileBytes: number;
+  /** Entries (each costs at least an inode and often a block). */
+  entries: number;
+}
+
+const FS_BLOCK = 4096;
+/** Journal, directory and bitmap blocks copied on write when a snapshot is modified. */
+const FIXED_OVERHEAD = 16 * 1024 * 1024;
+/** Metadata kept free: a thin pool out of metadata space may need offline repair. */
+const METADATA_RESERVE = 0.1;
+/** btree mapping cost per data block, generously (each mapping is ~16 bytes in a leaf). */
+const METADATA_PER_BLOCK = 64;
+
+export function estimatedDataBytes(layer: LayerSize, pool: Pick<PoolStatus, "blockSizeBytes">): number {
+  const fs = layer.fileBytes + layer.entries * FS_BLOCK + FIXED_OVERHEAD;
+  return Math.ceil(fs / pool.blockSizeBytes) * pool.blockSizeBytes;
+}
+
+/** Why the layer cannot be applied to the pool now, or undefined when it fits. */
+export function spaceProblem(layer: LayerSize, pool: PoolStatus): string | undefined {
+  const mib = (n: number) => `${(n / 1048576).toFixed(1)} MiB`;
+  if (pool.mode !== "rw") return `pool ${pool.name} is ${pool.mode}, not writable`;
+  const needData = estimatedDataBytes(layer, pool);
+  const freeData = pool.dataTotalBytes - pool.dataUsedBytes;
+  if (needData > freeData) return `pool ${pool.name} has ${mib(freeData)} of data space free; the layer needs about ${mib(needData)}`;
+  const needMeta = (needData / pool.blockSizeBytes) * METADATA_PER_BLOCK;
+  const usableMeta = pool.metaTotalBytes * (1 - METADATA_RESERVE) - pool.metaUsedBytes;
+  if (needMeta > usableMeta) {
+    return `pool ${pool.name} has ${mib(Math.max(0, usableMeta))} of metadata space free above its ${METADATA_RESERVE * 100}% reserve; the layer needs about ${mib(needMeta)}`;
+  }
+  return undefined;
+}
