@@ -13,7 +13,7 @@
 // Everything the child needs is imported statically here, before the chroot: once inside, nothing
 // from the host filesystem (node_modules, libc) is reachable any more.
 import { createHash } from "node:crypto";
-import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync, readSync } from "node:fs";
+import { closeSync, constants, createReadStream, fstatSync, mkdirSync, openSync, readlinkSync, readSync } from "node:fs";
 import { isAbsolute, normalize } from "node:path";
 import { Transform } from "node:stream";
 import { chroot, fchdir, killMeWithParent, lsetxattr, mkfifo, MNT_DETACH, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
@@ -83,6 +83,14 @@ function openBlob(path: string): number {
   if (!fstatSync(fd).isFile()) {
     closeSync(fd);
     throw new ChildFailure("BLOB_MISSING", `blob ${path} is not a regular file`);
+  }
+  // O_NOFOLLOW guards only the last component; the agent could also have made a DIRECTORY of the
+  // path a symlink (say sha256 -> /etc). Ask the kernel where the open file really is: checked on
+  // the fd itself, so there is no window between the check and the use.
+  const actual = readlinkSync(`/proc/self/fd/${fd}`);
+  if (actual !== path) {
+    closeSync(fd);
+    throw new ChildFailure("BLOB_MISSING", `blob ${path} resolves through a symbolic link to another file; refused`);
   }
   return fd;
 }

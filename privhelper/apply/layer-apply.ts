@@ -1,5 +1,6 @@
 // layer.apply, helper side: builds the applier child's arguments from validated names, runs it in
 // a private mount namespace with a timeout, and turns its one-line report into a result or error.
+import { realpathSync } from "node:fs";
 import { mkdir, rmdir } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,10 +19,22 @@ type ChildReport =
 
 const CHILD_CODES = new Set<FailureCode>(["LAYER_REFUSED", "BLOB_MISMATCH", "BLOB_MISSING", "NO_SPACE", "APPLY_FAILED"]);
 
+/**
+ * The configured blob directory is root's choice and may be reached through symlinks: resolve it.
+ * What lies below it belongs to the agent and may not redirect (the applier checks the open fd).
+ */
+function trustedBlobDir(config: HelperConfig): string {
+  try {
+    return realpathSync(config.blobDir);
+  } catch {
+    throw new HelperFailure("BLOB_MISSING", `blob directory ${config.blobDir} does not exist`);
+  }
+}
+
 /** The unshare command line; everything in it is derived from the validated name and digest. */
 export function applyCommand(config: HelperConfig, name: string, digest: string): { args: string[]; mountPoint: string } {
   const mountPoint = join(config.stateDir, "mnt", `apply-${name}`);
-  const blob = join(config.blobDir, "sha256", digest.slice("sha256:".length));
+  const blob = join(trustedBlobDir(config), "sha256", digest.slice("sha256:".length));
   const args = [
     "--mount", "--propagation", "private", "--",
     process.execPath, CHILD,

@@ -286,6 +286,16 @@ test("blob checks: digest mismatch, missing blob, symlinked blob", opts, async (
   assert.equal(linked.report.code, "BLOB_MISSING");
   assert.match(linked.report.message ?? "", /symbolic link/);
 
+  // A symlinked DIRECTORY on the way (the agent owns blobs/, so it could make sha256 -> /etc).
+  mkdirSync(join(box.base, "elsewhere"));
+  writeFileSync(join(box.base, "elsewhere", "real.tar"), blob);
+  symlinkSync(join(box.base, "elsewhere"), join(box.base, "sha256"));
+  const viaDir = await runChild(["--root", box.root, "--blob", join(box.base, "sha256", "real.tar"), "--digest", digest]);
+  assert.equal(viaDir.report.code, "BLOB_MISSING");
+  assert.match(viaDir.report.message ?? "", /resolves through a symbolic link/);
+  const direct = await runChild(["--root", box.root, "--blob", join(box.base, "elsewhere", "real.tar"), "--digest", digest]);
+  assert.equal(direct.report.ok, true, "the same file by its real path is fine");
+
   const bad = await runChild(["--root", box.root, "--blob", "relative.tar", "--digest", digest]);
   assert.equal(bad.report.ok, false);
 
