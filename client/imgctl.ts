@@ -14,6 +14,8 @@ commands:
   activations [IMAGE]   list activations
   pool                  show thin pool usage
   runs [--fsm F] [--id ID] [--limit N]   FSM run history
+  doctor                compare the agent's database with the thin pool (read only);
+                        exit 0 when clean, 1 when something disagrees
 The agent address defaults to $IMGD_ADDR or 127.0.0.1:50051.`;
 
 async function main(argv: string[]): Promise<number> {
@@ -82,6 +84,18 @@ async function main(argv: string[]): Promise<number> {
           }
         }, runs);
         return 0;
+      }
+      case "doctor": {
+        const report = await client.doctor({});
+        out(() => {
+          console.log(`thin ids: ${report.poolThinIds} in the pool, ${report.catalogThinIds} in the catalog`);
+          if (report.clean) console.log("clean");
+          for (const f of report.findings) {
+            console.log(`${f.kind} ${f.subject}: ${f.detail}`);
+            console.log(`  repair: ${f.repair}`);
+          }
+        }, report);
+        return report.clean ? 0 : 1;
       }
       default:
         console.error(`imgctl: unknown command ${JSON.stringify(command)}\n${USAGE}`);

@@ -6,7 +6,7 @@ import { activateDevice, deactivateDevice, listDevices } from "./device.ts";
 import { makeFilesystem, mountFilesystem, unmountFilesystem } from "./fs.ts";
 import { poolEnsure, poolStatus } from "./pool.ts";
 import type { OpName, OpResult, Request } from "./protocol.ts";
-import { createThin, deleteThin, snapshotThin } from "./thin.ts";
+import { createThin, deleteThin, listThinIds, snapshotThin } from "./thin.ts";
 
 export async function perform(config: HelperConfig, request: Request): Promise<OpResult<OpName>> {
   switch (request.op) {
@@ -23,6 +23,8 @@ export async function perform(config: HelperConfig, request: Request): Promise<O
     case "thin.delete":
       await deleteThin(config, request.args.thinId);
       return {};
+    case "thin.list":
+      return { thinIds: await listThinIds(config) };
     case "device.activate":
       return activateDevice(config, request.args.name, request.args.thinId);
     case "device.deactivate":

@@ -24,6 +24,7 @@ export const OP_ARGS = {
   "thin.create": z.strictObject({ thinId }),
   "thin.snapshot": z.strictObject({ thinId, originId: thinId }),
   "thin.delete": z.strictObject({ thinId }),
+  "thin.list": noArgs,
   "device.activate": z.strictObject({ name: deviceName, thinId }),
   "device.deactivate": z.strictObject({ name: deviceName }),
   "device.list": noArgs,
@@ -56,6 +57,8 @@ export type OpResults = {
   "thin.create": Empty;
   "thin.snapshot": Empty;
   "thin.delete": Empty;
+  /** every thin id in the pool's metadata, ascending */
+  "thin.list": { thinIds: number[] };
   "device.activate": { path: string };
   "device.deactivate": Empty;
   "device.list": { devices: { name: string; thinId: number }[] };

@@ -13,6 +13,7 @@ export const PROGRAMS = {
   mount: "/usr/bin/mount",
   umount: "/usr/bin/umount",
   unshare: "/usr/bin/unshare",
+  thinLs: "/usr/sbin/thin_ls",
 } as const;
 
 export type Program = keyof typeof PROGRAMS;

@@ -1,9 +1,10 @@
-// Thin ids inside the pool: create, snapshot, delete (pool messages).
+// Thin ids inside the pool: create, snapshot, delete (pool messages), list (pool metadata).
+import { readFile, stat } from "node:fs/promises";
 import type { HelperConfig } from "./config.ts";
 import { listDevices, poolDeviceNumber } from "./device.ts";
-import { dmMessage, dmResume, dmSuspend } from "./dm.ts";
+import { dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
-import { CommandFailed } from "./run.ts";
+import { CommandFailed, run } from "./run.ts";
 
 // Kernel answers to pool messages, as printed by dmsetup ("message ioctl ... failed: <strerror>").
 const EXISTS = /File exists/;
@@ -57,4 +58,71 @@ export async function deleteThin(config: HelperConfig, thinId: number): Promise<
     if (kernelSays(err, MISSING)) return;
     throw err;
   }
+}
+
+/**
+ * Every thin id in the pool, read from its metadata while the pool is live: the kernel writes a
+ * consistent copy of the metadata root (reserve_metadata_snap), thin_ls reads that copy, and the
+ * copy is always released again (a held snapshot pins metadata blocks).
+ */
+export async function listThinIds(config: HelperConfig): Promise<number[]> {
+  const metaDevice = await poolMetadataDevice(config);
+  await reserveMetadataSnapshot(config.poolName);
+  try {
+    const { stdout } = await run("thinLs", ["--metadata-snap", "--no-headers", "-o", "DEV", metaDevice]);
+    return parseThinLsIds(stdout);
+  } finally {
+    await dmMessage(config.poolName, "release_metadata_snap");
+  }
+}
+
+async function reserveMetadataSnapshot(pool: string): Promise<void> {
+  try {
+    await dmMessage(pool, "reserve_metadata_snap");
+  } catch (err) {
+    if (!kernelSays(err, BUSY)) throw err;
+    // Already held: only by a helper that died between reserve and release (we hold the global
+    // lock), or by an administrator's thin_ls. Take it over: release, then reserve a fresh one.
+    await dmMessage(pool, "release_metadata_snap");
+    await dmMessage(pool, "reserve_metadata_snap");
+  }
+}
+
+const BUSY = /Device or resource busy/;
+
+/** thin_ls -o DEV --no-headers prints one decimal id per line; anything else is refused. */
+export function parseThinLsIds(stdout: string): number[] {
+  const ids: number[] = [];
+  for (const line of stdout.split("\n")) {
+    const word = line.trim();
+    if (word === "") continue;
+    if (!/^[0-9]{1,8}$/.test(word)) throw new HelperFailure("COMMAND_FAILED", `thin_ls printed an unexpected line ${JSON.stringify(line.slice(0, 80))}`);
+    ids.push(Number(word));
+  }
+  return ids.sort((a, b) => a - b);
+}
+
+/** The pool's metadata device as a /dev path (the table names it only as major:minor). */
+async function poolMetadataDevice(config: HelperConfig): Promise<string> {
+  const table = await dmTable(config.poolName);
+  if (table === null) throw new HelperFailure("POOL_MISSING", `thin pool ${config.poolName} does not exist (pool.ensure creates it)`);
+  const pool = parsePoolTable(table);
+  if (!pool) throw new HelperFailure("POOL_INVALID", `device ${config.poolName} exists but is not a thin pool: ${table}`);
+  const number = /^([0-9]+):([0-9]+)$/.exec(pool.metaDevice);
+  if (!number) throw new HelperFailure("POOL_INVALID", `unexpected metadata device ${JSON.stringify(pool.metaDevice)} in the table of ${config.poolName}`);
+  const uevent = await readFile(`/sys/dev/block/${number[1]}:${number[2]}/uevent`, "utf8");
+  const devname = /^DEVNAME=([a-z0-9_-]+(?:\/[a-z0-9_-]+)*)$/m.exec(uevent)?.[1];
+  if (!devname) throw new HelperFailure("POOL_INVALID", `cannot tell the name of metadata device ${pool.metaDevice}`);
+  const path = `/dev/${devname}`;
+  // The node must be that very device, not whatever someone left under that name.
+  const node = await stat(path);
+  if (!node.isBlockDevice() || node.rdev !== makeDev(Number(number[1]), Number(number[2]))) {
+    throw new HelperFailure("POOL_INVALID", `${path} is not block device ${pool.metaDevice}`);
+  }
+  return path;
+}
+
+// Linux's dev_t encoding (glibc makedev) of major:minor.
+function makeDev(major: number, minor: number): number {
+  return ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & ~0xff) << 12) | ((major & ~0xfff) * 2 ** 32);
 }

@@ -17,6 +17,7 @@ import {
   type RunSchema,
 } from "../../client/gen/imgd/v1/imgd_pb.js";
 import type { ActivationRow, Catalog } from "../catalog.ts";
+import { runDoctor } from "../doctor.ts";
 import type { RunRecord } from "../fsm/engine.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { ActivateFsm } from "../images/activate.ts";
@@ -176,6 +177,10 @@ export function imageService({ catalog, helper, pull, activate, deactivate }: Im
       }
       runs.sort((a, b) => (a.id < b.id ? 1 : -1));
       return { runs: runs.slice(0, limit).map(runMessage) };
+    },
+
+    async doctor() {
+      return runDoctor({ catalog, helper, pull, activate, deactivate });
     },
   };
 }

@@ -3,7 +3,7 @@
 // agent and run in order: each builds on the state the previous one left.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmdirSync, writeFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
 import { connectImgd, ImageState, RunStatus, type ImgdClient, type Image } from "../../client/sdk.ts";
@@ -215,4 +215,43 @@ test("bad requests get clear errors", async () => {
   );
   assert.ok(last instanceof Error, "pulling a missing image fails");
   assert.match(last.message, /does-not-exist/);
+});
+
+/** imgctl's exit status and output (it exits 1 when doctor finds something). */
+function imgctl(...args: string[]): { status: number; stdout: string } {
+  const result = spawnSync("imgctl", args, { encoding: "utf8" });
+  return { status: result.status ?? -1, stdout: result.stdout + result.stderr };
+}
+
+test("doctor: the catalog and the real pool agree after all of the above; a thin id made behind its back is reported", () => {
+  const started = performance.now();
+  const clean = imgctl("doctor");
+  const doctorMs = Math.round(performance.now() - started);
+  assert.equal(clean.status, 0, clean.stdout);
+  assert.match(clean.stdout, /^thin ids: ([0-9]+) in the pool, \1 in the catalog\nclean$/m);
+  // What thin_ls itself costs on this pool (the helper reads the same metadata snapshot).
+  sh("/usr/sbin/dmsetup", "message", "imgd-pool", "0", "reserve_metadata_snap");
+  const meta = sh("/usr/sbin/dmsetup", "table", "imgd-pool").split(" ")[3];
+  const metaDev = "/dev/" + /^DEVNAME=(.*)$/m.exec(readFileSync(`/sys/dev/block/${meta}/uevent`, "utf8"))![1];
+  const lsStarted = performance.now();
+  try {
+    sh("/usr/sbin/thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", metaDev);
+  } finally {
+    sh("/usr/sbin/dmsetup", "message", "imgd-pool", "0", "release_metadata_snap");
+  }
+  const thinLsMs = Math.round(performance.now() - lsStarted);
+  const helperMs = readFileSync("/tmp/imgd-vm-logs/helper.log", "utf8").split("\n").filter((l) => l.includes('"op":"thin.list"')).map((l) => JSON.parse(l).ms);
+  console.log(`doctor measured: imgctl doctor ${doctorMs} ms, thin.list in the helper ${helperMs.join(",")} ms, bare thin_ls ${thinLsMs} ms`);
+
+  sh("/usr/sbin/dmsetup", "message", "imgd-pool", "0", "create_thin 4242");
+  try {
+    const dirty = imgctl("doctor");
+    assert.equal(dirty.status, 1, dirty.stdout);
+    assert.match(dirty.stdout, /^UNKNOWN_THIN_ID thin id 4242: .*\n  repair: delete thin id 4242 from the pool$/m);
+    const report = JSON.parse(imgctl("--json", "doctor").stdout);
+    assert.deepEqual(report.findings.map((f: { kind: string; subject: string }) => [f.kind, f.subject]), [["UNKNOWN_THIN_ID", "thin id 4242"]]);
+  } finally {
+    sh("/usr/sbin/dmsetup", "message", "imgd-pool", "0", "delete 4242");
+  }
+  assert.equal(imgctl("doctor").status, 0);
 });

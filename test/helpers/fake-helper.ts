@@ -77,6 +77,8 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
         thins.delete(request.args.thinId);
         return {};
       }
+      case "thin.list":
+        return { thinIds: [...thins.keys()].sort((a, b) => a - b) };
       case "device.activate": {
         if (!thins.has(request.args.thinId)) throw fail("NOT_FOUND", `thin ${request.args.thinId} does not exist`);
         active.set(request.args.name, request.args.thinId);

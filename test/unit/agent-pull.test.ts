@@ -3,6 +3,7 @@
 // kernel has no device-mapper. The VM end-to-end tests cover the real helper and pool.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { mkdtempSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -228,7 +229,7 @@ test("server reflection lists and describes the API, as grpcurl asks; health rep
     assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
     const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
-    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns"]);
+    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor"]);
     const health = createClient(HealthDefinition, channel);
     assert.equal((await health.check({ service: "imgd.v1.ImageService" })).status, 1 /* SERVING */);
   } finally {
@@ -260,4 +261,56 @@ test("a deactivation that fails on a transient helper error is retried to the en
   await client.deactivateImage({ activationId: activation!.id });
   assert.equal(helper.thins.has(activation!.thinId), false);
   assert.equal(agent.catalog.getActivation(activation!.id), undefined);
+});
+
+test("doctor: clean after all of the above; then reports exactly a planted unknown id, a stray device and a lost id", async () => {
+  // Asynchronous: the agent answering imgctl runs in this very process.
+  const imgctlDoctor = (...flags: string[]) =>
+    new Promise<{ status: number; stdout: string; stderr: string }>((resolve) => {
+      const args = [join(import.meta.dirname, "../../client/imgctl.ts"), "--addr", `127.0.0.1:${agent.port}`, ...flags, "doctor"];
+      execFile(process.execPath, args, { encoding: "utf8" }, (err, stdout, stderr) => resolve({ status: err ? Number(err.code) : 0, stdout, stderr }));
+    });
+  const clean = await client.doctor({});
+  assert.deepEqual(clean.findings, [], "the earlier tests (failures, retries, deactivations) left nothing behind");
+  assert.equal(clean.clean, true);
+  assert.equal(clean.poolThinIds, helper.thins.size);
+  assert.equal(clean.catalogThinIds, helper.thins.size);
+  const cleanCli = await imgctlDoctor();
+  assert.equal(cleanCli.status, 0, cleanCli.stderr);
+  assert.match(cleanCli.stdout, new RegExp(`^thin ids: ${helper.thins.size} in the pool, ${helper.thins.size} in the catalog\\nclean$`, "m"));
+
+  const { image } = await client.getImage({ image: "golang" });
+  const lostId = image!.thinId;
+  const lost = helper.thins.get(lostId)!;
+  const stray = "imgd-act-00000000000000000000000000";
+  const calls = helper.calls.length;
+  helper.thins.set(4242, { origin: null, layers: [], formatted: true });
+  helper.active.set(stray, 4242);
+  helper.thins.delete(lostId);
+  try {
+    const report = await client.doctor({});
+    assert.equal(report.clean, false);
+    const byKind = Object.fromEntries(report.findings.map((f) => [f.kind, f]));
+    assert.deepEqual(report.findings.map((f) => f.kind).sort(), ["MISSING_THIN_ID", "STRAY_DEVICE", "UNKNOWN_THIN_ID"]);
+    assert.equal(byKind.UNKNOWN_THIN_ID!.subject, "thin id 4242");
+    assert.match(byKind.UNKNOWN_THIN_ID!.repair, new RegExp(`remove device ${stray}, then delete thin id 4242 from the pool`));
+    assert.equal(byKind.STRAY_DEVICE!.subject, stray);
+    assert.match(byKind.STRAY_DEVICE!.repair, new RegExp(`remove device ${stray}`));
+    const lostName = agent.catalog.listDevices().find((d) => d.thinId === lostId)!.name;
+    assert.equal(byKind.MISSING_THIN_ID!.subject, lostName);
+    assert.match(byKind.MISSING_THIN_ID!.detail, new RegExp(`thin id ${lostId}, which is not in the pool`));
+    const cli = await imgctlDoctor();
+    assert.equal(cli.status, 1, "not clean: exit 1");
+    assert.match(cli.stdout, /^UNKNOWN_THIN_ID thin id 4242: .*\n  repair: remove device imgd-act-0+, then delete thin id 4242 from the pool$/m);
+    const json = await imgctlDoctor("--json");
+    assert.equal(json.status, 1);
+    assert.equal(JSON.parse(json.stdout).findings.length, 3);
+    const ops = new Set(helper.calls.slice(calls).map((c) => c.op));
+    assert.deepEqual([...ops].sort(), ["device.list", "thin.list"], "doctor only reads");
+  } finally {
+    helper.active.delete(stray);
+    helper.thins.delete(4242);
+    helper.thins.set(lostId, lost);
+  }
+  assert.equal((await client.doctor({})).clean, true);
 });

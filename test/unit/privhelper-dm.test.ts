@@ -34,3 +34,10 @@ test("thin-pool table", () => {
   assert.equal(parsePoolTable("0 524288 thin 254:0 1"), null);
   assert.equal(parsePoolTable("0 10 linear 8:1 0\n10 10 linear 8:2 0"), null);
 });
+
+test("thin_ls ids: one decimal id per line, sorted; anything else is refused", async () => {
+  const { parseThinLsIds } = await import("../../privhelper/thin.ts");
+  assert.deepEqual(parseThinLsIds("12\n 3\n\n4242\n"), [3, 12, 4242]);
+  assert.deepEqual(parseThinLsIds(""), []);
+  for (const bad of ["DEV\n1", "1 2", "-1", "0x10", "1e3", "123456789"]) assert.throws(() => parseThinLsIds(bad), /unexpected line/, bad);
+});

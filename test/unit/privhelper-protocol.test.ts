@@ -31,6 +31,7 @@ test("every op parses with valid arguments", () => {
     ["thin.create", { thinId: 0 }],
     ["thin.snapshot", { thinId: 16777215, originId: 3 }],
     ["thin.delete", { thinId: 12 }],
+    ["thin.list", {}],
     ["device.activate", { name: LAYER, thinId: 1 }],
     ["device.activate", { name: ACT, thinId: 1 }],
     ["device.deactivate", { name: ACT }],
@@ -102,6 +103,7 @@ test("digests and booleans are exact", () => {
 test("unknown or extra fields are refused, and the refusal names them", () => {
   expectError(parseRequestLine(request("thin.create", { thinId: 1, force: true })), "BAD_ARGS", "args.force");
   expectError(parseRequestLine(request("pool.status", { verbose: 1 })), "BAD_ARGS", "args.verbose");
+  expectError(parseRequestLine(request("thin.list", { device: "/dev/loop0" })), "BAD_ARGS", "args.device");
   expectError(parseRequestLine('{"id":1,"op":"thin.create","args":{"thinId":1,"__proto__":{"x":1}}}'), "BAD_ARGS", "args.__proto__");
   expectError(parseRequestLine(line({ id: 1, op: "pool.status", args: {}, sudo: true })), "BAD_ARGS", "sudo");
   expectError(parseRequestLine(line({ id: 1, op: "pool.status" })), "BAD_ARGS", "args");
@@ -140,7 +142,7 @@ test("bad JSON and oversized lines", () => {
 
 // An independent statement of the allow-list (no zod), to check the parser against.
 const EXPECTED_KEYS: Record<string, string[]> = {
-  "pool.status": [], "pool.ensure": [], "device.list": [],
+  "pool.status": [], "pool.ensure": [], "device.list": [], "thin.list": [],
   "thin.create": ["thinId"], "thin.delete": ["thinId"], "thin.snapshot": ["thinId", "originId"],
   "device.activate": ["name", "thinId"], "device.deactivate": ["name"], "fs.mkfs": ["name"], "fs.unmount": ["name"],
   "layer.apply": ["name", "digest"], "fs.mount": ["name", "readOnly"],

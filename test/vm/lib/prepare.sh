@@ -32,6 +32,8 @@ vm_ensure_host_tools() {
   # The guest runs the host's userland: the helper's device-mapper and ext4 tools come from here.
   [ -x /usr/sbin/dmsetup ] || missing+=(dmsetup)
   [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+  # thin_ls: the helper's thin.list reads the pool's metadata with it.
+  [ -x /usr/sbin/thin_ls ] || missing+=(thin-provisioning-tools)
   [ ${#missing[@]} = 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
     vm_die "missing host packages: ${missing[*]} (run as root to install them automatically)"

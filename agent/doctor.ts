@@ -1,0 +1,166 @@
+// Doctor: a read-only comparison of the catalog (SQLite) with the thin pool and the kernel's
+// device-mapper devices. It reports what disagrees and what a repair would do; it repairs nothing.
+//
+// The pool and the devices are read FIRST, then the catalog: rows are written before the pool
+// is changed (a thin id is allocated before it is created), so a run that moves on meanwhile
+// cannot make a pool id look unknown. Subjects that a running FSM run is working on are skipped:
+// their rows and devices are legitimately in between.
+import type { ActivationRow, Catalog, DeviceRow } from "./catalog.ts";
+import type { HelperClient } from "./helper-client.ts";
+import type { Fsm } from "./fsm/engine.ts";
+import { chainIds } from "./images/chain.ts";
+
+export type FindingKind =
+  | "UNKNOWN_THIN_ID"
+  | "MISSING_THIN_ID"
+  | "STRAY_DEVICE"
+  | "MISSING_DEVICE"
+  | "HALF_MADE_DEVICE"
+  | "HALF_MADE_ACTIVATION";
+
+export interface Finding {
+  kind: FindingKind;
+  subject: string;
+  detail: string;
+  repair: string;
+}
+
+export interface DoctorReport {
+  clean: boolean;
+  poolThinIds: number;
+  catalogThinIds: number;
+  findings: Finding[];
+}
+
+export interface DoctorDeps {
+  catalog: Catalog;
+  helper: HelperClient;
+  // Only their run lists are read.
+  pull: Pick<Fsm<any, any>, "list">;
+  activate: Pick<Fsm<any, any>, "list">;
+  deactivate: Pick<Fsm<any, any>, "list">;
+}
+
+export async function runDoctor({ catalog, helper, pull, activate, deactivate }: DoctorDeps): Promise<DoctorReport> {
+  const { thinIds } = await helper.call("thin.list", {});
+  const { devices: live } = await helper.call("device.list", {});
+  const devices = catalog.listDevices();
+  const activations = catalog.listActivations();
+
+  const running = (fsm: Pick<Fsm<any, any>, "list">) => fsm.list({ status: "running", limit: 100_000 });
+  const busyActivations = new Set([...running(activate), ...running(deactivate)].map((run) => run.resourceId));
+  const busyChains = chainsBeingBuilt(catalog, running(pull).map((run) => run.resourceId));
+  const isBusy = (owner: Owner) => (owner.type === "device" ? busyChains.has(owner.row.chainId) : busyActivations.has(owner.row.id));
+
+  type Owner = { type: "device"; row: DeviceRow } | { type: "activation"; row: ActivationRow };
+  const owners = new Map<number, Owner>();
+  for (const row of devices) owners.set(row.thinId, { type: "device", row });
+  for (const row of activations) owners.set(row.thinId, { type: "activation", row });
+  const inPool = new Set(thinIds);
+  const liveByName = new Map(live.map((d) => [d.name, d.thinId]));
+  const findings: Finding[] = [];
+
+  // (a) thin ids: pool versus catalog
+  for (const thinId of thinIds) {
+    if (owners.has(thinId)) continue;
+    const holder = live.find((d) => d.thinId === thinId);
+    findings.push({
+      kind: "UNKNOWN_THIN_ID",
+      subject: `thin id ${thinId}`,
+      detail: `thin id ${thinId} exists in the pool but the catalog has no device or activation for it${holder ? ` (active as ${holder.name})` : ""}`,
+      repair: holder ? `remove device ${holder.name}, then delete thin id ${thinId} from the pool` : `delete thin id ${thinId} from the pool`,
+    });
+  }
+  for (const [thinId, owner] of owners) {
+    // An allocated row may not have created its thin id yet: reported as half-made below.
+    if (inPool.has(thinId) || owner.row.state === "allocated" || isBusy(owner)) continue;
+    if (owner.type === "device") {
+      findings.push({
+        kind: "MISSING_THIN_ID",
+        subject: owner.row.name,
+        detail: `layer device ${owner.row.name} (chain ${owner.row.chainId}) is recorded ready with thin id ${thinId}, which is not in the pool`,
+        repair: `forget device ${owner.row.name} and everything built on it (devices, activations); the next pull of an image using it rebuilds it`,
+      });
+    } else {
+      findings.push({
+        kind: "MISSING_THIN_ID",
+        subject: `activation ${owner.row.id}`,
+        detail: `activation ${owner.row.id} of ${owner.row.image} is recorded active with thin id ${thinId}, which is not in the pool (its data is gone)`,
+        repair: `remove device ${owner.row.name} if present and forget activation ${owner.row.id}`,
+      });
+    }
+  }
+
+  // (b) dm devices: what is live versus what should be (only active activations; layer devices
+  // are active only while a pull builds them)
+  const activationByName = new Map(activations.map((a) => [a.name, a]));
+  const deviceByName = new Map(devices.map((d) => [d.name, d]));
+  for (const { name, thinId } of live) {
+    const activation = activationByName.get(name);
+    const device = deviceByName.get(name);
+    if (activation && (activation.state === "allocated" || isBusy({ type: "activation", row: activation }))) continue;
+    if (device && (device.state === "allocated" || isBusy({ type: "device", row: device }))) continue;
+    if (activation?.state === "active" && activation.thinId === thinId) continue;
+    const why = activation
+      ? `activation ${activation.id} records thin id ${activation.thinId}, the device maps thin id ${thinId}`
+      : device
+        ? `layer device of chain ${device.chainId} is left active (layer devices are active only while a pull builds them)`
+        : "the catalog has no activation of that name";
+    findings.push({
+      kind: "STRAY_DEVICE",
+      subject: name,
+      detail: `/dev/mapper/${name} (thin id ${thinId}) is active: ${why}`,
+      repair: `remove device ${name}${!owners.has(thinId) ? "" : ` (thin id ${thinId} itself is kept)`}`,
+    });
+  }
+  for (const activation of activations) {
+    if (activation.state !== "active" || liveByName.has(activation.name) || isBusy({ type: "activation", row: activation })) continue;
+    // Without its thin id there is nothing to reactivate: MISSING_THIN_ID covers it.
+    if (!inPool.has(activation.thinId)) continue;
+    findings.push({
+      kind: "MISSING_DEVICE",
+      subject: activation.name,
+      detail: `activation ${activation.id} of ${activation.image} is recorded active but /dev/mapper/${activation.name} does not exist`,
+      repair: `activate thin id ${activation.thinId} as ${activation.name} again`,
+    });
+  }
+
+  // (c) rows in a non-final state that no running run will finish
+  for (const device of devices) {
+    if (device.state !== "allocated" || busyChains.has(device.chainId)) continue;
+    findings.push({
+      kind: "HALF_MADE_DEVICE",
+      subject: device.name,
+      detail: `layer device ${device.name} (thin id ${device.thinId}) was allocated but never completed, and no pull is building it${inPool.has(device.thinId) ? "" : " (its thin id is not in the pool)"}`,
+      repair: `remove device ${device.name} if active, delete thin id ${device.thinId} from the pool, forget the row (the next pull rebuilds it)`,
+    });
+  }
+  for (const activation of activations) {
+    if (activation.state !== "allocated" || busyActivations.has(activation.id)) continue;
+    findings.push({
+      kind: "HALF_MADE_ACTIVATION",
+      subject: `activation ${activation.id}`,
+      detail: `activation ${activation.id} of ${activation.image} (thin id ${activation.thinId}) was allocated but never completed, and no run is working on it`,
+      repair: `remove device ${activation.name} if present, delete thin id ${activation.thinId} from the pool, forget activation ${activation.id}`,
+    });
+  }
+
+  return { clean: findings.length === 0, poolThinIds: thinIds.length, catalogThinIds: owners.size, findings };
+}
+
+/**
+ * Chain ids the running pulls may be building. A pull records each layer's digest once it is
+ * downloaded, so the chain is known up to the first layer still downloading.
+ */
+function chainsBeingBuilt(catalog: Catalog, images: string[]): Set<string> {
+  const chains = new Set<string>();
+  for (const image of images) {
+    const digests: string[] = [];
+    for (const layer of catalog.imageLayers(image)) {
+      if (!layer.digest) break;
+      digests.push(layer.digest);
+    }
+    for (const chain of chainIds(digests)) chains.add(chain);
+  }
+  return chains;
+}
