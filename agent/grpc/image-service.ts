@@ -43,7 +43,6 @@ export function imageService({ catalog, helper, pull, activate, deactivate }: Im
     const row = catalog.getImage(name);
     if (!row) return undefined;
     const layers = catalog.imageLayers(name);
-    const devices = new Map(catalog.listDevices().map((d) => [d.chainId, d]));
     return {
       name: row.name,
       state: { pulling: ImageState.PULLING, ready: ImageState.READY, failed: ImageState.FAILED }[row.state],
@@ -53,9 +52,9 @@ export function imageService({ catalog, helper, pull, activate, deactivate }: Im
         digest: l.digest ?? "",
         size: BigInt(l.size),
         chainId: l.chainId ?? "",
-        thinId: l.chainId ? (devices.get(l.chainId)?.thinId ?? 0) : 0,
+        thinId: l.chainId ? (catalog.getDevice(l.chainId)?.thinId ?? 0) : 0,
       })),
-      thinId: row.chainId ? (devices.get(row.chainId)?.thinId ?? 0) : 0,
+      thinId: row.chainId ? (catalog.getDevice(row.chainId)?.thinId ?? 0) : 0,
       chainId: row.chainId ?? "",
       size: BigInt(layers.reduce((sum, l) => sum + l.size, 0)),
       error: row.error ?? "",

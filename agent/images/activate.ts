@@ -8,11 +8,11 @@
 // claims a device that does not exist.
 import type { ActivationRow, Catalog } from "../catalog.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
-import { abort } from "../fsm/errors.ts";
+import { abort, formatError } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { Logger } from "../log.ts";
 import { activationDeviceName } from "./chain.ts";
-import { classifyStepError, message } from "./errors.ts";
+import { classifyStepError } from "./errors.ts";
 import type { PullFsm } from "./pull.ts";
 
 export interface ActivateRequest {
@@ -99,6 +99,6 @@ async function undoActivation({ catalog, helper, log }: ActivateDeps, row: Activ
     await helper.call("thin.delete", { thinId: row.thinId });
     catalog.deleteActivation(row.id);
   } catch (err) {
-    log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: message(err) });
+    log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: formatError(err) });
   }
 }

@@ -10,7 +10,3 @@ export function classifyStepError(err: unknown, context: string): unknown {
   if (isPermanentS3Error(err)) return abort(`${context}: ${err.message}`, err);
   return err;
 }
-
-export function message(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}

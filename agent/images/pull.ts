@@ -13,7 +13,7 @@
 import { createReadStream } from "node:fs";
 import type { Catalog, DeviceRow } from "../catalog.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
-import { abort } from "../fsm/errors.ts";
+import { abort, formatError } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { LayerValidationError, validateLayer } from "../layers/validate.ts";
@@ -22,7 +22,7 @@ import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
 import { chainIds, layerDeviceName } from "./chain.ts";
-import { classifyStepError, message } from "./errors.ts";
+import { classifyStepError } from "./errors.ts";
 import { spaceProblem } from "./pool-space.ts";
 
 export interface PullRequest {
@@ -89,10 +89,12 @@ async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promis
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   const { engine } = deps;
   const total = ctx.state.layers.reduce((sum, l) => sum + l.size, 0);
+  // Called for every chunk written: keep a running total rather than summing all layers again.
   const done = new Map<number, number>();
+  let bytesDone = 0;
   const report = (layer: PulledLayer, bytes: number) => {
+    bytesDone += bytes - (done.get(layer.position) ?? 0);
     done.set(layer.position, bytes);
-    const bytesDone = [...done.values()].reduce((a, b) => a + b, 0);
     ctx.progress({ layer: layer.position, layerCount: ctx.state.layers.length, bytesDone, bytesTotal: total });
   };
   await Promise.all(
@@ -180,7 +182,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
       await helper.call("device.deactivate", { name: device.name });
     } catch (err) {
       await discardDevice(deps, device).catch((cleanupErr) =>
-        ctx.log("error", "could not discard a failed layer device", { chainId, error: message(cleanupErr) }),
+        ctx.log("error", "could not discard a failed layer device", { chainId, error: formatError(cleanupErr) }),
       );
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
