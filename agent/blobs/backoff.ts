@@ -17,6 +17,8 @@ export function retryAfterOf(err: unknown, now = Date.now()): number | undefined
   const value = response?.headers?.["retry-after"];
   if (typeof value !== "string") return undefined;
   if (/^\s*\d{1,9}\s*$/.test(value)) return Number(value) * 1000;
+  // Only the HTTP date format (RFC 9110 IMF-fixdate): Date.parse alone takes "-5" for a year.
+  if (!/^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/.test(value.trim())) return undefined;
   const date = Date.parse(value);
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }

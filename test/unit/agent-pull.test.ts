@@ -359,7 +359,7 @@ test("download and apply concurrency are bounded by their queues (IMGD_DOWNLOAD_
   await s3.put("images/other-wide/1.tar", await tarOf({ other: "x\n" }));
   const wideKeys = wide.map((_, i) => `images/wide/${i + 1}.tar`);
   // Slow bodies so downloads overlap in time; applies held so both runs wait at the apply queue.
-  proxy.tamper = (r) => (isObjectGet(r) && forKeys(...wideKeys)(r) ? { throttle: { bytes: 1024, delayMs: 25 } } : undefined);
+  proxy.tamper = (r) => (isObjectGet(r) && forKeys(...wideKeys)(r) ? { throttle: { bytes: 512, delayMs: 30 } } : undefined);
   let open!: () => void;
   helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
   const calls = helper.calls.length;

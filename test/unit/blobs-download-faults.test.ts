@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, afterEach, before, beforeEach, describe, it } from "node:test";
 import type { S3Client } from "@aws-sdk/client-s3";
-import { backoffDelayMs } from "../../agent/blobs/backoff.ts";
+import { backoffDelayMs, retryAfterOf } from "../../agent/blobs/backoff.ts";
 import { splitRanges } from "../../agent/blobs/layer-download.ts";
 import { BlobStore } from "../../agent/blobs/store.ts";
 import { createS3Client, DOWNLOAD_DEFAULTS } from "../../agent/s3/client.ts";
@@ -286,5 +286,15 @@ describe("backoffDelayMs", () => {
   it("never waits less than Retry-After, which is capped", () => {
     assert.equal(backoffDelayMs(0, policy, 2000, () => 0.5), 2000);
     assert.equal(backoffDelayMs(0, policy, 60_000, () => 0.5), 5000);
+  });
+  it("reads Retry-After as seconds or as an HTTP date, and ignores anything else", () => {
+    const failed = (value: string) => ({ cause: { $response: { headers: { "retry-after": value } } } });
+    const now = Date.parse("2026-11-22T05:00:00Z");
+    assert.equal(retryAfterOf(failed("3"), now), 3000);
+    assert.equal(retryAfterOf(failed("Sun, 22 Nov 2026 05:00:10 GMT"), now), 10_000);
+    assert.equal(retryAfterOf(failed("Sun, 22 Nov 2026 04:00:00 GMT"), now), 0);
+    assert.equal(retryAfterOf(failed("soon"), now), undefined);
+    assert.equal(retryAfterOf(failed("-5"), now), undefined);
+    assert.equal(retryAfterOf(new Error("no response"), now), undefined);
   });
 });
