@@ -269,6 +269,22 @@ describe("large layers: parallel ranged GETs pinned to one ETag", () => {
     assert.deepEqual(await readdir(store.blobDir), [], "nothing stored");
   });
 
+  it("stops every part at once when the pull is cancelled (shutdown), leaving no temp file", async () => {
+    const obj = await listed("large");
+    proxy.script(forKey("large"), Array.from({ length: 17 }, () => ({ stallAfter: 1000 })));
+    const from = proxy.requests.length;
+    const controller = new AbortController();
+    let progressed = 0;
+    const download = store.downloadLayer(client, cfg, obj, {
+      signal: controller.signal,
+      onProgress: () => {
+        if (++progressed === 3) controller.abort();
+      },
+    });
+    await assert.rejects(download, { name: "AbortError" });
+    assert.equal(proxy.requests.length - from, 3, "three parts were in flight, no more were started");
+  });
+
   it("a part answered 200 (Range ignored) is refused rather than written at the wrong place", async () => {
     const r = await download("large", [{ headers: { "content-range": null } }], { partConcurrency: 1 });
     assertS3Error(r.error, "BAD_RESPONSE", true, /expected 206 with Content-Range "bytes 0-65535\/1048699"/);
