@@ -150,11 +150,11 @@ describe("retried faults resume and succeed", () => {
     assert.deepEqual(r.summary, ["GET - 200"]);
   });
 
-  it("slow (throttled) body: no retry, just slower", async () => {
-    const r = await download("small", [{ throttle: { bytes: 16 * 1024, delayMs: 40 } }]);
+  it("slow (throttled) body: no retry, just slower, even past the first-byte timeout (which ends at the headers)", async () => {
+    const r = await download("small", [{ throttle: { bytes: 16 * 1024, delayMs: 70 } }]);
     await assertStored(r.stored, r.error, SMALL);
     assert.deepEqual(r.summary, ["GET - 200"]);
-    assert.ok(r.ms >= 7 * 40, `took ${r.ms} ms`);
+    assert.ok(r.ms >= 7 * 70 && r.ms > TIMEOUTS.requestMs, `took ${r.ms} ms`);
   });
 
   it("stall after the headers and some bytes: the idle timeout (300 ms) fires, then resumes", async () => {
