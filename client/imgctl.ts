@@ -9,13 +9,18 @@ commands:
   pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
   activate IMAGE        create and activate a thin snapshot of IMAGE (pulls it first if needed)
   deactivate ID         remove an activation's device and snapshot
+  delete [--force] IMAGE  forget IMAGE and remove its devices no other image uses; refused
+                        while it has activations unless --force (which deactivates them)
+  gc                    remove layer devices, blobs and temp files nothing references
   images                list images
   image IMAGE           show one image and its layers
   activations [IMAGE]   list activations
   pool                  show thin pool usage
   runs [--fsm F] [--id ID] [--limit N]   FSM run history
-  doctor                compare the agent's database with the thin pool (read only);
-                        exit 0 when clean, 1 when something disagrees
+  doctor [--repair]     compare the agent's database with the thin pool and its temp files,
+                        and say what a repair would do (read only); --repair carries the
+                        repairs out (safe while the agent works); exit 0 when clean
+                        (after the repairs), 1 when something disagrees
 The agent address defaults to $IMGD_ADDR or 127.0.0.1:50051.`;
 
 async function main(argv: string[]): Promise<number> {
@@ -28,6 +33,8 @@ async function main(argv: string[]): Promise<number> {
       fsm: { type: "string" },
       id: { type: "string" },
       limit: { type: "string" },
+      repair: { type: "boolean", default: false },
+      force: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -50,6 +57,24 @@ async function main(argv: string[]): Promise<number> {
       case "deactivate": {
         const { activation } = await client.deactivateImage({ activationId: one(args, "ID") });
         out(() => console.log(`deactivated ${activation!.image}: ${activation!.id} (${activation!.devicePath} removed)`), activation);
+        return 0;
+      }
+      case "delete": {
+        const image = one(args, "IMAGE");
+        const result = await client.deleteImage({ image, force: values.force });
+        out(() => {
+          for (const id of result.deactivated) console.log(`deactivated ${id}`);
+          console.log(`deleted ${image}: ${result.removedDevices.length} device(s) removed${result.removedDevices.length ? ` (${result.removedDevices.join(", ")})` : ""}`);
+        }, result);
+        return 0;
+      }
+      case "gc": {
+        const result = await client.collectGarbage({});
+        out(() => {
+          console.log(`removed ${result.removedDevices.length} device(s), ${result.removedBlobs.length} blob(s) (${mib(result.freedBlobBytes)}), ${result.removedTempFiles} temp file(s)`);
+          for (const name of result.removedDevices) console.log(`  device ${name}`);
+          for (const digest of result.removedBlobs) console.log(`  blob ${digest}`);
+        }, result);
         return 0;
       }
       case "images": {
@@ -86,14 +111,15 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "doctor": {
-        const report = await client.doctor({});
+        const report = await client.doctor({ repair: values.repair });
         out(() => {
           console.log(`thin ids: ${report.poolThinIds} in the pool, ${report.catalogThinIds} in the catalog`);
-          if (report.clean) console.log("clean");
           for (const f of report.findings) {
             console.log(`${f.kind} ${f.subject}: ${f.detail}`);
             console.log(`  repair: ${f.repair}`);
+            if (f.result) console.log(`  ${f.result}: ${f.note}`);
           }
+          if (report.clean) console.log(values.repair && report.findings.length > 0 ? "clean after repair" : "clean");
         }, report);
         return report.clean ? 0 : 1;
       }

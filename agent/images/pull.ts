@@ -53,6 +53,11 @@ export interface PullDeps {
 }
 
 export type PullFsm = Fsm<PullRequest, PullState>;
+
+// Keys of the locks a pull holds while it downloads an S3 object or builds a chain's device;
+// deletion, GC and repairs take the same ones before touching what they guard.
+export const objectLockKey = (o: { etag: string; size: number }) => `object ${o.etag} ${o.size}`;
+export const chainLockKey = (chainId: string) => `chain ${chainId}`;
 type Ctx = StepContext<PullRequest, PullState>;
 
 export function registerPullFsm(deps: PullDeps): PullFsm {
@@ -116,7 +121,7 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
 async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
-  return deps.locks.run(`object ${layer.etag} ${layer.size}`, async () => {
+  return deps.locks.run(objectLockKey(layer), async () => {
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -124,7 +129,13 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
     }
     let digest: string;
     try {
-      ({ digest } = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) }));
+      const stored = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) });
+      digest = stored.digest;
+      if (stored.etag !== layer.etag) {
+        // Replaced since the listing: the publisher's newer version is what this image gets.
+        ctx.log("warn", "layer object changed since it was listed; using the new version", { key: layer.key, listed: layer.etag, stored: stored.etag });
+        Object.assign(layer, { etag: stored.etag, size: stored.size });
+      }
     } catch (err) {
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${layer.key}`);
     }
@@ -151,7 +162,7 @@ async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   for (let i = 0; i < chain.length; i++) {
     const layer = ctx.state.layers[i];
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
-    await deps.locks.run(`chain ${chain[i]}`, () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    await deps.locks.run(chainLockKey(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
     catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
   }
