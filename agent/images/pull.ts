@@ -14,7 +14,7 @@ import { createReadStream } from "node:fs";
 import type { Catalog, DeviceRow } from "../catalog.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
-import type { HelperClient } from "../helper-client.ts";
+import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { LayerValidationError, validateLayer } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
@@ -181,7 +181,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   // One apply at a time (by default): the space check below must not be raced by another apply.
   const slot = await deps.engine.queue("apply").acquire(ctx.signal);
   try {
-    await checkPoolSpace(deps, ctx, digest, key);
+    await checkPoolSpace(deps, ctx, digest, key, parent === null);
     const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
     try {
@@ -195,6 +195,11 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
       await discardDevice(deps, device).catch((cleanupErr) =>
         ctx.log("error", "could not discard a failed layer device", { chainId, error: formatError(cleanupErr) }),
       );
+      // Out of space mid-apply: not retried. A retry would only meet the space check, whose
+      // "pool is out_of_data_space" would replace the real reason as the run's error.
+      if (err instanceof HelperError && err.code === "NO_SPACE") {
+        throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) failed: ${err.code}: ${err.message}`, err);
+      }
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
   } finally {
@@ -204,10 +209,10 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
 }
 
 /** Refuses a layer the pool cannot hold, before any device is made for it. */
-async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, digest: string, key: string): Promise<void> {
+async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, digest: string, key: string, freshFilesystem: boolean): Promise<void> {
   const content = catalog.blobContent(digest) ?? { fileBytes: (await blobs.has(digest))?.size ?? 0, entries: 0 };
   const pool = await helper.call("pool.status", {});
-  const problem = spaceProblem(content, pool);
+  const problem = spaceProblem(content, pool, freshFilesystem);
   if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
 }
 
