@@ -9,7 +9,7 @@ import { chownSync, existsSync, readFileSync, readdirSync, statSync, writeFileSy
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { HelperClient } from "../../agent/helper-client.ts";
-import { connectImgd, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { connectImgd, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
 
 const stateDir = "/var/lib/imgd";
 const blobDir = join(stateDir, "blobs/sha256");
@@ -77,9 +77,6 @@ test("helper: create/snapshot repeated with the same origin succeed; another ori
   await helper.call("fs.unmount", { name });
   for (const thinId of [7001, 7000, 7002, 7003, 7003]) await helper.call("thin.delete", { thinId });
   assert.deepEqual(await thinIds(), []);
-  // A deleted id is free again, whatever its origin was.
-  await helper.call("thin.create", { thinId: 7001 });
-  await helper.call("thin.delete", { thinId: 7001 });
 });
 
 let python: Image;
@@ -103,10 +100,6 @@ test("delete: refused while activated; forced, it deactivates first; python keep
   for (const layer of python.layers) assert.ok(ids.includes(layer.thinId), `python's layer ${layer.position} device stays`);
   assert.deepEqual(ids, python.layers.map((l) => l.thinId).sort((a, b) => a - b));
   assert.equal(imgctl("image", "node").status, 1, "node is forgotten");
-  // python still activates on the real pool.
-  const { activation: act } = await client.activateImage({ image: "python" });
-  assert.equal(sh("/usr/sbin/blkid", "-o", "value", "-s", "TYPE", act!.devicePath).trim(), "ext4");
-  await client.deactivateImage({ activationId: act!.id });
 });
 
 test("gc removes the blob only node used, and keeps python's", async () => {
@@ -172,6 +165,4 @@ test("startup reconciliation repairs leaks planted while the agent was stopped; 
   assert.deepEqual(blobs(), []);
   assert.equal((await client.listImages({})).images.length, 0);
   assert.equal(imgctl("doctor").status, 0);
-  // And the pool still works: a fresh pull rebuilds from S3.
-  assert.equal((await pull("python")).state, ImageState.READY);
 });
