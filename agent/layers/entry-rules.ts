@@ -50,6 +50,8 @@ const MAX_UID = 0xfffffffe; // (uid_t)-1 means "unchanged" to chown(2)
 const MAX_XATTR_NAME_BYTES = 255;
 const MAX_XATTR_VALUE_BYTES = 65536;
 const OPAQUE_MARKER = ".wh..wh..opq";
+/** Self-naming symlinks remembered in clear text (few in any real layer); past this, the applier alone judges. */
+const MAX_SELF_LOOPS = 64;
 const WHITEOUT_PREFIX = ".wh.";
 
 type SeenKind = "dir" | "nondir";
@@ -93,6 +95,8 @@ export class EntryRules {
   readonly #opaque = new Set<string>();
   /** Targets of hardlinks to paths not (yet) seen in this layer, hashed. */
   readonly #linkedAhead = new Set<string>();
+  /** Symlinks of this layer that name themselves (root -> /root), still in place. */
+  readonly #selfLoops: { name: string; target: string }[] = [];
 
   constructor(limits: EntryLimits) {
     this.#limits = limits;
@@ -127,6 +131,7 @@ export class EntryRules {
     }
 
     const base = baseOf(name);
+    if (name !== "") this.#throughSelfLoop(name, base.startsWith(WHITEOUT_PREFIX), refuse);
     if (base.startsWith(WHITEOUT_PREFIX)) {
       this.#whiteout(name, base, header, refuse);
       return;
@@ -150,6 +155,7 @@ export class EntryRules {
         break;
       case "symlink":
         this.#symlinkTarget(header.linkname, refuse);
+        this.#rememberSelfLoop(name, header.linkname!);
         this.summary.symlinks++;
         break;
       case "link":
@@ -194,6 +200,42 @@ export class EntryRules {
     }
   }
 
+  /**
+   * A member under a symlink of this layer that names itself can never be created: the path is a
+   * loop (ELOOP) whatever the lower layers hold. Whiteouts there delete nothing and pass, as at
+   * apply. A member naming the link or one of its parents may change what the path means: from
+   * then on the applier judges.
+   */
+  #throughSelfLoop(name: string, whiteout: boolean, refuse: Refuse): void {
+    if (this.#selfLoops.length === 0) return;
+    const loop = this.#selfLoops.find((l) => name.startsWith(`${l.name}/`));
+    if (loop && !whiteout) {
+      throw refuse("SYMLINK_LOOP", `"${printable(loop.name)}" is a symlink to itself ("${printable(loop.target)}"), so nothing can be created under it`);
+    }
+    if (whiteout) return;
+    for (let i = this.#selfLoops.length - 1; i >= 0; i--) {
+      const l = this.#selfLoops[i]!.name;
+      if (l === name || l.startsWith(`${name}/`)) this.#selfLoops.splice(i, 1);
+    }
+  }
+
+  /**
+   * Remembers `name` when its target resolves to itself for certain: no ".." (after a symlinked
+   * component the kernel's ".." is not the lexical one), and every parent a directory this layer
+   * made (a lower layer's symlink there could send the link somewhere else).
+   */
+  #rememberSelfLoop(name: string, target: string): void {
+    if (this.#selfLoops.length >= MAX_SELF_LOOPS) return;
+    const parts = target.split("/").filter((p) => p !== "" && p !== ".");
+    if (parts.includes("..")) return;
+    const resolved = target.startsWith("/") ? parts.join("/") : joinName(parentOf(name), parts.join("/"));
+    if (parts.length === 0 || resolved !== name) return;
+    for (let parent = parentOf(name); parent !== ""; parent = parentOf(parent)) {
+      if (this.#seen.get(key(parent)) !== "dir") return;
+    }
+    this.#selfLoops.push({ name, target });
+  }
+
   #hardlinkTarget(name: string, rawTarget: string | null, refuse: Refuse): void {
     if (!rawTarget) throw refuse("HARDLINK_TARGET_INVALID", "hardlink has an empty target");
     let target: string;
@@ -212,6 +254,10 @@ export class EntryRules {
     if (seen === "nondir") return;
     if (this.#deletedHere(target)) {
       throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" was deleted earlier in this layer`);
+    }
+    const loop = this.#selfLoops.find((l) => target.startsWith(`${l.name}/`));
+    if (loop) {
+      throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" lies under "${printable(loop.name)}", a symlink to itself`);
     }
     this.#linkedAhead.add(key(target));
     this.summary.lowerLayerLinks++;

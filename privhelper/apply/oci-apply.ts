@@ -233,8 +233,9 @@ class LayerApplier {
       mkdirSync(this.full(dir), { recursive: true, mode: 0o755 });
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      // EEXIST/ENOTDIR: a parent is a file; ENOENT: a parent is a dangling symlink.
-      if (code === "EEXIST" || code === "ENOTDIR" || code === "ENOENT") {
+      // EEXIST/ENOTDIR: a parent is a file; ENOENT: a parent is a dangling symlink; ELOOP: a
+      // parent is a symlink loop (say root -> /root, which inside the chroot names itself).
+      if (code === "EEXIST" || code === "ENOTDIR" || code === "ENOENT" || code === "ELOOP") {
         throw new LayerRefused("PARENT_NOT_DIR", entry, `a parent of ${JSON.stringify(entry)} is not a directory`);
       }
       throw err;
@@ -243,12 +244,15 @@ class LayerApplier {
 
   /** A whiteout: removes `rel` as it exists in lower layers; this layer's own entries stay. */
   private removeLower(rel: string): void {
+    // Nothing there (a parent missing, not a directory, or a symlink loop): nothing to delete.
+    // Checked with lstat first because rmSync reports ELOOP without an error code.
+    const info = lstatOrNull(this.full(rel));
+    if (!info) return;
     if (!this.isKept(rel)) {
       rmSync(this.full(rel), { recursive: true, force: true });
       return;
     }
-    const info = lstatOrNull(this.full(rel));
-    if (info?.isDirectory()) this.pruneLowerChildren(rel);
+    if (info.isDirectory()) this.pruneLowerChildren(rel);
   }
 
   /** An opaque directory: removes every child of `dir` that this layer did not write. */
@@ -286,7 +290,8 @@ function lstatOrNull(path: string): Stats | null {
     return lstatSync(path);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === "ENOENT" || code === "ENOTDIR") return null;
+    // A parent that is missing, not a directory, or a symlink loop: no such path.
+    if (code === "ENOENT" || code === "ENOTDIR" || code === "ELOOP") return null;
     throw err;
   }
 }

@@ -168,6 +168,8 @@ async function pullRefused(c: CorpusCase): Promise<void> {
   assert.equal(runs[0]?.status, RunStatus.FAILED, `${c.name}: run ${JSON.stringify(runs[0])}`);
   assert.match(runs[0]!.error, patterns[0]!, `${c.name}: the failed run records the reason`);
   if (!REFUSED_AT_LISTING[c.name]) assert.ok(runs[0]!.error.includes(expect.rule), `${c.name}: the run's reason names ${expect.rule}: ${runs[0]!.error}`);
+  // LAYER_REFUSED is permanent: one attempt, never a rebuild of the same layer (APPLY_FAILED is retried).
+  if (expect.stage === "apply") assert.equal(runs[0]!.attempts, 1, `${c.name}: a refusal is not retried: ${runs[0]!.error}`);
   const { image } = await client.getImage({ image: imageOf(c) });
   assert.match(image!.error, patterns[0]!, `${c.name}: the image is failed with the reason`);
   if (expect.stage === "validate") {
@@ -240,7 +242,7 @@ test("a refused image's object replaced by a fixed blob: a later pull works", as
 // ---- the second guard alone ------------------------------------------------------------------
 
 /** Blobs the validator refuses, fed straight to the helper: applied confined, or refused. */
-const BYPASS = ["name-absolute", "appended-archive", "whiteout-absolute", "name-dotdot", "hardlink-absolute", "char-device", "symlink-to-host-only-dir", "symlink-to-state-dir"];
+const BYPASS = ["name-absolute", "appended-archive", "whiteout-absolute", "name-dotdot", "hardlink-absolute", "char-device", "symlink-to-host-only-dir", "symlink-to-state-dir", "symlink-self-loop-file"];
 
 test("bypassing the agent, the helper's applier stays inside the image on the nastiest blobs", async () => {
   const helper = new HelperClient(process.env.IMGD_HELPER_SOCKET ?? "/run/imgd/privhelper.sock");
@@ -293,6 +295,8 @@ test("bypassing the agent, the helper's applier stays inside the image on the na
     }
     assert.match(results.find((r) => r.startsWith("name-absolute"))!, /applied/);
     for (const nasty of ["name-dotdot", "char-device", "symlink-to-host-only-dir"]) assert.match(results.find((r) => r.startsWith(nasty))!, /LAYER_REFUSED/);
+    // root -> /root names itself in the image: a permanent refusal naming the rule, not APPLY_FAILED.
+    assert.match(results.find((r) => r.startsWith("symlink-self-loop-file"))!, /LAYER_REFUSED: .*rule PARENT_NOT_DIR/);
   } finally {
     await helper.call("device.deactivate", { name }).catch(() => undefined);
     await helper.call("thin.delete", { thinId }).catch(() => undefined);

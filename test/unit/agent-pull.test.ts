@@ -165,6 +165,20 @@ test("a transient helper failure during apply is retried; the half-made device i
   assert.equal(helper.thins.get(image!.thinId)!.layers.length, 1);
 });
 
+test("a layer the applier refuses ends the run at once (never retried), naming the entry and the rule", async () => {
+  await s3.put("images/loop/1.tar", await tarOf({ loop: "a layer no other test has\n" }));
+  const refusal = `a parent of "root/.ssh/x" is not a directory (entry "root/.ssh/x", rule PARENT_NOT_DIR)`;
+  helper.failNext("layer.apply", "LAYER_REFUSED", refusal);
+  const applies = helper.calls.filter((c) => c.op === "layer.apply").length;
+  const failure = await pull("loop").then(() => assert.fail("the pull should fail"), (err: Error) => err);
+  assert.match(failure.message, /rule PARENT_NOT_DIR/);
+  const { runs } = await client.listRuns({ fsm: "pull", resourceId: "loop", limit: 1 });
+  assert.equal(runs[0]!.status, RunStatus.FAILED);
+  assert.equal(runs[0]!.attempts, 1, runs[0]!.error);
+  assert.equal(helper.calls.filter((c) => c.op === "layer.apply").length, applies + 1, "one apply, no retry");
+  assert.match(runs[0]!.error, /image loop: layer images\/loop\/1\.tar \(sha256:[0-9a-f]{64}\) refused: LAYER_REFUSED: .*rule PARENT_NOT_DIR\)/);
+});
+
 test("activations are independent snapshots of the image's device", async () => {
   const { activation: a } = await client.activateImage({ image: "golang" });
   const { activation: b } = await client.activateImage({ image: "golang" });

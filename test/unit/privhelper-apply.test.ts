@@ -216,6 +216,24 @@ test("a file over a lower symlink to a host path replaces the link; the host fil
   assert.equal(readFileSync(hostFile, "utf8"), "original");
 });
 
+test("symlink loops: entries under one are refused (PARENT_NOT_DIR), whiteouts under one delete nothing", opts, async (t) => {
+  const box = sandbox(t);
+  // root -> /root names itself inside the chroot; a -> b -> a is a loop of two.
+  assert.ok((await box.apply([symlink("root", "/root"), symlink("a", "b"), symlink("b", "a")])).ok);
+  for (const name of ["root/.ssh/authorized_keys", "root/x", "a/x", "b/c/d/"]) {
+    const report = await box.apply([name.endsWith("/") ? dir(name) : file(name, "x")]);
+    assert.deepEqual({ code: report.code, rule: report.rule, entry: report.entry }, { code: "LAYER_REFUSED", rule: "PARENT_NOT_DIR", entry: name }, report.message);
+  }
+  const whiteouts = await box.apply([file("root/.wh..ssh", ""), file("a/x/.wh..wh..opq", ""), file("b/.wh.c", "")]);
+  assert.ok(whiteouts.ok, JSON.stringify(whiteouts));
+  const hard = await box.apply([hardlink("stolen", "a/x")]);
+  assert.equal(hard.rule, "HARDLINK_TARGET", JSON.stringify(hard));
+  // A directory this layer dated, then made unreachable by a loop over its parent: no failure.
+  assert.ok((await box.apply([dir("d/", { mtime: T1 }), dir("d/e/", { mtime: T1 }), symlink("d", "/d")])).ok);
+  assert.deepEqual(readdirSync(box.root).sort(), ["a", "b", "d", "root"]);
+  assert.equal(readlinkSync(join(box.root, "root")), "/root");
+});
+
 test("names with '..' are refused; absolute names land inside the root", opts, async (t) => {
   const box = sandbox(t);
   for (const name of ["../escape", "a/../../escape", "a/b/../../../escape", ".."]) {
