@@ -1,6 +1,7 @@
 // Thin ids inside the pool: create, snapshot, delete (pool messages), list (pool metadata).
 import { readFile, stat } from "node:fs/promises";
 import type { HelperConfig } from "./config.ts";
+import { crashPoint } from "./crash-points.ts";
 import { listDevices, poolDeviceNumber } from "./device.ts";
 import { dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
@@ -23,6 +24,7 @@ export async function createThin(config: HelperConfig, thinId: number): Promise<
   await poolDeviceNumber(config);
   try {
     await dmMessage(config.poolName, `create_thin ${thinId}`);
+    crashPoint("helper.thin.create.after-message");
   } catch (err) {
     if (kernelSays(err, EXISTS)) throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName}`);
     throw err;
@@ -38,6 +40,7 @@ export async function snapshotThin(config: HelperConfig, thinId: number, originI
   if (active) await dmSuspend(active.name);
   try {
     await dmMessage(config.poolName, `create_snap ${thinId} ${originId}`);
+    crashPoint("helper.thin.snapshot.after-message");
   } catch (err) {
     if (kernelSays(err, EXISTS)) throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName}`);
     if (kernelSays(err, MISSING)) throw new HelperFailure("NOT_FOUND", `origin thin id ${originId} does not exist in pool ${config.poolName}`);
@@ -54,6 +57,7 @@ export async function deleteThin(config: HelperConfig, thinId: number): Promise<
   if (active) throw new HelperFailure("BUSY", `thin id ${thinId} is active as ${active.name}; deactivate it first`);
   try {
     await dmMessage(config.poolName, `delete ${thinId}`);
+    crashPoint("helper.thin.delete.after-message");
   } catch (err) {
     if (kernelSays(err, MISSING)) return;
     throw err;

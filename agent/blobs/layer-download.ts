@@ -4,6 +4,7 @@
 // multipart "-N" one), the same MD5. Memory stays bounded: one chunk at a time, written before
 // the next is read.
 import { createHash } from "node:crypto";
+import { crashPoint } from "../crash-points.ts";
 import type { FileHandle } from "node:fs/promises";
 import { addAbortSignal } from "node:stream";
 import type { Readable } from "node:stream";
@@ -75,6 +76,7 @@ export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: Layer
         localFailure = true; // a local disk problem, not S3's: passed on unchanged
         throw err;
       }
+      crashPoint("download.chunk-written");
       opts.onProgress?.(received, obj.size);
     }
   } catch (err) {

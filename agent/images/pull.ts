@@ -12,6 +12,7 @@
 // in the catalog, never "ready": it is discarded and rebuilt.
 import { createReadStream } from "node:fs";
 import type { Catalog, DeviceRow } from "../catalog.ts";
+import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
@@ -172,6 +173,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   try {
     await checkPoolSpace(deps, ctx, digest, key);
     const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
+    crashPoint("pull.thin-id-allocated");
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
     try {
       if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId });
@@ -179,6 +181,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
       await helper.call("device.activate", { name: device.name, thinId: device.thinId });
       if (!parent) await helper.call("fs.mkfs", { name: device.name });
       await helper.call("layer.apply", { name: device.name, digest });
+      crashPoint("pull.layer-applied");
       await helper.call("device.deactivate", { name: device.name });
     } catch (err) {
       await discardDevice(deps, device).catch((cleanupErr) =>
@@ -189,6 +192,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   } finally {
     slot.release();
   }
+  crashPoint("pull.device-built");
   catalog.markDeviceReady(chainId);
 }
 
