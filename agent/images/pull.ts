@@ -68,8 +68,10 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     })
     .end({
       finalizers: [
-        (run) => {
-          if (run.status === "failed") catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+        async (run) => {
+          if (run.status !== "failed") return;
+          catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+          await discardHalfMadeDevices(deps, run.state);
         },
       ],
     });
@@ -202,6 +204,25 @@ async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, di
   const pool = await helper.call("pool.status", {});
   const problem = spaceProblem(content, pool);
   if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
+}
+
+/**
+ * A failed pull leaves no half-made device of its chain behind (the failed attempt's own cleanup
+ * may have failed too, e.g. with the helper gone), rather than waiting for the next pull or
+ * restart. Under the chain's lock: a device being built by another pull is never touched.
+ */
+async function discardHalfMadeDevices(deps: PullDeps, state: PullState): Promise<void> {
+  const digests: string[] = [];
+  for (const layer of state.layers) {
+    if (!layer.digest) break;
+    digests.push(layer.digest);
+  }
+  for (const chainId of chainIds(digests)) {
+    await deps.locks.run(`chain ${chainId}`, async () => {
+      const device = deps.catalog.getDevice(chainId);
+      if (device?.state === "allocated") await discardDevice(deps, device);
+    });
+  }
 }
 
 /** Removes a device from the pool and then from the catalog; both steps tolerate "already gone". */
