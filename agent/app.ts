@@ -13,6 +13,7 @@ import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
 import { registerPullFsm } from "./images/pull.ts";
 import { lockStateDir } from "./instance-lock.ts";
+import { reconcile } from "./reconcile.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
 import { createS3Client, loadS3Config } from "./s3/client.ts";
@@ -43,9 +44,13 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
+  const lifecycle = { catalog, helper, pull, activate, deactivate, locks, tmpDir: blobs.tmpDir };
+  // Before any run resumes: what a crash (or a power loss, or someone else) left in the pool is
+  // repaired while nothing else moves. Subjects of unfinished runs are left to those runs.
+  await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });
   await engine.resumeAll();
 
-  const { server, port } = await startGrpcServer(config.listen, { catalog, helper, pull, activate, deactivate });
+  const { server, port } = await startGrpcServer(config.listen, { ...lifecycle, log });
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
 
   return {
@@ -69,6 +74,22 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
       lock.release();
     },
   };
+}
+
+async function reconcileAtStart(deps: Parameters<typeof reconcile>[0]): Promise<void> {
+  try {
+    const { outcomes, after } = await reconcile(deps);
+    const count = (result: string) => outcomes.filter((o) => o.result === result).length;
+    deps.log(after.clean ? "info" : "warn", "startup reconciliation done", {
+      repaired: count("repaired"),
+      skipped: count("skipped"),
+      failed: count("failed"),
+      remaining: after.findings.map((f) => `${f.kind} ${f.subject}`),
+    });
+  } catch (err) {
+    // The agent still serves: doctor shows what is left, and `imgctl doctor --repair` retries.
+    deps.log("error", "startup reconciliation failed", { error: err instanceof Error ? err.message : String(err) });
+  }
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());

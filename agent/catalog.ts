@@ -248,6 +248,33 @@ export class Catalog {
     })();
   }
 
+  /** Devices built on `chainId` (its snapshots, their snapshots...), the top-most first. */
+  devicesAbove(chainId: string): DeviceRow[] {
+    const rows = this.db
+      .prepare(
+        `WITH RECURSIVE above(chain_id, depth) AS (
+           SELECT chain_id, 1 FROM devices WHERE parent_chain_id = ?
+           UNION ALL SELECT d.chain_id, above.depth + 1 FROM devices d JOIN above ON d.parent_chain_id = above.chain_id
+         )
+         SELECT chain_id AS chainId, MAX(depth) AS depth FROM above GROUP BY chain_id ORDER BY depth DESC, chain_id`,
+      )
+      .all(chainId) as { chainId: string }[];
+    return rows.map((r) => this.getDevice(r.chainId)!);
+  }
+
+  /** Images whose chain (or any layer's chain) is one of `chainIds`. */
+  imagesUsing(chainIds: string[]): string[] {
+    if (chainIds.length === 0) return [];
+    const marks = chainIds.map(() => "?").join(",");
+    const rows = this.db
+      .prepare(
+        `SELECT name FROM images WHERE chain_id IN (${marks})
+         UNION SELECT image FROM image_layers WHERE chain_id IN (${marks}) ORDER BY 1`,
+      )
+      .all(...chainIds, ...chainIds) as { name: string }[];
+    return rows.map((r) => r.name);
+  }
+
   // --- activations -------------------------------------------------------------------------
 
   allocateActivation(a: { id: string; image: string; chainId: string; name: string }): ActivationRow {

@@ -11,7 +11,10 @@ export interface AgentConfig {
   logLevel: "debug" | "info" | "warn" | "error";
   downloadConcurrency: number;
   applyConcurrency: number;
-  /** Raw settings, for the modules that read their own (S3). */
+  /**
+   * Raw settings, for the modules that read their own: agent/s3/config.ts reads IMGD_S3_* (endpoint,
+   * bucket, timeouts, max layer count) and IMGD_DOWNLOAD_* (retries, backoff, ranged GETs).
+   */
   settings: Record<string, string | undefined>;
 }
 

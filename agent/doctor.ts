@@ -1,5 +1,6 @@
-// Doctor: a read-only comparison of the catalog (SQLite) with the thin pool and the kernel's
-// device-mapper devices. It reports what disagrees and what a repair would do; it repairs nothing.
+// Doctor: a read-only comparison of the catalog (SQLite) with the thin pool, the kernel's
+// device-mapper devices and the agent's temp directory. It reports what disagrees and what a
+// repair would do (in words, and as an action reconcile.ts can carry out); it repairs nothing.
 //
 // The pool and the devices are read FIRST, then the catalog: rows are written before the pool
 // is changed (a thin id is allocated before it is created), so a run that moves on meanwhile
@@ -8,6 +9,8 @@
 import type { ActivationRow, Catalog, DeviceRow } from "./catalog.ts";
 import type { HelperClient } from "./helper-client.ts";
 import type { Fsm } from "./fsm/engine.ts";
+import { readdirSync } from "node:fs";
+import { join } from "node:path";
 import { chainIds } from "./images/chain.ts";
 
 export type FindingKind =
@@ -16,13 +19,25 @@ export type FindingKind =
   | "STRAY_DEVICE"
   | "MISSING_DEVICE"
   | "HALF_MADE_DEVICE"
-  | "HALF_MADE_ACTIVATION";
+  | "HALF_MADE_ACTIVATION"
+  | "STRAY_TEMP_FILE";
+
+/** What reconcile.ts does for a finding; it re-checks the finding under the right lock first. */
+export type RepairAction =
+  | { type: "delete-thin"; thinId: number; holder?: string }
+  | { type: "drop-device-chain"; chainId: string }
+  | { type: "discard-device"; chainId: string; thinId: number }
+  | { type: "drop-activation"; id: string; thinId: number }
+  | { type: "remove-device"; name: string; thinId: number }
+  | { type: "reactivate"; id: string }
+  | { type: "remove-temp"; path: string };
 
 export interface Finding {
   kind: FindingKind;
   subject: string;
   detail: string;
   repair: string;
+  action: RepairAction;
 }
 
 export interface DoctorReport {
@@ -39,9 +54,11 @@ export interface DoctorDeps {
   pull: Pick<Fsm<any, any>, "list">;
   activate: Pick<Fsm<any, any>, "list">;
   deactivate: Pick<Fsm<any, any>, "list">;
+  /** The agent's temp download directory (<state>/tmp); omitted: temp files are not checked. */
+  tmpDir?: string;
 }
 
-export async function runDoctor({ catalog, helper, pull, activate, deactivate }: DoctorDeps): Promise<DoctorReport> {
+export async function runDoctor({ catalog, helper, pull, activate, deactivate, tmpDir }: DoctorDeps): Promise<DoctorReport> {
   const { thinIds } = await helper.call("thin.list", {});
   const { devices: live } = await helper.call("device.list", {});
   const devices = catalog.listDevices();
@@ -69,6 +86,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
       subject: `thin id ${thinId}`,
       detail: `thin id ${thinId} exists in the pool but the catalog has no device or activation for it${holder ? ` (active as ${holder.name})` : ""}`,
       repair: holder ? `remove device ${holder.name}, then delete thin id ${thinId} from the pool` : `delete thin id ${thinId} from the pool`,
+      action: { type: "delete-thin", thinId, holder: holder?.name },
     });
   }
   for (const [thinId, owner] of owners) {
@@ -79,7 +97,8 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
         kind: "MISSING_THIN_ID",
         subject: owner.row.name,
         detail: `layer device ${owner.row.name} (chain ${owner.row.chainId}) is recorded ready with thin id ${thinId}, which is not in the pool`,
-        repair: `forget device ${owner.row.name} and everything built on it (devices, activations); the next pull of an image using it rebuilds it`,
+        repair: `forget device ${owner.row.name} and the devices built on it, mark the images using them failed; the next pull of such an image rebuilds them`,
+        action: { type: "drop-device-chain", chainId: owner.row.chainId },
       });
     } else {
       findings.push({
@@ -87,6 +106,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
         subject: `activation ${owner.row.id}`,
         detail: `activation ${owner.row.id} of ${owner.row.image} is recorded active with thin id ${thinId}, which is not in the pool (its data is gone)`,
         repair: `remove device ${owner.row.name} if present and forget activation ${owner.row.id}`,
+        action: { type: "drop-activation", id: owner.row.id, thinId },
       });
     }
   }
@@ -111,6 +131,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
       subject: name,
       detail: `/dev/mapper/${name} (thin id ${thinId}) is active: ${why}`,
       repair: `remove device ${name}${!owners.has(thinId) ? "" : ` (thin id ${thinId} itself is kept)`}`,
+      action: { type: "remove-device", name, thinId },
     });
   }
   for (const activation of activations) {
@@ -122,6 +143,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
       subject: activation.name,
       detail: `activation ${activation.id} of ${activation.image} is recorded active but /dev/mapper/${activation.name} does not exist`,
       repair: `activate thin id ${activation.thinId} as ${activation.name} again`,
+      action: { type: "reactivate", id: activation.id },
     });
   }
 
@@ -133,6 +155,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
       subject: device.name,
       detail: `layer device ${device.name} (thin id ${device.thinId}) was allocated but never completed, and no pull is building it${inPool.has(device.thinId) ? "" : " (its thin id is not in the pool)"}`,
       repair: `remove device ${device.name} if active, delete thin id ${device.thinId} from the pool, forget the row (the next pull rebuilds it)`,
+      action: { type: "discard-device", chainId: device.chainId, thinId: device.thinId },
     });
   }
   for (const activation of activations) {
@@ -142,7 +165,23 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
       subject: `activation ${activation.id}`,
       detail: `activation ${activation.id} of ${activation.image} (thin id ${activation.thinId}) was allocated but never completed, and no run is working on it`,
       repair: `remove device ${activation.name} if present, delete thin id ${activation.thinId} from the pool, forget activation ${activation.id}`,
+      action: { type: "drop-activation", id: activation.id, thinId: activation.thinId },
     });
+  }
+
+  // (d) temp files: downloads happen only inside pull runs, so with no pull running every file
+  // in the temp directory is a leftover (the run list is read first: a download starting later
+  // makes a new name).
+  if (tmpDir && running(pull).length === 0) {
+    for (const name of listTempFiles(tmpDir)) {
+      findings.push({
+        kind: "STRAY_TEMP_FILE",
+        subject: name,
+        detail: `${join(tmpDir, name)} is left over from a download (no pull is running)`,
+        repair: `delete ${join(tmpDir, name)}`,
+        action: { type: "remove-temp", path: join(tmpDir, name) },
+      });
+    }
   }
 
   return { clean: findings.length === 0, poolThinIds: thinIds.length, catalogThinIds: owners.size, findings };
@@ -152,7 +191,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate }:
  * Chain ids the running pulls may be building. A pull records each layer's digest once it is
  * downloaded, so the chain is known up to the first layer still downloading.
  */
-function chainsBeingBuilt(catalog: Catalog, images: string[]): Set<string> {
+export function chainsBeingBuilt(catalog: Catalog, images: string[]): Set<string> {
   const chains = new Set<string>();
   for (const image of images) {
     const digests: string[] = [];
@@ -163,4 +202,16 @@ function chainsBeingBuilt(catalog: Catalog, images: string[]): Set<string> {
     for (const chain of chainIds(digests)) chains.add(chain);
   }
   return chains;
+}
+
+function listTempFiles(tmpDir: string): string[] {
+  try {
+    return readdirSync(tmpDir, { withFileTypes: true })
+      .filter((entry) => entry.isFile())
+      .map((entry) => entry.name)
+      .sort();
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw err;
+  }
 }

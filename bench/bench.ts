@@ -6,6 +6,8 @@
 //             for the largest synthetic layer and for a generated one (IMGD_BENCH_LAYER_MB, 128)
 //   download  the agent's blob download (hash, fsync, rename) vs the aws CLI copying the same
 //             objects from the same server
+//   ranged    the largest layer downloaded by one GET vs by parallel ranged GETs (the agent's
+//             own two modes, IMGD_DOWNLOAD_PARALLEL_THRESHOLD / _PART_SIZE / _PART_CONCURRENCY)
 //   re-pull   latency of PullImage on a ready image (median of many)
 //   activate  latency of ActivateImage (median)
 //   pool      data used by the three images vs the sum of their layer sizes
@@ -18,6 +20,7 @@ import { join } from "node:path";
 import { BlobStore } from "../agent/blobs/store.ts";
 import { HelperClient } from "../agent/helper-client.ts";
 import { createS3Client, loadS3Config } from "../agent/s3/client.ts";
+import type { S3Config } from "../agent/s3/client.ts";
 import { listImageLayers } from "../agent/s3/image-source.ts";
 import { connectImgd } from "../client/sdk.ts";
 
@@ -108,6 +111,28 @@ async function benchDownload(): Promise<void> {
   rmSync(theirs, { recursive: true, force: true });
 }
 
+async function benchRangedDownload(): Promise<void> {
+  const objects = (await Promise.all(images.map((image) => listImageLayers(s3, s3Config, image)))).flat();
+  const largest = objects.sort((a, b) => b.size - a.size)[0];
+  const timed = async (download: S3Config["download"]) => {
+    const dir = mkdtempSync("/tmp/imgd-bench-ranged-");
+    try {
+      const store = new BlobStore(dir);
+      await store.init();
+      const t = now();
+      await store.downloadLayer(s3, { ...s3Config, download: { ...s3Config.download, ...download } }, largest, {});
+      return (now() - t) / 1000;
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+  const partSize = Math.max(1024 * 1024, Math.ceil(largest.size / 8));
+  const single = await timed({ parallelThreshold: Number.MAX_SAFE_INTEGER });
+  const ranged = await timed({ parallelThreshold: 1, partSize, partConcurrency: 4 });
+  const mbps = (s: number) => `${(largest.size / MiB / s).toFixed(1)} MiB/s`;
+  row(`largest layer (${(largest.size / MiB).toFixed(1)} MiB): ranged GETs, ${Math.ceil(largest.size / partSize)} parts, 4 at once`, mbps(ranged), `one GET ${mbps(single)}`, `${(single / ranged).toFixed(2)}x`);
+}
+
 /**
  * Applies a layer into a fresh thin device with imgd's helper (mount, chroot, validate, apply,
  * hash, sync, unmount) and, as the baseline, mounts a second fresh device the same way and runs
@@ -179,6 +204,7 @@ async function main(): Promise<void> {
   await benchPoolAndPull();
   await benchRepullAndActivate();
   await benchDownload();
+  await benchRangedDownload();
   await benchUnpack();
   const widths = [0, 1, 2, 3].map((i) => Math.max(...[["measure", "imgd", "baseline", "imgd vs baseline"], ...rows].map((r) => r[i].length)));
   const print = (r: string[]) => console.log(r.map((c, i) => c.padEnd(widths[i])).join("  "));

@@ -14,8 +14,10 @@ commands:
   activations [IMAGE]   list activations
   pool                  show thin pool usage
   runs [--fsm F] [--id ID] [--limit N]   FSM run history
-  doctor                compare the agent's database with the thin pool (read only);
-                        exit 0 when clean, 1 when something disagrees
+  doctor [--repair]     compare the agent's database with the thin pool and its temp files,
+                        and say what a repair would do (read only); --repair carries the
+                        repairs out (safe while the agent works); exit 0 when clean
+                        (after the repairs), 1 when something disagrees
 The agent address defaults to $IMGD_ADDR or 127.0.0.1:50051.`;
 
 async function main(argv: string[]): Promise<number> {
@@ -28,6 +30,7 @@ async function main(argv: string[]): Promise<number> {
       fsm: { type: "string" },
       id: { type: "string" },
       limit: { type: "string" },
+      repair: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -86,14 +89,15 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "doctor": {
-        const report = await client.doctor({});
+        const report = await client.doctor({ repair: values.repair });
         out(() => {
           console.log(`thin ids: ${report.poolThinIds} in the pool, ${report.catalogThinIds} in the catalog`);
-          if (report.clean) console.log("clean");
           for (const f of report.findings) {
             console.log(`${f.kind} ${f.subject}: ${f.detail}`);
             console.log(`  repair: ${f.repair}`);
+            if (f.result) console.log(`  ${f.result}: ${f.note}`);
           }
+          if (report.clean) console.log(values.repair && report.findings.length > 0 ? "clean after repair" : "clean");
         }, report);
         return report.clean ? 0 : 1;
       }

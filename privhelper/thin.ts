@@ -6,6 +6,7 @@ import { listDevices, poolDeviceNumber } from "./device.ts";
 import { dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { CommandFailed, run } from "./run.ts";
+import { readOrigin, removeOrigin, writeOrigin } from "./thin-origins.ts";
 
 // Kernel answers to pool messages, as printed by dmsetup ("message ioctl ... failed: <strerror>").
 const EXISTS = /File exists/;
@@ -16,37 +17,56 @@ function kernelSays(err: unknown, pattern: RegExp): boolean {
 }
 
 /**
- * An existing id is reported as EXISTS, not success: an old id may hold old data, and the caller
- * must decide (delete and retry). Telling "exists with the same origin" apart, so that a repeated
- * request can succeed, needs the pool's metadata (thin_ls): that is the crash-recovery work.
+ * Creating an id that already exists succeeds only when the helper's record says it was created
+ * the same way (thin-origins.ts): a repeated request after a crash. An id with no record, or
+ * recorded with another origin, is EXISTS: it may hold other data, the caller must delete it.
  */
 export async function createThin(config: HelperConfig, thinId: number): Promise<void> {
   await poolDeviceNumber(config);
-  try {
+  await createRecorded(config, thinId, null, async () => {
     await dmMessage(config.poolName, `create_thin ${thinId}`);
     crashPoint("helper.thin.create.after-message");
-  } catch (err) {
-    if (kernelSays(err, EXISTS)) throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName}`);
-    throw err;
-  }
+  });
 }
 
 export async function snapshotThin(config: HelperConfig, thinId: number, originId: number): Promise<void> {
   await poolDeviceNumber(config);
   if (thinId === originId) throw new HelperFailure("CONFLICT", "a snapshot cannot have its own id as origin");
-  // An active origin must be suspended so its in-flight writes reach the pool before the snapshot
-  // shares its blocks; otherwise the snapshot may see a torn filesystem.
-  const active = (await listDevices(config)).find((device) => device.thinId === originId);
-  if (active) await dmSuspend(active.name);
-  try {
-    await dmMessage(config.poolName, `create_snap ${thinId} ${originId}`);
+  await createRecorded(config, thinId, originId, async () => {
+    // An active origin must be suspended so its in-flight writes reach the pool before the
+    // snapshot shares its blocks; otherwise the snapshot may see a torn filesystem.
+    const active = (await listDevices(config)).find((device) => device.thinId === originId);
+    if (active) await dmSuspend(active.name);
+    try {
+      await dmMessage(config.poolName, `create_snap ${thinId} ${originId}`);
+    } finally {
+      if (active) await dmResume(active.name);
+    }
     crashPoint("helper.thin.snapshot.after-message");
+  });
+}
+
+/** Records the origin durably, then sends the pool message; see createThin for what EXISTS means. */
+async function createRecorded(config: HelperConfig, thinId: number, origin: number | null, send: () => Promise<void>): Promise<void> {
+  const how = (o: number | null) => (o === null ? "as an empty device" : `as a snapshot of ${o}`);
+  const previous = await readOrigin(config, thinId);
+  const same = previous !== undefined && previous.origin === origin;
+  // A record with another origin is stale unless the id is in the pool (the pool says).
+  if (previous !== undefined && !same && (await listThinIds(config)).includes(thinId)) {
+    throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName}, created ${how(previous.origin)}, not ${how(origin)}`);
+  }
+  if (!same) await writeOrigin(config, thinId, origin);
+  try {
+    await send();
   } catch (err) {
-    if (kernelSays(err, EXISTS)) throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName}`);
-    if (kernelSays(err, MISSING)) throw new HelperFailure("NOT_FOUND", `origin thin id ${originId} does not exist in pool ${config.poolName}`);
+    if (kernelSays(err, EXISTS)) {
+      if (same) return; // a repeat of a request that already succeeded
+      await removeOrigin(config, thinId);
+      throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName} and the helper has no record of creating it ${how(origin)}`);
+    }
+    if (!same) await removeOrigin(config, thinId);
+    if (origin !== null && kernelSays(err, MISSING)) throw new HelperFailure("NOT_FOUND", `origin thin id ${origin} does not exist in pool ${config.poolName}`);
     throw err;
-  } finally {
-    if (active) await dmResume(active.name);
   }
 }
 
@@ -59,9 +79,10 @@ export async function deleteThin(config: HelperConfig, thinId: number): Promise<
     await dmMessage(config.poolName, `delete ${thinId}`);
     crashPoint("helper.thin.delete.after-message");
   } catch (err) {
-    if (kernelSays(err, MISSING)) return;
-    throw err;
+    if (!kernelSays(err, MISSING)) throw err;
   }
+  // Only once the id is gone: until then its origin must stay known.
+  await removeOrigin(config, thinId);
 }
 
 /**

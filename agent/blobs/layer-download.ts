@@ -1,19 +1,27 @@
-// Streams one listed layer object from S3 into an open file, hashing as it goes, and checks that
-// what arrived is what was listed: same ETag (else the object changed since the listing: a
-// transient error, the caller lists again), same size, and, when the ETag is a plain MD5 (not a
-// multipart "-N" one), the same MD5. Memory stays bounded: one chunk at a time, written before
-// the next is read.
-import { createHash } from "node:crypto";
-import { crashPoint } from "../crash-points.ts";
+// Downloads one listed layer object into an open temp file and checks that what arrived is the
+// object: its sha256 is computed over the whole file, and when the ETag is a plain MD5 (not a
+// multipart "-N" one) the MD5 must match it.
+// - Small objects: one GET, resumed by Range after a failure (./range-retry.ts).
+// - Objects of at least policy.parallelThreshold bytes: parts of policy.partSize bytes fetched by
+//   up to policy.partConcurrency ranged GETs at once, each written at its offset.
+// Every request is pinned to one ETag (If-Match, and checked in each response). If the object is
+// replaced meanwhile, the download starts over with the new version (found by HEAD), at most
+// policy.maxObjectChanges times; an object that keeps changing is refused (permanent).
 import type { FileHandle } from "node:fs/promises";
-import { addAbortSignal } from "node:stream";
-import type { Readable } from "node:stream";
-import { GetObjectCommand } from "@aws-sdk/client-s3";
+import { crashPoint } from "../crash-points.ts";
+import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import type { S3Client } from "@aws-sdk/client-s3";
-import type { S3Config } from "../s3/config.ts";
-import { classifyS3Error, S3Error, S3PermanentError, S3TransientError } from "../s3/errors.ts";
+import { DOWNLOAD_DEFAULTS } from "../s3/config.ts";
+import type { DownloadPolicy, S3Config } from "../s3/config.ts";
+import { classifyS3Error, isAbortError, S3Error, S3PermanentError } from "../s3/errors.ts";
 import type { LayerObject } from "../s3/image-source.ts";
 import { printable } from "../s3/printable.ts";
+import { hashFile } from "./file-hash.ts";
+import { fetchRangeWithRetries } from "./range-retry.ts";
+import { describeObject, etagValue } from "./ranged-get.ts";
+import type { PinnedObject } from "./ranged-get.ts";
+
+export { etagValue } from "./ranged-get.ts";
 
 export interface DownloadOptions {
   signal?: AbortSignal;
@@ -24,81 +32,84 @@ export interface DownloadOptions {
 export interface FetchedLayer {
   sha256Hex: string;
   size: number;
-}
-
-/** The ETag without its quotes: S3 sends `"<md5>"` or `"<md5>-<parts>"`. */
-export function etagValue(etag: string): string {
-  return etag.length >= 2 && etag.startsWith('"') && etag.endsWith('"') ? etag.slice(1, -1) : etag;
+  /** ETag (quoted, as S3 lists it) of the version downloaded: the listed one unless the object was replaced. */
+  etag: string;
 }
 
 export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions = {}): Promise<FetchedLayer> {
-  const { signal } = opts;
-  const where = printable(`s3://${cfg.bucket}/${obj.key}`);
-  const listedEtag = etagValue(obj.etag);
-
-  let out;
-  try {
-    // If-Match makes real S3 refuse (412) an object replaced since the listing; servers that
-    // ignore it (s3rver) are caught by the ETag comparison below.
-    out = await client.send(new GetObjectCommand({ Bucket: cfg.bucket, Key: obj.key, IfMatch: `"${listedEtag}"` }), { abortSignal: signal });
-  } catch (err) {
-    throw classifyS3Error(err, `downloading ${where}`, signal);
-  }
-  const body = out.Body as Readable | undefined;
-  if (!body) throw new S3TransientError("BAD_RESPONSE", `downloading ${where}: response has no body`);
-
-  const refuse = (err: S3Error): never => {
-    body.destroy(); // frees the connection
-    throw err;
-  };
-  if (out.ETag === undefined) refuse(new S3PermanentError("BAD_RESPONSE", `downloading ${where}: response carries no ETag, the object cannot be checked`));
-  if (etagValue(out.ETag!) !== listedEtag) {
-    refuse(new S3TransientError("OBJECT_CHANGED", `downloading ${where}: object changed since it was listed (ETag ${printable(out.ETag!)}, listed ${printable(obj.etag)})`));
-  }
-  if (out.ContentLength !== undefined && out.ContentLength !== obj.size) {
-    refuse(new S3PermanentError("BAD_RESPONSE", `downloading ${where}: Content-Length ${out.ContentLength} differs from the listed size ${obj.size} for the same ETag`));
-  }
-
-  const sha256 = createHash("sha256");
-  const md5 = /^[0-9a-fA-F]{32}$/.test(listedEtag) ? createHash("md5") : undefined;
-  if (signal) addAbortSignal(signal, body);
-  let received = 0;
-  let localFailure = false;
-  try {
-    for await (const chunk of body as AsyncIterable<Buffer>) {
-      received += chunk.length;
-      if (received > obj.size) throw new S3PermanentError("BAD_RESPONSE", `downloading ${where}: more bytes than the listed size ${obj.size}`);
-      sha256.update(chunk);
-      md5?.update(chunk);
-      try {
-        await writeAll(file, chunk);
-      } catch (err) {
-        localFailure = true; // a local disk problem, not S3's: passed on unchanged
-        throw err;
+  const policy: DownloadPolicy = { ...DOWNLOAD_DEFAULTS, ...cfg.download };
+  let pinned: PinnedObject = { bucket: cfg.bucket, key: obj.key, etag: etagValue(obj.etag), size: obj.size };
+  for (let changes = 0; ; ) {
+    try {
+      await fetchVersion(client, pinned, file, policy, opts);
+      break;
+    } catch (err) {
+      if (!(err instanceof S3Error) || err.code !== "OBJECT_CHANGED") throw err;
+      if (++changes > policy.maxObjectChanges) {
+        throw new S3PermanentError("OBJECT_CHANGED", `${describeObject(pinned)}: object keeps changing: replaced ${changes} times during one download (IMGD_DOWNLOAD_MAX_OBJECT_CHANGES=${policy.maxObjectChanges}); last: ${err.message}`, { cause: err });
       }
-      crashPoint("download.chunk-written");
-      opts.onProgress?.(received, obj.size);
-    }
-  } catch (err) {
-    body.destroy();
-    if (localFailure) throw err;
-    throw classifyS3Error(err, `downloading ${where} (after ${received} bytes)`, signal);
-  }
-  if (received !== obj.size) {
-    throw new S3TransientError("NETWORK", `downloading ${where}: body ended after ${received} of ${obj.size} bytes`);
-  }
-  if (md5) {
-    const actual = md5.digest("hex");
-    if (actual !== listedEtag.toLowerCase()) {
-      throw new S3PermanentError("CORRUPT", `downloading ${where}: content MD5 ${actual} does not match its ETag ${printable(obj.etag)}`);
+      pinned = await currentVersion(client, pinned, opts.signal);
+      await file.truncate(0); // bytes of the old version are worthless
     }
   }
-  return { sha256Hex: sha256.digest("hex"), size: received };
+
+  const multipart = !/^[0-9a-fA-F]{32}$/.test(pinned.etag);
+  const { sha256Hex, md5Hex } = await hashFile(file, pinned.size, !multipart);
+  if (md5Hex !== undefined && md5Hex !== pinned.etag.toLowerCase()) {
+    throw new S3PermanentError("CORRUPT", `downloading ${describeObject(pinned)}: content MD5 ${md5Hex} does not match its ETag ${printable(pinned.etag)}`);
+  }
+  return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"` };
 }
 
-async function writeAll(file: FileHandle, chunk: Buffer): Promise<void> {
-  for (let offset = 0; offset < chunk.length; ) {
-    const { bytesWritten } = await file.write(chunk, offset, chunk.length - offset);
-    offset += bytesWritten;
+/** Fetches every byte of one pinned version; the first failing range stops the others. */
+async function fetchVersion(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions): Promise<void> {
+  const ranges = splitRanges(pinned.size, policy);
+  let done = 0;
+  const onBytes = (n: number) => {
+    crashPoint("download.chunk-written"); // called once the chunk is written
+    opts.onProgress?.((done += n), pinned.size);
+  };
+  const stopOthers = new AbortController();
+  const signal = opts.signal ? AbortSignal.any([opts.signal, stopOthers.signal]) : stopOthers.signal;
+  let firstError: unknown;
+  let next = 0;
+  const worker = async () => {
+    while (next < ranges.length && firstError === undefined) {
+      const range = ranges[next++];
+      try {
+        await fetchRangeWithRetries(client, pinned, file, range, policy, onBytes, signal);
+      } catch (err) {
+        // A sibling's abort is the consequence of the first error, not news.
+        if (firstError === undefined && !(isAbortError(err) && stopOthers.signal.aborted && !opts.signal?.aborted)) {
+          firstError = err;
+          stopOthers.abort();
+        }
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(policy.partConcurrency, ranges.length) }, worker));
+  if (firstError !== undefined) throw firstError;
+}
+
+/** One range for the whole object, or parts of policy.partSize bytes for a large one. */
+export function splitRanges(size: number, policy: Pick<DownloadPolicy, "parallelThreshold" | "partSize">): Array<{ start: number; end: number }> {
+  if (size < policy.parallelThreshold) return [{ start: 0, end: size }];
+  const ranges = [];
+  for (let start = 0; start < size; start += policy.partSize) ranges.push({ start, end: Math.min(size, start + policy.partSize) });
+  return ranges;
+}
+
+/** The object's current ETag and size, after a GET found it replaced. */
+async function currentVersion(client: S3Client, old: PinnedObject, signal?: AbortSignal): Promise<PinnedObject> {
+  const what = `re-reading ${describeObject(old)} after it changed`;
+  let head;
+  try {
+    head = await client.send(new HeadObjectCommand({ Bucket: old.bucket, Key: old.key }), { abortSignal: signal });
+  } catch (err) {
+    throw classifyS3Error(err, what, signal);
   }
+  const size = head.ContentLength;
+  if (typeof head.ETag !== "string" || !/^[\x21-\x7e]{1,200}$/.test(head.ETag)) throw new S3PermanentError("BAD_RESPONSE", `${what}: no valid ETag`);
+  if (typeof size !== "number" || !Number.isSafeInteger(size) || size < 1) throw new S3PermanentError("BAD_RESPONSE", `${what}: size ${String(size)} is not a layer's`);
+  return { ...old, etag: etagValue(head.ETag), size };
 }

@@ -91,11 +91,13 @@ export class BlobStore {
    * Downloads a listed layer object into the store and returns its digest. Errors are the
    * S3PermanentError / S3TransientError of ../s3/errors.ts, an AbortError when `signal` fires,
    * or a plain Node error for local I/O (disk full...). The temp file is deleted on any error.
+   * `etag` and `size` are those of the version stored: the listed ones unless the object was
+   * replaced during the download (see layer-download.ts).
    */
-  async downloadLayer(client: S3Client, cfg: S3Config, obj: LayerObject, opts: DownloadOptions = {}): Promise<{ digest: string; size: number }> {
+  async downloadLayer(client: S3Client, cfg: S3Config, obj: LayerObject, opts: DownloadOptions = {}): Promise<{ digest: string; size: number; etag: string }> {
     if (!Number.isSafeInteger(obj.size) || obj.size < 1) throw new TypeError(`blob store: layer ${obj.key} has an invalid size ${obj.size}`);
     const tempPath = join(this.tmpDir, `blob-${randomBytes(16).toString("hex")}.part`);
-    let file: FileHandle | undefined = await open(tempPath, "wx", FILE_MODE); // O_EXCL: never reuse or follow anything
+    let file: FileHandle | undefined = await open(tempPath, "wx+", FILE_MODE); // O_EXCL: never reuse or follow anything; read back to hash
     try {
       const fetched = await fetchLayerInto(client, cfg, obj, file, opts);
       await file.sync();
@@ -103,7 +105,7 @@ export class BlobStore {
       file = undefined;
       const digest = `sha256:${fetched.sha256Hex}`;
       await this.commit(tempPath, digest, fetched.size);
-      return { digest, size: fetched.size };
+      return { digest, size: fetched.size, etag: fetched.etag };
     } catch (err) {
       await file?.close().catch(() => {});
       await rm(tempPath, { force: true });

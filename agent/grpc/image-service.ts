@@ -10,6 +10,7 @@ import {
   type GetImageRequest,
   type ListActivationsRequest,
   type ListRunsRequest,
+  type DoctorRequest,
   type PullImageRequest,
   type ImageSchema,
   type ActivationSchema,
@@ -17,7 +18,10 @@ import {
   type RunSchema,
 } from "../../client/gen/imgd/v1/imgd_pb.js";
 import type { ActivationRow, Catalog } from "../catalog.ts";
-import { runDoctor } from "../doctor.ts";
+import { runDoctor, type Finding } from "../doctor.ts";
+import type { KeyedLock } from "../keyed-lock.ts";
+import type { Logger } from "../log.ts";
+import { reconcile, type RepairOutcome } from "../reconcile.ts";
 import type { RunRecord } from "../fsm/engine.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { ActivateFsm } from "../images/activate.ts";
@@ -36,9 +40,13 @@ export interface ImageServiceDeps {
   pull: PullFsm;
   activate: ActivateFsm;
   deactivate: DeactivateFsm;
+  locks: KeyedLock;
+  log: Logger;
+  tmpDir: string;
 }
 
-export function imageService({ catalog, helper, pull, activate, deactivate }: ImageServiceDeps) {
+export function imageService(deps: ImageServiceDeps) {
+  const { catalog, helper, pull, activate, deactivate } = deps;
   const imageMessage = (name: string): ImageMsg | undefined => {
     const row = catalog.getImage(name);
     if (!row) return undefined;
@@ -178,10 +186,30 @@ export function imageService({ catalog, helper, pull, activate, deactivate }: Im
       return { runs: runs.slice(0, limit).map(runMessage) };
     },
 
-    async doctor() {
-      return runDoctor({ catalog, helper, pull, activate, deactivate });
+    async deleteImage(): Promise<never> {
+      throw new ServerError(Status.UNIMPLEMENTED, "DeleteImage is not implemented yet");
+    },
+
+    async collectGarbage(): Promise<never> {
+      throw new ServerError(Status.UNIMPLEMENTED, "CollectGarbage is not implemented yet");
+    },
+
+    async doctor(request: DoctorRequest) {
+      if (!request.repair) {
+        const report = await runDoctor(deps);
+        return { ...report, findings: report.findings.map((f) => findingMessage(f)) };
+      }
+      const { outcomes, after } = await reconcile({ ...deps, log: (level, msg, fields) => deps.log(level, msg, { sys: "reconcile", ...fields }) });
+      // What was found and done, then anything a fresh look finds that the pass did not see.
+      const seen = new Set(outcomes.map((o) => `${o.finding.kind} ${o.finding.subject}`));
+      const remaining = after.findings.filter((f) => !seen.has(`${f.kind} ${f.subject}`)).map((f) => findingMessage(f));
+      return { clean: after.clean, poolThinIds: after.poolThinIds, catalogThinIds: after.catalogThinIds, findings: [...outcomes.map((o) => findingMessage(o.finding, o)), ...remaining] };
     },
   };
+}
+
+function findingMessage(f: Finding, outcome?: RepairOutcome) {
+  return { kind: f.kind, subject: f.subject, detail: f.detail, repair: f.repair, result: outcome?.result ?? "", note: outcome?.note ?? "" };
 }
 
 /** Activation ids are ULIDs (Crockford base 32, upper case). */

@@ -127,7 +127,13 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
     }
     let digest: string;
     try {
-      ({ digest } = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) }));
+      const stored = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) });
+      digest = stored.digest;
+      if (stored.etag !== layer.etag) {
+        // Replaced since the listing: the publisher's newer version is what this image gets.
+        ctx.log("warn", "layer object changed since it was listed; using the new version", { key: layer.key, listed: layer.etag, stored: stored.etag });
+        Object.assign(layer, { etag: stored.etag, size: stored.size });
+      }
     } catch (err) {
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${layer.key}`);
     }

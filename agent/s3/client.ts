@@ -1,18 +1,19 @@
 // The agent's S3 client: anonymous unless credentials are configured, path-style for custom
-// endpoints, bounded timeouts so a stalled server fails instead of hanging, few SDK retries
-// because the pull FSM retries whole steps itself.
+// endpoints, bounded timeouts so a stalled server fails instead of hanging (connect, first byte,
+// idle socket), and NO SDK retries: downloads retry and resume ranges themselves
+// (../blobs/range-retry.ts) and the pull FSM retries whole steps, so one request on the wire is
+// one attempt that we count and log.
 import { S3Client } from "@aws-sdk/client-s3";
 import { NodeHttpHandler } from "@smithy/node-http-handler";
 import type { HttpRequest, HttpSigner, Identity } from "@smithy/types";
 import type { S3Config, S3Timeouts } from "./config.ts";
 
-export { loadS3Config, S3ConfigError, S3_DEFAULTS } from "./config.ts";
-export type { S3Config, S3Credentials, S3Timeouts } from "./config.ts";
+export { loadS3Config, S3ConfigError, S3_DEFAULTS, DOWNLOAD_DEFAULTS } from "./config.ts";
+export type { S3Config, S3Credentials, S3Timeouts, DownloadPolicy } from "./config.ts";
 
 export const DEFAULT_TIMEOUTS: S3Timeouts = { connectMs: 10_000, requestMs: 60_000, idleMs: 30_000 };
 
-/** One SDK retry smooths over a dropped keep-alive connection; anything longer is the FSM's job. */
-const SDK_MAX_ATTEMPTS = 2;
+const SDK_MAX_ATTEMPTS = 1;
 
 // Anonymous access the way the SDK itself makes unsigned calls (operations modelled with
 // smithy.api#noAuth, e.g. STS AssumeRoleWithWebIdentity): one auth scheme that needs no identity

@@ -27,7 +27,58 @@ export interface S3Config {
   credentials?: S3Credentials;
   /** Overrides of the client's timeouts; tests shorten them. */
   timeouts?: Partial<S3Timeouts>;
+  /** Most objects an image folder may hold; a larger folder is refused after listing at most this many (default MAX_LAYERS_DEFAULT). */
+  maxLayers?: number;
+  /** Overrides of how layers are downloaded (DOWNLOAD_DEFAULTS). */
+  download?: Partial<DownloadPolicy>;
 }
+
+/** How one layer object is downloaded: retries inside the download, and parallel ranged GETs. */
+export interface DownloadPolicy {
+  /** Tries of each byte range before the download gives up (the pull FSM may then retry it all). */
+  attempts: number;
+  /** Backoff: the n-th retry waits a random time in [0, min(backoffMaxMs, backoffMs * 2^n)] (full jitter). */
+  backoffMs: number;
+  backoffMaxMs: number;
+  /** A server's Retry-After is honoured up to this long. */
+  retryAfterMaxMs: number;
+  /** Times the object may be replaced during one download before it is refused as unstable. */
+  maxObjectChanges: number;
+  /** Objects of at least this many bytes are fetched as parallel ranged GETs. */
+  parallelThreshold: number;
+  partSize: number;
+  partConcurrency: number;
+}
+
+export const DOWNLOAD_DEFAULTS: DownloadPolicy = {
+  attempts: 6,
+  backoffMs: 200,
+  backoffMaxMs: 10_000,
+  retryAfterMaxMs: 30_000,
+  maxObjectChanges: 3,
+  parallelThreshold: 64 * 1024 * 1024,
+  partSize: 16 * 1024 * 1024,
+  partConcurrency: 4,
+};
+
+export const MAX_LAYERS_DEFAULT = 1000;
+
+// Numeric settings: name → where it goes, and its allowed range.
+const TIMEOUT_SETTINGS: Array<[string, keyof S3Timeouts]> = [
+  ["IMGD_S3_CONNECT_TIMEOUT_MS", "connectMs"],
+  ["IMGD_S3_FIRST_BYTE_TIMEOUT_MS", "requestMs"],
+  ["IMGD_S3_IDLE_TIMEOUT_MS", "idleMs"],
+];
+const DOWNLOAD_SETTINGS: Array<[string, keyof DownloadPolicy, number, number]> = [
+  ["IMGD_DOWNLOAD_ATTEMPTS", "attempts", 1, 100],
+  ["IMGD_DOWNLOAD_BACKOFF_MS", "backoffMs", 0, 600_000],
+  ["IMGD_DOWNLOAD_BACKOFF_MAX_MS", "backoffMaxMs", 0, 3_600_000],
+  ["IMGD_DOWNLOAD_RETRY_AFTER_MAX_MS", "retryAfterMaxMs", 0, 3_600_000],
+  ["IMGD_DOWNLOAD_MAX_OBJECT_CHANGES", "maxObjectChanges", 0, 100],
+  ["IMGD_DOWNLOAD_PARALLEL_THRESHOLD", "parallelThreshold", 1, Number.MAX_SAFE_INTEGER],
+  ["IMGD_DOWNLOAD_PART_SIZE", "partSize", 1024, 5 * 1024 ** 3],
+  ["IMGD_DOWNLOAD_PART_CONCURRENCY", "partConcurrency", 1, 64],
+];
 
 export const S3_DEFAULTS = {
   bucket: "flyio-platform-hiring-challenge",
@@ -76,8 +127,37 @@ export function loadS3Config(env: Settings): S3Config {
     }
   }
 
+  const int = (name: string, min: number, max: number): number | undefined => {
+    const raw = get(name);
+    if (raw === undefined) return undefined;
+    const value = /^[0-9]{1,16}$/.test(raw) ? Number(raw) : NaN;
+    if (value >= min && value <= max) return value;
+    problems.push(`${name}=${printable(raw)}: expected an integer from ${min} to ${max}`);
+    return undefined;
+  };
+  const timeouts: Partial<S3Timeouts> = {};
+  for (const [name, field] of TIMEOUT_SETTINGS) {
+    const value = int(name, 1, 3_600_000);
+    if (value !== undefined) timeouts[field] = value;
+  }
+  const download: Partial<DownloadPolicy> = {};
+  for (const [name, field, min, max] of DOWNLOAD_SETTINGS) {
+    const value = int(name, min, max);
+    if (value !== undefined) download[field] = value;
+  }
+  const maxLayers = int("IMGD_S3_MAX_LAYERS", 1, 1_000_000);
+
   if (problems.length > 0) throw new S3ConfigError(`invalid S3 settings: ${problems.join("; ")}`);
-  return { ...(endpoint !== undefined ? { endpoint } : {}), bucket, prefix, region, ...(credentials ? { credentials } : {}) };
+  return {
+    ...(endpoint !== undefined ? { endpoint } : {}),
+    bucket,
+    prefix,
+    region,
+    ...(credentials ? { credentials } : {}),
+    ...(Object.keys(timeouts).length > 0 ? { timeouts } : {}),
+    ...(maxLayers !== undefined ? { maxLayers } : {}),
+    ...(Object.keys(download).length > 0 ? { download } : {}),
+  };
 }
 
 /** S3 bucket naming rules (the current ones, without legacy uppercase/underscore names). */

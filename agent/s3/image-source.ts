@@ -8,9 +8,15 @@
 // guessing which objects were meant to be layers could build an image nobody published. Layers
 // are ordered numerically (1, 2, ... 9, 10, 11), never by string.
 // Sizes are not checked against the tar block size: layers may later be compressed.
-// An empty folder is "image not found". All of these are permanent errors.
+// An empty folder is "image not found". A folder holding more than cfg.maxLayers objects is refused
+// as soon as the listing passes that count (pages are read one at a time, so memory stays
+// bounded), before anything is downloaded. All of these are permanent errors.
+// Keys: a key is only ever compared, shown (escaped, by printable()) and sent back to S3 as the
+// object name; it never becomes a local path (blobs are named by digest). Keys with "..", spaces,
+// control or non-ASCII characters cannot match <n>.tar and so refuse the image, by name.
 import { ListObjectsV2Command } from "@aws-sdk/client-s3";
 import type { S3Client, _Object } from "@aws-sdk/client-s3";
+import { MAX_LAYERS_DEFAULT } from "./config.ts";
 import type { S3Config } from "./config.ts";
 import { classifyS3Error, S3PermanentError } from "./errors.ts";
 import { printable } from "./printable.ts";
@@ -24,9 +30,6 @@ export interface LayerObject {
   /** ETag exactly as listed (normally a quoted MD5). */
   etag: string;
 }
-
-/** More objects than any sane image has: bounds memory and time on a hostile bucket. */
-export const MAX_LAYERS = 10_000;
 
 const IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,127}$/;
 const LAYER_NAME = /^([1-9][0-9]{0,5})\.tar$/;
@@ -58,6 +61,8 @@ export async function listImageLayers(client: S3Client, cfg: S3Config, image: st
   let token: string | undefined;
   const tokensSeen = new Set<string>();
   let objectCount = 0;
+  const maxLayers = cfg.maxLayers ?? MAX_LAYERS_DEFAULT;
+  let markerSeen = false;
 
   do {
     let page;
@@ -71,7 +76,13 @@ export async function listImageLayers(client: S3Client, cfg: S3Config, image: st
     }
     const urlEncoded = page.EncodingType === "url"; // servers that ignore the request send raw keys
     for (const entry of page.Contents ?? []) {
-      if (++objectCount > MAX_LAYERS) throw refuse(where, `more than ${MAX_LAYERS} objects`);
+      // The folder's own marker object ("<folder>/", made by consoles and sync tools) holds no layer.
+      const rawKey = typeof entry.Key === "string" && urlEncoded ? decodeKey(entry.Key, where) : entry.Key;
+      if (rawKey === folder && entry.Size === 0) {
+        markerSeen = true;
+        continue;
+      }
+      if (++objectCount > maxLayers) throw refuse(where, `more than ${maxLayers} objects; an image may have at most ${maxLayers} layers (IMGD_S3_MAX_LAYERS)`);
       const layer = checkEntry(entry, folder, where, urlEncoded);
       const twin = layers.get(layer.position);
       if (twin) throw refuse(where, `${printable(layer.key)} duplicates position ${layer.position} of ${printable(twin.key)}`);
@@ -83,7 +94,9 @@ export async function listImageLayers(client: S3Client, cfg: S3Config, image: st
     tokensSeen.add(token);
   } while (true);
 
-  if (layers.size === 0) throw new S3PermanentError("IMAGE_NOT_FOUND", `image not found: no objects under ${where}`);
+  if (layers.size === 0) {
+    throw new S3PermanentError("IMAGE_NOT_FOUND", markerSeen ? `image not found: ${where} exists but holds no layers (only its folder marker)` : `image not found: no objects under ${where}`);
+  }
   const ordered = [...layers.values()].sort((a, b) => a.position - b.position);
   ordered.forEach((layer, i) => {
     if (layer.position !== i + 1) throw refuse(where, `layer ${i + 1}.tar is missing (next is ${printable(layer.key)}); layers must be numbered 1..N without gaps`);

@@ -20,6 +20,8 @@ let close: () => void;
 before(() => {
   assert.ok(process.env.IMGD_VM, "these tests run inside the VM: npm run test:vm");
   assert.ok(s3Log, "the VM's S3 server logs its requests (IMGD_TEST_S3_LOG)");
+  // Other e2e files share this VM: start from a fresh agent, pool and S3 request log.
+  execFileSync("vm-reset", { stdio: "inherit" });
   const c = connectImgd();
   client = c.client;
   close = () => c.channel.close();

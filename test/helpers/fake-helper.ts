@@ -20,6 +20,8 @@ export interface FakeHelper {
   socketPath: string;
   thins: Map<number, FakeThin>;
   active: Map<string, number>;
+  /** Names mounted with fs.mount. */
+  mounts: Set<string>;
   calls: { op: OpName; args: unknown }[];
   /** Makes the next call of `op` fail with this code (and message). */
   failNext(op: OpName, code: string, message?: string): void;
@@ -32,6 +34,7 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
   const socketPath = join(mkdtempSync(join(tmpdir(), "imgd-fake-helper-")), "helper.sock");
   const thins = new Map<number, FakeThin>();
   const active = new Map<string, number>();
+  const mounts = new Set<string>();
   const calls: { op: OpName; args: unknown }[] = [];
   const failures = new Map<OpName, { code: string; message: string }>();
   let applyGate: Promise<void> | undefined;
@@ -60,15 +63,20 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
       case "pool.status":
       case "pool.ensure":
         return pool();
+      // Idempotent as the real helper: an existing id with the same origin is success.
       case "thin.create": {
-        if (thins.has(request.args.thinId)) throw fail("EXISTS", `thin ${request.args.thinId} exists`);
+        const existing = thins.get(request.args.thinId);
+        if (existing?.origin === null) return {};
+        if (existing) throw fail("EXISTS", `thin ${request.args.thinId} exists`);
         thins.set(request.args.thinId, { origin: null, layers: [], formatted: false });
         return {};
       }
       case "thin.snapshot": {
         const origin = thins.get(request.args.originId);
         if (!origin) throw fail("NOT_FOUND", `origin ${request.args.originId} does not exist`);
-        if (thins.has(request.args.thinId)) throw fail("EXISTS", `thin ${request.args.thinId} exists`);
+        const existing = thins.get(request.args.thinId);
+        if (existing?.origin === request.args.originId) return {};
+        if (existing) throw fail("EXISTS", `thin ${request.args.thinId} exists`);
         thins.set(request.args.thinId, { origin: request.args.originId, layers: [...origin.layers], formatted: origin.formatted });
         return {};
       }
@@ -81,10 +89,15 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
         return { thinIds: [...thins.keys()].sort((a, b) => a - b) };
       case "device.activate": {
         if (!thins.has(request.args.thinId)) throw fail("NOT_FOUND", `thin ${request.args.thinId} does not exist`);
+        const current = active.get(request.args.name);
+        if (current !== undefined && current !== request.args.thinId) throw fail("CONFLICT", `${request.args.name} maps thin ${current}`);
+        const holder = [...active].find(([name, id]) => id === request.args.thinId && name !== request.args.name);
+        if (holder) throw fail("BUSY", `thin ${request.args.thinId} is active as ${holder[0]}`);
         active.set(request.args.name, request.args.thinId);
         return { path: `/dev/mapper/${request.args.name}` };
       }
       case "device.deactivate":
+        if (mounts.has(request.args.name)) throw fail("BUSY", `${request.args.name} is mounted`);
         active.delete(request.args.name);
         return {};
       case "device.list":
@@ -105,8 +118,12 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
         return { entries: 1, bytes: 1 };
       }
       case "fs.mount":
+        if (!active.has(request.args.name)) throw fail("NOT_FOUND", `${request.args.name} is not active`);
+        mounts.add(request.args.name);
+        return { path: `/fake/mnt/${request.args.name}` };
       case "fs.unmount":
-        throw fail("INTERNAL", "not modelled by the fake helper");
+        mounts.delete(request.args.name);
+        return {};
     }
   }
 
@@ -143,6 +160,7 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     socketPath,
     thins,
     active,
+    mounts,
     calls,
     failNext: (op, code, message = `injected ${code}`) => void failures.set(op, { code, message }),
     holdApply: (gate) => void (applyGate = gate),

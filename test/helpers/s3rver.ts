@@ -1,11 +1,8 @@
 // Test S3: a real s3rver (child process) on a random loopback port with its own temp directory,
-// seeded through PutObject; and a tampering HTTP proxy to put in front of it, for the faults s3rver cannot
-// produce (changed ETags, cut or stalled bodies, 5xx, throttling).
+// seeded through PutObject. The fault-injecting proxy to put in front of it is in fault-proxy.ts.
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
-import { createServer, request as httpRequest } from "node:http";
-import type { IncomingHttpHeaders, IncomingMessage, Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -123,94 +120,6 @@ if (import.meta.main) {
   process.on("SIGTERM", () => process.exit(0));
 }
 
-/** What the proxy does to one response; undefined = pass it through. */
-export interface Tamper {
-  /** Reply with this status and body instead of asking the upstream. */
-  reply?: { status: number; body?: string; headers?: Record<string, string> };
-  /** Response headers to replace (lowercase names); null removes the header. */
-  headers?: Record<string, string | null>;
-  /** Replace the body with these bytes (Content-Length is left as the upstream sent it unless overridden in headers). */
-  body?: Buffer;
-  /** Send only this many body bytes, then destroy the connection. */
-  cutAfter?: number;
-  /** Send only this many body bytes, then go silent (connection left open). */
-  stallAfter?: number;
-}
-
-export interface RecordedRequest {
-  method: string;
-  url: string;
-  headers: IncomingHttpHeaders;
-}
-
-export interface TamperProxy {
-  endpoint: string;
-  /** Every request seen, in order. */
-  requests: RecordedRequest[];
-  /** Decides per request; replace it at will during a test. */
-  tamper: (req: RecordedRequest) => Tamper | undefined;
-  close(): Promise<void>;
-}
-
-export async function startTamperProxy(upstream: string): Promise<TamperProxy> {
-  const target = new URL(upstream);
-  const proxy: TamperProxy = { endpoint: "", requests: [], tamper: () => undefined, close: async () => {} };
-  const server: Server = createServer((req, res) => {
-    const seen = { method: req.method ?? "GET", url: req.url ?? "/", headers: req.headers };
-    proxy.requests.push(seen);
-    const plan = proxy.tamper(seen) ?? {};
-    if (plan.reply) {
-      res.writeHead(plan.reply.status, plan.reply.headers ?? { "content-type": "application/xml" });
-      res.end(plan.reply.body ?? "");
-      req.resume();
-      return;
-    }
-    const upstreamReq = httpRequest(
-      { host: target.hostname, port: target.port, method: req.method, path: req.url, headers: req.headers },
-      (upstreamRes: IncomingMessage) => {
-        const headers: Record<string, string | string[] | undefined> = { ...upstreamRes.headers };
-        for (const [name, value] of Object.entries(plan.headers ?? {})) {
-          if (value === null) delete headers[name];
-          else headers[name] = value;
-        }
-        res.writeHead(upstreamRes.statusCode ?? 502, headers);
-        if (plan.body) {
-          upstreamRes.resume();
-          sendLimited(res, plan.body, plan);
-          return;
-        }
-        if (plan.cutAfter === undefined && plan.stallAfter === undefined) {
-          upstreamRes.pipe(res);
-          return;
-        }
-        const chunks: Buffer[] = [];
-        upstreamRes.on("data", (c: Buffer) => chunks.push(c));
-        upstreamRes.on("end", () => sendLimited(res, Buffer.concat(chunks), plan));
-      },
-    );
-    upstreamReq.on("error", () => res.destroy());
-    req.pipe(upstreamReq);
-  });
-  const sockets = new Set<import("node:net").Socket>();
-  server.on("connection", (s) => {
-    sockets.add(s);
-    s.on("close", () => sockets.delete(s));
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  proxy.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-  proxy.close = async () => {
-    for (const s of sockets) s.destroy();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
-  };
-  return proxy;
-}
-
-function sendLimited(res: import("node:http").ServerResponse, body: Buffer, plan: Tamper): void {
-  if (plan.cutAfter !== undefined) {
-    res.write(body.subarray(0, plan.cutAfter), () => res.destroy());
-  } else if (plan.stallAfter !== undefined) {
-    res.write(body.subarray(0, plan.stallAfter));
-  } else {
-    res.end(body);
-  }
-}
+// The tampering proxy lives in fault-proxy.ts; these names stay for the tests that use them.
+export { startFaultProxy as startTamperProxy, isObjectGet } from "./fault-proxy.ts";
+export type { RecordedRequest, Tamper, TamperProxy } from "./fault-proxy.ts";

@@ -4,6 +4,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
+import Database from "better-sqlite3";
 import { mkdtempSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,7 +19,7 @@ import { HealthDefinition } from "nice-grpc-server-health";
 import { ServerReflectionService } from "nice-grpc-server-reflection";
 import reflectionMessages from "nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js";
 import { packTar } from "../fixtures/tar-bytes.ts";
-import { startS3rver, startTamperProxy, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
+import { startS3rver, startTamperProxy, isObjectGet, type RecordedRequest, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
 
 const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
 
@@ -38,6 +39,13 @@ async function start(): Promise<void> {
     IMGD_HELPER_SOCKET: helper.socketPath,
     IMGD_S3_ENDPOINT: proxy.endpoint,
     IMGD_S3_BUCKET: s3.bucket,
+    // Small bounds, so the S3 and concurrency cases at the end of this file can show them.
+    IMGD_DOWNLOAD_CONCURRENCY: "2",
+    IMGD_APPLY_CONCURRENCY: "1",
+    IMGD_S3_MAX_LAYERS: "50",
+    IMGD_DOWNLOAD_BACKOFF_MS: "1",
+    IMGD_DOWNLOAD_BACKOFF_MAX_MS: "5",
+    IMGD_S3_IDLE_TIMEOUT_MS: "1000",
   });
   agent = await startAgent(config, silent, { poolWaitAttempts: 1 });
   const c = connectImgd(`127.0.0.1:${agent.port}`);
@@ -229,7 +237,7 @@ test("server reflection lists and describes the API, as grpcurl asks; health rep
     assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
     const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
-    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor"]);
+    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor", "DeleteImage", "CollectGarbage"]);
     const health = createClient(HealthDefinition, channel);
     assert.equal((await health.check({ service: "imgd.v1.ImageService" })).status, 1 /* SERVING */);
   } finally {
@@ -313,4 +321,120 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
     helper.thins.set(lostId, lost);
   }
   assert.equal((await client.doctor({})).clean, true);
+});
+
+// S3 faults and concurrency (issues 3 and 4), through the whole agent: gRPC, FSM, queues, locks.
+const forKeys = (...keys: string[]) => (r: RecordedRequest) => keys.includes(r.url.split("?")[0].replace(`/${s3.bucket}/`, ""));
+const pullError = (image: string) =>
+  pull(image).then(
+    () => assert.fail(`pulling ${image} should fail`),
+    (err: Error) => err.message,
+  );
+const applied = (from: number) => helper.calls.slice(from).filter((c) => c.op === "layer.apply").map((c) => (c.args as { digest: string }).digest);
+
+test("two images needing the same missing layer fetch it once and apply it once", async () => {
+  const common = await tarOf({ "common/lib": "needed by both\n" });
+  await s3.putMany([
+    ["images/twin-a/1.tar", common],
+    ["images/twin-a/2.tar", await tarOf({ a: "a\n" })],
+    ["images/twin-b/1.tar", common],
+    ["images/twin-b/2.tar", await tarOf({ b: "b\n" })],
+  ]);
+  const [requests, calls] = [proxy.requests.length, helper.calls.length];
+  const [a, b] = await Promise.all([pull("twin-a"), pull("twin-b")]);
+  assert.equal(a.at(-1)!.status, RunStatus.SUCCEEDED, a.at(-1)!.error);
+  assert.equal(b.at(-1)!.status, RunStatus.SUCCEEDED, b.at(-1)!.error);
+  const firstLayers = proxy.requests.slice(requests).filter(forKeys("images/twin-a/1.tar", "images/twin-b/1.tar"));
+  assert.equal(firstLayers.filter(isObjectGet).length, 1, "the common layer is downloaded once, under one of its keys");
+  const [imgA, imgB] = [(await client.getImage({ image: "twin-a" })).image!, (await client.getImage({ image: "twin-b" })).image!];
+  const commonDigest = imgA.layers[0].digest;
+  assert.equal(imgB.layers[0].digest, commonDigest);
+  assert.deepEqual(applied(calls).filter((d) => d === commonDigest), [commonDigest], "and applied once");
+  assert.equal(applied(calls).length, 3, "common + a/2 + b/2");
+});
+
+test("download and apply concurrency are bounded by their queues (IMGD_DOWNLOAD_CONCURRENCY=2, IMGD_APPLY_CONCURRENCY=1)", async () => {
+  const wide = await Promise.all(Array.from({ length: 6 }, (_, i) => tarOf({ [`wide/${i}`]: `layer ${i} `.repeat(200) })));
+  await s3.putMany(wide.map((body, i): [string, Buffer] => [`images/wide/${i + 1}.tar`, body]));
+  await s3.put("images/other-wide/1.tar", await tarOf({ other: "x\n" }));
+  const wideKeys = wide.map((_, i) => `images/wide/${i + 1}.tar`);
+  // Slow bodies so downloads overlap in time; applies held so both runs wait at the apply queue.
+  proxy.tamper = (r) => (isObjectGet(r) && forKeys(...wideKeys)(r) ? { throttle: { bytes: 512, delayMs: 30 } } : undefined);
+  let open!: () => void;
+  helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
+  const calls = helper.calls.length;
+  try {
+    const pulls = [pull("wide"), pull("other-wide")];
+    const deadline = Date.now() + 5000;
+    while (applied(calls).length === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+    await new Promise((resolve) => setTimeout(resolve, 300)); // time for a second apply to start, were the queue not bounded
+    assert.equal(applied(calls).length, 1, "one layer.apply at a time");
+    helper.holdApply(undefined);
+    open();
+    const results = await Promise.all(pulls);
+    assert.ok(results.every((u) => u.at(-1)!.status === RunStatus.SUCCEEDED));
+  } finally {
+    helper.holdApply(undefined);
+    open();
+    proxy.tamper = () => undefined;
+  }
+  const gets = proxy.requests.filter((r) => isObjectGet(r) && forKeys(...wideKeys)(r));
+  assert.equal(gets.length, 6);
+  assert.equal(proxy.maxConcurrent((r) => isObjectGet(r) && forKeys(...wideKeys)(r)), 2, "two downloads at a time, never more");
+  assert.equal(applied(calls).length, 7);
+});
+
+test("S3 faults in a pull are retried inside the download and resumed by Range: one step attempt", async () => {
+  const body = await tarOf({ "flaky/file": "x".repeat(50_000) });
+  await s3.put("images/flaky/1.tar", body);
+  const key = forKeys("images/flaky/1.tar");
+  proxy.script((r) => isObjectGet(r) && key(r), [{ reply: { status: 503, body: "<Error><Code>SlowDown</Code><Message>m</Message></Error>" } }, { cutAfter: 20_000 }]);
+  const from = proxy.requests.length;
+  const last = (await pull("flaky")).at(-1)!;
+  proxy.tamper = () => undefined;
+  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  const gets = proxy.requests.slice(from).filter((r) => isObjectGet(r) && key(r));
+  assert.deepEqual(gets.map((r) => `${r.status} ${r.headers.range ?? "-"}`), ["503 -", "200 -", `206 bytes=20000-${body.length - 1}`]);
+  const db = new Database(join(stateDir, "imgd.db"), { readonly: true });
+  try {
+    const errors = db.prepare("SELECT count(*) AS n FROM fsm_events WHERE run_id = ? AND type = 'error'").get(last.runId) as { n: number };
+    assert.equal(errors.n, 0, "the FSM step itself never failed: the download absorbed the faults");
+  } finally {
+    db.close();
+  }
+});
+
+test("permanent S3 failures end the run at once, naming the image, the key and what went wrong", async () => {
+  await s3.put("images/denied/1.tar", await tarOf({ d: "1\n" }));
+  await s3.put("images/unstable/1.tar", await tarOf({ u: "1\n" }));
+  const tmp = () => readdirSync(join(stateDir, "tmp"));
+  proxy.tamper = (r) => (isObjectGet(r) && forKeys("images/denied/1.tar")(r) ? { reply: { status: 403, body: "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>" } } : undefined);
+  const from = proxy.requests.length;
+  assert.match(await pullError("denied"), /image denied: layer images\/denied\/1\.tar: downloading "s3:\/\/imgd-test\/images\/denied\/1\.tar": AccessDenied \(HTTP 403\): Access Denied/);
+  assert.equal(proxy.requests.slice(from).filter(isObjectGet).length, 1, "no retry");
+  assert.equal((await client.getImage({ image: "denied" })).image!.state, ImageState.FAILED);
+
+  let n = 0;
+  proxy.tamper = (r) => (forKeys("images/unstable/1.tar")(r) ? { headers: { etag: `"${(++n).toString(16).padStart(32, "0")}"` } } : undefined);
+  assert.match(await pullError("unstable"), /image unstable: layer images\/unstable\/1\.tar: .*object keeps changing: replaced 4 times during one download/);
+  proxy.tamper = () => undefined;
+  assert.deepEqual(tmp(), [], "no temp file left");
+});
+
+test("S3 listings that are not an image are refused before anything is downloaded", async () => {
+  await s3.putMany(Array.from({ length: 51 }, (_, i): [string, string] => [`images/toomany/${i + 1}.tar`, "x"]));
+  await s3.putMany([
+    ["images/odd/1.tar", "x"],
+    ["images/odd/2 .tar", "x"],
+    ["images/climb/1.tar", "x"],
+    ["images/climb/..", "x"],
+    ["images/hollow/", Buffer.alloc(0)],
+  ]);
+  const from = proxy.requests.length;
+  assert.match(await pullError("toomany"), /image toomany: image refused: s3:\/\/imgd-test\/images\/toomany\/: more than 50 objects; an image may have at most 50 layers \(IMGD_S3_MAX_LAYERS\)/);
+  assert.match(await pullError("odd"), /"images\/odd\/2 \.tar" is not a layer/);
+  assert.match(await pullError("climb"), /"images\/climb\/\.\." is not a layer/);
+  assert.match(await pullError("hollow"), /images\/hollow\/ exists but holds no layers/);
+  assert.deepEqual(proxy.requests.slice(from).filter(isObjectGet), [], "only listings were made");
+  assert.equal((await client.doctor({})).clean, true, "and the pool is clean after all the S3 cases");
 });

@@ -35,7 +35,8 @@ before(async () => {
     ["images/same/1.tar", LAYER],
   ]);
   proxy = await startTamperProxy(s3.endpoint);
-  cfg = { endpoint: s3.endpoint, bucket: s3.bucket, prefix: "images/", region: "us-east-1" };
+  // One try per request here: retries, resumes and replaced objects are test/unit/blobs-download-faults.test.ts.
+  cfg = { endpoint: s3.endpoint, bucket: s3.bucket, prefix: "images/", region: "us-east-1", download: { attempts: 1, maxObjectChanges: 0 } };
   client = createS3Client(cfg);
   viaProxy = createS3Client({ ...cfg, endpoint: proxy.endpoint, timeouts: { idleMs: 300 } });
 });
@@ -103,7 +104,7 @@ describe("BlobStore.downloadLayer", () => {
     const obj = await layer("app", 1);
     const progress: number[] = [];
     const got = await store.downloadLayer(client, cfg, obj, { onProgress: (done, total) => (assert.equal(total, LAYER.length), progress.push(done)) });
-    assert.deepEqual(got, { digest: sha256(LAYER), size: LAYER.length });
+    assert.deepEqual(got, { digest: sha256(LAYER), size: LAYER.length, etag: obj.etag });
     const path = store.pathFor(got.digest);
     assert.ok((await readFile(path)).equals(LAYER));
     assert.equal((await stat(path)).mode & 0o777, 0o640);
@@ -133,11 +134,11 @@ describe("BlobStore.downloadLayer", () => {
     assert.deepEqual(await tmpFiles(), []);
   });
 
-  it("detects an object overwritten between listing and download (transient OBJECT_CHANGED)", async () => {
+  it("with no object changes allowed, refuses an object overwritten between listing and download", async () => {
     const stale = await layer("app", 2);
     await s3.put("images/app/2.tar", "second layer, rewritten");
     try {
-      await rejectsWith(store.downloadLayer(client, cfg, stale), "OBJECT_CHANGED", false, /changed since it was listed/);
+      await rejectsWith(store.downloadLayer(client, cfg, stale), "OBJECT_CHANGED", true, /object keeps changing: replaced 1 times.*changed since it was listed/);
     } finally {
       await s3.put("images/app/2.tar", "second layer");
     }
@@ -145,10 +146,10 @@ describe("BlobStore.downloadLayer", () => {
     assert.deepEqual(await blobFiles(), []);
   });
 
-  it("sends If-Match with the listed ETag, and maps a 412 to OBJECT_CHANGED", async () => {
+  it("sends If-Match with the listed ETag, and takes a 412 for a replaced object", async () => {
     const obj = await layer("app", 2);
     proxy.tamper = (req) => (req.method === "GET" && req.url.includes("2.tar") ? { reply: { status: 412, body: "<Error><Code>PreconditionFailed</Code><Message>m</Message></Error>" } } : undefined);
-    await rejectsWith(store.downloadLayer(viaProxy, cfg, obj), "OBJECT_CHANGED", false);
+    await rejectsWith(store.downloadLayer(viaProxy, cfg, obj), "OBJECT_CHANGED", true, /PreconditionFailed/);
     assert.equal(proxy.requests.at(-1)?.headers["if-match"], obj.etag);
     assert.deepEqual(await tmpFiles(), []);
   });
@@ -182,7 +183,7 @@ describe("BlobStore.downloadLayer", () => {
   it("refuses a Content-Length that differs from the listed size (permanent)", async () => {
     const obj = { ...(await layer("app", 2)) };
     obj.size += 1;
-    await rejectsWith(store.downloadLayer(client, cfg, obj), "BAD_RESPONSE", true, /Content-Length 12 differs from the listed size 13/);
+    await rejectsWith(store.downloadLayer(client, cfg, obj), "BAD_RESPONSE", true, /Content-Length 12 differs from the 13 bytes expected \(listed size 13, same ETag\): the response lies about its size/);
     assert.deepEqual(await tmpFiles(), []);
   });
 

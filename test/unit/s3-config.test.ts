@@ -48,12 +48,46 @@ describe("loadS3Config", () => {
     ["bad region", { IMGD_S3_REGION: "US East" }, /IMGD_S3_REGION/],
     ["key without secret", { AWS_ACCESS_KEY_ID: "AKID" }, /must be set together/],
     ["secret without key", { AWS_SECRET_ACCESS_KEY: "s" }, /must be set together/],
+    ["zero timeout", { IMGD_S3_IDLE_TIMEOUT_MS: "0" }, /IMGD_S3_IDLE_TIMEOUT_MS="0": expected an integer from 1 to 3600000/],
+    ["negative attempts", { IMGD_DOWNLOAD_ATTEMPTS: "-1" }, /IMGD_DOWNLOAD_ATTEMPTS/],
+    ["tiny part size", { IMGD_DOWNLOAD_PART_SIZE: "10" }, /IMGD_DOWNLOAD_PART_SIZE="10": expected an integer from 1024/],
+    ["unit suffix", { IMGD_DOWNLOAD_PARALLEL_THRESHOLD: "64M" }, /IMGD_DOWNLOAD_PARALLEL_THRESHOLD/],
+    ["zero max layers", { IMGD_S3_MAX_LAYERS: "0" }, /IMGD_S3_MAX_LAYERS/],
   ];
   for (const [what, env, message] of bad) {
     it(`refuses ${what}`, () => {
       assert.throws(() => loadS3Config(env), (err: unknown) => err instanceof S3ConfigError && message.test(err.message));
     });
   }
+
+  it("reads the timeouts, the max layer count and the download policy", () => {
+    const cfg = loadS3Config({
+      IMGD_S3_CONNECT_TIMEOUT_MS: "500",
+      IMGD_S3_FIRST_BYTE_TIMEOUT_MS: "700",
+      IMGD_S3_IDLE_TIMEOUT_MS: "900",
+      IMGD_S3_MAX_LAYERS: "20",
+      IMGD_DOWNLOAD_ATTEMPTS: "3",
+      IMGD_DOWNLOAD_BACKOFF_MS: "0",
+      IMGD_DOWNLOAD_BACKOFF_MAX_MS: "50",
+      IMGD_DOWNLOAD_RETRY_AFTER_MAX_MS: "1000",
+      IMGD_DOWNLOAD_MAX_OBJECT_CHANGES: "0",
+      IMGD_DOWNLOAD_PARALLEL_THRESHOLD: "1048576",
+      IMGD_DOWNLOAD_PART_SIZE: "262144",
+      IMGD_DOWNLOAD_PART_CONCURRENCY: "8",
+    });
+    assert.deepEqual(cfg.timeouts, { connectMs: 500, requestMs: 700, idleMs: 900 });
+    assert.equal(cfg.maxLayers, 20);
+    assert.deepEqual(cfg.download, {
+      attempts: 3,
+      backoffMs: 0,
+      backoffMaxMs: 50,
+      retryAfterMaxMs: 1000,
+      maxObjectChanges: 0,
+      parallelThreshold: 1048576,
+      partSize: 262144,
+      partConcurrency: 8,
+    });
+  });
 
   it("reports every wrong setting at once and never echoes secrets", () => {
     assert.throws(

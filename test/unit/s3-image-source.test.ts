@@ -40,6 +40,18 @@ before(async () => {
     ["images/prefix-twin2/1.tar", "a"],
     ["images/prefix-twin2/2.tar", "b"],
     ["elsewhere/solo/1.tar", "x"],
+    // Hostile keys (issue 3). s3rver stores "a/../b" as "b" (the path is normalised on the way):
+    // one more reason a key is never treated as a path.
+    ["images/dotdot/1.tar", "a"],
+    ["images/dotdot/..", "a"],
+    ["images/dotdot-nested/1.tar", "a"],
+    ["images/dotdot-nested/2.tar/..", "a"],
+    ["images/space/1.tar", "a"],
+    ["images/space/2 .tar", "a"],
+    ["images/newline/1.tar\n", "a"],
+    ["images/accent/1.tar\u00e9", "a"],
+    ["images/percent/1%2Etar", "a"],
+    ["images/marker-only/", ""],
   ]);
   proxy = await startTamperProxy(s3.endpoint);
   cfg = { endpoint: s3.endpoint, bucket: s3.bucket, prefix: "images/", region: "us-east-1" };
@@ -96,7 +108,7 @@ describe("listImageLayers", () => {
     proxy.requests.length = 0;
     const viaProxy = createS3Client({ ...cfg, endpoint: proxy.endpoint });
     try {
-      const layers = await listImageLayers(viaProxy, cfg, "many");
+      const layers = await listImageLayers(viaProxy, { ...cfg, maxLayers: 2000 }, "many");
       assert.equal(layers.length, 1005);
       assert.deepEqual(layers.map((l) => l.position), Array.from({ length: 1005 }, (_, i) => i + 1));
       assert.equal(layers[1004].key, "images/many/1005.tar");
@@ -137,6 +149,64 @@ describe("listImageLayers", () => {
 
   it("escapes hostile key text in the refusal", async () => {
     await rejectsWith(listImageLayers(client, cfg, "evil"), "BAD_LAYOUT", true, /"images\/evil\/1\.tar\\u\{202e\}\\u\{1b\}\[2J" is not a layer/);
+  });
+
+  const hostileKeys: Array<[string, RegExp]> = [
+    ["dotdot", /"images\/dotdot\/\.\." is not a layer/],
+    ["dotdot-nested", /"images\/dotdot-nested\/2\.tar\/\.\." is nested/],
+    ["space", /"images\/space\/2 \.tar" is not a layer/],
+    ["newline", /"images\/newline\/1\.tar\\u\{a\}" is not a layer/],
+    ["accent", /"images\/accent\/1\.tar\\u\{e9\}" is not a layer/],
+    ["percent", /"images\/percent\/1%2Etar" is not a layer/],
+  ];
+  for (const [image, message] of hostileKeys) {
+    it(`refuses a folder holding a hostile key (${image}), naming it escaped`, async () => {
+      await rejectsWith(listImageLayers(client, cfg, image), "BAD_LAYOUT", true, message);
+    });
+  }
+
+  it("a folder with 0 layers (only its marker object) is a clear IMAGE_NOT_FOUND", async () => {
+    await rejectsWith(listImageLayers(client, cfg, "marker-only"), "IMAGE_NOT_FOUND", true, /s3:\/\/imgd-test\/images\/marker-only\/ exists but holds no layers/);
+  });
+
+  it("refuses a folder above the max layer count (default 1000) after reading only the pages needed", async () => {
+    proxy.requests.length = 0;
+    const viaProxy = createS3Client({ ...cfg, endpoint: proxy.endpoint });
+    try {
+      await rejectsWith(listImageLayers(viaProxy, cfg, "many"), "BAD_LAYOUT", true, /more than 1000 objects; an image may have at most 1000 layers \(IMGD_S3_MAX_LAYERS\)/);
+    } finally {
+      viaProxy.destroy();
+    }
+    assert.equal(proxy.requests.length, 2, "two listing pages, nothing else");
+  });
+
+  it("a folder of 10,000 objects: read page by page; refused above the max, listed at or under it", async () => {
+    // 10,000 objects in s3rver would take ~40 s to seed; the proxy serves the listing pages
+    // instead (1000 keys each, as S3 pages them), the rest of the path is the real client.
+    const viaProxy = createS3Client({ ...cfg, endpoint: proxy.endpoint });
+    const page = (n: number) => {
+      const keys = Array.from({ length: 1000 }, (_, i) => `<Contents><Key>images/huge/${n * 1000 + i + 1}.tar</Key><Size>10</Size><ETag>"e${n}-${i}"</ETag></Contents>`).join("");
+      const more = n < 9 ? `<IsTruncated>true</IsTruncated><NextContinuationToken>page${n + 1}</NextContinuationToken>` : "<IsTruncated>false</IsTruncated>";
+      return `<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>${s3.bucket}</Name><KeyCount>1000</KeyCount>${more}${keys}</ListBucketResult>`;
+    };
+    proxy.tamper = (req) => {
+      const token = /continuation-token=page(\d)/.exec(req.url);
+      return { reply: { status: 200, body: page(token ? Number(token[1]) : 0) } };
+    };
+    try {
+      proxy.requests.length = 0;
+      await rejectsWith(listImageLayers(viaProxy, { ...cfg, maxLayers: 2500 }, "huge"), "BAD_LAYOUT", true, /more than 2500 objects/);
+      assert.equal(proxy.requests.length, 3, "stopped at the page that passed the limit");
+      proxy.requests.length = 0;
+      const layers = await listImageLayers(viaProxy, { ...cfg, maxLayers: 10_000 }, "huge");
+      assert.equal(layers.length, 10_000);
+      assert.equal(layers[9999].key, "images/huge/10000.tar");
+      assert.equal(proxy.requests.length, 10);
+      assert.ok(proxy.requests.every((r) => r.url.includes("list-type=2")), "listing only, nothing downloaded");
+    } finally {
+      proxy.tamper = () => undefined;
+      viaProxy.destroy();
+    }
   });
 
   it("reports an unknown image as permanent IMAGE_NOT_FOUND", async () => {

@@ -1,0 +1,192 @@
+// Reconciliation: carries out the repairs doctor.ts proposes. Run at startup (before unfinished
+// FSM runs resume) and on demand (Doctor with repair=true) while the agent serves.
+//
+// Doctor's findings are a snapshot; by the time a repair runs, a pull or an activation may have
+// moved on. So every repair takes the lock the pull takes for that device (`chain <id>`) or the
+// activation's own key, re-reads what it is about to change, and does nothing when the finding no
+// longer holds. Subjects of running FSM runs are left to their runs (a resumed pull discards its
+// own half-made device; see pull.ts ensureLayerDevice). Every helper op used here is idempotent,
+// so a repair cut short by a crash is simply done again by the next pass.
+import { rm } from "node:fs/promises";
+import type { Catalog } from "./catalog.ts";
+import { chainsBeingBuilt, runDoctor, type DoctorDeps, type DoctorReport, type Finding, type RepairAction } from "./doctor.ts";
+import { formatError } from "./fsm/errors.ts";
+import type { HelperClient } from "./helper-client.ts";
+import type { KeyedLock } from "./keyed-lock.ts";
+import type { Logger } from "./log.ts";
+
+export interface ReconcileDeps extends DoctorDeps {
+  locks: KeyedLock;
+  log: Logger;
+}
+
+export interface RepairOutcome {
+  finding: Finding;
+  /** "repaired", "skipped" (no longer true, or its run owns it) or "failed". */
+  result: "repaired" | "skipped" | "failed";
+  note: string;
+}
+
+export interface ReconcileReport {
+  /** What doctor found before repairing, and what was done for each finding. */
+  outcomes: RepairOutcome[];
+  /** Doctor's report after the repairs. */
+  after: DoctorReport;
+}
+
+// Removals first (so a device that holds a thin id is gone before the id is deleted), then the
+// re-activation of activations that lost their device, then files.
+const ORDER: RepairAction["type"][] = ["remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
+
+/** One reconciliation pass at a time: two passes would repair the same finding twice. */
+const PASS_KEY = "reconcile";
+
+export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
+  return deps.locks.run(PASS_KEY, async () => {
+    const before = await runDoctor(deps);
+    const findings = [...before.findings].sort((a, b) => ORDER.indexOf(a.action.type) - ORDER.indexOf(b.action.type));
+    const outcomes: RepairOutcome[] = [];
+    for (const finding of findings) {
+      let outcome: RepairOutcome;
+      try {
+        const note = await repair(deps, finding.action);
+        outcome = { finding, result: note === undefined ? "repaired" : "skipped", note: note ?? finding.repair };
+      } catch (err) {
+        outcome = { finding, result: "failed", note: formatError(err) };
+      }
+      const level = outcome.result === "failed" ? "error" : outcome.result === "skipped" ? "info" : "warn";
+      deps.log(level, `reconcile: ${outcome.result} ${finding.kind} ${finding.subject}`, { detail: finding.detail, note: outcome.note });
+      outcomes.push(outcome);
+    }
+    return { outcomes, after: await runDoctor(deps) };
+  });
+}
+
+/** Performs one repair; returns undefined when done, or why it was skipped. */
+async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string | undefined> {
+  const { catalog, helper, locks } = deps;
+  switch (action.type) {
+    case "delete-thin": {
+      // Ids are allocated in SQLite before the pool creates them and never reused
+      // (AUTOINCREMENT), so an id the catalog does not know now never will be.
+      if (thinOwner(catalog, action.thinId)) return `thin id ${action.thinId} is now known to the catalog`;
+      if (action.holder) await unmountAndRemove(helper, action.holder);
+      const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
+      if (holder) await unmountAndRemove(helper, holder.name);
+      await helper.call("thin.delete", { thinId: action.thinId });
+      return undefined;
+    }
+    case "discard-device":
+      return locks.run(`chain ${action.chainId}`, async () => {
+        // Under the chain lock no pull is building this device, so "allocated" means half-made.
+        const row = catalog.getDevice(action.chainId);
+        if (row?.state !== "allocated" || row.thinId !== action.thinId) return "the device is no longer half-made";
+        await removeDevice(helper, row.name);
+        await helper.call("thin.delete", { thinId: row.thinId });
+        catalog.deleteDevice(row.chainId);
+        return undefined;
+      });
+    case "drop-device-chain":
+      return locks.run(`chain ${action.chainId}`, () => dropDeviceChain(deps, action.chainId));
+    case "drop-activation":
+      return locks.run(`activation ${action.id}`, async () => {
+        const row = catalog.getActivation(action.id);
+        if (!row || row.thinId !== action.thinId) return "the activation is gone";
+        if (activationBusy(deps, row.id)) return "a run is working on this activation";
+        if (row.state === "active" && (await helper.call("thin.list", {})).thinIds.includes(row.thinId)) return "its thin id is in the pool";
+        await unmountAndRemove(helper, row.name);
+        await helper.call("thin.delete", { thinId: row.thinId });
+        catalog.deleteActivation(row.id);
+        return undefined;
+      });
+    case "remove-device":
+      return removeStrayDevice(deps, action.name, action.thinId);
+    case "reactivate":
+      return locks.run(`activation ${action.id}`, async () => {
+        const row = catalog.getActivation(action.id);
+        if (row?.state !== "active") return "the activation is no longer active";
+        if (activationBusy(deps, row.id)) return "a run is working on this activation";
+        await helper.call("device.activate", { name: row.name, thinId: row.thinId });
+        return undefined;
+      });
+    case "remove-temp":
+      if (deps.pull.list({ status: "running", limit: 1 }).length > 0) return "a pull is running (the file may be its download)";
+      await rm(action.path, { force: true });
+      return undefined;
+  }
+}
+
+/**
+ * A ready device whose thin id is gone from the pool cannot be used, nor can anything built on
+ * it (their chain says they contain it). Drops them all, top-most first, and marks the images
+ * that used them failed, so a re-pull rebuilds. Refused while an activation uses one of them:
+ * its snapshot is independent data that a repair must not destroy.
+ */
+async function dropDeviceChain(deps: ReconcileDeps, chainId: string): Promise<string | undefined> {
+  const { catalog, helper } = deps;
+  const row = catalog.getDevice(chainId);
+  if (row?.state !== "ready") return "the device is no longer recorded ready";
+  if ((await helper.call("thin.list", {})).thinIds.includes(row.thinId)) return `thin id ${row.thinId} is in the pool`;
+  const doomed = [...catalog.devicesAbove(chainId), row];
+  const chains = doomed.map((d) => d.chainId);
+  const building = chainsBeingBuilt(catalog, runningPulls(deps));
+  if (chains.some((c) => building.has(c))) return "a running pull uses this chain; it will fail or rebuild";
+  const users = catalog.listActivations().filter((a) => chains.includes(a.chainId));
+  if (users.length > 0) return `activations ${users.map((a) => a.id).join(", ")} use it: deactivate them first`;
+  const images = catalog.imagesUsing(chains).filter((name) => catalog.getImage(name)?.state !== "pulling");
+  for (const device of doomed) {
+    await removeDevice(helper, device.name);
+    await helper.call("thin.delete", { thinId: device.thinId });
+    catalog.deleteDevice(device.chainId);
+  }
+  for (const image of images) {
+    catalog.markImageFailed(image, `layer device ${row.name} (chain ${chainId}, thin id ${row.thinId}) vanished from the pool; pull the image again to rebuild it`);
+  }
+  return undefined;
+}
+
+async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: number): Promise<string | undefined> {
+  const { catalog, helper, locks } = deps;
+  const device = catalog.listDevices().find((d) => d.name === name);
+  if (device) {
+    // Layer devices are active only inside their build, which holds this lock.
+    return locks.run(`chain ${device.chainId}`, async () => {
+      await unmountAndRemove(helper, name);
+      return undefined;
+    });
+  }
+  const activation = catalog.listActivations().find((a) => a.name === name);
+  if (activation) {
+    return locks.run(`activation ${activation.id}`, async () => {
+      const row = catalog.getActivation(activation.id);
+      if (row && activationBusy(deps, row.id)) return "a run is working on this activation";
+      if (row?.state === "active" && row.thinId === thinId) return "the device is the activation's own";
+      await unmountAndRemove(helper, name);
+      return undefined;
+    });
+  }
+  await unmountAndRemove(helper, name);
+  return undefined;
+}
+
+function thinOwner(catalog: Catalog, thinId: number): boolean {
+  return catalog.listDevices().some((d) => d.thinId === thinId) || catalog.listActivations().some((a) => a.thinId === thinId);
+}
+
+function runningPulls(deps: ReconcileDeps): string[] {
+  return deps.pull.list({ status: "running", limit: 100_000 }).map((run) => run.resourceId);
+}
+
+function activationBusy(deps: ReconcileDeps, id: string): boolean {
+  return [deps.activate, deps.deactivate].some((fsm) => fsm.list({ resourceId: id, status: "running", limit: 1 }).length > 0);
+}
+
+async function removeDevice(helper: HelperClient, name: string): Promise<void> {
+  await helper.call("device.deactivate", { name });
+}
+
+/** A stray device may be mounted (fs.mount, for inspection); unmounting what is not mounted is a no-op. */
+async function unmountAndRemove(helper: HelperClient, name: string): Promise<void> {
+  await helper.call("fs.unmount", { name });
+  await helper.call("device.deactivate", { name });
+}

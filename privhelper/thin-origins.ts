@@ -1,0 +1,63 @@
+// The helper's durable record of each thin id's origin. The pool's metadata does not say which
+// id a snapshot was taken from, yet a repeated thin.create/thin.snapshot (an agent retrying after
+// a crash) must succeed when the id exists with the origin it asks for, and only then. So the
+// origin is written (fsynced) BEFORE the pool message, and removed after the id is deleted: an id
+// in the pool always has its record, and a record without an id is just stale.
+// One small file per id: $IMGD_HELPER_STATE_DIR/thin-origins/<id>, content {"origin":N|null}.
+import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
+import { join } from "node:path";
+import type { HelperConfig } from "./config.ts";
+
+export type OriginRecord = { origin: number | null };
+
+function dir(config: HelperConfig): string {
+  return join(config.stateDir, "thin-origins");
+}
+
+/** The recorded origin of `thinId` (null: created empty); undefined when there is no (valid) record. */
+export async function readOrigin(config: HelperConfig, thinId: number): Promise<OriginRecord | undefined> {
+  let text;
+  try {
+    text = await readFile(join(dir(config), String(thinId)), "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw err;
+  }
+  // A record we cannot read proves nothing: treated as absent, so the caller stays strict.
+  const match = /^\{"origin":(null|[0-9]{1,8})\}\n?$/.exec(text);
+  if (!match) return undefined;
+  return { origin: match[1] === "null" ? null : Number(match[1]) };
+}
+
+export async function writeOrigin(config: HelperConfig, thinId: number, origin: number | null): Promise<void> {
+  const folder = dir(config);
+  await mkdir(folder, { recursive: true, mode: 0o700 });
+  const path = join(folder, String(thinId));
+  const temp = `${path}.tmp`;
+  const file = await open(temp, "w", 0o600);
+  try {
+    await file.writeFile(JSON.stringify({ origin }) + "\n");
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  await rename(temp, path);
+  await syncDir(folder);
+}
+
+export async function removeOrigin(config: HelperConfig, thinId: number): Promise<void> {
+  const folder = dir(config);
+  await rm(join(folder, String(thinId)), { force: true });
+  await syncDir(folder).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== "ENOENT") throw err;
+  });
+}
+
+async function syncDir(path: string): Promise<void> {
+  const handle = await open(path, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

@@ -1,0 +1,217 @@
+// Reconciliation (agent/reconcile.ts) on the host: real s3rver, real SQLite, real gRPC; the root
+// helper is the TEST DOUBLE of test/helpers/fake-helper.ts (no device-mapper on this kernel; the
+// VM test test/e2e/lifecycle.test.ts plants the same leaks in the real pool).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startAgent, type RunningAgent } from "../../agent/app.ts";
+import { Catalog } from "../../agent/catalog.ts";
+import { loadAgentConfig } from "../../agent/config.ts";
+import { openDatabase } from "../../agent/db.ts";
+import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
+import { connectImgd, ImageState, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { packTar } from "../fixtures/tar-bytes.ts";
+import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
+import { startS3rver, type TestS3 } from "../helpers/s3rver.ts";
+
+const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
+
+let s3: TestS3;
+let helper: FakeHelper;
+let agent: RunningAgent;
+let client: ImgdClient;
+let closeClient: () => void;
+const stateDir = mkdtempSync(join(tmpdir(), "imgd-reconcile-"));
+const logs: { level: string; msg: string; fields?: Record<string, unknown> }[] = [];
+
+async function start(): Promise<void> {
+  const config = loadAgentConfig([], {
+    IMGD_STATE_DIR: stateDir,
+    IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_HELPER_SOCKET: helper.socketPath,
+    IMGD_S3_ENDPOINT: s3.endpoint,
+    IMGD_S3_BUCKET: s3.bucket,
+  });
+  agent = await startAgent(config, (level, msg, fields) => void logs.push({ level, msg, fields }), { poolWaitAttempts: 1 });
+  const c = connectImgd(`127.0.0.1:${agent.port}`);
+  client = c.client;
+  closeClient = () => c.channel.close();
+}
+
+async function stop(): Promise<void> {
+  closeClient();
+  await agent.stop();
+}
+
+/** Changes the catalog while the agent is stopped, as an administrator (or a crash) would. */
+function withStoppedCatalog(fn: (catalog: Catalog) => void): void {
+  const db = openDatabase(join(stateDir, "imgd.db"));
+  try {
+    fn(new Catalog(db));
+  } finally {
+    db.close();
+  }
+}
+
+const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+
+before(async () => {
+  s3 = await startS3rver();
+  const put = async (image: string, layers: Record<string, string>[]) => {
+    for (const [i, files] of layers.entries()) await s3.put(`images/${image}/${i + 1}.tar`, await tarOf(files));
+  };
+  await put("golang", [...shared, { "go/bin/go": "go\n" }]);
+  await put("node", [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }]);
+  await put("python", [...shared, { "python/version": "3.11\n" }]);
+  helper = await startFakeHelper(join(stateDir, "blobs"));
+  await start();
+});
+
+after(async () => {
+  await stop();
+  await helper.close();
+  await s3.close();
+});
+
+async function pull(image: string) {
+  let last;
+  for await (const u of client.pullImage({ image })) last = u;
+  assert.equal(last!.status, RunStatus.SUCCEEDED, last!.error);
+  return last!.image!;
+}
+
+test("startup reconciliation repairs every kind of leak a crash or a person leaves, and logs each repair", async () => {
+  const golang = await pull("golang");
+  const { activation: kept } = await client.activateImage({ image: "golang" });
+  const keptName = kept!.devicePath.replace("/dev/mapper/", "");
+  const layer2 = agent.catalog.getDevice(golang.layers[1]!.chainId)!;
+  await stop();
+
+  // An unknown thin id, active under a stray activation name.
+  helper.thins.set(9000, { origin: null, layers: [], formatted: true });
+  helper.active.set("imgd-act-00000000000000000000000009", 9000);
+  // A layer device left active (and mounted) although it is ready.
+  helper.active.set(layer2.name, layer2.thinId);
+  helper.mounts.add(layer2.name);
+  // A device and an activation left "allocated" by a crash, with their thin ids made.
+  const [halfChain] = chainIds(["sha256:" + "e".repeat(64)]);
+  let half!: { thinId: number; name: string };
+  let halfAct!: { thinId: number; name: string; id: string };
+  withStoppedCatalog((catalog) => {
+    half = catalog.allocateDevice({ chainId: halfChain!, parentChainId: null, layerDigest: "sha256:" + "e".repeat(64), name: layerDeviceName(halfChain!) });
+    halfAct = catalog.allocateActivation({ id: "01JAAAAAAAAAAAAAAAAAAAAAAA", image: "golang", chainId: golang.chainId, name: "imgd-act-01jaaaaaaaaaaaaaaaaaaaaaaa" });
+  });
+  helper.thins.set(half.thinId, { origin: null, layers: [], formatted: true });
+  helper.active.set(half.name, half.thinId);
+  helper.thins.set(halfAct.thinId, { origin: golang.thinId, layers: [], formatted: true });
+  // An active activation whose device vanished (a reboot removes every dm device).
+  helper.active.delete(keptName);
+  // A leftover download.
+  writeFileSync(join(stateDir, "tmp", "leftover.part"), "half a layer");
+
+  logs.length = 0;
+  await start();
+  assert.equal(helper.thins.has(9000), false, "unknown id deleted");
+  assert.equal(helper.active.has("imgd-act-00000000000000000000000009"), false, "its device removed first");
+  assert.equal(helper.active.has(layer2.name), false, "stray layer device removed");
+  assert.equal(helper.mounts.has(layer2.name), false, "and unmounted first");
+  assert.equal(helper.thins.has(layer2.thinId), true, "its thin id (a ready layer) is kept");
+  assert.equal(helper.thins.has(half.thinId), false, "half-made device deleted");
+  assert.equal(helper.active.has(half.name), false);
+  assert.equal(agent.catalog.getDevice(halfChain!), undefined, "and its row");
+  assert.equal(helper.thins.has(halfAct.thinId), false, "half-made activation deleted");
+  assert.equal(agent.catalog.getActivation(halfAct.id), undefined);
+  assert.equal(helper.active.get(keptName), kept!.thinId, "the lost activation device is active again");
+  assert.equal(existsSync(join(stateDir, "tmp", "leftover.part")), false, "temp file removed");
+  const repairs = logs.filter((l) => l.msg.startsWith("reconcile: repaired")).map((l) => l.msg.replace("reconcile: repaired ", ""));
+  assert.deepEqual(repairs.map((r) => r.split(" ")[0]).sort(), [
+    "HALF_MADE_ACTIVATION",
+    "HALF_MADE_DEVICE",
+    "MISSING_DEVICE",
+    "STRAY_DEVICE",
+    "STRAY_DEVICE",
+    "STRAY_TEMP_FILE",
+    "UNKNOWN_THIN_ID",
+  ]);
+  const report = await client.doctor({});
+  assert.deepEqual(report.findings, []);
+  assert.equal(report.clean, true);
+  assert.equal((await client.getImage({ image: "golang" })).image!.state, ImageState.READY);
+  await client.deactivateImage({ activationId: kept!.id });
+});
+
+test("doctor shows the repair without doing it; repair=true drops a lost device and all above it, fails the images, a re-pull rebuilds", async () => {
+  await pull("golang");
+  const node = await pull("node");
+  const layer4 = agent.catalog.getDevice(node.layers[3]!.chainId)!;
+  const layer5 = agent.catalog.getDevice(node.layers[4]!.chainId)!;
+  helper.thins.delete(layer4.thinId);
+
+  const calls = helper.calls.length;
+  const look = await client.doctor({});
+  assert.deepEqual(look.findings.map((f) => [f.kind, f.subject, f.result]), [["MISSING_THIN_ID", layer4.name, ""]]);
+  assert.match(look.findings[0]!.repair, /and the devices built on it, mark the images using them failed/);
+  assert.deepEqual([...new Set(helper.calls.slice(calls).map((c) => c.op))].sort(), ["device.list", "thin.list"], "doctor without repair only reads");
+
+  const fixed = await client.doctor({ repair: true });
+  assert.deepEqual(fixed.findings.map((f) => [f.kind, f.result]), [["MISSING_THIN_ID", "repaired"]]);
+  assert.equal(fixed.clean, true);
+  assert.equal(agent.catalog.getDevice(layer4.chainId), undefined);
+  assert.equal(agent.catalog.getDevice(layer5.chainId), undefined, "the device above it is dropped too");
+  assert.equal(helper.thins.has(layer5.thinId), false, "and deleted from the pool");
+  assert.ok(agent.catalog.getDevice(node.layers[2]!.chainId), "the shared layers below stay");
+  const failed = (await client.getImage({ image: "node" })).image!;
+  assert.equal(failed.state, ImageState.FAILED);
+  assert.match(failed.error, new RegExp(`layer device ${layer4.name} .*vanished from the pool; pull the image again`));
+  assert.equal((await client.getImage({ image: "golang" })).image!.state, ImageState.READY, "golang does not use them");
+
+  const rebuilt = await pull("node");
+  assert.deepEqual(helper.thins.get(rebuilt.thinId)!.layers, rebuilt.layers.map((l) => l.digest));
+  assert.equal((await client.doctor({})).clean, true);
+});
+
+test("a lost device an activation still uses is not dropped: the repair says why", async () => {
+  const golang = await pull("golang");
+  const { activation } = await client.activateImage({ image: "golang" });
+  const top = helper.thins.get(golang.thinId)!;
+  helper.thins.delete(golang.thinId);
+  try {
+    const report = await client.doctor({ repair: true });
+    const lost = report.findings.find((f) => f.kind === "MISSING_THIN_ID")!;
+    assert.equal(lost.result, "skipped");
+    assert.match(lost.note, new RegExp(`activations ${activation!.id} use it: deactivate them first`));
+    assert.equal(report.clean, false);
+    assert.ok(agent.catalog.getDevice(golang.chainId), "kept");
+  } finally {
+    helper.thins.set(golang.thinId, top);
+  }
+  await client.deactivateImage({ activationId: activation!.id });
+  assert.equal((await client.doctor({})).clean, true);
+});
+
+test("repair on demand beside a running pull leaves the pull's half-built device and its download alone", async () => {
+  let open!: () => void;
+  helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
+  const calls = helper.calls.length;
+  const pulling = pull("python");
+  while (!helper.calls.slice(calls).some((c) => c.op === "layer.apply")) await new Promise((r) => setTimeout(r, 10));
+  writeFileSync(join(stateDir, "tmp", "maybe-a-download.part"), "x");
+  const building = agent.catalog.listDevices().filter((d) => d.state === "allocated");
+  assert.equal(building.length, 1, "python's layer 4 is being built");
+  try {
+    const report = await client.doctor({ repair: true });
+    assert.deepEqual(report.findings, [], "nothing to repair while the pull owns its device and its temp dir");
+    assert.ok(agent.catalog.getDevice(building[0]!.chainId), "the half-built device is kept");
+    assert.ok(existsSync(join(stateDir, "tmp", "maybe-a-download.part")), "temp files are kept while a pull runs");
+  } finally {
+    helper.holdApply(undefined);
+    open();
+  }
+  await pulling;
+  const after = await client.doctor({ repair: true });
+  assert.deepEqual(after.findings.map((f) => [f.kind, f.result]), [["STRAY_TEMP_FILE", "repaired"]]);
+  assert.equal(existsSync(join(stateDir, "tmp", "maybe-a-download.part")), false);
+  assert.equal(after.clean, true);
+});

@@ -1,0 +1,139 @@
+// Idempotence of the helper's state-changing ops (privhelper/thin.ts, device.ts, fs.ts) on the
+// host. This kernel has no device-mapper, so dmsetup and thin_ls are replaced (through the
+// PROGRAMS seam of privhelper/run.ts) by a TEST DOUBLE script that models a thin pool in a JSON
+// file and answers with the kernel's wording. The real pool is exercised by
+// test/e2e/lifecycle.test.ts in the VM.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { loadConfig } from "../../privhelper/config.ts";
+import { activateDevice, deactivateDevice } from "../../privhelper/device.ts";
+import { unmountFilesystem } from "../../privhelper/fs.ts";
+import { PROGRAMS } from "../../privhelper/run.ts";
+import { createThin, deleteThin, snapshotThin } from "../../privhelper/thin.ts";
+import { readOrigin } from "../../privhelper/thin-origins.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "imgd-helper-idem-"));
+const poolFile = join(dir, "pool.json");
+const config = loadConfig({ IMGD_HELPER_STATE_DIR: join(dir, "state"), IMGD_POOL_NAME: "imgd-pool" });
+const saved = { ...PROGRAMS };
+
+// The double: `dmsetup` verbs the helper uses, and `thin_ls` printing the pool's ids. The
+// pool's metadata device is the host's /dev/loop0 (7:0), which thin.list checks is a block device.
+const DMSETUP = `#!${process.execPath}
+const fs = require("node:fs");
+const file = ${JSON.stringify(poolFile)};
+const pool = JSON.parse(fs.readFileSync(file, "utf8"));
+const save = () => fs.writeFileSync(file, JSON.stringify(pool));
+const args = process.argv.slice(2).filter((a) => a !== "--noudevsync");
+const die = (msg) => { process.stderr.write(msg + "\\n"); process.exit(1); };
+const missing = () => die("Device does not exist.\\nCommand failed.");
+const table = (name) => name === "imgd-pool" ? "0 2048 thin-pool 7:0 7:1 128 0 1 error_if_no_space" : pool.devices[name];
+pool.log.push(args.join(" ")); save();
+switch (args[0]) {
+  case "info":
+    if (args.includes("name")) { console.log(["imgd-pool", ...Object.keys(pool.devices)].join("\\n")); break; }
+    if (!table(args.at(-1))) missing();
+    console.log(args.at(-1) === "imgd-pool" ? "253:0" : "253:9"); break;
+  case "table": { const t = table(args[1]); if (!t) missing(); console.log(t); break; }
+  case "create": pool.devices[args[1]] = args[3].replace("/dev/mapper/imgd-pool", "253:0"); save(); break; // the kernel shows major:minor
+  case "remove": if (!pool.devices[args[1]]) missing(); delete pool.devices[args[1]]; save(); break;
+  case "mknodes": case "suspend": case "resume": break;
+  case "message": {
+    const [verb, a, b] = args[3].split(" ");
+    const fail = (why) => die("device-mapper: message ioctl on imgd-pool  failed: " + why + "\\nCommand failed.");
+    if (verb === "create_thin") { if (pool.thins[a] !== undefined) fail("File exists"); pool.thins[a] = null; }
+    else if (verb === "create_snap") { if (pool.thins[a] !== undefined) fail("File exists"); if (pool.thins[b] === undefined) fail("No data available"); pool.thins[a] = Number(b); }
+    else if (verb === "delete") { if (pool.thins[a] === undefined) fail("No data available"); delete pool.thins[a]; }
+    save(); break;
+  }
+  default: die("fake dmsetup: unexpected " + args.join(" "));
+}
+`;
+const THIN_LS = `#!${process.execPath}
+const pool = JSON.parse(require("node:fs").readFileSync(${JSON.stringify(poolFile)}, "utf8"));
+console.log(Object.keys(pool.thins).join("\\n"));
+`;
+
+type Pool = { thins: Record<string, number | null>; devices: Record<string, string>; log: string[] };
+const readPool = (): Pool => JSON.parse(readFileSync(poolFile, "utf8"));
+const writePool = (p: Pool) => writeFileSync(poolFile, JSON.stringify(p));
+
+before(() => {
+  writePool({ thins: {}, devices: {}, log: [] });
+  for (const [name, text] of [["dmsetup", DMSETUP], ["thin_ls", THIN_LS]]) {
+    writeFileSync(join(dir, name!), text!);
+    chmodSync(join(dir, name!), 0o755);
+  }
+  const programs = PROGRAMS as Record<string, string>;
+  programs.dmsetup = join(dir, "dmsetup");
+  programs.thinLs = join(dir, "thin_ls");
+});
+
+after(() => {
+  Object.assign(PROGRAMS as Record<string, string>, saved);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+test("thin.create: a repeat succeeds; an id made by someone else (no record) stays EXISTS", async () => {
+  await createThin(config, 1);
+  assert.deepEqual(await readOrigin(config, 1), { origin: null }, "the origin is recorded");
+  await createThin(config, 1);
+  assert.equal(readPool().thins["1"], null);
+
+  const p = readPool();
+  p.thins["7"] = null; // as `dmsetup message imgd-pool 0 "create_thin 7"` by hand
+  writePool(p);
+  await assert.rejects(createThin(config, 7), { code: "EXISTS", message: /no record of creating it as an empty device/ });
+  assert.equal(await readOrigin(config, 7), undefined, "the refused request leaves no record behind");
+});
+
+test("thin.snapshot: a repeat with the same origin succeeds; another origin is EXISTS; a missing origin NOT_FOUND", async () => {
+  await createThin(config, 2);
+  await snapshotThin(config, 3, 1);
+  await snapshotThin(config, 3, 1);
+  assert.deepEqual(await readOrigin(config, 3), { origin: 1 });
+  await assert.rejects(snapshotThin(config, 3, 2), { code: "EXISTS", message: /created as a snapshot of 1, not as a snapshot of 2/ });
+  await assert.rejects(createThin(config, 3), { code: "EXISTS", message: /created as a snapshot of 1, not as an empty device/ });
+  assert.equal(readPool().thins["3"], 1, "the pool is untouched");
+  assert.deepEqual(await readOrigin(config, 3), { origin: 1 }, "and so is the record");
+  await assert.rejects(snapshotThin(config, 4, 99), { code: "NOT_FOUND", message: /origin thin id 99 does not exist/ });
+  assert.equal(await readOrigin(config, 4), undefined);
+});
+
+test("a record left by a crash before the pool message does not block a later request with another origin", async () => {
+  await snapshotThin(config, 5, 1);
+  const p = readPool();
+  delete p.thins["5"]; // the message never reached the pool
+  writePool(p);
+  await snapshotThin(config, 5, 2);
+  assert.equal(readPool().thins["5"], 2);
+  assert.deepEqual(await readOrigin(config, 5), { origin: 2 });
+});
+
+test("thin.delete: deleting removes the record; deleting what is gone succeeds", async () => {
+  await deleteThin(config, 5);
+  assert.equal(readPool().thins["5"], undefined);
+  assert.equal(existsSync(join(config.stateDir, "thin-origins", "5")), false);
+  await deleteThin(config, 5);
+  await deleteThin(config, 424242);
+  // Recreating a deleted id with another origin is a fresh create, not EXISTS.
+  await snapshotThin(config, 5, 3);
+  assert.equal(readPool().thins["5"], 3);
+});
+
+test("device.activate: the same thin id again succeeds, another is CONFLICT; deactivate and unmount of what is gone succeed", async () => {
+  const name = "imgd-act-01jaaaaaaaaaaaaaaaaaaaaaaa";
+  assert.deepEqual(await activateDevice(config, name, 3), { path: `/dev/mapper/${name}` });
+  const creates = () => readPool().log.filter((l) => l.startsWith("create ")).length;
+  const before = creates();
+  assert.deepEqual(await activateDevice(config, name, 3), { path: `/dev/mapper/${name}` });
+  assert.equal(creates(), before, "nothing is created again");
+  await assert.rejects(activateDevice(config, name, 2), { code: "CONFLICT" });
+  await deactivateDevice(name);
+  assert.equal(readPool().devices[name], undefined);
+  await deactivateDevice(name);
+  await unmountFilesystem(config, name);
+});
