@@ -39,9 +39,17 @@ import {
 type Op = "pull" | "activate" | "deactivate";
 type Victim = "agent" | "helper" | "both";
 
+/**
+ * One operation killed at each of `points` in turn: the first kill hits the operation, each later
+ * one the run resumed after the previous kill (the process is restarted already armed with the
+ * next point), then the run is let finish and everything is checked. Chaining the points of one
+ * run costs one restart per point instead of a whole operation and check; a chain never puts more
+ * than 4 interrupted attempts on one step (5 would end the run failed by design).
+ * IMGD_TEST_CRASH_SINGLE=1 runs every point as its own scenario instead (slower, isolated).
+ */
 interface Scenario {
   op: Op;
-  point: string;
+  points: string[];
   victim: Victim;
   /** The pull needs its own first layer (so that thin.create and mkfs run), not the shared one. */
   ownBase?: boolean;
@@ -49,43 +57,48 @@ interface Scenario {
 
 // Every step's "before" (attempt begun), and "committed" where a step's end is not the next
 // step's beginning (the last step); finalizers where an FSM has them; every mid-step point.
-const agentPull = [
-  "fsm.pull.list.before", "fsm.pull.download.before", "download.chunk-written#2", "fsm.pull.download.committed",
-  "fsm.pull.unpack.before", "pull.thin-id-allocated", "pull.layer-applied", "pull.device-built",
-  "fsm.pull.finish.before", "fsm.pull.finish.committed", "fsm.pull.finalizers.before", "fsm.pull.finalizers.after",
-];
-const agentActivate = [
-  "fsm.activate.ensure-image.before", "fsm.activate.snapshot.before", "activate.thin-id-allocated",
-  "fsm.activate.activate.before", "activate.device-activated", "fsm.activate.activate.committed",
-];
-const agentDeactivate = [
-  "fsm.deactivate.remove-device.before", "deactivate.device-removed", "fsm.deactivate.delete-snapshot.before",
-  "deactivate.snapshot-deleted", "fsm.deactivate.forget.before", "fsm.deactivate.forget.committed",
+const CHAINS: Scenario[] = [
+  {
+    op: "pull",
+    victim: "agent",
+    points: [
+      "fsm.pull.list.before", "fsm.pull.download.before", "download.chunk-written#2", "fsm.pull.download.committed",
+      "fsm.pull.unpack.before", "pull.thin-id-allocated", "pull.layer-applied", "pull.device-built",
+      "fsm.pull.finish.before", "fsm.pull.finish.committed", "fsm.pull.finalizers.before", "fsm.pull.finalizers.after",
+    ],
+  },
+  { op: "pull", victim: "agent", ownBase: true, points: ["pull.thin-id-allocated", "pull.layer-applied", "pull.device-built"] },
+  {
+    op: "activate",
+    victim: "agent",
+    points: [
+      "fsm.activate.ensure-image.before", "fsm.activate.snapshot.before", "activate.thin-id-allocated",
+      "fsm.activate.activate.before", "activate.device-activated", "fsm.activate.activate.committed",
+    ],
+  },
+  {
+    op: "deactivate",
+    victim: "agent",
+    points: [
+      "fsm.deactivate.remove-device.before", "deactivate.device-removed", "fsm.deactivate.delete-snapshot.before",
+      "deactivate.snapshot-deleted", "fsm.deactivate.forget.before", "fsm.deactivate.forget.committed",
+    ],
+  },
+  { op: "pull", victim: "helper", ownBase: true, points: ["helper.thin.create.after-message"] },
+  { op: "pull", victim: "helper", points: ["helper.thin.snapshot.after-message", "helper.device.activate.after-create"] },
+  { op: "pull", victim: "helper", points: ["apply.entry-applied#4", "helper.apply.child-running#4"] },
+  { op: "activate", victim: "helper", points: ["helper.thin.snapshot.after-message", "helper.device.activate.after-create"] },
+  { op: "deactivate", victim: "helper", points: ["helper.thin.delete.after-message"] },
+  { op: "pull", victim: "both", points: ["download.chunk-written", "pull.layer-applied"] },
+  { op: "pull", victim: "both", ownBase: true, points: ["helper.thin.create.after-message"] },
+  { op: "pull", victim: "both", points: ["helper.apply.child-running#2"] },
+  { op: "activate", victim: "both", points: ["helper.thin.snapshot.after-message"] },
+  { op: "deactivate", victim: "both", points: ["helper.thin.delete.after-message"] },
 ];
 
-const MATRIX: Scenario[] = [
-  ...agentPull.map((point): Scenario => ({ op: "pull", point, victim: "agent" })),
-  { op: "pull", point: "pull.thin-id-allocated", victim: "agent", ownBase: true },
-  ...agentActivate.map((point): Scenario => ({ op: "activate", point, victim: "agent" })),
-  ...agentDeactivate.map((point): Scenario => ({ op: "deactivate", point, victim: "agent" })),
-  { op: "pull", point: "helper.thin.create.after-message", victim: "helper", ownBase: true },
-  { op: "pull", point: "helper.thin.snapshot.after-message", victim: "helper" },
-  { op: "pull", point: "helper.device.activate.after-create", victim: "helper" },
-  { op: "pull", point: "apply.entry-applied#4", victim: "helper" },
-  { op: "pull", point: "helper.apply.child-running#4", victim: "helper" },
-  { op: "activate", point: "helper.thin.snapshot.after-message", victim: "helper" },
-  { op: "activate", point: "helper.device.activate.after-create", victim: "helper" },
-  { op: "deactivate", point: "helper.thin.delete.after-message", victim: "helper" },
-  { op: "pull", point: "download.chunk-written", victim: "both" },
-  { op: "pull", point: "pull.layer-applied", victim: "both" },
-  { op: "pull", point: "helper.thin.create.after-message", victim: "both", ownBase: true },
-  { op: "pull", point: "helper.apply.child-running#2", victim: "both" },
-  { op: "activate", point: "helper.thin.snapshot.after-message", victim: "both" },
-  { op: "deactivate", point: "helper.thin.delete.after-message", victim: "both" },
-];
-
+const MATRIX = process.env.IMGD_TEST_CRASH_SINGLE === "1" ? CHAINS.flatMap((c) => c.points.map((point): Scenario => ({ ...c, points: [point] }))) : CHAINS;
 const only = process.env.IMGD_TEST_CRASH_ONLY ? new RegExp(process.env.IMGD_TEST_CRASH_ONLY) : undefined;
-const idOf = (s: Scenario) => `${s.op} ${s.point} ${s.victim}`;
+const idOf = (s: Scenario) => `${s.op} ${s.points.join(" > ")} ${s.victim}`;
 const scenarios = MATRIX.filter((s) => !only || only.test(idOf(s)));
 const KILLS = Number(process.env.IMGD_TEST_CRASH_KILLS ?? 50);
 const SEED = process.env.IMGD_TEST_CRASH_SEED ?? randomBytes(4).toString("hex");
@@ -150,45 +163,57 @@ const drain = async (stream: AsyncIterable<unknown>) => {
 };
 
 let timing: string[] = [];
+let kills = 0;
+
+/** Restarts what the last kill took down; tolerates a process armed to die while it starts. */
+async function restartDead(): Promise<void> {
+  const restartedAgent = !alive(pidOf("agent"));
+  await startMissing({ mayDie: true });
+  if (restartedAgent) agent.reconnect();
+}
 
 for (const [index, scenario] of scenarios.entries()) {
   test(`crash matrix: ${idOf(scenario)}`, async () => {
     const t0 = performance.now();
     const image = scenarioImages[index]!;
-    const armed = holder(scenario.point);
     let activationId = "";
     if (scenario.op !== "pull") await ensurePulled(image);
     if (scenario.op === "deactivate") activationId = (await agent.client.activateImage({ image: image.name })).activation!.id;
 
-    // Arm the running process that holds the point, start the operation, wait for the kill.
-    const pid = pidOf(armed)!;
-    const logFrom = logSize(armed);
-    arm(armed, scenario.point);
-    const call =
-      scenario.op === "pull" ? drain(agent.client.pullImage({ image: image.name }))
-      : scenario.op === "activate" ? agent.client.activateImage({ image: image.name })
-      : agent.client.deactivateImage({ activationId });
-    const outcome = background(call);
-
-    if (scenario.point.startsWith("apply.")) {
-      // The applier child kills itself and the helper lives on: wait for its report of the
-      // killed child, then disarm so that the retry can succeed.
-      await waitFor(() => logSince("helper", logFrom).includes(`IMGD-CRASH-POINT ${scenario.point}`), 120_000, `the applier never reached ${scenario.point}`);
+    let outcome: Promise<void> | undefined;
+    for (const point of scenario.points) {
+      // Arm the process holding the point: the running one, or the one restarted after the last kill.
+      const armed = holder(point);
+      const logFrom = logSize(armed);
+      arm(armed, point);
+      if (outcome === undefined) {
+        const call =
+          scenario.op === "pull" ? drain(agent.client.pullImage({ image: image.name }))
+          : scenario.op === "activate" ? agent.client.activateImage({ image: image.name })
+          : agent.client.deactivateImage({ activationId });
+        outcome = background(call);
+      } else {
+        await restartDead();
+      }
+      if (point.startsWith("apply.")) {
+        // The applier child kills itself and the helper lives on: wait for its report of the
+        // killed child, then disarm so that the retry can succeed.
+        await waitFor(() => logSince("helper", logFrom).includes(`IMGD-CRASH-POINT ${point}`), 120_000, `the applier never reached ${point}`);
+        disarmAll();
+        continue;
+      }
+      const died = await waitDead(pidOf(armed)!, 120_000);
       disarmAll();
-    } else {
-      const died = await waitDead(pid, 120_000);
-      disarmAll();
-      assert.ok(died, `${armed} never reached kill point ${scenario.point}`);
+      assert.ok(died, `${armed} never reached kill point ${point}`);
       // The applier's line about killing the helper goes to the dying helper's pipe: not checked.
-      if (!scenario.point.startsWith("helper.apply.")) {
-        const [name, nth = "1"] = scenario.point.split("#");
-        assert.ok(logSince(armed, logFrom).includes(`IMGD-CRASH-POINT ${name}#${nth} `), "killed at the point, not by something else");
+      if (!point.startsWith("helper.apply.")) {
+        const [name, nth = "1"] = point.split("#");
+        assert.ok(logSince(armed, logFrom).includes(`IMGD-CRASH-POINT ${name}#${nth} `), `killed at ${point}, not by something else`);
       }
       if (scenario.victim === "both") await kill9(other(armed));
+      kills += scenario.victim === "both" ? 2 : 1;
     }
-    const restartedAgent = !alive(pidOf("agent"));
-    await startMissing();
-    if (restartedAgent) agent.reconnect();
+    await restartDead();
     await outcome;
 
     const run = await agent.waitRunEnd(scenario.op, scenario.op === "pull" ? image.name : scenario.op === "deactivate" ? activationId : "");
@@ -214,7 +239,7 @@ for (const [index, scenario] of scenarios.entries()) {
 }
 
 test("crash matrix timing", { skip: scenarios.length === 0 }, () => {
-  console.log(`crash matrix: ${scenarios.length} scenarios\n${timing.join("\n")}`);
+  console.log(`crash matrix: ${scenarios.length} scenarios, ${scenarios.reduce((n, s) => n + s.points.length, 0)} kill points, ${kills} processes killed\n${timing.join("\n")}`);
 });
 
 async function waitFor(check: () => boolean, timeoutMs: number, what: string): Promise<void> {
