@@ -11,6 +11,7 @@ import { startGrpcServer } from "./grpc/server.ts";
 import { HelperClient } from "./helper-client.ts";
 import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
+import { registerDeleteFsm } from "./images/delete.ts";
 import { registerPullFsm } from "./images/pull.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
@@ -44,7 +45,8 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
-  const lifecycle = { catalog, helper, pull, activate, deactivate, locks, tmpDir: blobs.tmpDir };
+  const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
+  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, tmpDir: blobs.tmpDir };
   // Before any run resumes: what a crash (or a power loss, or someone else) left in the pool is
   // repaired while nothing else moves. Subjects of unfinished runs are left to those runs.
   await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });

@@ -204,6 +204,11 @@ export class Catalog {
     this.db.prepare("UPDATE images SET state = 'ready', chain_id = ?, error = NULL, updated_at = ? WHERE name = ?").run(chainId, now(), name);
   }
 
+  /** Forgets an image (its layer list goes with it); its devices and blobs are not touched. */
+  deleteImage(name: string): void {
+    this.db.prepare("DELETE FROM images WHERE name = ?").run(name);
+  }
+
   markImageFailed(name: string, error: string): void {
     this.db
       .prepare(
@@ -273,6 +278,47 @@ export class Catalog {
       )
       .all(...chainIds, ...chainIds) as { name: string }[];
     return rows.map((r) => r.name);
+  }
+
+  /**
+   * Why a device must stay: an image (in any state: a failed image is re-pulled from what it
+   * has) names it, an activation (even half-made) is a snapshot of it, or a device is built on it.
+   * Undefined when nothing references it.
+   */
+  deviceReference(chainId: string): string | undefined {
+    const image = this.db
+      .prepare("SELECT name FROM images WHERE chain_id = ? UNION SELECT image FROM image_layers WHERE chain_id = ? LIMIT 1")
+      .get(chainId, chainId) as { name: string } | undefined;
+    if (image) return `image ${image.name} uses it`;
+    const activation = this.db.prepare("SELECT id FROM activations WHERE chain_id = ? LIMIT 1").get(chainId) as { id: string } | undefined;
+    if (activation) return `activation ${activation.id} is a snapshot of it`;
+    const child = this.db.prepare("SELECT name FROM devices WHERE parent_chain_id = ? LIMIT 1").get(chainId) as { name: string } | undefined;
+    if (child) return `device ${child.name} is built on it`;
+    return undefined;
+  }
+
+  listBlobs(): { digest: string; size: number }[] {
+    return this.db.prepare("SELECT digest, size FROM blobs ORDER BY digest").all() as { digest: string; size: number }[];
+  }
+
+  /** The S3 objects (ETag and size) known to be this blob: the keys a pull locks its download by. */
+  blobObjects(digest: string): { key: string; etag: string; size: number }[] {
+    return this.db.prepare("SELECT key, etag, size FROM s3_objects WHERE digest = ? ORDER BY key").all(digest) as { key: string; etag: string; size: number }[];
+  }
+
+  /**
+   * Whether any image's layer list uses the blob: by digest, or (for a pull that has listed its
+   * layers but not yet recorded their digests) by an S3 object with the same ETag and size.
+   */
+  blobReferenced(digest: string): boolean {
+    const row = this.db
+      .prepare(
+        `SELECT 1 FROM image_layers WHERE digest = ?
+         UNION ALL SELECT 1 FROM image_layers l JOIN s3_objects o ON o.etag = l.etag AND o.size = l.size WHERE o.digest = ?
+         LIMIT 1`,
+      )
+      .get(digest, digest);
+    return row !== undefined;
   }
 
   // --- activations -------------------------------------------------------------------------

@@ -119,7 +119,9 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
     const activation = activationByName.get(name);
     const device = deviceByName.get(name);
     if (activation && (activation.state === "allocated" || isBusy({ type: "activation", row: activation }))) continue;
-    if (device && (device.state === "allocated" || isBusy({ type: "device", row: device }))) continue;
+    // A ready layer device is never legitimately active (a build activates only its own
+    // allocated device), so it is stray even while a pull of its image runs.
+    if (device?.state === "allocated") continue;
     if (activation?.state === "active" && activation.thinId === thinId) continue;
     const why = activation
       ? `activation ${activation.id} records thin id ${activation.thinId}, the device maps thin id ${thinId}`

@@ -14,6 +14,7 @@ import { formatError } from "./fsm/errors.ts";
 import type { HelperClient } from "./helper-client.ts";
 import type { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
+import { chainLockKey } from "./images/pull.ts";
 
 export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
@@ -38,11 +39,14 @@ export interface ReconcileReport {
 // re-activation of activations that lost their device, then files.
 const ORDER: RepairAction["type"][] = ["remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
 
-/** One reconciliation pass at a time: two passes would repair the same finding twice. */
-const PASS_KEY = "reconcile";
+/**
+ * One maintenance pass (reconciliation, GC, the device removal of a deletion) at a time: two
+ * would judge and remove the same things concurrently. Pulls never take it.
+ */
+export const MAINTENANCE_LOCK = "maintenance";
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
-  return deps.locks.run(PASS_KEY, async () => {
+  return deps.locks.run(MAINTENANCE_LOCK, async () => {
     const before = await runDoctor(deps);
     const findings = [...before.findings].sort((a, b) => ORDER.indexOf(a.action.type) - ORDER.indexOf(b.action.type));
     const outcomes: RepairOutcome[] = [];
@@ -77,7 +81,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
       return undefined;
     }
     case "discard-device":
-      return locks.run(`chain ${action.chainId}`, async () => {
+      return locks.run(chainLockKey(action.chainId), async () => {
         // Under the chain lock no pull is building this device, so "allocated" means half-made.
         const row = catalog.getDevice(action.chainId);
         if (row?.state !== "allocated" || row.thinId !== action.thinId) return "the device is no longer half-made";
@@ -87,7 +91,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         return undefined;
       });
     case "drop-device-chain":
-      return locks.run(`chain ${action.chainId}`, () => dropDeviceChain(deps, action.chainId));
+      return locks.run(chainLockKey(action.chainId), () => dropDeviceChain(deps, action.chainId));
     case "drop-activation":
       return locks.run(`activation ${action.id}`, async () => {
         const row = catalog.getActivation(action.id);
@@ -150,7 +154,7 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
   const device = catalog.listDevices().find((d) => d.name === name);
   if (device) {
     // Layer devices are active only inside their build, which holds this lock.
-    return locks.run(`chain ${device.chainId}`, async () => {
+    return locks.run(chainLockKey(device.chainId), async () => {
       await unmountAndRemove(helper, name);
       return undefined;
     });

@@ -9,6 +9,9 @@ commands:
   pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
   activate IMAGE        create and activate a thin snapshot of IMAGE (pulls it first if needed)
   deactivate ID         remove an activation's device and snapshot
+  delete [--force] IMAGE  forget IMAGE and remove its devices no other image uses; refused
+                        while it has activations unless --force (which deactivates them)
+  gc                    remove layer devices, blobs and temp files nothing references
   images                list images
   image IMAGE           show one image and its layers
   activations [IMAGE]   list activations
@@ -31,6 +34,7 @@ async function main(argv: string[]): Promise<number> {
       id: { type: "string" },
       limit: { type: "string" },
       repair: { type: "boolean", default: false },
+      force: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -53,6 +57,24 @@ async function main(argv: string[]): Promise<number> {
       case "deactivate": {
         const { activation } = await client.deactivateImage({ activationId: one(args, "ID") });
         out(() => console.log(`deactivated ${activation!.image}: ${activation!.id} (${activation!.devicePath} removed)`), activation);
+        return 0;
+      }
+      case "delete": {
+        const image = one(args, "IMAGE");
+        const result = await client.deleteImage({ image, force: values.force });
+        out(() => {
+          for (const id of result.deactivated) console.log(`deactivated ${id}`);
+          console.log(`deleted ${image}: ${result.removedDevices.length} device(s) removed${result.removedDevices.length ? ` (${result.removedDevices.join(", ")})` : ""}`);
+        }, result);
+        return 0;
+      }
+      case "gc": {
+        const result = await client.collectGarbage({});
+        out(() => {
+          console.log(`removed ${result.removedDevices.length} device(s), ${result.removedBlobs.length} blob(s) (${mib(result.freedBlobBytes)}), ${result.removedTempFiles} temp file(s)`);
+          for (const name of result.removedDevices) console.log(`  device ${name}`);
+          for (const digest of result.removedBlobs) console.log(`  blob ${digest}`);
+        }, result);
         return 0;
       }
       case "images": {

@@ -42,17 +42,7 @@ export async function run(program: Program, args: string[], options: RunOptions 
 /** Like run() for an absolute program path that is not a system tool (the layer applier). */
 export async function runFile(file: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
   const timeoutMs = options.timeoutMs ?? 60_000;
-  const result = await execa(file, args, {
-    reject: false,
-    stdin: "ignore",
-    env: { ...ENV, ...crashPointEnv() },
-    extendEnv: false,
-    timeout: timeoutMs,
-    killSignal: "SIGKILL",
-    cancelSignal: shutdown.signal,
-    maxBuffer: 4 * 1024 * 1024,
-    stripFinalNewline: true,
-  });
+  const result = await spawner(file, args, timeoutMs);
   const stdout = String(result.stdout ?? "");
   const stderr = String(result.stderr ?? "");
   const command = [file, ...args].join(" ");
@@ -66,6 +56,45 @@ export async function runFile(file: string, args: string[], options: RunOptions 
     throw new CommandFailed(command, exitCode, stdout, stderr);
   }
   return { exitCode, stdout, stderr };
+}
+
+/** What runFile needs to know about a finished child (the fields of execa's result it reads). */
+export type SpawnResult = {
+  exitCode?: number | undefined;
+  stdout?: unknown;
+  stderr?: unknown;
+  timedOut: boolean;
+  isCanceled: boolean;
+  signal?: string | undefined;
+  message?: string | undefined;
+};
+export type Spawner = (file: string, args: string[], timeoutMs: number) => Promise<SpawnResult>;
+
+async function spawnWithExeca(file: string, args: string[], timeoutMs: number): Promise<SpawnResult> {
+  return execa(file, args, {
+    reject: false,
+    stdin: "ignore",
+    env: { ...ENV, ...crashPointEnv() },
+    extendEnv: false,
+    timeout: timeoutMs,
+    killSignal: "SIGKILL",
+    cancelSignal: shutdown.signal,
+    maxBuffer: 4 * 1024 * 1024,
+    stripFinalNewline: true,
+  });
+}
+
+let spawner: Spawner = spawnWithExeca;
+
+/**
+ * Test seam: every program the helper starts goes through this one function, so a test that
+ * swaps in a recorder knows no real command can run. Returns a function that restores execa.
+ */
+export function replaceSpawnerForTests(replacement: Spawner): () => void {
+  spawner = replacement;
+  return () => {
+    spawner = spawnWithExeca;
+  };
 }
 
 /** A program exited non-zero; callers inspect stderr to map well-known kernel errors. */

@@ -11,6 +11,7 @@ import {
   type ListActivationsRequest,
   type ListRunsRequest,
   type DoctorRequest,
+  type DeleteImageRequest,
   type PullImageRequest,
   type ImageSchema,
   type ActivationSchema,
@@ -25,7 +26,10 @@ import { reconcile, type RepairOutcome } from "../reconcile.ts";
 import type { RunRecord } from "../fsm/engine.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { ActivateFsm } from "../images/activate.ts";
+import type { BlobStore } from "../blobs/store.ts";
 import type { DeactivateFsm } from "../images/deactivate.ts";
+import type { DeleteFsm } from "../images/delete.ts";
+import { collectGarbage } from "../images/gc.ts";
 import type { PullFsm } from "../images/pull.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
@@ -40,13 +44,15 @@ export interface ImageServiceDeps {
   pull: PullFsm;
   activate: ActivateFsm;
   deactivate: DeactivateFsm;
+  remove: DeleteFsm;
+  blobs: BlobStore;
   locks: KeyedLock;
   log: Logger;
   tmpDir: string;
 }
 
 export function imageService(deps: ImageServiceDeps) {
-  const { catalog, helper, pull, activate, deactivate } = deps;
+  const { catalog, helper, pull, activate, deactivate, remove } = deps;
   const imageMessage = (name: string): ImageMsg | undefined => {
     const row = catalog.getImage(name);
     if (!row) return undefined;
@@ -176,8 +182,8 @@ export function imageService(deps: ImageServiceDeps) {
     async listRuns(request: ListRunsRequest) {
       const limit = request.limit === 0 ? 100 : Math.min(request.limit, 1000);
       const filter = { resourceId: request.resourceId || undefined, limit };
-      const fsms = { pull, activate, deactivate } as const;
-      if (request.fsm !== "" && !(request.fsm in fsms)) throw new ServerError(Status.INVALID_ARGUMENT, `unknown fsm ${JSON.stringify(request.fsm)}: expected pull, activate or deactivate`);
+      const fsms = { pull, activate, deactivate, delete: remove } as const;
+      if (request.fsm !== "" && !(request.fsm in fsms)) throw new ServerError(Status.INVALID_ARGUMENT, `unknown fsm ${JSON.stringify(request.fsm)}: expected pull, activate, deactivate or delete`);
       const runs: RunRecord<unknown, unknown>[] = [];
       for (const [fsmName, fsm] of Object.entries(fsms)) {
         if (request.fsm === "" || request.fsm === fsmName) runs.push(...(fsm.list(filter) as RunRecord<unknown, unknown>[]));
@@ -186,12 +192,33 @@ export function imageService(deps: ImageServiceDeps) {
       return { runs: runs.slice(0, limit).map(runMessage) };
     },
 
-    async deleteImage(): Promise<never> {
-      throw new ServerError(Status.UNIMPLEMENTED, "DeleteImage is not implemented yet");
+    async deleteImage(request: DeleteImageRequest) {
+      const name = imageName(request.image);
+      if (!catalog.getImage(name) && remove.list({ resourceId: name, status: "running", limit: 1 }).length === 0) {
+        throw new ServerError(Status.NOT_FOUND, `image ${name} is not known here`);
+      }
+      if (pull.list({ resourceId: name, status: "running", limit: 1 }).length > 0) {
+        throw new ServerError(Status.FAILED_PRECONDITION, `image ${name} is being pulled; delete it once the pull has finished`);
+      }
+      if (activate.list({ status: "running", limit: 100_000 }).some((run) => (run.request as { image: string }).image === name)) {
+        throw new ServerError(Status.FAILED_PRECONDITION, `image ${name} is being activated; delete it once the activation has finished`);
+      }
+      const activations = catalog.listActivations(name);
+      if (activations.length > 0 && !request.force) {
+        throw new ServerError(
+          Status.FAILED_PRECONDITION,
+          `image ${name} has ${activations.length} activation(s) (${activations.map((a) => a.id).join(", ")}): deactivate them first, or delete with force`,
+        );
+      }
+      const { runId } = remove.start(name, { image: name, force: request.force }, { deactivated: [], chainIds: [], removedDevices: [] });
+      const outcome = await remove.wait(runId);
+      if (outcome.status !== "succeeded") throw new ServerError(Status.ABORTED, `deletion of ${name} failed: ${outcome.error}`);
+      return { deactivated: outcome.state.deactivated, removedDevices: outcome.state.removedDevices };
     },
 
-    async collectGarbage(): Promise<never> {
-      throw new ServerError(Status.UNIMPLEMENTED, "CollectGarbage is not implemented yet");
+    async collectGarbage() {
+      const report = await collectGarbage(deps);
+      return { ...report, freedBlobBytes: BigInt(report.freedBlobBytes) };
     },
 
     async doctor(request: DoctorRequest) {

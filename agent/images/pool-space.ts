@@ -12,23 +12,32 @@ export interface LayerSize {
 }
 
 const FS_BLOCK = 4096;
+const MiB = 1024 * 1024;
 /** Journal, directory and bitmap blocks copied on write when a snapshot is modified. */
-const FIXED_OVERHEAD = 16 * 1024 * 1024;
+const FIXED_OVERHEAD = 16 * MiB;
+/**
+ * A first layer also pays for mkfs: superblock copies, group descriptors, bitmaps and inode
+ * table heads spread over an 8 GiB filesystem each take a whole pool block, and the journal's
+ * first blocks are provisioned as it is written. Measured in the VM (1 MiB pool blocks): a
+ * first layer of one 8 MiB file cost 27 MiB, 11 MiB more than FIXED_OVERHEAD alone allowed.
+ */
+const FRESH_FILESYSTEM_OVERHEAD = 16 * MiB;
 /** Metadata kept free: a thin pool out of metadata space may need offline repair. */
 const METADATA_RESERVE = 0.1;
 /** btree mapping cost per data block, generously (each mapping is ~16 bytes in a leaf). */
 const METADATA_PER_BLOCK = 64;
 
-export function estimatedDataBytes(layer: LayerSize, pool: Pick<PoolStatus, "blockSizeBytes">): number {
-  const fs = layer.fileBytes + layer.entries * FS_BLOCK + FIXED_OVERHEAD;
+/** freshFilesystem: the layer is the first of its chain, applied to a new device after mkfs. */
+export function estimatedDataBytes(layer: LayerSize, pool: Pick<PoolStatus, "blockSizeBytes">, freshFilesystem = false): number {
+  const fs = layer.fileBytes + layer.entries * FS_BLOCK + FIXED_OVERHEAD + (freshFilesystem ? FRESH_FILESYSTEM_OVERHEAD : 0);
   return Math.ceil(fs / pool.blockSizeBytes) * pool.blockSizeBytes;
 }
 
 /** Why the layer cannot be applied to the pool now, or undefined when it fits. */
-export function spaceProblem(layer: LayerSize, pool: PoolStatus): string | undefined {
-  const mib = (n: number) => `${(n / 1048576).toFixed(1)} MiB`;
+export function spaceProblem(layer: LayerSize, pool: PoolStatus, freshFilesystem = false): string | undefined {
+  const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
   if (pool.mode !== "rw") return `pool ${pool.name} is ${pool.mode}, not writable`;
-  const needData = estimatedDataBytes(layer, pool);
+  const needData = estimatedDataBytes(layer, pool, freshFilesystem);
   const freeData = pool.dataTotalBytes - pool.dataUsedBytes;
   if (needData > freeData) return `pool ${pool.name} has ${mib(freeData)} of data space free; the layer needs about ${mib(needData)}`;
   const needMeta = (needData / pool.blockSizeBytes) * METADATA_PER_BLOCK;

@@ -15,7 +15,7 @@ import type { Catalog, DeviceRow } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
-import type { HelperClient } from "../helper-client.ts";
+import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { LayerValidationError, validateLayer } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
@@ -54,6 +54,11 @@ export interface PullDeps {
 }
 
 export type PullFsm = Fsm<PullRequest, PullState>;
+
+// Keys of the locks a pull holds while it downloads an S3 object or builds a chain's device;
+// deletion, GC and repairs take the same ones before touching what they guard.
+export const objectLockKey = (o: { etag: string; size: number }) => `object ${o.etag} ${o.size}`;
+export const chainLockKey = (chainId: string) => `chain ${chainId}`;
 type Ctx = StepContext<PullRequest, PullState>;
 
 export function registerPullFsm(deps: PullDeps): PullFsm {
@@ -119,7 +124,7 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
 async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
-  return deps.locks.run(`object ${layer.etag} ${layer.size}`, async () => {
+  return deps.locks.run(objectLockKey(layer), async () => {
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -160,7 +165,7 @@ async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   for (let i = 0; i < chain.length; i++) {
     const layer = ctx.state.layers[i];
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
-    await deps.locks.run(`chain ${chain[i]}`, () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    await deps.locks.run(chainLockKey(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
     catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
   }
@@ -179,7 +184,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   // One apply at a time (by default): the space check below must not be raced by another apply.
   const slot = await deps.engine.queue("apply").acquire(ctx.signal);
   try {
-    await checkPoolSpace(deps, ctx, digest, key);
+    await checkPoolSpace(deps, ctx, digest, key, parent === null);
     const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
     crashPoint("pull.thin-id-allocated");
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
@@ -195,6 +200,11 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
       await discardDevice(deps, device).catch((cleanupErr) =>
         ctx.log("error", "could not discard a failed layer device", { chainId, error: formatError(cleanupErr) }),
       );
+      // Out of space mid-apply: not retried. A retry would only meet the space check, whose
+      // "pool is out_of_data_space" would replace the real reason as the run's error.
+      if (err instanceof HelperError && err.code === "NO_SPACE") {
+        throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) failed: ${err.code}: ${err.message}`, err);
+      }
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
   } finally {
@@ -205,10 +215,10 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
 }
 
 /** Refuses a layer the pool cannot hold, before any device is made for it. */
-async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, digest: string, key: string): Promise<void> {
+async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, digest: string, key: string, freshFilesystem: boolean): Promise<void> {
   const content = catalog.blobContent(digest) ?? { fileBytes: (await blobs.has(digest))?.size ?? 0, entries: 0 };
   const pool = await helper.call("pool.status", {});
-  const problem = spaceProblem(content, pool);
+  const problem = spaceProblem(content, pool, freshFilesystem);
   if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
 }
 

@@ -91,6 +91,8 @@ export class EntryRules {
   readonly #whitedOut = new Set<string>();
   /** Directories whose lower content this layer hides (.wh..wh..opq), hashed. */
   readonly #opaque = new Set<string>();
+  /** Targets of hardlinks to paths not (yet) seen in this layer, hashed. */
+  readonly #linkedAhead = new Set<string>();
 
   constructor(limits: EntryLimits) {
     this.#limits = limits;
@@ -118,6 +120,11 @@ export class EntryRules {
     if (name === "" && type !== "directory") throw refuse("EMPTY_NAME", `a ${type} entry names the image root`);
     checkOwner(header, refuse);
     checkPax(header, refuse);
+    if (name !== "" && this.#linkedAhead.has(key(name))) {
+      // Applied in order, the earlier link would find no target (or a lower layer's file that
+      // this very entry then replaces): a link must come after its target.
+      throw refuse("HARDLINK_TARGET_INVALID", `"${printable(name)}" is the target of an earlier hardlink; a hardlink must follow its target`);
+    }
 
     const base = baseOf(name);
     if (base.startsWith(WHITEOUT_PREFIX)) {
@@ -206,6 +213,7 @@ export class EntryRules {
     if (this.#deletedHere(target)) {
       throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" was deleted earlier in this layer`);
     }
+    this.#linkedAhead.add(key(target));
     this.summary.lowerLayerLinks++;
     this.#note(`hardlink "${printable(name)}" -> "${printable(target)}" refers to a lower layer`);
   }

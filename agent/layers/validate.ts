@@ -119,8 +119,30 @@ export async function validateLayer(
   return rules.summary;
 }
 
+/** Limits an operator may lower (or raise) through the agent's environment. */
+export const LIMIT_VARIABLES: Readonly<Record<string, keyof LayerLimits>> = {
+  IMGD_LAYER_MAX_ENTRIES: "maxEntries",
+  IMGD_LAYER_MAX_ENTRY_BYTES: "maxEntryBytes",
+  IMGD_LAYER_MAX_BYTES: "maxLayerBytes",
+  IMGD_LAYER_MAX_DECOMPRESSED_BYTES: "maxDecompressedBytes",
+};
+
+/** The limits set in `env` (IMGD_LAYER_MAX_*), as numbers; checked with the others. */
+export function layerLimitsFromEnv(env: NodeJS.ProcessEnv = process.env): Partial<LayerLimits> {
+  const limits: Partial<LayerLimits> = {};
+  for (const [variable, limit] of Object.entries(LIMIT_VARIABLES)) {
+    const text = env[variable];
+    if (text === undefined || text === "") continue;
+    const value = /^[0-9]+$/.test(text) ? Number(text) : NaN;
+    if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`${variable} must be a positive integer, got ${JSON.stringify(text)}`);
+    limits[limit] = value;
+  }
+  return limits;
+}
+
 function resolveLimits(limits: Partial<LayerLimits>): LayerLimits {
-  const resolved = { ...DEFAULT_LAYER_LIMITS, ...limits };
+  // Explicit limits win over the environment, which wins over the defaults.
+  const resolved = { ...DEFAULT_LAYER_LIMITS, ...layerLimitsFromEnv(), ...limits };
   for (const [name, value] of Object.entries(resolved)) {
     if (!Number.isSafeInteger(value) || value <= 0) throw new TypeError(`layer limit ${name} must be a positive integer, got ${value}`);
   }

@@ -37,3 +37,11 @@ test("metadata is kept from running out: a 10% reserve stays free", () => {
 test("a pool that is not writable refuses everything", () => {
   assert.match(spaceProblem({ fileBytes: 0, entries: 1 }, pool({ mode: "out_of_data_space" })) ?? "", /is out_of_data_space, not writable/);
 });
+
+test("a first layer also pays for its new filesystem", () => {
+  assert.equal(estimatedDataBytes({ fileBytes: 0, entries: 0 }, pool(), true), 32 * MiB);
+  // 20 MiB free: enough for a small layer on a snapshot, not for one that needs mkfs first.
+  const nearlyFull = pool({ dataUsedBytes: 1004 * MiB });
+  assert.equal(spaceProblem({ fileBytes: MiB, entries: 1 }, nearlyFull), undefined);
+  assert.match(spaceProblem({ fileBytes: MiB, entries: 1 }, nearlyFull, true) ?? "", /has 20\.0 MiB of data space free; the layer needs about 34\.0 MiB/);
+});

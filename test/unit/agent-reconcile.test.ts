@@ -215,3 +215,16 @@ test("repair on demand beside a running pull leaves the pull's half-built device
   assert.equal(existsSync(join(stateDir, "tmp", "maybe-a-download.part")), false);
   assert.equal(after.clean, true);
 });
+
+test("an activation whose snapshot vanished from the pool is forgotten (and its device removed)", async () => {
+  await pull("golang");
+  const { activation } = await client.activateImage({ image: "golang" });
+  const name = activation!.devicePath.replace("/dev/mapper/", "");
+  helper.thins.delete(activation!.thinId);
+  const report = await client.doctor({ repair: true });
+  assert.deepEqual(report.findings.map((f) => [f.kind, f.subject, f.result]), [["MISSING_THIN_ID", `activation ${activation!.id}`, "repaired"]]);
+  assert.equal(report.clean, true);
+  assert.equal(agent.catalog.getActivation(activation!.id), undefined);
+  assert.equal(helper.active.has(name), false);
+  assert.equal((await client.listActivations({ image: "golang" })).activations.length, 0);
+});

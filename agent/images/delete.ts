@@ -1,0 +1,85 @@
+// The delete FSM: deactivate → plan → forget → remove-devices.
+//
+// deactivate      with force, deactivates the image's activations (through the deactivate FSM,
+//                 joining a deactivation already running); without force, refuses if any exist.
+// plan            records the image's chain ids in the checkpoint, before the row goes.
+// forget          deletes the image's row (and its layer list).
+// remove-devices  removes, top-most first, each device of that chain that nothing else uses:
+//                 shared leading layers stay for the images that share them. Each device is
+//                 judged under the lock a pull takes to build it (gc.ts).
+// Blobs stay: CollectGarbage removes those no image uses. Every step checks before acting, so a
+// run resumed after a crash finishes the job.
+import type { Catalog } from "../catalog.ts";
+import type { Fsm, FsmEngine } from "../fsm/engine.ts";
+import { abort } from "../fsm/errors.ts";
+import type { HelperClient } from "../helper-client.ts";
+import type { KeyedLock } from "../keyed-lock.ts";
+import type { Logger } from "../log.ts";
+import { MAINTENANCE_LOCK } from "../reconcile.ts";
+import type { DeactivateFsm } from "./deactivate.ts";
+import { removeDeviceIfUnreferenced } from "./gc.ts";
+import type { PullFsm } from "./pull.ts";
+
+export interface DeleteRequest {
+  image: string;
+  force: boolean;
+}
+
+export interface DeleteState {
+  deactivated: string[];
+  chainIds: string[];
+  removedDevices: string[];
+}
+
+export type DeleteFsm = Fsm<DeleteRequest, DeleteState>;
+
+export interface DeleteDeps {
+  engine: FsmEngine;
+  catalog: Catalog;
+  helper: HelperClient;
+  locks: KeyedLock;
+  pull: PullFsm;
+  deactivate: DeactivateFsm;
+  log: Logger;
+}
+
+export function registerDeleteFsm(deps: DeleteDeps): DeleteFsm {
+  const { engine, catalog, deactivate } = deps;
+  return engine
+    .register<DeleteRequest, DeleteState>("delete")
+    .start("deactivate", async (ctx) => {
+      const activations = catalog.listActivations(ctx.request.image);
+      if (activations.length > 0 && !ctx.request.force) {
+        throw abort(`image ${ctx.request.image} has ${activations.length} activation(s) (${activations.map((a) => a.id).join(", ")}): deactivate them first, or delete with force`);
+      }
+      for (const activation of activations) {
+        const { runId } = deactivate.start(activation.id, { activationId: activation.id }, {});
+        const outcome = await deactivate.wait(runId);
+        if (outcome.status !== "succeeded" && catalog.getActivation(activation.id)) {
+          throw new Error(`deactivation of ${activation.id} failed: ${outcome.error}`);
+        }
+        if (!ctx.state.deactivated.includes(activation.id)) ctx.state.deactivated.push(activation.id);
+      }
+    })
+    .to("plan", async (ctx) => {
+      const image = catalog.getImage(ctx.request.image);
+      if (!image) throw abort(`image ${ctx.request.image} is not known`);
+      const chains = catalog.imageLayers(ctx.request.image).flatMap((l) => (l.chainId ? [l.chainId] : []));
+      if (image.chainId && !chains.includes(image.chainId)) chains.push(image.chainId);
+      ctx.state.chainIds = chains.reverse();
+    })
+    .to("forget", async (ctx) => {
+      catalog.deleteImage(ctx.request.image);
+    })
+    .to("remove-devices", async (ctx) => {
+      await deps.locks.run(MAINTENANCE_LOCK, async () => {
+        for (const chainId of ctx.state.chainIds) {
+          const name = catalog.getDevice(chainId)?.name;
+          const kept = await removeDeviceIfUnreferenced(deps, chainId);
+          if (kept === undefined && name && !ctx.state.removedDevices.includes(name)) ctx.state.removedDevices.push(name);
+          if (kept !== undefined && kept !== "already gone") ctx.log("info", "device kept", { chainId, reason: kept });
+        }
+      });
+    })
+    .end();
+}

@@ -1,0 +1,164 @@
+// DeleteImage and CollectGarbage on the host: real s3rver, real SQLite, real gRPC client and
+// imgctl; the root helper is the TEST DOUBLE of test/helpers/fake-helper.ts (no device-mapper on
+// this kernel; test/e2e/lifecycle.test.ts runs the same on the real pool in the VM).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startAgent, type RunningAgent } from "../../agent/app.ts";
+import { loadAgentConfig } from "../../agent/config.ts";
+import { layerDeviceName } from "../../agent/images/chain.ts";
+import { connectImgd, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { packTar } from "../fixtures/tar-bytes.ts";
+import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
+import { startS3rver, type TestS3 } from "../helpers/s3rver.ts";
+
+const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
+
+let s3: TestS3;
+let helper: FakeHelper;
+let agent: RunningAgent;
+let client: ImgdClient;
+let closeClient: () => void;
+const stateDir = mkdtempSync(join(tmpdir(), "imgd-lifecycle-"));
+
+before(async () => {
+  s3 = await startS3rver();
+  const put = async (image: string, layers: Record<string, string>[]) => {
+    for (const [i, files] of layers.entries()) await s3.put(`images/${image}/${i + 1}.tar`, await tarOf(files));
+  };
+  const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+  await put("golang", [...shared, { "go/bin/go": "go\n" }]);
+  await put("node", [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }]);
+  await put("python", [...shared, { "node/bin/node": "node\n" }, { "python/version": "3.11\n" }]);
+  helper = await startFakeHelper(join(stateDir, "blobs"));
+  const config = loadAgentConfig([], {
+    IMGD_STATE_DIR: stateDir,
+    IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_HELPER_SOCKET: helper.socketPath,
+    IMGD_S3_ENDPOINT: s3.endpoint,
+    IMGD_S3_BUCKET: s3.bucket,
+  });
+  agent = await startAgent(config, () => {}, { poolWaitAttempts: 1 });
+  const c = connectImgd(`127.0.0.1:${agent.port}`);
+  client = c.client;
+  closeClient = () => c.channel.close();
+});
+
+after(async () => {
+  closeClient();
+  await agent.stop();
+  await helper.close();
+  await s3.close();
+});
+
+async function pull(image: string): Promise<Image> {
+  let last;
+  for await (const u of client.pullImage({ image })) last = u;
+  assert.equal(last!.status, RunStatus.SUCCEEDED, last!.error);
+  return last!.image!;
+}
+
+const imgctl = (...args: string[]) =>
+  new Promise<{ status: number; stdout: string; stderr: string }>((resolve) => {
+    const argv = [join(import.meta.dirname, "../../client/imgctl.ts"), "--addr", `127.0.0.1:${agent.port}`, ...args];
+    execFile(process.execPath, argv, { encoding: "utf8" }, (err, stdout, stderr) => resolve({ status: err ? Number(err.code) : 0, stdout, stderr }));
+  });
+const blobFiles = () => readdirSync(join(stateDir, "blobs/sha256")).sort();
+let nodeTopDigest = "";
+const thinOf = (image: Image, position: number) => image.layers[position - 1]!.thinId;
+
+test("delete is refused while activated; with force it deactivates first; shared devices stay for python", async () => {
+  await pull("golang");
+  const node = await pull("node");
+  const python = await pull("python");
+  const { activation } = await client.activateImage({ image: "node" });
+  const actName = activation!.devicePath.replace("/dev/mapper/", "");
+
+  await assert.rejects(client.deleteImage({ image: "node" }), (err: Error) => /FAILED_PRECONDITION/.test(String(err)) && new RegExp(`has 1 activation\\(s\\) \\(${activation!.id}\\): deactivate them first, or delete with force`).test(err.message));
+  assert.equal((await client.getImage({ image: "node" })).image!.state, ImageState.READY, "nothing changed");
+  assert.equal(helper.active.get(actName), activation!.thinId);
+  const cli = await imgctl("delete", "node");
+  assert.equal(cli.status, 1);
+  assert.match(cli.stderr, /deactivate them first, or delete with force/);
+
+  const result = await client.deleteImage({ image: "node", force: true });
+  assert.deepEqual(result.deactivated, [activation!.id]);
+  assert.equal(helper.active.has(actName), false, "the activation's device is gone");
+  assert.equal(helper.thins.has(activation!.thinId), false, "and its snapshot");
+  assert.equal(agent.catalog.getActivation(activation!.id), undefined);
+  await assert.rejects(client.getImage({ image: "node" }), /NOT_FOUND/);
+  // node's own top layer goes; layers 1-4 are python's too (and 1-3 golang's).
+  assert.deepEqual(result.removedDevices, [layerDeviceName(node.layers[4]!.chainId)]);
+  nodeTopDigest = node.layers[4]!.digest;
+  assert.equal(helper.thins.has(thinOf(node, 5)), false);
+  for (const position of [1, 2, 3, 4]) assert.ok(helper.thins.has(thinOf(node, position)), `shared layer ${position} kept`);
+  assert.deepEqual(helper.thins.get(python.thinId)!.layers, python.layers.map((l) => l.digest), "python is intact");
+  assert.equal((await client.getImage({ image: "python" })).image!.state, ImageState.READY);
+  const runs = (await client.listRuns({ fsm: "delete", resourceId: "node" })).runs;
+  assert.deepEqual(runs.map((r) => [r.status, r.state]), [[RunStatus.SUCCEEDED, "remove-devices"]]);
+  assert.equal((await client.doctor({})).clean, true);
+});
+
+test("gc removes the blobs only deleted images used, and devices nothing references; keeps the rest", async () => {
+  const golang = await pull("golang");
+  const before = blobFiles();
+  assert.equal(before.length, 7, "3 shared + golang 4 + node 4 (python's) + node 5 + python 5");
+  // As a crash between "forget" and "remove-devices" would leave it: golang's row gone, its
+  // devices still there.
+  agent.catalog.deleteImage("golang");
+  writeFileSync(join(stateDir, "tmp", "leftover.part"), "x");
+
+  const cli = await imgctl("gc");
+  assert.equal(cli.status, 0, cli.stderr);
+  assert.match(cli.stdout, /^removed 1 device\(s\), 2 blob\(s\) \([0-9.]+ MiB\), 1 temp file\(s\)$/m);
+  assert.equal(helper.thins.has(thinOf(golang, 4)), false, "golang's own layer device removed");
+  for (const position of [1, 2, 3]) assert.ok(helper.thins.has(thinOf(golang, position)), "layers python uses stay");
+  const removed = before.filter((hex) => !blobFiles().includes(hex)).map((hex) => `sha256:${hex}`).sort();
+  assert.deepEqual(removed, [golang.layers[3]!.digest, nodeTopDigest].sort(), "golang's own layer and node's own top layer");
+  assert.equal(agent.catalog.listBlobs().length, 5, "python's five stay");
+  for (const digest of removed) {
+    assert.equal(agent.catalog.blobObjects(digest).length, 0, "its s3_objects rows are gone");
+    assert.equal(agent.catalog.blobReferenced(digest), false);
+  }
+  assert.equal(existsSync(join(stateDir, "tmp", "leftover.part")), false);
+  assert.deepEqual((await client.collectGarbage({})).removedBlobs, [], "a second gc finds nothing");
+  assert.equal((await client.doctor({})).clean, true);
+  // Everything python needs is still there: it activates without touching S3 or building.
+  const { activation } = await client.activateImage({ image: "python" });
+  await client.deactivateImage({ activationId: activation!.id });
+});
+
+test("gc and delete beside a running pull: its layers count as references; delete of a pulling image is refused", async () => {
+  let open!: () => void;
+  helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
+  const calls = helper.calls.length;
+  const pulling = pull("node");
+  while (!helper.calls.slice(calls).some((c) => c.op === "layer.apply")) await new Promise((r) => setTimeout(r, 10));
+  try {
+    await assert.rejects(client.deleteImage({ image: "node" }), /FAILED_PRECONDITION.*|being pulled/);
+    const report = await client.collectGarbage({});
+    assert.deepEqual([report.removedDevices, report.removedBlobs, report.removedTempFiles], [[], [], 0], "nothing the pull uses is touched");
+  } finally {
+    helper.holdApply(undefined);
+    open();
+  }
+  const node = await pulling;
+  assert.deepEqual(helper.thins.get(node.thinId)!.layers, node.layers.map((l) => l.digest));
+  await assert.rejects(client.deleteImage({ image: "nothing-here" }), /NOT_FOUND/);
+  await assert.rejects(client.deleteImage({ image: "../etc" }), /INVALID_ARGUMENT/);
+});
+
+test("deleting every image and collecting garbage leaves an empty pool and blob store", async () => {
+  for (const image of ["node", "python"]) await client.deleteImage({ image });
+  const report = await client.collectGarbage({});
+  assert.deepEqual(report.removedDevices, [], "delete already removed every device");
+  assert.equal(helper.thins.size, 0);
+  assert.equal(agent.catalog.listDevices().length, 0);
+  assert.ok(report.removedBlobs.length > 0);
+  assert.deepEqual(blobFiles(), []);
+  assert.equal(agent.catalog.listBlobs().length, 0);
+  assert.equal((await client.doctor({})).clean, true);
+});
