@@ -35,10 +35,21 @@ const DEFAULT_TIMEOUT_MS = 40 * 60_000;
 const CONNECT_TIMEOUT_MS = 5_000;
 const SLOW_OPS = new Set<OpName>(["layer.apply", "fs.mkfs", "pool.ensure"]);
 
-export type HelperClientOptions = { timeoutsMs?: Partial<Record<OpName, number>> };
+// A helper that is not listening is usually being restarted by its supervisor and back within
+// seconds: wait for it rather than fail the step at once (a step has few attempts, and a run
+// whose steps all failed while the helper restarted would end failed for nothing).
+const RECONNECT_WAIT_MS = 30_000;
+const RECONNECT_POLL_MS = 250;
+
+export type HelperClientOptions = {
+  timeoutsMs?: Partial<Record<OpName, number>>;
+  /** How long a call waits for an unreachable helper to listen again (0: fail at once). */
+  reconnectWaitMs?: number;
+};
 
 export class HelperClient {
   private readonly timeouts: Partial<Record<OpName, number>>;
+  private readonly reconnectWaitMs: number;
   private readonly fast: Connection;
   private readonly slow: Connection;
   private nextId = 1;
@@ -46,6 +57,7 @@ export class HelperClient {
 
   constructor(socketPath: string, options: HelperClientOptions = {}) {
     this.timeouts = { ...TIMEOUTS_MS, ...options.timeoutsMs };
+    this.reconnectWaitMs = options.reconnectWaitMs ?? RECONNECT_WAIT_MS;
     this.fast = new Connection(socketPath);
     this.slow = new Connection(socketPath);
   }
@@ -53,8 +65,19 @@ export class HelperClient {
   async call<Op extends OpName>(op: Op, args: OpArgs<Op>): Promise<OpResult<Op>> {
     if (this.closed) throw new HelperError(op, "CLIENT_CLOSED", "helper client is closed");
     const connection = SLOW_OPS.has(op) ? this.slow : this.fast;
-    const result = await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS);
-    return result as OpResult<Op>;
+    const deadline = Date.now() + this.reconnectWaitMs;
+    for (;;) {
+      try {
+        const result = await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS);
+        return result as OpResult<Op>;
+      } catch (err) {
+        // Only a request that never reached the helper is sent again: its effect is unknown otherwise.
+        const unreachable = err instanceof HelperError && err.code === "UNAVAILABLE";
+        if (!unreachable || this.closed || Date.now() + RECONNECT_POLL_MS > deadline) throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, RECONNECT_POLL_MS));
+      if (this.closed) throw new HelperError(op, "CLIENT_CLOSED", "helper client is closed");
+    }
   }
 
   close(): void {

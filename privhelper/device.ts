@@ -1,5 +1,6 @@
 // Activating thin devices as /dev/mapper/<name>, removing them, and listing ours.
 import type { HelperConfig } from "./config.ts";
+import { crashPoint } from "./crash-points.ts";
 import { dmCreate, dmDeviceNumber, dmListNames, dmRemove, dmTable, isBusy, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
@@ -40,6 +41,7 @@ export async function activateDevice(config: HelperConfig, name: string, thinId:
   if (holder) throw new HelperFailure("BUSY", `thin id ${thinId} is already active as ${holder.name}`);
   try {
     await dmCreate(name, `0 ${sectors} thin /dev/mapper/${config.poolName} ${thinId}`);
+    crashPoint("helper.device.activate.after-create");
   } catch (err) {
     // A failed load can leave an empty (tableless) device of that name behind.
     await dmRemove(name).catch(() => undefined);

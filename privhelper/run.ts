@@ -1,6 +1,7 @@
 // The only place where the helper starts programs. Programs are named by absolute path and get
 // an argument array (never a shell), a minimal environment, no stdin, and a timeout.
 import { execa } from "execa";
+import { crashPointEnv } from "./crash-points.ts";
 import { HelperFailure } from "./errors.ts";
 
 // Debian 12 locations (merged /usr); the same userland runs in the test VM.
@@ -73,7 +74,7 @@ async function spawnWithExeca(file: string, args: string[], timeoutMs: number): 
   return execa(file, args, {
     reject: false,
     stdin: "ignore",
-    env: ENV,
+    env: { ...ENV, ...crashPointEnv() },
     extendEnv: false,
     timeout: timeoutMs,
     killSignal: "SIGKILL",

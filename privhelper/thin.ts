@@ -1,6 +1,7 @@
 // Thin ids inside the pool: create, snapshot, delete (pool messages), list (pool metadata).
 import { readFile, stat } from "node:fs/promises";
 import type { HelperConfig } from "./config.ts";
+import { crashPoint } from "./crash-points.ts";
 import { listDevices, poolDeviceNumber } from "./device.ts";
 import { dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
@@ -22,7 +23,10 @@ function kernelSays(err: unknown, pattern: RegExp): boolean {
  */
 export async function createThin(config: HelperConfig, thinId: number): Promise<void> {
   await poolDeviceNumber(config);
-  await createRecorded(config, thinId, null, () => dmMessage(config.poolName, `create_thin ${thinId}`));
+  await createRecorded(config, thinId, null, async () => {
+    await dmMessage(config.poolName, `create_thin ${thinId}`);
+    crashPoint("helper.thin.create.after-message");
+  });
 }
 
 export async function snapshotThin(config: HelperConfig, thinId: number, originId: number): Promise<void> {
@@ -38,6 +42,7 @@ export async function snapshotThin(config: HelperConfig, thinId: number, originI
     } finally {
       if (active) await dmResume(active.name);
     }
+    crashPoint("helper.thin.snapshot.after-message");
   });
 }
 
@@ -72,6 +77,7 @@ export async function deleteThin(config: HelperConfig, thinId: number): Promise<
   if (active) throw new HelperFailure("BUSY", `thin id ${thinId} is active as ${active.name}; deactivate it first`);
   try {
     await dmMessage(config.poolName, `delete ${thinId}`);
+    crashPoint("helper.thin.delete.after-message");
   } catch (err) {
     if (!kernelSays(err, MISSING)) throw err;
   }

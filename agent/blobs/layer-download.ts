@@ -8,6 +8,7 @@
 // replaced meanwhile, the download starts over with the new version (found by HEAD), at most
 // policy.maxObjectChanges times; an object that keeps changing is refused (permanent).
 import type { FileHandle } from "node:fs/promises";
+import { crashPoint } from "../crash-points.ts";
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { DOWNLOAD_DEFAULTS } from "../s3/config.ts";
@@ -64,7 +65,10 @@ export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: Layer
 async function fetchVersion(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions): Promise<void> {
   const ranges = splitRanges(pinned.size, policy);
   let done = 0;
-  const onBytes = (n: number) => opts.onProgress?.((done += n), pinned.size);
+  const onBytes = (n: number) => {
+    crashPoint("download.chunk-written"); // called once the chunk is written
+    opts.onProgress?.((done += n), pinned.size);
+  };
   const stopOthers = new AbortController();
   const signal = opts.signal ? AbortSignal.any([opts.signal, stopOthers.signal]) : stopOthers.signal;
   let firstError: unknown;

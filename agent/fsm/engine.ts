@@ -9,6 +9,7 @@
 // the same runs would execute them twice. Semantics and choices: agent/fsm/README.md.
 import type Database from "better-sqlite3";
 import { monotonicFactory } from "ulid";
+import { crashPoint } from "../crash-points.ts";
 import { AbortError, EngineShutdownError, formatError } from "./errors.ts";
 import { backoffDelayMs, resolveRetryPolicy, sleep, type RetryPolicy } from "./retry.ts";
 import { Semaphore } from "./semaphore.ts";
@@ -335,6 +336,7 @@ export class FsmEngine {
       };
       let failure: unknown;
       let succeeded = false;
+      crashPoint(`fsm.${def.name}.${stepName}.before`);
       try {
         await step.fn(ctx);
         succeeded = true;
@@ -352,6 +354,7 @@ export class FsmEngine {
           return this.#store.finish(runId, "failed", stepName, formatError(err));
         }
         this.#store.completeStep(runId, index, stepName, state);
+        crashPoint(`fsm.${def.name}.${stepName}.committed`);
         this.#log("debug", "step completed", fields);
         row = this.#store.get(runId)!;
         continue;
@@ -382,6 +385,7 @@ export class FsmEngine {
   /** Finalizers (at least once: the durable finalized_at mark comes last), then notifications. */
   async #finalize(def: FsmDef, row: RunRow): Promise<void> {
     if (row.finalized_at === null) {
+      crashPoint(`fsm.${def.name}.finalizers.before`);
       for (const finalizer of def.finalizers) {
         try {
           await finalizer(toRecord(row));
@@ -390,6 +394,7 @@ export class FsmEngine {
         }
       }
       if (this.#phase === "stopped") return;
+      crashPoint(`fsm.${def.name}.finalizers.after`);
       this.#store.markFinalized(row.id);
     }
     this.#executing.delete(row.id); // before notifying, so a wait() from a listener reads SQLite

@@ -7,6 +7,7 @@
 // A failed activation is undone (device removed, snapshot deleted, row dropped), so no row
 // claims a device that does not exist.
 import type { ActivationRow, Catalog } from "../catalog.ts";
+import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
@@ -46,6 +47,7 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
       if (row.state === "active") return;
       const origin = catalog.getDevice(row.chainId);
       if (origin?.state !== "ready") throw abort(`image ${ctx.request.image}: its device ${row.chainId} is not ready`);
+      crashPoint("activate.thin-id-allocated");
       await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: snapshot`);
       });
@@ -55,6 +57,7 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
       const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: activate`);
       });
+      crashPoint("activate.device-activated");
       catalog.markActivationActive(row.id);
       ctx.state.devicePath = path;
     })

@@ -4,6 +4,7 @@
 // device or thin id that no longer exists), so a run resumed after a crash finishes the job. The
 // row goes last: until the snapshot is gone from the pool, the catalog still accounts for its id.
 import type { Catalog } from "../catalog.ts";
+import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine } from "../fsm/engine.ts";
 import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
@@ -28,12 +29,14 @@ export function registerDeactivateFsm({ engine, catalog, helper }: { engine: Fsm
       await helper.call("device.deactivate", { name: row.name }).catch((err) => {
         throw classifyStepError(err, `deactivation of ${row.id}: remove ${row.name}`);
       });
+      crashPoint("deactivate.device-removed");
     })
     .to("delete-snapshot", async (ctx) => {
       const row = activation(ctx.request.activationId);
       await helper.call("thin.delete", { thinId: row.thinId }).catch((err) => {
         throw classifyStepError(err, `deactivation of ${row.id}: delete thin ${row.thinId}`);
       });
+      crashPoint("deactivate.snapshot-deleted");
     })
     .to("forget", async (ctx) => {
       catalog.deleteActivation(ctx.request.activationId);

@@ -12,6 +12,7 @@
 // in the catalog, never "ready": it is discarded and rebuilt.
 import { createReadStream } from "node:fs";
 import type { Catalog, DeviceRow } from "../catalog.ts";
+import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
@@ -72,8 +73,10 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     })
     .end({
       finalizers: [
-        (run) => {
-          if (run.status === "failed") catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+        async (run) => {
+          if (run.status !== "failed") return;
+          catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+          await discardHalfMadeDevices(deps, run.state);
         },
       ],
     });
@@ -183,6 +186,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   try {
     await checkPoolSpace(deps, ctx, digest, key, parent === null);
     const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
+    crashPoint("pull.thin-id-allocated");
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
     try {
       if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId });
@@ -190,6 +194,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
       await helper.call("device.activate", { name: device.name, thinId: device.thinId });
       if (!parent) await helper.call("fs.mkfs", { name: device.name });
       await helper.call("layer.apply", { name: device.name, digest });
+      crashPoint("pull.layer-applied");
       await helper.call("device.deactivate", { name: device.name });
     } catch (err) {
       await discardDevice(deps, device).catch((cleanupErr) =>
@@ -205,6 +210,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   } finally {
     slot.release();
   }
+  crashPoint("pull.device-built");
   catalog.markDeviceReady(chainId);
 }
 
@@ -214,6 +220,25 @@ async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, di
   const pool = await helper.call("pool.status", {});
   const problem = spaceProblem(content, pool, freshFilesystem);
   if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
+}
+
+/**
+ * A failed pull leaves no half-made device of its chain behind (the failed attempt's own cleanup
+ * may have failed too, e.g. with the helper gone), rather than waiting for the next pull or
+ * restart. Under the chain's lock: a device being built by another pull is never touched.
+ */
+async function discardHalfMadeDevices(deps: PullDeps, state: PullState): Promise<void> {
+  const digests: string[] = [];
+  for (const layer of state.layers) {
+    if (!layer.digest) break;
+    digests.push(layer.digest);
+  }
+  for (const chainId of chainIds(digests)) {
+    await deps.locks.run(`chain ${chainId}`, async () => {
+      const device = deps.catalog.getDevice(chainId);
+      if (device?.state === "allocated") await discardDevice(deps, device);
+    });
+  }
 }
 
 /** Removes a device from the pool and then from the catalog; both steps tolerate "already gone". */

@@ -10,6 +10,7 @@ import {
 import { posix } from "node:path";
 import type { Readable } from "node:stream";
 import tar from "tar-stream";
+import { crashParentPoint, crashPoint } from "../crash-points.ts";
 
 export type ApplySyscalls = {
   mkfifo(path: string, mode: number): void;
@@ -77,6 +78,8 @@ export async function applyLayer(root: string, source: Readable, sys: ApplySysca
         throw err;
       }
       entry.resume(); // drain whatever the entry did not read (e.g. a whiteout's body)
+      crashPoint("apply.entry-applied");
+      crashParentPoint("helper.apply.child-running");
     }
   } catch (err) {
     source.destroy();

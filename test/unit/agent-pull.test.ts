@@ -452,3 +452,16 @@ test("S3 listings that are not an image are refused before anything is downloade
   assert.deepEqual(proxy.requests.slice(from).filter(isObjectGet), [], "only listings were made");
   assert.equal((await client.doctor({})).clean, true, "and the pool is clean after all the S3 cases");
 });
+
+test("a failed pull whose own cleanup failed leaves no half-made device: its finalizer discards it", async () => {
+  await s3.put("images/halfmade/1.tar", await tarOf({ half: "made\n" }));
+  // The apply is refused (the run ends at once) and the attempt's own discard fails as well.
+  helper.failNext("layer.apply", "LAYER_REFUSED", "injected refusal");
+  helper.failNext("device.deactivate", "COMMAND_FAILED", "injected: device busy");
+  assert.match(await pullError("halfmade"), /injected refusal/);
+  assert.equal((await client.getImage({ image: "halfmade" })).image!.state, ImageState.FAILED);
+  assert.deepEqual(agent.catalog.listDevices().filter((d) => d.state !== "ready").map((d) => d.name), [], "no device row is left allocated");
+  const known = new Set([...agent.catalog.listDevices().map((d) => d.thinId), ...agent.catalog.listActivations().map((a) => a.thinId)]);
+  assert.deepEqual([...helper.thins.keys()].filter((id) => !known.has(id)), [], "no thin id is left in the pool");
+  assert.deepEqual([...helper.active.keys()].filter((name) => name.startsWith("imgd-layer-")), [], "no layer device is left active");
+});

@@ -24,7 +24,7 @@ async function start(t: TestContext, handler: Handler, socketPath?: string): Pro
   const logs: LogLine[] = [];
   const server = new HelperServer({ socketPath: path, socketGid: 0, handler, log: (line) => logs.push(line) });
   await server.start();
-  const client = new HelperClient(path);
+  const client = new HelperClient(path, { reconnectWaitMs: 0 });
   t.after(async () => {
     client.close();
     await server.stop(100);
