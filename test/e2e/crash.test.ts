@@ -4,8 +4,10 @@
 // image is ready with the right tree, doctor is clean, SQLite and the pool agree, and nothing is
 // left behind (dm tables, mounts, loop devices, temp files).
 //
-// Knobs: IMGD_TEST_CRASH_ONLY=<regex> runs the matrix scenarios whose id matches (and skips the
-// random loop unless it matches "random"); IMGD_TEST_CRASH_KILLS (50) kills in the random loop;
+// npm test runs the scenarios marked `short` (each victim kind and each operation at least once)
+// and a random loop of 15 kills; npm run test:soak (IMGD_TEST_SOAK=1) the whole matrix and 100.
+// Knobs: IMGD_TEST_CRASH_ONLY=<regex> runs the scenarios of the whole matrix whose id matches (and skips the
+// random loop unless it matches "random"); IMGD_TEST_CRASH_KILLS kills in the random loop;
 // IMGD_TEST_CRASH_SEED the loop's seed (printed; random by default).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -13,6 +15,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { ImageState, RunStatus } from "../../client/sdk.ts";
 import { Prng } from "../fixtures/prng.ts";
+import { SOAK, soakOr } from "../helpers/soak.ts";
 import {
   Agent,
   alive,
@@ -53,6 +56,8 @@ interface Scenario {
   victim: Victim;
   /** The pull needs its own first layer (so that thin.create and mkfs run), not the shared one. */
   ownBase?: boolean;
+  /** Part of npm test's short matrix (the soak run has them all). */
+  short?: boolean;
 }
 
 // Every step's "before" (attempt begun), and "committed" where a step's end is not the next
@@ -67,7 +72,7 @@ const CHAINS: Scenario[] = [
       "fsm.pull.finish.before", "fsm.pull.finish.committed", "fsm.pull.finalizers.before", "fsm.pull.finalizers.after",
     ],
   },
-  { op: "pull", victim: "agent", ownBase: true, points: ["pull.thin-id-allocated", "pull.layer-applied", "pull.device-built"] },
+  { op: "pull", victim: "agent", ownBase: true, short: true, points: ["pull.thin-id-allocated", "pull.layer-applied", "pull.device-built"] },
   {
     op: "activate",
     victim: "agent",
@@ -86,21 +91,23 @@ const CHAINS: Scenario[] = [
   },
   { op: "pull", victim: "helper", ownBase: true, points: ["helper.thin.create.after-message"] },
   { op: "pull", victim: "helper", points: ["helper.thin.snapshot.after-message", "helper.device.activate.after-create"] },
-  { op: "pull", victim: "helper", points: ["apply.entry-applied#4", "helper.apply.child-running#4"] },
-  { op: "activate", victim: "helper", points: ["helper.thin.snapshot.after-message", "helper.device.activate.after-create"] },
+  { op: "pull", victim: "helper", short: true, points: ["apply.entry-applied#4", "helper.apply.child-running#4"] },
+  { op: "activate", victim: "helper", short: true, points: ["helper.thin.snapshot.after-message", "helper.device.activate.after-create"] },
   { op: "deactivate", victim: "helper", points: ["helper.thin.delete.after-message"] },
   { op: "pull", victim: "both", points: ["download.chunk-written", "pull.layer-applied"] },
   { op: "pull", victim: "both", ownBase: true, points: ["helper.thin.create.after-message"] },
   { op: "pull", victim: "both", points: ["helper.apply.child-running#2"] },
   { op: "activate", victim: "both", points: ["helper.thin.snapshot.after-message"] },
-  { op: "deactivate", victim: "both", points: ["helper.thin.delete.after-message"] },
+  { op: "deactivate", victim: "both", short: true, points: ["helper.thin.delete.after-message"] },
 ];
 
-const MATRIX = process.env.IMGD_TEST_CRASH_SINGLE === "1" ? CHAINS.flatMap((c) => c.points.map((point): Scenario => ({ ...c, points: [point] }))) : CHAINS;
 const only = process.env.IMGD_TEST_CRASH_ONLY ? new RegExp(process.env.IMGD_TEST_CRASH_ONLY) : undefined;
+// A regex chooses from the whole matrix.
+const CHOSEN = SOAK || only ? CHAINS : CHAINS.filter((c) => c.short);
+const MATRIX = process.env.IMGD_TEST_CRASH_SINGLE === "1" ? CHOSEN.flatMap((c) => c.points.map((point): Scenario => ({ ...c, points: [point] }))) : CHOSEN;
 const idOf = (s: Scenario) => `${s.op} ${s.points.join(" > ")} ${s.victim}`;
 const scenarios = MATRIX.filter((s) => !only || only.test(idOf(s)));
-const KILLS = Number(process.env.IMGD_TEST_CRASH_KILLS ?? 50);
+const KILLS = Number(process.env.IMGD_TEST_CRASH_KILLS ?? soakOr(100, 15));
 const SEED = process.env.IMGD_TEST_CRASH_SEED ?? randomBytes(4).toString("hex");
 
 /** Which process holds a kill point: the applier child's points are set through the helper. */

@@ -17,11 +17,12 @@ import { diffManifests, walkTree, type ManifestEntry } from "../fixtures/tree.ts
 const repo = join(import.meta.dirname, "../..");
 const servicesLib = join(repo, "test/vm/lib/services.sh");
 const PID_DIR = "/run/imgd-vm-pids";
-const AGENT_ADDR = { host: "127.0.0.1", port: 50051 };
-const HELPER_SOCKET = "/run/imgd/privhelper.sock";
+const AGENT_ADDR = process.env.IMGD_ADDR ?? "127.0.0.1:50051";
+const HELPER_SOCKET = process.env.IMGD_HELPER_SOCKET ?? "/run/imgd/privhelper.sock";
 export const STATE_DIR = "/var/lib/imgd";
 export const HELPER_STATE_DIR = "/var/lib/imgd-privhelper";
-const READY_TIMEOUT_MS = 90_000;
+/** The same budget as services.sh (IMGD_VM_READY_TIMEOUT seconds, 180 by default). */
+const READY_TIMEOUT_MS = Number(process.env.IMGD_VM_READY_TIMEOUT ?? 180) * 1000;
 
 export type Service = "agent" | "helper";
 
@@ -86,12 +87,29 @@ export async function waitReady(service: Service, pid: number): Promise<boolean>
     if (await accepts(service)) return true;
     await sleep(100);
   }
-  throw new Error(`${service} (pid ${pid}) not ready after ${READY_TIMEOUT_MS} ms`);
+  throw new Error(`${service} (pid ${pid}) not ready after ${READY_TIMEOUT_MS} ms; the end of its log:\n${logTail(service)}`);
+}
+
+/** The last lines of a service's log, for error messages. */
+export function logTail(service: Service, lines = 40): string {
+  try {
+    return readFileSync(`/tmp/imgd-vm-logs/${service}.log`, "utf8").trimEnd().split("\n").slice(-lines).join("\n");
+  } catch (err) {
+    return `(no log: ${(err as Error).message})`;
+  }
+}
+
+/** IMGD_ADDR as the agent takes it: HOST:PORT, or unix:PATH. */
+function connectOptions(addr: string): { path: string } | { host: string; port: number } {
+  if (addr.startsWith("unix:")) return { path: addr.slice("unix:".length) };
+  if (addr.startsWith("/")) return { path: addr };
+  const colon = addr.lastIndexOf(":");
+  return { host: addr.slice(0, colon), port: Number(addr.slice(colon + 1)) };
 }
 
 function accepts(service: Service): Promise<boolean> {
   return new Promise((resolve) => {
-    const socket = service === "agent" ? createConnection(AGENT_ADDR) : createConnection(HELPER_SOCKET);
+    const socket = service === "agent" ? createConnection(connectOptions(AGENT_ADDR)) : createConnection(HELPER_SOCKET);
     socket.once("connect", () => {
       socket.destroy();
       resolve(true);
@@ -102,7 +120,7 @@ function accepts(service: Service): Promise<boolean> {
 
 export async function start(service: Service): Promise<void> {
   const pid = await launch(service);
-  if (!(await waitReady(service, pid))) throw new Error(`${service} died while starting; see /tmp/imgd-vm-logs/${service}.log`);
+  if (!(await waitReady(service, pid))) throw new Error(`${service} died while starting; the end of its log:\n${logTail(service)}`);
 }
 
 export async function kill9(service: Service): Promise<void> {
@@ -133,8 +151,8 @@ export async function stop(service: Service): Promise<void> {
 export async function startMissing(options: { mayDie?: boolean } = {}): Promise<void> {
   const helper = alive(pidOf("helper")) ? undefined : await launch("helper");
   const agent = alive(pidOf("agent")) ? undefined : await launch("agent");
-  if (helper !== undefined && !(await waitReady("helper", helper)) && !options.mayDie) throw new Error("helper died while starting");
-  if (agent !== undefined && !(await waitReady("agent", agent)) && !options.mayDie) throw new Error("agent died while starting");
+  if (helper !== undefined && !(await waitReady("helper", helper)) && !options.mayDie) throw new Error(`helper died while starting; the end of its log:\n${logTail("helper")}`);
+  if (agent !== undefined && !(await waitReady("agent", agent)) && !options.mayDie) throw new Error(`agent died while starting; the end of its log:\n${logTail("agent")}`);
 }
 
 /** The agent's log since `from` (a byte offset), to find the kill point's own line. */

@@ -1,5 +1,6 @@
 // Test S3: a real s3rver (child process) on a random loopback port with its own temp directory,
-// seeded through PutObject. The fault-injecting proxy to put in front of it is in fault-proxy.ts.
+// seeded through PutObject, or for many bytes straight into its store from a directory
+// (seedFrom, test/fixtures/s3rver-store.ts). The fault-injecting proxy is in fault-proxy.ts.
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
@@ -9,11 +10,13 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { DeleteObjectCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { createRequire } from "node:module";
+import { guardSeededObjects, seedS3rverStore } from "../fixtures/s3rver-store.ts";
 
 // s3rver ships no type declarations; this is the part of its API we use.
 interface S3rverServer {
   run(): Promise<AddressInfo>;
   close(): Promise<void>;
+  store: Parameters<typeof guardSeededObjects>[0];
 }
 type S3rverConstructor = new (options: {
   address: string;
@@ -38,8 +41,10 @@ export interface TestS3 {
 // s3rver's built-in account; the seeding client signs with it.
 const S3RVER_KEY = { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" };
 
-export async function startS3rver(bucket = "imgd-test"): Promise<TestS3> {
+/** `seedFrom`: a directory whose files become the bucket's objects (key = relative path) before the server starts. */
+export async function startS3rver(bucket = "imgd-test", options: { seedFrom?: string } = {}): Promise<TestS3> {
   const directory = await mkdtemp(join(tmpdir(), "imgd-s3rver-"));
+  if (options.seedFrom) await seedS3rverStore(directory, bucket, options.seedFrom);
   // s3rver encrypts its continuation tokens with single DES, which Node 24's OpenSSL 3 only
   // offers through the legacy provider: without it every second page of a listing is a 500.
   // So s3rver runs in a child process (this file is its entry point) with that provider on.
@@ -113,6 +118,7 @@ function readPort(child: ChildProcess): Promise<number> {
 if (import.meta.main) {
   const [directory, bucket] = process.argv.slice(2);
   const server = new S3rver({ address: "127.0.0.1", port: 0, directory, silent: true, configureBuckets: [{ name: bucket }] });
+  guardSeededObjects(server.store);
   const address = await server.run();
   process.stdout.write(`${JSON.stringify({ port: address.port })}\n`);
   process.stdin.on("end", () => process.exit(0));

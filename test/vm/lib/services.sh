@@ -8,7 +8,9 @@ VM_SERVICES_LIB=$(readlink -f "${BASH_SOURCE[0]}")
 export IMGD_VM_REPO
 VM_LOG_DIR=/tmp/imgd-vm-logs
 VM_PID_DIR=/run/imgd-vm-pids
-VM_READY_TIMEOUT=${IMGD_VM_READY_TIMEOUT:-60}
+# Per service. Generous: under TCG emulation on a loaded 2-core machine a node start has taken
+# over 60 s; a failure prints the service's exit status and log instead of waiting longer.
+VM_READY_TIMEOUT=${IMGD_VM_READY_TIMEOUT:-180}
 
 VM_S3_ADDR=127.0.0.1:9000
 VM_S3_REQUEST_LOG=$VM_LOG_DIR/s3-requests.log
@@ -44,24 +46,40 @@ start_agent_process() {
 }
 
 # ---- readiness ------------------------------------------------------------------------------
+# A listening socket accepts connections (the kernel queues them), so `ss` answers "ready" without
+# starting a node process (seconds each under emulation). A killed server leaves its socket file
+# behind but no listener, so the file alone is never taken for readiness.
 
-vm_wait_for() { # SERVICE wait-for.ts-arguments...
-  local service=$1; shift
-  node "$IMGD_VM_REPO/test/vm/wait-for.ts" --timeout "$VM_READY_TIMEOUT" \
-    --pid "$(vm_service_pid "$service")" "$@"
+vm_listening() { # ADDRESS: HOST:PORT, unix:PATH or PATH
+  local addr=${1#unix:}
+  case "$addr" in
+    /*) [ -n "$(ss -Hxl "src = $addr" 2>/dev/null)" ] ;;
+    *) [ -n "$(ss -Htln "sport = :${addr##*:}" 2>/dev/null)" ] ;;
+  esac
 }
 
-ready_s3() {
-  local waited=0 pid
-  pid=$(vm_service_pid s3)
-  until grep -q '^s3-server: ready' "$VM_LOG_DIR/s3.log" 2>/dev/null; do
-    vm_pid_alive "$pid" || { echo "s3 server exited before it was ready" >&2; return 1; }
-    [ "$waited" -lt $((VM_READY_TIMEOUT * 10)) ] || { echo "s3 server not ready after ${VM_READY_TIMEOUT}s" >&2; return 1; }
-    sleep 0.1; waited=$((waited + 1))
+# The lines of a service's log written since its last start.
+vm_log_since_start() {
+  awk -v start="starting $1\$" '$0 ~ "^---- .* " start { n = 0 } { lines[n++] = $0 } END { for (i = 0; i < n; i++) print lines[i] }' \
+    "$VM_LOG_DIR/$1.log" 2>/dev/null
+}
+
+s3_says_ready() { vm_log_since_start s3 | grep -q '^s3-server: ready'; }
+
+ready_check_s3() { s3_says_ready; }
+ready_check_helper() { vm_listening "$VM_HELPER_SOCKET"; }
+ready_check_agent() { vm_listening "$VM_AGENT_ADDR"; }
+
+# vm_wait_ready SERVICE: 0 once ready, 1 after VM_READY_TIMEOUT seconds, 2 if it exited first.
+vm_wait_ready() {
+  local service=$1 pid deadline=$((SECONDS + VM_READY_TIMEOUT))
+  pid=$(vm_service_pid "$service")
+  until "ready_check_$service"; do
+    vm_pid_alive "$pid" || return 2
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
   done
 }
-ready_helper() { vm_wait_for helper --unix "$VM_HELPER_SOCKET"; }
-ready_agent() { vm_wait_for agent --tcp "$VM_AGENT_ADDR"; }
 
 # ---- generic process control ----------------------------------------------------------------
 
@@ -74,6 +92,19 @@ vm_pid_alive() { # a zombie counts as dead
 
 vm_service_pid() { cat "$VM_PID_DIR/$1.pid" 2>/dev/null || true; }
 
+vm_service_exit_status() { # how the service's current pid ended, as its watcher recorded it
+  local pid epid how=""
+  pid=$(vm_service_pid "$1")
+  for _ in 1 2 3 4 5 6 7 8 9 10; do # the watcher writes it just after the exit
+    if [ -s "$VM_PID_DIR/$1.exit" ]; then
+      read -r epid how <"$VM_PID_DIR/$1.exit"
+      [ "$epid" = "$pid" ] && { echo "$how"; return; }
+    fi
+    sleep 0.1
+  done
+  echo "exit status not recorded"
+}
+
 vm_service_status() {
   local pid
   pid=$(vm_service_pid "$1")
@@ -82,34 +113,60 @@ vm_service_status() {
 }
 
 vm_service_launch() { # start without waiting for readiness
-  local service=$1 pid
+  local service=$1 pid waited=0
   mkdir -p "$VM_LOG_DIR" "$VM_PID_DIR"
   pid=$(vm_service_pid "$service")
   if vm_pid_alive "$pid"; then echo "$service: already running (pid $pid)" >&2; return 1; fi
+  rm -f "$VM_PID_DIR/$service.pid" "$VM_PID_DIR/$service.exit"
   echo "---- $(date +%T.%3N) starting $service" >>"$VM_LOG_DIR/$service.log"
   # setsid: its own session, so nothing aimed at the caller's process group reaches it. The
-  # outer subshell exits at once: the service becomes PID 1's child and no shell reports its
-  # death as a job ("Killed").
+  # outer subshell exits at once: no shell reports the service's death as a job ("Killed").
+  # Inside, a small bash keeps watch: the program's output goes to its log from the first byte,
+  # and its exit status is recorded (.exit, and a line in the log), so a service that dies at
+  # start says how. The recorded pid is the program's own (start_*_process execs it): kill -9
+  # hits the program, not the watcher.
   (
-    setsid bash -c 'source "$1" && "start_$2_process"' vm-service "$VM_SERVICES_LIB" "$service" \
-      </dev/null >>"$VM_LOG_DIR/$service.log" 2>&1 &
-    echo $! >"$VM_PID_DIR/$service.pid"
+    setsid bash -c '
+      source "$1"
+      ("start_$2_process") </dev/null >>"$3" 2>&1 &
+      pid=$!
+      echo "$pid" >"$4.pid.new" && mv "$4.pid.new" "$4.pid"
+      wait "$pid"; code=$?
+      if [ "$code" -gt 128 ]; then how="killed by signal $((code - 128)) ($(kill -l "$code" 2>/dev/null))"; else how="exit code $code"; fi
+      echo "$pid $how" >"$4.exit"
+      echo "---- $(date +%T.%3N) $2 (pid $pid) ended: $how" >>"$3"
+    ' vm-service "$VM_SERVICES_LIB" "$service" "$VM_LOG_DIR/$service.log" "$VM_PID_DIR/$service" \
+      </dev/null >/dev/null 2>&1 &
   )
+  # Callers read the pid file as soon as this returns.
+  until [ -s "$VM_PID_DIR/$service.pid" ]; do
+    [ "$waited" -lt 300 ] || { echo "$service: no pid recorded after 30 s" >&2; return 1; }
+    sleep 0.1; waited=$((waited + 1))
+  done
 }
 
 vm_service_start() {
-  local service=$1
-  vm_service_launch "$service" || return 1
-  vm_service_ready "$service"
+  vm_service_launch "$1" && vm_service_ready "$1"
 }
 
+# Waits until SERVICE is ready. A service that exits before it is ready (seen on loaded machines,
+# with nothing in its log) is reported with its exit status and log, and started once more.
 vm_service_ready() {
-  local service=$1
-  if ! "ready_$service"; then
-    echo "$service: not ready; last lines of $VM_LOG_DIR/$service.log:" >&2
-    tail -n 40 "$VM_LOG_DIR/$service.log" >&2
-    return 1
-  fi
+  local service=$1 attempt status
+  for attempt in 1 2; do
+    vm_wait_ready "$service" && return 0
+    status=$?
+    if [ "$status" = 2 ]; then
+      echo "$service: exited before it was ready ($(vm_service_exit_status "$service")); its log since the start:" >&2
+    else
+      echo "$service: not ready after ${VM_READY_TIMEOUT} s (IMGD_VM_READY_TIMEOUT); its log since the start:" >&2
+    fi
+    vm_log_since_start "$service" | tail -n 40 | sed 's/^/    /' >&2
+    [ "$status" = 2 ] && [ "$attempt" = 1 ] || return 1
+    echo "$service: starting it once more" >&2
+    vm_service_launch "$service" || return 1
+  done
+  return 1
 }
 
 vm_service_stop() { # SERVICE [SIGNAL]: after TERM, waits IMGD_VM_STOP_TIMEOUT (30) s, then KILL
