@@ -4,62 +4,35 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { startAgent, type RunningAgent } from "../../agent/app.ts";
-import { loadAgentConfig } from "../../agent/config.ts";
+import type { RunningAgent } from "../../agent/app.ts";
 import { layerDeviceName } from "../../agent/images/chain.ts";
-import { connectImgd, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
-import { packTar } from "../fixtures/tar-bytes.ts";
-import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
-import { startS3rver, type TestS3 } from "../helpers/s3rver.ts";
+import { ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { type FakeHelper } from "../helpers/fake-helper.ts";
+import { pullReady } from "../helpers/pull.ts";
+import { TestAgent } from "../helpers/test-agent.ts";
 
-const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
-
-let s3: TestS3;
 let helper: FakeHelper;
 let agent: RunningAgent;
 let client: ImgdClient;
-let closeClient: () => void;
-const stateDir = mkdtempSync(join(tmpdir(), "imgd-lifecycle-"));
+const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+const harness = new TestAgent({
+  name: "lifecycle",
+  images: {
+    golang: [...shared, { "go/bin/go": "go\n" }],
+    node: [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }],
+    python: [...shared, { "node/bin/node": "node\n" }, { "python/version": "3.11\n" }],
+  },
+});
+const stateDir = harness.stateDir;
 
 before(async () => {
-  s3 = await startS3rver();
-  const put = async (image: string, layers: Record<string, string>[]) => {
-    for (const [i, files] of layers.entries()) await s3.put(`images/${image}/${i + 1}.tar`, await tarOf(files));
-  };
-  const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
-  await put("golang", [...shared, { "go/bin/go": "go\n" }]);
-  await put("node", [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }]);
-  await put("python", [...shared, { "node/bin/node": "node\n" }, { "python/version": "3.11\n" }]);
-  helper = await startFakeHelper(join(stateDir, "blobs"));
-  const config = loadAgentConfig([], {
-    IMGD_STATE_DIR: stateDir,
-    IMGD_LISTEN: "127.0.0.1:0",
-    IMGD_HELPER_SOCKET: helper.socketPath,
-    IMGD_S3_ENDPOINT: s3.endpoint,
-    IMGD_S3_BUCKET: s3.bucket,
-  });
-  agent = await startAgent(config, () => {}, { poolWaitAttempts: 1 });
-  const c = connectImgd(`127.0.0.1:${agent.port}`);
-  client = c.client;
-  closeClient = () => c.channel.close();
+  ({ helper, agent, client } = await harness.setUp());
 });
+after(() => harness.tearDown());
 
-after(async () => {
-  closeClient();
-  await agent.stop();
-  await helper.close();
-  await s3.close();
-});
-
-async function pull(image: string): Promise<Image> {
-  let last;
-  for await (const u of client.pullImage({ image })) last = u;
-  assert.equal(last!.status, RunStatus.SUCCEEDED, last!.error);
-  return last!.image!;
-}
+const pull = (image: string): Promise<Image> => pullReady(client, image);
 
 const imgctl = (...args: string[]) =>
   new Promise<{ status: number; stdout: string; stderr: string }>((resolve) => {

@@ -5,40 +5,34 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import Database from "better-sqlite3";
-import { mkdtempSync, readdirSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
-import { connectImgd, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
-import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
+import { RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { type FakeHelper } from "../helpers/fake-helper.ts";
+import { pullUpdates } from "../helpers/pull.ts";
+import { TestAgent, tarOf } from "../helpers/test-agent.ts";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { createChannel, createClient } from "nice-grpc";
 import { HealthDefinition } from "nice-grpc-server-health";
 import { ServerReflectionService } from "nice-grpc-server-reflection";
 import reflectionMessages from "nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js";
-import { packTar } from "../fixtures/tar-bytes.ts";
-import { startS3rver, startTamperProxy, isObjectGet, type RecordedRequest, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
-
-const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
+import { isObjectGet, type RecordedRequest, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
 
 let s3: TestS3;
 let proxy: TamperProxy;
 let helper: FakeHelper;
 let agent: RunningAgent;
 let client: ImgdClient;
-let closeClient: () => void;
-const stateDir = mkdtempSync(join(tmpdir(), "imgd-agent-"));
 const silent = () => {};
 
-async function start(): Promise<void> {
-  const config = loadAgentConfig([], {
-    IMGD_STATE_DIR: stateDir,
-    IMGD_LISTEN: "127.0.0.1:0",
-    IMGD_HELPER_SOCKET: helper.socketPath,
-    IMGD_S3_ENDPOINT: proxy.endpoint,
-    IMGD_S3_BUCKET: s3.bucket,
+const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+const harness = new TestAgent({
+  name: "agent",
+  proxy: true,
+  env: {
     // Small bounds, so the S3 and concurrency cases at the end of this file can show them.
     IMGD_DOWNLOAD_CONCURRENCY: "2",
     IMGD_APPLY_CONCURRENCY: "1",
@@ -46,46 +40,28 @@ async function start(): Promise<void> {
     IMGD_DOWNLOAD_BACKOFF_MS: "1",
     IMGD_DOWNLOAD_BACKOFF_MAX_MS: "5",
     IMGD_S3_IDLE_TIMEOUT_MS: "1000",
-  });
-  agent = await startAgent(config, silent, { poolWaitAttempts: 1 });
-  const c = connectImgd(`127.0.0.1:${agent.port}`);
-  client = c.client;
-  closeClient = () => c.channel.close();
-}
+  },
+  images: {
+    golang: [...shared, { "go/bin/go": "go\n" }, { "go/version": "1.23\n" }],
+    node: [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }],
+    python: [...shared, { "node/bin/node": "node\n" }, { "python/version": "3.11\n" }],
+  },
+});
+const stateDir = harness.stateDir;
 
-async function stop(): Promise<void> {
-  closeClient();
-  await agent.stop();
+async function start(): Promise<void> {
+  await harness.start();
+  ({ agent, client } = harness);
 }
-
-const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+const stop = () => harness.stop();
 
 before(async () => {
-  s3 = await startS3rver();
-  proxy = await startTamperProxy(s3.endpoint);
-  const put = async (image: string, layers: Record<string, string>[]) => {
-    for (const [i, files] of layers.entries()) await s3.put(`images/${image}/${i + 1}.tar`, await tarOf(files));
-  };
-  await put("golang", [...shared, { "go/bin/go": "go\n" }, { "go/version": "1.23\n" }]);
-  await put("node", [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }]);
-  await put("python", [...shared, { "node/bin/node": "node\n" }, { "python/version": "3.11\n" }]);
+  ({ s3, proxy, helper, agent, client } = await harness.setUp());
   await s3.put("images/broken/1.tar", "this is not a tar archive, whatever its name says");
-  helper = await startFakeHelper(join(stateDir, "blobs"));
-  await start();
 });
+after(() => harness.tearDown());
 
-after(async () => {
-  await stop();
-  await helper.close();
-  await proxy.close();
-  await s3.close();
-});
-
-async function pull(image: string) {
-  const updates = [];
-  for await (const u of client.pullImage({ image })) updates.push(u);
-  return updates;
-}
+const pull = (image: string) => pullUpdates(client, image);
 
 /** Object downloads seen by S3 (listings are GETs too, with list-type in the query). */
 const objectGets = () => proxy.requests.filter((r) => r.method === "GET" && !r.url.includes("list-type")).map((r) => r.url.split("?")[0]);

@@ -3,47 +3,38 @@
 // VM test test/e2e/lifecycle.test.ts plants the same leaks in the real pool).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { startAgent, type RunningAgent } from "../../agent/app.ts";
+import type { RunningAgent } from "../../agent/app.ts";
 import { Catalog } from "../../agent/catalog.ts";
-import { loadAgentConfig } from "../../agent/config.ts";
 import { openDatabase } from "../../agent/db.ts";
 import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
-import { connectImgd, ImageState, RunStatus, type ImgdClient } from "../../client/sdk.ts";
-import { packTar } from "../fixtures/tar-bytes.ts";
-import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
-import { startS3rver, type TestS3 } from "../helpers/s3rver.ts";
+import { ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { type FakeHelper } from "../helpers/fake-helper.ts";
+import { pullReady } from "../helpers/pull.ts";
+import { TestAgent } from "../helpers/test-agent.ts";
 
-const tarOf = (files: Record<string, string>) => packTar(Object.entries(files).map(([name, body]) => ({ header: { name, mode: 0o644 }, body })));
-
-let s3: TestS3;
 let helper: FakeHelper;
 let agent: RunningAgent;
 let client: ImgdClient;
-let closeClient: () => void;
-const stateDir = mkdtempSync(join(tmpdir(), "imgd-reconcile-"));
 const logs: { level: string; msg: string; fields?: Record<string, unknown> }[] = [];
+const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
+const harness = new TestAgent({
+  name: "reconcile",
+  log: (level, msg, fields) => void logs.push({ level, msg, fields }),
+  images: {
+    golang: [...shared, { "go/bin/go": "go\n" }],
+    node: [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }],
+    python: [...shared, { "python/version": "3.11\n" }],
+  },
+});
+const stateDir = harness.stateDir;
 
 async function start(): Promise<void> {
-  const config = loadAgentConfig([], {
-    IMGD_STATE_DIR: stateDir,
-    IMGD_LISTEN: "127.0.0.1:0",
-    IMGD_HELPER_SOCKET: helper.socketPath,
-    IMGD_S3_ENDPOINT: s3.endpoint,
-    IMGD_S3_BUCKET: s3.bucket,
-  });
-  agent = await startAgent(config, (level, msg, fields) => void logs.push({ level, msg, fields }), { poolWaitAttempts: 1 });
-  const c = connectImgd(`127.0.0.1:${agent.port}`);
-  client = c.client;
-  closeClient = () => c.channel.close();
+  await harness.start();
+  ({ agent, client } = harness);
 }
-
-async function stop(): Promise<void> {
-  closeClient();
-  await agent.stop();
-}
+const stop = () => harness.stop();
 
 /** Changes the catalog while the agent is stopped, as an administrator (or a crash) would. */
 function withStoppedCatalog(fn: (catalog: Catalog) => void): void {
@@ -55,32 +46,12 @@ function withStoppedCatalog(fn: (catalog: Catalog) => void): void {
   }
 }
 
-const shared = [1, 2, 3].map((n) => ({ [`layer${n}/file`]: `shared layer ${n}\n` }));
-
 before(async () => {
-  s3 = await startS3rver();
-  const put = async (image: string, layers: Record<string, string>[]) => {
-    for (const [i, files] of layers.entries()) await s3.put(`images/${image}/${i + 1}.tar`, await tarOf(files));
-  };
-  await put("golang", [...shared, { "go/bin/go": "go\n" }]);
-  await put("node", [...shared, { "node/bin/node": "node\n" }, { "node/version": "22\n" }]);
-  await put("python", [...shared, { "python/version": "3.11\n" }]);
-  helper = await startFakeHelper(join(stateDir, "blobs"));
-  await start();
+  ({ helper, agent, client } = await harness.setUp());
 });
+after(() => harness.tearDown());
 
-after(async () => {
-  await stop();
-  await helper.close();
-  await s3.close();
-});
-
-async function pull(image: string) {
-  let last;
-  for await (const u of client.pullImage({ image })) last = u;
-  assert.equal(last!.status, RunStatus.SUCCEEDED, last!.error);
-  return last!.image!;
-}
+const pull = (image: string) => pullReady(client, image);
 
 test("startup reconciliation repairs every kind of leak a crash or a person leaves, and logs each repair", async () => {
   const golang = await pull("golang");

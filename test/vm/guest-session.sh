@@ -27,10 +27,12 @@ setup_environment() {
   mkdir -p "$VM_LOG_DIR" "$VM_PID_DIR"
 }
 
+# With the uid test/vm/run chose (and warmed the agent's compile cache as: Node keys it by uid).
 create_service_user() {
-  getent group imgd >/dev/null || groupadd --system imgd
+  local id=${IMGD_VM_SERVICE_UID:-}
+  getent group imgd >/dev/null || groupadd --system ${id:+--gid "$id"} imgd
   getent passwd imgd >/dev/null ||
-    useradd --system --gid imgd --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin imgd
+    useradd --system ${id:+--uid "$id"} --gid imgd --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin imgd
 }
 
 # Fresh, empty state every run: tmpfs hides whatever the host has at these paths.
