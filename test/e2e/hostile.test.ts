@@ -14,6 +14,7 @@ import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import { join } from "node:path";
 import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { connectImgd, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { pullOutcome } from "../helpers/pull.ts";
 import { HelperClient, HelperError } from "../../agent/helper-client.ts";
 import { walkTree, type ManifestEntry } from "../fixtures/tree.ts";
 import { checkImage, hostileCorpus, imageOf, LIMIT_ENV, SENTINEL_TARGETS, type CorpusCase } from "../fixtures/hostile-corpus.ts";
@@ -69,18 +70,7 @@ function plantSentinels(): void {
   }
 }
 
-type PullOutcome = { ok: true } | { ok: false; error: string };
-
-async function pull(image: string): Promise<PullOutcome> {
-  try {
-    let last;
-    for await (const update of client.pullImage({ image })) last = update;
-    if (last?.status === RunStatus.SUCCEEDED) return { ok: true };
-    return { ok: false, error: last?.error ?? "(no final update)" };
-  } catch (err) {
-    return { ok: false, error: (err as Error).message };
-  }
-}
+const pull = (image: string) => pullOutcome(client, image);
 
 /** Mounts a device read-only (no journal replay, nosuid, nodev) under /run, runs fn, unmounts. */
 async function withMounted<T>(device: string, fn: (dir: string) => T | Promise<T>): Promise<T> {

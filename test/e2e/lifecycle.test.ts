@@ -9,7 +9,8 @@ import { chownSync, existsSync, readFileSync, readdirSync, statSync, writeFileSy
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { HelperClient } from "../../agent/helper-client.ts";
-import { connectImgd, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { connectImgd, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { pullReady } from "../helpers/pull.ts";
 
 const stateDir = "/var/lib/imgd";
 const blobDir = join(stateDir, "blobs/sha256");
@@ -45,12 +46,7 @@ const thinIds = async () => (await helper.call("thin.list", {})).thinIds;
 const blobs = () => (existsSync(blobDir) ? readdirSync(blobDir).sort() : []);
 const imgctl = (...args: string[]) => spawnSync("imgctl", args, { encoding: "utf8" });
 
-async function pull(image: string): Promise<Image> {
-  let last;
-  for await (const u of client.pullImage({ image })) last = u;
-  assert.equal(last!.status, RunStatus.SUCCEEDED, last!.error);
-  return last!.image!;
-}
+const pull = (image: string): Promise<Image> => pullReady(client, image);
 
 const rejectsWith = (promise: Promise<unknown>, code: string) =>
   assert.rejects(promise, (err: Error & { code?: string }) => {

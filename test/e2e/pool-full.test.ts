@@ -10,7 +10,8 @@ import { createHash } from "node:crypto";
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
-import { connectImgd, ImageState, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { pullOutcome } from "../helpers/pull.ts";
 import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
 import { estimatedDataBytes } from "../../agent/images/pool-space.ts";
 import { packTar } from "../fixtures/tar-bytes.ts";
@@ -77,17 +78,7 @@ async function upload(image: string, layers: Layer[]): Promise<void> {
   }
 }
 
-/** Pulls an image; resolves to the final update or the stream's error. */
-async function pull(image: string): Promise<{ ok: true } | { ok: false; error: string }> {
-  try {
-    let last;
-    for await (const update of client.pullImage({ image })) last = update;
-    if (last?.status === RunStatus.SUCCEEDED) return { ok: true };
-    return { ok: false, error: last?.error ?? "no final update" };
-  } catch (err) {
-    return { ok: false, error: (err as Error).message };
-  }
-}
+const pull = (image: string) => pullOutcome(client, image);
 
 async function pullOk(image: string): Promise<void> {
   const result = await pull(image);

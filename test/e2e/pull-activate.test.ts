@@ -7,6 +7,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmdirSync, writeFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
 import { connectImgd, ImageState, RunStatus, type ImgdClient, type Image } from "../../client/sdk.ts";
+import { pullUpdates } from "../helpers/pull.ts";
 import { diffManifests, walkTree, type ManifestEntry } from "../fixtures/tree.ts";
 
 const repo = join(import.meta.dirname, "../..");
@@ -37,11 +38,7 @@ const s3Gets = () =>
     ? readFileSync(s3Log, "utf8").split("\n").filter((l) => /^GET [^?]/.test(l)).map((l) => l.slice(4).split("?")[0])
     : [];
 
-async function pull(image: string) {
-  const updates = [];
-  for await (const update of client.pullImage({ image })) updates.push(update);
-  return updates;
-}
+const pull = (image: string) => pullUpdates(client, image);
 
 async function getImage(name: string): Promise<Image> {
   const { image } = await client.getImage({ image: name });
