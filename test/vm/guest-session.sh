@@ -58,11 +58,10 @@ open_repo_path() {
 start_services() {
   say "starting s3, helper, agent"
   local t0=$SECONDS
-  # s3 and the helper start in parallel (node start-up is the slow part under emulation).
-  vm_service_launch s3 && vm_service_launch helper || return 1
-  vm_service_ready helper || return 1
-  vm_service_start agent || return 1
-  vm_service_ready s3 || return 1
+  # All three at once (node start-up is the slow part under emulation); the agent waits for the
+  # helper's pool by itself.
+  vm_service_launch s3 && vm_service_launch helper && vm_service_launch agent || return 1
+  vm_service_ready helper && vm_service_ready agent && vm_service_ready s3 || return 1
   say "services ready after $((SECONDS - t0)) s"
 }
 
