@@ -64,9 +64,7 @@ vm_log_since_start() {
     "$VM_LOG_DIR/$1.log" 2>/dev/null
 }
 
-s3_says_ready() { vm_log_since_start s3 | grep -q '^s3-server: ready'; }
-
-ready_check_s3() { s3_says_ready; }
+ready_check_s3() { vm_log_since_start s3 | grep -q '^s3-server: ready'; }
 ready_check_helper() { vm_listening "$VM_HELPER_SOCKET"; }
 ready_check_agent() { vm_listening "$VM_AGENT_ADDR"; }
 
