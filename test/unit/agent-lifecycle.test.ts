@@ -37,6 +37,7 @@ before(async () => {
   const config = loadAgentConfig([], {
     IMGD_STATE_DIR: stateDir,
     IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_LISTEN_INSECURE_LOOPBACK: "1", // plain TCP on loopback: the access rules are test/unit/grpc-access.test.ts's
     IMGD_HELPER_SOCKET: helper.socketPath,
     IMGD_S3_ENDPOINT: s3.endpoint,
     IMGD_S3_BUCKET: s3.bucket,
