@@ -17,7 +17,7 @@ import { diffManifests, walkTree, type ManifestEntry } from "../fixtures/tree.ts
 const repo = join(import.meta.dirname, "../..");
 const servicesLib = join(repo, "test/vm/lib/services.sh");
 const PID_DIR = "/run/imgd-vm-pids";
-const AGENT_ADDR = { host: "127.0.0.1", port: 50051 };
+const AGENT_SOCKET = "/run/imgd/agent/imgd.sock"; // as test/vm/lib/services.sh
 const HELPER_SOCKET = "/run/imgd/privhelper.sock";
 export const STATE_DIR = "/var/lib/imgd";
 export const HELPER_STATE_DIR = "/var/lib/imgd-privhelper";
@@ -91,7 +91,7 @@ export async function waitReady(service: Service, pid: number): Promise<boolean>
 
 function accepts(service: Service): Promise<boolean> {
   return new Promise((resolve) => {
-    const socket = service === "agent" ? createConnection(AGENT_ADDR) : createConnection(HELPER_SOCKET);
+    const socket = service === "agent" ? createConnection(AGENT_SOCKET) : createConnection(HELPER_SOCKET);
     socket.once("connect", () => {
       socket.destroy();
       resolve(true);
