@@ -99,6 +99,39 @@ test("Unix socket: 0660 and its directory 0750, of the configured group; a membe
   assert.match((await callAs(MEMBER, `unix:${path}`, "clear")).out, /EACCES|Permission denied/);
 });
 
+test("as the agent really runs (not root): the socket in the directory made for it (RuntimeDirectory), given to the agent's own group", async () => {
+  const runDir = join(base, "run-imgd"); // like /run/imgd: root's
+  execFileSync("install", ["-d", "-m", "0755", runDir]);
+  execFileSync("install", ["-d", "-o", OUTSIDER, "-g", OUTSIDER, "-m", "0755", join(runDir, "agent")]);
+  const path = join(runDir, "agent", "imgd.sock");
+  const script = `
+    import { startGrpcServer } from ${JSON.stringify(join(repo, "agent/grpc/server.ts"))};
+    const { server } = await startGrpcServer({ kind: "unix", path: ${JSON.stringify(path)}, group: undefined }, {});
+    console.log("listening");
+    setTimeout(() => { server.forceShutdown(); }, 20000);`;
+  const child = execFile("setpriv", [`--reuid=${OUTSIDER}`, `--regid=${OUTSIDER}`, "--clear-groups", "--", process.execPath, "--input-type=module", "-e", script], { env: { PATH: process.env.PATH, HOME: "/" } });
+  let stderr = "";
+  child.stderr!.on("data", (d) => (stderr += d));
+  try {
+    await new Promise<void>((resolve, reject) => {
+      child.stdout!.on("data", (d) => String(d).includes("listening") && resolve());
+      child.once("exit", (code) => reject(new Error(`agent-side child exited ${code}: ${stderr}`)));
+    });
+    const gid = Number(execFileSync("id", ["-g", OUTSIDER], { encoding: "utf8" }).trim());
+    assert.deepEqual([statSync(path).mode & 0o777, statSync(path).gid], [0o660, gid]);
+    assert.deepEqual([statSync(join(runDir, "agent")).mode & 0o777, statSync(join(runDir, "agent")).gid], [0o750, gid]);
+    const { client, channel } = connectImgd(`unix:${path}`);
+    try {
+      await client.listRuns({ limit: 1 }).catch((err: Error) => assert.doesNotMatch(err.message, /EACCES|UNAVAILABLE/)); // reached the service (its deps are empty here)
+    } finally {
+      channel.close();
+    }
+    assert.match((await callAs(MEMBER, `unix:${path}`, "init")).out, /EACCES|Permission denied/, "not in the agent's group");
+  } finally {
+    child.kill();
+  }
+});
+
 test("Unix socket: the group defaults to imgd-clients when it exists, else the agent's own; a stale socket is replaced", async () => {
   const path = join(base, "default", "imgd.sock");
   const first = await serve({ kind: "unix", path, group: undefined });
