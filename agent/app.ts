@@ -17,7 +17,7 @@ import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
-import { createS3Client, loadS3Config } from "./s3/client.ts";
+import { createS3Client } from "./s3/client.ts";
 
 export interface RunningAgent {
   port: number;
@@ -32,7 +32,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const catalog = new Catalog(db);
   const blobs = new BlobStore(config.stateDir);
   await blobs.init();
-  const s3Config = loadS3Config(config.settings);
+  const s3Config = config.s3;
   const s3 = createS3Client(s3Config);
   const helper = new HelperClient(config.helperSocket);
   const engine = new FsmEngine(db, {
@@ -52,7 +52,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });
   await engine.resumeAll();
 
-  const { server, port } = await startGrpcServer(config.listen, { ...lifecycle, log });
+  const { server, port } = await startGrpcServer(config.api, { ...lifecycle, log });
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
 
   return {

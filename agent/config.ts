@@ -1,74 +1,151 @@
-// Agent configuration. Every setting has one name, IMGD_*; it can come from a KEY=VALUE file
-// (--config FILE or IMGD_CONFIG, the format systemd's EnvironmentFile= reads), from the
-// environment, or from a command-line flag, in increasing order of precedence.
-import { readFileSync } from "node:fs";
-import { parseArgs } from "node:util";
+// Agent configuration. AGENT_SETTINGS is the one list of the agent's settings: each has one
+// name, IMGD_* (AWS_* for S3 credentials), a type with its range, a default and a meaning. A
+// setting can come from a KEY=VALUE file (--config FILE or IMGD_CONFIG, the format systemd's
+// EnvironmentFile= reads), from the environment, or from its flag (--state-dir for
+// IMGD_STATE_DIR), in increasing order of precedence. The README's table is generated from it
+// (node agent/config-doc.ts).
+//
+// Adding a setting: one line in AGENT_SETTINGS, e.g.
+//   IMGD_RUN_HISTORY_MAX: setting(int(1, 1_000_000), "10000", "finished runs kept in the database"),
+// then read it as config.values.IMGD_RUN_HISTORY_MAX (typed) and run `node agent/config-doc.ts`.
+import { isIP } from "node:net";
+import { CLIENT_SETTINGS } from "../client/connect.ts";
+import { HELPER_SETTINGS } from "../privhelper/config.ts";
+import { flag, int, loadSettings, oneOf, optional, parseFlags, path, setting, SettingsError, text, type Values } from "../privhelper/settings.ts";
+import { DEFAULT_LAYER_LIMITS, type LayerLimits } from "./layers/validate.ts";
+import { loadS3Config, S3_SETTINGS, type S3Config } from "./s3/config.ts";
+
+const group = text("group name or gid", /^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/, "is not a group name or gid");
+const bytes = int(1, Number.MAX_SAFE_INTEGER);
+
+export const DEFAULT_LISTEN = "unix:/run/imgd/agent/imgd.sock";
+
+/** Every setting of the agent: name → type/range, default, meaning. Adding one is one line here. */
+export const AGENT_SETTINGS = {
+  IMGD_CONFIG: optional(path(), "KEY=VALUE file of settings (the environment and flags override it); unknown keys in it are refused", { notInFile: true }),
+  IMGD_STATE_DIR: setting(path(), "/var/lib/imgd", "SQLite database, blob store (blobs/), temporary downloads"),
+  IMGD_LISTEN: setting(text("unix:/path or host:port", /^(unix:\/.+|\[[0-9a-fA-F:.]+\]:[0-9]{1,5}|[^:\s/]+:[0-9]{1,5})$/), DEFAULT_LISTEN, "gRPC address: a Unix socket (the default), or TCP with mutual TLS (IMGD_TLS_*) or IMGD_LISTEN_INSECURE_LOOPBACK"),
+  IMGD_SOCKET_GROUP: optional(group, "group of the gRPC Unix socket (mode 0660): who may use the API", { defaultText: "imgd-clients if it exists, else the agent's group" }),
+  IMGD_TLS_CERT: optional(path(), "TCP listen: the server's certificate chain (PEM)"),
+  IMGD_TLS_KEY: optional(path(), "TCP listen: the server's private key (PEM)"),
+  IMGD_TLS_CLIENT_CA: optional(path(), "TCP listen: CA (PEM) that signs the client certificates; a client without one is refused"),
+  IMGD_LISTEN_INSECURE_LOOPBACK: setting(flag(), "0", "development only: plain TCP without TLS, on a loopback address (127.0.0.0/8, ::1) only"),
+  IMGD_HELPER_SOCKET: setting(path(), "/run/imgd/privhelper.sock", "the root helper's socket"),
+  IMGD_LOG_LEVEL: setting(oneOf("debug", "info", "warn", "error"), "info", "least severe log level written"),
+  IMGD_DOWNLOAD_CONCURRENCY: setting(int(1, 9999), "4", "layers downloaded at once"),
+  IMGD_APPLY_CONCURRENCY: setting(int(1, 9999), "1", "layers applied at once"),
+  ...S3_SETTINGS,
+  IMGD_LAYER_MAX_ENTRIES: setting(bytes, String(DEFAULT_LAYER_LIMITS.maxEntries), "most entries in one layer"),
+  IMGD_LAYER_MAX_ENTRY_BYTES: setting(bytes, String(DEFAULT_LAYER_LIMITS.maxEntryBytes), "largest file in a layer, in bytes"),
+  IMGD_LAYER_MAX_BYTES: setting(bytes, String(DEFAULT_LAYER_LIMITS.maxLayerBytes), "largest layer (the object as stored, and its tar), in bytes"),
+  IMGD_LAYER_MAX_DECOMPRESSED_BYTES: setting(bytes, String(DEFAULT_LAYER_LIMITS.maxDecompressedBytes), "most bytes a compressed layer may decompress to"),
+};
+
+export type AgentSettings = Values<typeof AGENT_SETTINGS>;
+
+/** Where the gRPC API listens, and who may reach it. */
+export type ApiListen =
+  | { kind: "unix"; path: string; group: string | undefined }
+  | { kind: "tcp"; host: string; port: number; tls: { certFile: string; keyFile: string; clientCaFile: string } | undefined };
 
 export interface AgentConfig {
   stateDir: string;
+  /** IMGD_LISTEN as given (for logs); `api` is what it means. */
   listen: string;
+  api: ApiListen;
   helperSocket: string;
   logLevel: "debug" | "info" | "warn" | "error";
   downloadConcurrency: number;
   applyConcurrency: number;
-  /**
-   * Raw settings, for the modules that read their own: agent/s3/config.ts reads IMGD_S3_* (endpoint,
-   * bucket, timeouts, max layer count) and IMGD_DOWNLOAD_* (retries, backoff, ranged GETs).
-   */
+  s3: S3Config;
+  layerLimits: Pick<LayerLimits, "maxEntries" | "maxEntryBytes" | "maxLayerBytes" | "maxDecompressedBytes">;
+  /** Every setting, typed, defaults applied. */
+  values: AgentSettings;
+  /** Raw settings after precedence, for the modules that still read keys (IMGD_LAYER_MAX_*, ...). */
   settings: Record<string, string | undefined>;
 }
 
-const FLAGS: Record<string, string> = {
-  "state-dir": "IMGD_STATE_DIR",
-  listen: "IMGD_LISTEN",
-  "helper-socket": "IMGD_HELPER_SOCKET",
-  "s3-endpoint": "IMGD_S3_ENDPOINT",
-  bucket: "IMGD_S3_BUCKET",
-  prefix: "IMGD_S3_PREFIX",
-  region: "IMGD_S3_REGION",
-  "log-level": "IMGD_LOG_LEVEL",
-};
+/** A command line the agent does not understand (main exits 2 with its usage). */
+export class UsageError extends Error {}
+
+export const AGENT_USAGE = "usage: imgd [--config FILE] [--SETTING VALUE]... [--version] [--help]   (settings: README.md, Configuration)";
+
+/** Other imgd programs' names, tolerated in the agent's environment (one shell often serves all). */
+const OTHER_PROGRAMS = [...Object.keys(HELPER_SETTINGS), ...Object.keys(CLIENT_SETTINGS)];
+
+export function parseAgentArgs(argv: string[]): { flags: Record<string, string>; version: boolean; help: boolean } {
+  try {
+    const { flags, extra } = parseFlags(AGENT_SETTINGS, argv, { version: { type: "boolean" }, help: { type: "boolean" } });
+    return { flags, version: extra.version === true, help: extra.help === true };
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+}
 
 export function loadAgentConfig(argv: string[], env: NodeJS.ProcessEnv): AgentConfig {
-  const options = Object.fromEntries(Object.keys(FLAGS).map((f) => [f, { type: "string" as const }]));
-  const { values } = parseArgs({ args: argv, options: { ...options, config: { type: "string" } }, strict: true }) as { values: Record<string, string | undefined> };
-  const file = values.config ?? env.IMGD_CONFIG;
-  const settings: Record<string, string | undefined> = { ...(file ? readEnvFile(file) : {}), ...env };
-  for (const [flag, key] of Object.entries(FLAGS)) {
-    if (values[flag] !== undefined) settings[key] = values[flag];
-  }
-  const logLevel = settings.IMGD_LOG_LEVEL ?? "info";
-  if (!["debug", "info", "warn", "error"].includes(logLevel)) throw new Error(`IMGD_LOG_LEVEL: unknown level ${JSON.stringify(logLevel)}`);
+  const { flags } = parseAgentArgs(argv);
+  const file = flags.IMGD_CONFIG ?? (env.IMGD_CONFIG || undefined);
+  const { values: v, raw } = loadSettings(AGENT_SETTINGS, { file, env, flags, otherPrograms: OTHER_PROGRAMS });
   return {
-    stateDir: absolutePath("IMGD_STATE_DIR", settings.IMGD_STATE_DIR ?? "/var/lib/imgd"),
-    listen: settings.IMGD_LISTEN ?? "127.0.0.1:50051",
-    helperSocket: absolutePath("IMGD_HELPER_SOCKET", settings.IMGD_HELPER_SOCKET ?? "/run/imgd/privhelper.sock"),
-    logLevel: logLevel as AgentConfig["logLevel"],
-    downloadConcurrency: positiveInt("IMGD_DOWNLOAD_CONCURRENCY", settings.IMGD_DOWNLOAD_CONCURRENCY ?? "4"),
-    applyConcurrency: positiveInt("IMGD_APPLY_CONCURRENCY", settings.IMGD_APPLY_CONCURRENCY ?? "1"),
-    settings,
+    stateDir: v.IMGD_STATE_DIR,
+    listen: v.IMGD_LISTEN,
+    api: apiListen(v),
+    helperSocket: v.IMGD_HELPER_SOCKET,
+    logLevel: v.IMGD_LOG_LEVEL,
+    downloadConcurrency: v.IMGD_DOWNLOAD_CONCURRENCY,
+    applyConcurrency: v.IMGD_APPLY_CONCURRENCY,
+    s3: loadS3Config(raw),
+    layerLimits: {
+      maxEntries: v.IMGD_LAYER_MAX_ENTRIES,
+      maxEntryBytes: v.IMGD_LAYER_MAX_ENTRY_BYTES,
+      maxLayerBytes: v.IMGD_LAYER_MAX_BYTES,
+      maxDecompressedBytes: v.IMGD_LAYER_MAX_DECOMPRESSED_BYTES,
+    },
+    values: v,
+    settings: raw,
   };
 }
 
-/** Reads KEY=VALUE lines; blank lines and # comments are skipped; only IMGD_* and AWS_* keys. */
-export function readEnvFile(path: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  readFileSync(path, "utf8").split("\n").forEach((raw, i) => {
-    const line = raw.trim();
-    if (line === "" || line.startsWith("#")) return;
-    const match = /^((?:IMGD|AWS)_[A-Z0-9_]+)=(.*)$/.exec(line);
-    if (!match) throw new Error(`${path}:${i + 1}: expected IMGD_*=value or AWS_*=value`);
-    out[match[1]] = match[2].replace(/^"(.*)"$/, "$1");
-  });
-  return out;
+/**
+ * The API's access rule (one home): a Unix socket (mode 0660, a group), or TCP only with mutual
+ * TLS, or plain TCP on a loopback address when the operator says so for development.
+ */
+function apiListen(v: AgentSettings): ApiListen {
+  const tlsFiles = { IMGD_TLS_CERT: v.IMGD_TLS_CERT, IMGD_TLS_KEY: v.IMGD_TLS_KEY, IMGD_TLS_CLIENT_CA: v.IMGD_TLS_CLIENT_CA };
+  const given = Object.entries(tlsFiles).filter(([, f]) => f !== undefined);
+  if (v.IMGD_LISTEN.startsWith("unix:")) {
+    const socketPath = v.IMGD_LISTEN.slice("unix:".length);
+    const problem = path().schema.safeParse(socketPath);
+    if (!problem.success) throw new SettingsError(`IMGD_LISTEN=${v.IMGD_LISTEN}: the socket ${problem.error.issues[0]?.message}`);
+    if (given.length > 0) throw new SettingsError(`${given.map(([k]) => k).join(", ")}: TLS applies to a TCP IMGD_LISTEN only (the Unix socket is guarded by its group)`);
+    return { kind: "unix", path: socketPath, group: v.IMGD_SOCKET_GROUP };
+  }
+  const colon = v.IMGD_LISTEN.lastIndexOf(":");
+  const host = v.IMGD_LISTEN.slice(0, colon).replace(/^\[(.*)\]$/, "$1");
+  const port = Number(v.IMGD_LISTEN.slice(colon + 1));
+  if (port > 65535) throw new SettingsError(`IMGD_LISTEN=${v.IMGD_LISTEN}: port out of range`);
+  if (given.length === 3) {
+    return { kind: "tcp", host, port, tls: { certFile: v.IMGD_TLS_CERT!, keyFile: v.IMGD_TLS_KEY!, clientCaFile: v.IMGD_TLS_CLIENT_CA! } };
+  }
+  if (given.length > 0) {
+    const missing = Object.keys(tlsFiles).filter((k) => !given.some(([g]) => g === k));
+    throw new SettingsError(`mutual TLS needs IMGD_TLS_CERT, IMGD_TLS_KEY and IMGD_TLS_CLIENT_CA together; missing ${missing.join(", ")}`);
+  }
+  if (!v.IMGD_LISTEN_INSECURE_LOOPBACK) {
+    throw new SettingsError(
+      `IMGD_LISTEN=${v.IMGD_LISTEN} is a TCP address and would let anyone who reaches it drive imgd: set IMGD_TLS_CERT, IMGD_TLS_KEY and IMGD_TLS_CLIENT_CA (mutual TLS), ` +
+        `or listen on a Unix socket (unix:/path, the default ${DEFAULT_LISTEN}), or for development on a loopback address set IMGD_LISTEN_INSECURE_LOOPBACK=1`,
+    );
+  }
+  if (!isLoopback(host)) {
+    throw new SettingsError(`IMGD_LISTEN_INSECURE_LOOPBACK=1 allows only a loopback address (127.0.0.0/8 or ::1), not ${JSON.stringify(host)}`);
+  }
+  return { kind: "tcp", host, port, tls: undefined };
 }
 
-function absolutePath(name: string, value: string): string {
-  if (!value.startsWith("/") || value.includes("\0")) throw new Error(`${name} must be an absolute path, got ${JSON.stringify(value)}`);
-  return value;
-}
-
-function positiveInt(name: string, value: string): number {
-  if (!/^[1-9][0-9]{0,3}$/.test(value)) throw new Error(`${name} must be an integer from 1 to 9999, got ${JSON.stringify(value)}`);
-  return Number(value);
+/** A literal loopback address: names are refused, what they resolve to can change. */
+export function isLoopback(host: string): boolean {
+  if (isIP(host) === 4) return host.startsWith("127.");
+  if (isIP(host) === 6) return host === "::1" || /^(0{1,4}:){7}0{0,3}1$/.test(host);
+  return false;
 }

@@ -1,14 +1,20 @@
 #!/usr/bin/env node
 // imgd: the unprivileged host agent. It owns the state directory (SQLite, blobs), talks to S3,
 // runs the FSMs and serves gRPC; every privileged step goes through the root helper's socket.
-import { startAgent } from "./app.ts";
-import { loadAgentConfig } from "./config.ts";
+import { versionLine } from "../client/version.ts";
+import { AGENT_USAGE, loadAgentConfig, parseAgentArgs, UsageError } from "./config.ts";
 import { createLogger } from "./log.ts";
 
 async function main(): Promise<void> {
-  const config = loadAgentConfig(process.argv.slice(2), process.env);
+  const argv = process.argv.slice(2);
+  const { version, help } = parseAgentArgs(argv);
+  if (version) return void console.log(versionLine("imgd"));
+  if (help) return void console.log(AGENT_USAGE);
+  const config = loadAgentConfig(argv, process.env);
   const log = createLogger("imgd", config.logLevel);
   if (process.getuid?.() === 0) throw new Error("imgd must not run as root: privileged steps belong to imgd-privhelper");
+  // Loaded only now: --version and a usage error answer without loading the whole agent.
+  const { startAgent } = await import("./app.ts");
   const agent = await startAgent(config, log);
   const stop = async (signal: string) => {
     log("info", "shutting down", { signal });
@@ -27,5 +33,6 @@ async function main(): Promise<void> {
 
 main().catch((err) => {
   process.stderr.write(`imgd: ${err instanceof Error ? err.message : String(err)}\n`);
-  process.exit(1);
+  if (err instanceof UsageError) process.stderr.write(`${AGENT_USAGE}\n`);
+  process.exit(err instanceof UsageError ? 2 : 1);
 });

@@ -2,10 +2,12 @@
 // imgctl: command-line client of the imgd agent.
 import { parseArgs } from "node:util";
 import { ClientError } from "nice-grpc";
-import { connectImgd, ImageState, RunStatus, type Activation, type Image, type ImgdClient } from "./sdk.ts";
+import { versionLine, version } from "./version.ts";
+import { connectImgd, DEFAULT_ADDR, ImageState, RunStatus, type Activation, type Image, type ImgdClient } from "./sdk.ts";
 
-const USAGE = `usage: imgctl [--addr HOST:PORT] [--json] COMMAND
+const USAGE = `usage: imgctl [--addr unix:/PATH|HOST:PORT] [--tls-ca F --tls-cert F --tls-key F] [--json] COMMAND
 commands:
+  version               print imgctl's version (and git commit)
   pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
   activate IMAGE        create and activate a thin snapshot of IMAGE (pulls it first if needed)
   deactivate ID         remove an activation's device and snapshot
@@ -21,14 +23,16 @@ commands:
                         and say what a repair would do (read only); --repair carries the
                         repairs out (safe while the agent works); exit 0 when clean
                         (after the repairs), 1 when something disagrees
-The agent address defaults to $IMGD_ADDR or 127.0.0.1:50051.`;
+The agent address defaults to $IMGD_ADDR or ${DEFAULT_ADDR} (the agent's Unix socket);
+TLS files default to $IMGD_CLIENT_TLS_CA, $IMGD_CLIENT_TLS_CERT, $IMGD_CLIENT_TLS_KEY.
+Exit codes: 0 done, 1 failed, 2 usage error.`;
 
 async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
+  const { values, positionals } = parseCommandLine(argv, {
       addr: { type: "string" },
+      "tls-ca": { type: "string" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
       json: { type: "boolean", default: false },
       fsm: { type: "string" },
       id: { type: "string" },
@@ -36,14 +40,21 @@ async function main(argv: string[]): Promise<number> {
       repair: { type: "boolean", default: false },
       force: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
-    },
   });
   const [command, ...args] = positionals;
   if (values.help || !command) {
     console.log(USAGE);
     return command || values.help ? 0 : 2;
   }
-  const { client, channel } = connectImgd(values.addr);
+  if (command === "version") {
+    const v = version();
+    if (values.json) console.log(JSON.stringify(v));
+    else console.log(versionLine("imgctl"));
+    return 0;
+  }
+  const tlsGiven = values["tls-ca"] !== undefined || values["tls-cert"] !== undefined || values["tls-key"] !== undefined;
+  const tls = tlsGiven ? { caFile: values["tls-ca"], certFile: values["tls-cert"], keyFile: values["tls-key"] } : undefined;
+  const { client, channel } = connectImgd(values.addr, tls ? { tls } : {});
   const out = (human: () => void, data: unknown) => (values.json ? console.log(JSON.stringify(data, bigints, 2)) : human());
   try {
     switch (command) {
@@ -102,7 +113,7 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "runs": {
-        const { runs } = await client.listRuns({ fsm: values.fsm ?? "", resourceId: values.id ?? "", limit: Number(values.limit ?? 0) });
+        const { runs } = await client.listRuns({ fsm: values.fsm ?? "", resourceId: values.id ?? "", limit: nonNegativeInt("--limit", values.limit ?? "0") });
         out(() => {
           for (const r of runs) {
             console.log(`${r.id}  ${r.fsm.padEnd(8)} ${r.resourceId.padEnd(28)} ${RunStatus[r.status].toLowerCase().padEnd(9)} ${r.state.padEnd(12)} attempts=${r.attempts}${r.error ? `  error: ${r.error}` : ""}`);
@@ -175,6 +186,20 @@ function one(args: string[], name: string): string {
 }
 
 class UsageError extends Error {}
+
+function nonNegativeInt(flag: string, text: string): number {
+  if (!/^[0-9]{1,9}$/.test(text)) throw new UsageError(`${flag} expects a non-negative integer, got ${JSON.stringify(text)}`);
+  return Number(text);
+}
+
+/** parseArgs, with an unknown or malformed flag as a UsageError (exit 2). */
+function parseCommandLine<O extends NonNullable<Parameters<typeof parseArgs>[0]>["options"]>(args: string[], options: O) {
+  try {
+    return parseArgs({ args, options, allowPositionals: true, strict: true });
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message : String(err));
+  }
+}
 const mib = (n: bigint | number) => `${(Number(n) / 1048576).toFixed(1)} MiB`;
 const pct = (a: bigint, b: bigint) => (b === 0n ? "0%" : `${((Number(a) / Number(b)) * 100).toFixed(1)}%`);
 const bigints = (_k: string, v: unknown) => (typeof v === "bigint" ? Number(v) : v);
@@ -184,6 +209,7 @@ main(process.argv.slice(2)).then(
   (err) => {
     if (err instanceof ClientError) console.error(`imgctl: ${err.details} (${err.code})`);
     else console.error(`imgctl: ${err instanceof Error ? err.message : String(err)}`);
+    if (err instanceof UsageError) console.error(USAGE.split("\n")[0]);
     process.exit(err instanceof UsageError ? 2 : 1);
   },
 );

@@ -1,7 +1,10 @@
 // Helper configuration: read once from the environment at start-up and validated strictly,
 // so a typo in a unit or a path fails loudly instead of creating a pool of the wrong size.
+// HELPER_SETTINGS is the one list of the helper's settings (the README's table is generated from it).
 import { readFileSync } from "node:fs";
-import { isAbsolute, normalize } from "node:path";
+import { int, loadSettings, path, setting, size, text, SettingsError, type Values } from "./settings.ts";
+
+export { parseSize } from "./settings.ts";
 
 export type HelperConfig = {
   socketPath: string;
@@ -15,71 +18,60 @@ export type HelperConfig = {
   thinBytes: number;
 };
 
-const UNITS: Record<string, number> = { "": 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+// The pool name is passed to dmsetup and appears in /dev/mapper: a plain word that cannot be
+// mistaken for an option or collide with the layer/activation name patterns.
+const poolName = text("name [a-z][a-z0-9_-]*, not imgd-layer-*/imgd-act-*", (v) =>
+  /^[a-z][a-z0-9_-]{0,62}$/.test(v) && !/^imgd-(layer|act)-/.test(v) ? undefined : "is not allowed (a word [a-z][a-z0-9_-]*, not imgd-layer-* or imgd-act-*)",
+);
+const group = text("group name or gid", /^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/, "is not a group name or gid");
 
-/** Parses "2G", "1M", "512K", "4096": digits without leading zeros, one binary unit letter. */
-export function parseSize(text: string): number {
-  const match = /^([1-9][0-9]{0,15})([KMGT]?)$/.exec(text);
-  if (!match) throw new Error(`invalid size ${JSON.stringify(text)} (expected e.g. 2G, 1M, 512K or bytes)`);
-  const bytes = Number(match[1]) * UNITS[match[2]!]!;
-  if (!Number.isSafeInteger(bytes)) throw new Error(`size ${text} is too large`);
-  return bytes;
-}
+/** Every setting of the helper: name → type/range, default, meaning. Adding one is one line here. */
+export const HELPER_SETTINGS = {
+  IMGD_HELPER_SOCKET: setting(path(), "/run/imgd/privhelper.sock", "the helper's Unix socket (mode 0660)"),
+  IMGD_HELPER_GROUP: setting(group, "imgd", "group that may use the helper's socket: the agent's group, and nobody else"),
+  IMGD_HELPER_STATE_DIR: setting(path(), "/var/lib/imgd-privhelper", "pool backing files, thin-id origin records, mount points"),
+  IMGD_BLOB_DIR: setting(path(), "/var/lib/imgd/blobs", "the agent's blob store, where layer.apply reads layers (the agent's IMGD_STATE_DIR + /blobs)"),
+  IMGD_POOL_NAME: setting(poolName, "imgd-pool", "device-mapper name of the thin pool"),
+  IMGD_POOL_DATA_SIZE: setting(size(), "2G", "pool data size, created when missing (a multiple of the block size, at least 16 blocks)"),
+  IMGD_POOL_META_SIZE: setting(size(), "1M", "pool metadata size (a multiple of 4K, 1M..16G)"),
+  IMGD_POOL_BLOCK_SECTORS: setting(int(128, 2097152), "2048", "pool block size in 512-byte sectors (a multiple of 128)"),
+  IMGD_THIN_SIZE: setting(size(), "8G", "virtual size of every thin device (a multiple of the block size)"),
+};
 
-function absolutePath(name: string, value: string): string {
-  if (!isAbsolute(value) || value === "/" || value.includes("\0") || normalize(value) !== value || value.length > 1024) {
-    throw new Error(`${name} must be a normalized absolute path, got ${JSON.stringify(value)}`);
-  }
-  return value.length > 1 && value.endsWith("/") ? value.slice(0, -1) : value;
-}
+// The helper shares its environment with the agent in the VM and in hand-made setups; it refuses
+// unknown names only in what it owns: IMGD_HELPER_*, IMGD_POOL_*, IMGD_THIN_*.
+const HELPER_NAMESPACES = ["IMGD_HELPER_", "IMGD_POOL_", "IMGD_THIN_"];
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): HelperConfig {
-  const get = (name: string, fallback: string) => env[name] ?? fallback;
+  const { values } = loadSettings(HELPER_SETTINGS, { env, ownsEnvName: (key) => HELPER_NAMESPACES.some((p) => key.startsWith(p)) });
+  return checkPool(values);
+}
 
-  const poolName = get("IMGD_POOL_NAME", "imgd-pool");
-  // The pool name is passed to dmsetup and appears in /dev/mapper: keep it to a plain word that
-  // cannot be mistaken for an option or collide with the layer/activation name patterns.
-  if (!/^[a-z][a-z0-9_-]{0,62}$/.test(poolName) || /^imgd-(layer|act)-/.test(poolName)) {
-    throw new Error(`IMGD_POOL_NAME ${JSON.stringify(poolName)} is not allowed`);
-  }
-
-  const socketGroup = get("IMGD_HELPER_GROUP", "imgd");
-  if (!/^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/.test(socketGroup)) {
-    throw new Error(`IMGD_HELPER_GROUP ${JSON.stringify(socketGroup)} is not a group name or gid`);
-  }
-
-  const blockSectorsText = get("IMGD_POOL_BLOCK_SECTORS", "2048");
-  const poolBlockSectors = /^[1-9][0-9]{0,6}$/.test(blockSectorsText) ? Number(blockSectorsText) : NaN;
+function checkPool(v: Values<typeof HELPER_SETTINGS>): HelperConfig {
+  const problems: string[] = [];
+  const poolBlockSectors = v.IMGD_POOL_BLOCK_SECTORS;
   // dm-thin: block size is a multiple of 128 sectors (64 KiB), between 64 KiB and 1 GiB.
-  if (!(poolBlockSectors >= 128 && poolBlockSectors <= 2097152 && poolBlockSectors % 128 === 0)) {
-    throw new Error("IMGD_POOL_BLOCK_SECTORS must be a multiple of 128 between 128 and 2097152");
-  }
+  if (poolBlockSectors % 128 !== 0) problems.push("IMGD_POOL_BLOCK_SECTORS must be a multiple of 128 between 128 and 2097152");
   const blockBytes = poolBlockSectors * 512;
-
-  const poolDataBytes = parseSize(get("IMGD_POOL_DATA_SIZE", "2G"));
-  if (poolDataBytes % blockBytes !== 0 || poolDataBytes < 16 * blockBytes) {
-    throw new Error(`IMGD_POOL_DATA_SIZE must be a multiple of the pool block size (${blockBytes} bytes) and hold at least 16 blocks`);
+  if (v.IMGD_POOL_DATA_SIZE % blockBytes !== 0 || v.IMGD_POOL_DATA_SIZE < 16 * blockBytes) {
+    problems.push(`IMGD_POOL_DATA_SIZE must be a multiple of the pool block size (${blockBytes} bytes) and hold at least 16 blocks`);
   }
-  const poolMetaBytes = parseSize(get("IMGD_POOL_META_SIZE", "1M"));
   // The kernel uses at most ~15.8 GiB of metadata; metadata blocks are 4 KiB.
-  if (poolMetaBytes % 4096 !== 0 || poolMetaBytes < 1024 ** 2 || poolMetaBytes > 16 * 1024 ** 3) {
-    throw new Error("IMGD_POOL_META_SIZE must be a multiple of 4K between 1M and 16G");
+  if (v.IMGD_POOL_META_SIZE % 4096 !== 0 || v.IMGD_POOL_META_SIZE < 1024 ** 2 || v.IMGD_POOL_META_SIZE > 16 * 1024 ** 3) {
+    problems.push("IMGD_POOL_META_SIZE must be a multiple of 4K between 1M and 16G");
   }
-  const thinBytes = parseSize(get("IMGD_THIN_SIZE", "8G"));
-  if (thinBytes % blockBytes !== 0) {
-    throw new Error(`IMGD_THIN_SIZE must be a multiple of the pool block size (${blockBytes} bytes)`);
-  }
-
+  if (v.IMGD_THIN_SIZE % blockBytes !== 0) problems.push(`IMGD_THIN_SIZE must be a multiple of the pool block size (${blockBytes} bytes)`);
+  if (problems.length > 0) throw new SettingsError(problems.join("; "));
   return {
-    socketPath: absolutePath("IMGD_HELPER_SOCKET", get("IMGD_HELPER_SOCKET", "/run/imgd/privhelper.sock")),
-    socketGroup,
-    stateDir: absolutePath("IMGD_HELPER_STATE_DIR", get("IMGD_HELPER_STATE_DIR", "/var/lib/imgd-privhelper")),
-    blobDir: absolutePath("IMGD_BLOB_DIR", get("IMGD_BLOB_DIR", "/var/lib/imgd/blobs")),
-    poolName,
-    poolDataBytes,
-    poolMetaBytes,
+    socketPath: v.IMGD_HELPER_SOCKET,
+    socketGroup: v.IMGD_HELPER_GROUP,
+    stateDir: v.IMGD_HELPER_STATE_DIR,
+    blobDir: v.IMGD_BLOB_DIR,
+    poolName: v.IMGD_POOL_NAME,
+    poolDataBytes: v.IMGD_POOL_DATA_SIZE,
+    poolMetaBytes: v.IMGD_POOL_META_SIZE,
     poolBlockSectors,
-    thinBytes,
+    thinBytes: v.IMGD_THIN_SIZE,
   };
 }
 

@@ -6,12 +6,11 @@
 import { S3Client } from "@aws-sdk/client-s3";
 import { NodeHttpHandler } from "@smithy/node-http-handler";
 import type { HttpRequest, HttpSigner, Identity } from "@smithy/types";
-import type { S3Config, S3Timeouts } from "./config.ts";
+import { DEFAULT_TIMEOUTS, type S3Config } from "./config.ts";
 
-export { loadS3Config, S3ConfigError, S3_DEFAULTS, DOWNLOAD_DEFAULTS } from "./config.ts";
+export { loadS3Config, S3ConfigError, S3_DEFAULTS, DOWNLOAD_DEFAULTS, DEFAULT_TIMEOUTS } from "./config.ts";
 export type { S3Config, S3Credentials, S3Timeouts, DownloadPolicy } from "./config.ts";
 
-export const DEFAULT_TIMEOUTS: S3Timeouts = { connectMs: 10_000, requestMs: 60_000, idleMs: 30_000 };
 
 const SDK_MAX_ATTEMPTS = 1;
 

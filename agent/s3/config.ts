@@ -1,5 +1,6 @@
-// Where the images live in S3, read from the agent's settings (environment, config file, flags).
-import { printable } from "./printable.ts";
+// Where the images live in S3 and how layers are downloaded: the S3 part of the agent's settings
+// schema, and the S3Config read from it.
+import { int, optional, parseValues, setting, text } from "../../privhelper/settings.ts";
 
 export interface S3Credentials {
   accessKeyId: string;
@@ -50,40 +51,55 @@ export interface DownloadPolicy {
   partConcurrency: number;
 }
 
-export const DOWNLOAD_DEFAULTS: DownloadPolicy = {
-  attempts: 6,
-  backoffMs: 200,
-  backoffMaxMs: 10_000,
-  retryAfterMaxMs: 30_000,
-  maxObjectChanges: 3,
-  parallelThreshold: 64 * 1024 * 1024,
-  partSize: 16 * 1024 * 1024,
-  partConcurrency: 4,
+/** The S3 and download settings: name → type/range, default, meaning (part of the agent's schema, agent/config.ts). */
+export const S3_SETTINGS = {
+  IMGD_S3_ENDPOINT: optional(text("http(s) URL", endpointProblem), "custom S3 endpoint (s3rver, MinIO, a proxy; path-style addressing); unset = AWS"),
+  IMGD_S3_BUCKET: setting(text("bucket name", (v) => bucketNameProblem(v)), "flyio-platform-hiring-challenge", "bucket holding the images"),
+  IMGD_S3_PREFIX: setting(text('"" or a key prefix ending in /', prefixProblem, "", { emptyIsValue: true }), "images/", "an image is the folder <prefix><image>/ (\"\" = the bucket's root)"),
+  IMGD_S3_REGION: setting(text("region name", /^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$/, "expected a region name such as us-east-1"), "us-east-1", "the bucket's region"),
+  AWS_ACCESS_KEY_ID: optional(text("printable ASCII", /^[\x21-\x7e]*$/, "must be printable ASCII without spaces"), "S3 credentials, with AWS_SECRET_ACCESS_KEY; both unset = anonymous, unsigned requests", { secret: true }),
+  AWS_SECRET_ACCESS_KEY: optional(text("printable ASCII", /^[\x21-\x7e]*$/, "must be printable ASCII without spaces"), "S3 secret key (never logged; keep it in the config file, mode 0600)", { secret: true }),
+  AWS_SESSION_TOKEN: optional(text("printable ASCII", /^[\x21-\x7e]*$/, "must be printable ASCII without spaces"), "S3 session token, for temporary credentials", { secret: true }),
+  IMGD_S3_MAX_LAYERS: setting(int(1, 1_000_000), "1000", "an image folder with more objects is refused after listing this many, before any download"),
+  IMGD_S3_CONNECT_TIMEOUT_MS: setting(int(1, 3_600_000), "10000", "S3 timeout: TCP/TLS connect"),
+  IMGD_S3_FIRST_BYTE_TIMEOUT_MS: setting(int(1, 3_600_000), "60000", "S3 timeout: request sent to response headers"),
+  IMGD_S3_IDLE_TIMEOUT_MS: setting(int(1, 3_600_000), "30000", "S3 timeout: longest silence on the socket, mid-body included"),
+  IMGD_DOWNLOAD_ATTEMPTS: setting(int(1, 100), "6", "tries of each byte range of a layer before the download gives up (the pull FSM may retry the step)"),
+  IMGD_DOWNLOAD_BACKOFF_MS: setting(int(0, 600_000), "200", "retry n waits a random time in [0, min(max, base*2^n)] (full jitter): the base"),
+  IMGD_DOWNLOAD_BACKOFF_MAX_MS: setting(int(0, 3_600_000), "10000", "the longest backoff between two tries"),
+  IMGD_DOWNLOAD_RETRY_AFTER_MAX_MS: setting(int(0, 3_600_000), "30000", "a server's Retry-After is honoured up to this long"),
+  IMGD_DOWNLOAD_MAX_OBJECT_CHANGES: setting(int(0, 100), "3", "times a layer object may be replaced during one download before it is refused"),
+  IMGD_DOWNLOAD_PARALLEL_THRESHOLD: setting(int(1, Number.MAX_SAFE_INTEGER), String(64 * 1024 * 1024), "layers of at least this many bytes are fetched as parallel ranged GETs"),
+  IMGD_DOWNLOAD_PART_SIZE: setting(int(1024, 5 * 1024 ** 3), String(16 * 1024 * 1024), "bytes per ranged GET of a parallel download"),
+  IMGD_DOWNLOAD_PART_CONCURRENCY: setting(int(1, 64), "4", "ranged GETs at once per layer (at most IMGD_DOWNLOAD_CONCURRENCY times this many connections)"),
 };
 
-export const MAX_LAYERS_DEFAULT = 1000;
-
-// Numeric settings: name → where it goes, and its allowed range.
-const TIMEOUT_SETTINGS: Array<[string, keyof S3Timeouts]> = [
+// Where each numeric setting goes.
+const TIMEOUT_FIELDS: Array<[keyof typeof S3_SETTINGS, keyof S3Timeouts]> = [
   ["IMGD_S3_CONNECT_TIMEOUT_MS", "connectMs"],
   ["IMGD_S3_FIRST_BYTE_TIMEOUT_MS", "requestMs"],
   ["IMGD_S3_IDLE_TIMEOUT_MS", "idleMs"],
 ];
-const DOWNLOAD_SETTINGS: Array<[string, keyof DownloadPolicy, number, number]> = [
-  ["IMGD_DOWNLOAD_ATTEMPTS", "attempts", 1, 100],
-  ["IMGD_DOWNLOAD_BACKOFF_MS", "backoffMs", 0, 600_000],
-  ["IMGD_DOWNLOAD_BACKOFF_MAX_MS", "backoffMaxMs", 0, 3_600_000],
-  ["IMGD_DOWNLOAD_RETRY_AFTER_MAX_MS", "retryAfterMaxMs", 0, 3_600_000],
-  ["IMGD_DOWNLOAD_MAX_OBJECT_CHANGES", "maxObjectChanges", 0, 100],
-  ["IMGD_DOWNLOAD_PARALLEL_THRESHOLD", "parallelThreshold", 1, Number.MAX_SAFE_INTEGER],
-  ["IMGD_DOWNLOAD_PART_SIZE", "partSize", 1024, 5 * 1024 ** 3],
-  ["IMGD_DOWNLOAD_PART_CONCURRENCY", "partConcurrency", 1, 64],
+const DOWNLOAD_FIELDS: Array<[keyof typeof S3_SETTINGS, keyof DownloadPolicy]> = [
+  ["IMGD_DOWNLOAD_ATTEMPTS", "attempts"],
+  ["IMGD_DOWNLOAD_BACKOFF_MS", "backoffMs"],
+  ["IMGD_DOWNLOAD_BACKOFF_MAX_MS", "backoffMaxMs"],
+  ["IMGD_DOWNLOAD_RETRY_AFTER_MAX_MS", "retryAfterMaxMs"],
+  ["IMGD_DOWNLOAD_MAX_OBJECT_CHANGES", "maxObjectChanges"],
+  ["IMGD_DOWNLOAD_PARALLEL_THRESHOLD", "parallelThreshold"],
+  ["IMGD_DOWNLOAD_PART_SIZE", "partSize"],
+  ["IMGD_DOWNLOAD_PART_CONCURRENCY", "partConcurrency"],
 ];
 
+const DEFAULTS = parseValues(S3_SETTINGS, {}, []);
+export const DOWNLOAD_DEFAULTS: DownloadPolicy = Object.fromEntries(DOWNLOAD_FIELDS.map(([key, field]) => [field, DEFAULTS[key]])) as unknown as DownloadPolicy;
+export const DEFAULT_TIMEOUTS: S3Timeouts = Object.fromEntries(TIMEOUT_FIELDS.map(([key, field]) => [field, DEFAULTS[key]])) as unknown as S3Timeouts;
+export const MAX_LAYERS_DEFAULT = DEFAULTS.IMGD_S3_MAX_LAYERS;
+
 export const S3_DEFAULTS = {
-  bucket: "flyio-platform-hiring-challenge",
-  prefix: "images/",
-  region: "us-east-1",
+  bucket: DEFAULTS.IMGD_S3_BUCKET,
+  prefix: DEFAULTS.IMGD_S3_PREFIX,
+  region: DEFAULTS.IMGD_S3_REGION,
 } as const;
 
 export class S3ConfigError extends Error {
@@ -95,67 +111,40 @@ export class S3ConfigError extends Error {
 
 type Settings = Record<string, string | undefined>;
 
-/** Reads IMGD_S3_* and AWS_* settings; throws S3ConfigError naming every setting that is wrong. */
+/**
+ * Reads the S3 settings (S3_SETTINGS) from the agent's merged settings; throws S3ConfigError
+ * naming every setting that is wrong. Timeouts, download policy and max layers appear in the
+ * result only when set (the client's defaults apply otherwise).
+ */
 export function loadS3Config(env: Settings): S3Config {
-  const get = (name: string) => (env[name] === "" ? undefined : env[name]);
   const problems: string[] = [];
-  const check = (name: string, value: string, problem: string | undefined) => {
-    if (problem) problems.push(`${name}=${printable(value)}: ${problem}`);
-  };
+  const v = parseValues(S3_SETTINGS, env, problems);
+  const isSet = (key: string) => env[key] !== undefined && env[key] !== "";
 
-  const endpoint = get("IMGD_S3_ENDPOINT");
-  const bucket = get("IMGD_S3_BUCKET") ?? S3_DEFAULTS.bucket;
-  const prefix = env.IMGD_S3_PREFIX ?? S3_DEFAULTS.prefix; // "" is a valid prefix: images at the bucket root
-  const region = get("IMGD_S3_REGION") ?? S3_DEFAULTS.region;
-  if (endpoint !== undefined) check("IMGD_S3_ENDPOINT", endpoint, endpointProblem(endpoint));
-  check("IMGD_S3_BUCKET", bucket, bucketNameProblem(bucket));
-  check("IMGD_S3_PREFIX", prefix, prefixProblem(prefix));
-  check("IMGD_S3_REGION", region, /^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$/.test(region) ? undefined : "expected a region name such as us-east-1");
-
-  const accessKeyId = get("AWS_ACCESS_KEY_ID");
-  const secretAccessKey = get("AWS_SECRET_ACCESS_KEY");
-  const sessionToken = get("AWS_SESSION_TOKEN");
   let credentials: S3Credentials | undefined;
+  const { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_SESSION_TOKEN: sessionToken } = v;
   if (accessKeyId !== undefined || secretAccessKey !== undefined || sessionToken !== undefined) {
     // Secrets are never echoed, only said to be missing or malformed.
     if (accessKeyId === undefined || secretAccessKey === undefined) {
       problems.push("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (leave both unset for anonymous access)");
-    } else if (![accessKeyId, secretAccessKey, sessionToken ?? ""].every((v) => /^[\x21-\x7e]*$/.test(v))) {
-      problems.push("AWS credentials must be printable ASCII without spaces");
     } else {
       credentials = { accessKeyId, secretAccessKey, ...(sessionToken !== undefined ? { sessionToken } : {}) };
     }
   }
-
-  const int = (name: string, min: number, max: number): number | undefined => {
-    const raw = get(name);
-    if (raw === undefined) return undefined;
-    const value = /^[0-9]{1,16}$/.test(raw) ? Number(raw) : NaN;
-    if (value >= min && value <= max) return value;
-    problems.push(`${name}=${printable(raw)}: expected an integer from ${min} to ${max}`);
-    return undefined;
-  };
   const timeouts: Partial<S3Timeouts> = {};
-  for (const [name, field] of TIMEOUT_SETTINGS) {
-    const value = int(name, 1, 3_600_000);
-    if (value !== undefined) timeouts[field] = value;
-  }
+  for (const [key, field] of TIMEOUT_FIELDS) if (isSet(key)) timeouts[field] = v[key] as number;
   const download: Partial<DownloadPolicy> = {};
-  for (const [name, field, min, max] of DOWNLOAD_SETTINGS) {
-    const value = int(name, min, max);
-    if (value !== undefined) download[field] = value;
-  }
-  const maxLayers = int("IMGD_S3_MAX_LAYERS", 1, 1_000_000);
+  for (const [key, field] of DOWNLOAD_FIELDS) if (isSet(key)) download[field] = v[key] as number;
 
   if (problems.length > 0) throw new S3ConfigError(`invalid S3 settings: ${problems.join("; ")}`);
   return {
-    ...(endpoint !== undefined ? { endpoint } : {}),
-    bucket,
-    prefix,
-    region,
+    ...(v.IMGD_S3_ENDPOINT !== undefined ? { endpoint: v.IMGD_S3_ENDPOINT } : {}),
+    bucket: v.IMGD_S3_BUCKET,
+    prefix: v.IMGD_S3_PREFIX,
+    region: v.IMGD_S3_REGION,
     ...(credentials ? { credentials } : {}),
     ...(Object.keys(timeouts).length > 0 ? { timeouts } : {}),
-    ...(maxLayers !== undefined ? { maxLayers } : {}),
+    ...(isSet("IMGD_S3_MAX_LAYERS") ? { maxLayers: v.IMGD_S3_MAX_LAYERS } : {}),
     ...(Object.keys(download).length > 0 ? { download } : {}),
   };
 }
@@ -170,7 +159,7 @@ export function bucketNameProblem(name: string): string | undefined {
   return undefined;
 }
 
-function prefixProblem(prefix: string): string | undefined {
+export function prefixProblem(prefix: string): string | undefined {
   if (prefix === "") return undefined;
   if (prefix.length > 512) return "longer than 512 characters";
   if (!prefix.endsWith("/")) return 'must be empty or end with "/"';
@@ -180,7 +169,7 @@ function prefixProblem(prefix: string): string | undefined {
   return undefined;
 }
 
-function endpointProblem(endpoint: string): string | undefined {
+export function endpointProblem(endpoint: string): string | undefined {
   let url: URL;
   try {
     url = new URL(endpoint);

@@ -17,7 +17,7 @@ import { diffManifests, walkTree, type ManifestEntry } from "../fixtures/tree.ts
 const repo = join(import.meta.dirname, "../..");
 const servicesLib = join(repo, "test/vm/lib/services.sh");
 const PID_DIR = "/run/imgd-vm-pids";
-const AGENT_ADDR = process.env.IMGD_ADDR ?? "127.0.0.1:50051";
+const AGENT_ADDR = process.env.IMGD_ADDR ?? "unix:/run/imgd/agent/imgd.sock"; // as test/vm/lib/services.sh
 const HELPER_SOCKET = process.env.IMGD_HELPER_SOCKET ?? "/run/imgd/privhelper.sock";
 export const STATE_DIR = "/var/lib/imgd";
 export const HELPER_STATE_DIR = "/var/lib/imgd-privhelper";

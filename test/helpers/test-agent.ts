@@ -60,6 +60,7 @@ export class TestAgent {
     const config = loadAgentConfig([], {
       IMGD_STATE_DIR: this.stateDir,
       IMGD_LISTEN: "127.0.0.1:0",
+      IMGD_LISTEN_INSECURE_LOOPBACK: "1", // plain TCP on loopback: the access rules are test/unit/grpc-access.test.ts's
       IMGD_HELPER_SOCKET: this.helper.socketPath,
       IMGD_S3_ENDPOINT: this.options.proxy ? this.proxy.endpoint : this.s3.endpoint,
       IMGD_S3_BUCKET: this.s3.bucket,

@@ -193,7 +193,7 @@ test("bad names are refused before anything runs", async () => {
 });
 
 test("a second agent on the same state directory is refused", async () => {
-  const config = loadAgentConfig([], { IMGD_STATE_DIR: stateDir, IMGD_LISTEN: "127.0.0.1:0", IMGD_HELPER_SOCKET: helper.socketPath, IMGD_S3_ENDPOINT: proxy.endpoint, IMGD_S3_BUCKET: s3.bucket });
+  const config = loadAgentConfig([], { IMGD_STATE_DIR: stateDir, IMGD_LISTEN: "127.0.0.1:0", IMGD_LISTEN_INSECURE_LOOPBACK: "1", IMGD_HELPER_SOCKET: helper.socketPath, IMGD_S3_ENDPOINT: proxy.endpoint, IMGD_S3_BUCKET: s3.bucket });
   await assert.rejects(startAgent(config, silent, { poolWaitAttempts: 1 }), /another imgd is running on .*imgd\.lock is locked/);
 });
 
@@ -224,7 +224,7 @@ test("server reflection lists and describes the API, as grpcurl asks; health rep
       throw new Error("no reflection response");
     };
     const listed = await ask((r) => r.setListServices(""));
-    assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService"]);
+    assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
     const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
     assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor", "DeleteImage", "CollectGarbage"]);

@@ -14,7 +14,9 @@ VM_READY_TIMEOUT=${IMGD_VM_READY_TIMEOUT:-180}
 
 VM_S3_ADDR=127.0.0.1:9000
 VM_S3_REQUEST_LOG=$VM_LOG_DIR/s3-requests.log
-VM_AGENT_ADDR=127.0.0.1:50051
+# The agent's API: its Unix socket (group imgd in the VM, which has no imgd-clients group).
+VM_AGENT_SOCKET=/run/imgd/agent/imgd.sock
+VM_AGENT_ADDR=unix:$VM_AGENT_SOCKET
 VM_HELPER_SOCKET=/run/imgd/privhelper.sock
 VM_STATE_DIR=/var/lib/imgd
 VM_HELPER_STATE_DIR=/var/lib/imgd-privhelper
@@ -39,6 +41,9 @@ start_helper_process() {
 }
 
 start_agent_process() {
+  # The socket's directory belongs to the agent (systemd: RuntimeDirectory=imgd/agent);
+  # /run/imgd itself stays root's, as it holds the helper's socket.
+  install -d -o imgd -g imgd -m 0750 "$(dirname "$VM_AGENT_SOCKET")"
   exec env HOME="$VM_STATE_DIR" IMGD_STATE_DIR="$VM_STATE_DIR" IMGD_LISTEN="$VM_AGENT_ADDR" \
     IMGD_HELPER_SOCKET="$VM_HELPER_SOCKET" IMGD_S3_ENDPOINT="http://$VM_S3_ADDR" \
     setpriv --reuid=imgd --regid=imgd --init-groups -- \
