@@ -154,10 +154,12 @@ export class TarReader {
     const ustar = magic === "ustar\u000000";
     if (!ustar && magic !== "ustar  \u0000") throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header without ustar magic (v7 tar)");
     const typeflag = String.fromCharCode(block[156]!);
-    const size = this.pax?.has("size") ? paxNumber(this.pax, "size", nameOf(block, ustar)) : numeric(block, 124, 12, "size");
+    const isMeta = typeflag === "x" || typeflag === "g" || typeflag === "L" || typeflag === "K";
+    // A PAX size applies to the member it describes, never to another extended header.
+    const size = this.pax?.has("size") && !isMeta ? paxNumber(this.pax, "size", nameOf(block, ustar)) : numeric(block, 124, 12, "size");
     if (size === null) throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header with an unreadable size field");
 
-    if (typeflag === "x" || typeflag === "g" || typeflag === "L" || typeflag === "K") {
+    if (isMeta) {
       this.pendingMeta += BLOCK + size;
       if (this.pendingMeta > MAX_META_BYTES) throw new LayerRefused("HEADER_TOO_LARGE", ARCHIVE, `more than ${MAX_META_BYTES} bytes of extended headers before one member`);
       this.metaType = typeflag;
@@ -226,9 +228,13 @@ export class TarReader {
     else if (this.metaType === "K") this.longLink = cString(data, 0, data.length);
     else {
       const records = parsePax(data);
-      if (this.metaType === "g") for (const [key, value] of records) this.globalPax.set(key, value);
-      else {
-        // A global record is the default for every later member; a member's own record wins.
+      if (this.metaType === "g") {
+        // Defaults for every later member (a member's own record wins); a name or size is one
+        // member's own, never a default.
+        for (const [key, value] of records) if (key !== "path" && key !== "linkpath" && key !== "size") this.globalPax.set(key, value);
+      } else if (this.globalPax.size === 0) {
+        this.pax = records;
+      } else {
         const merged = new Map(this.globalPax);
         for (const [key, value] of records) merged.set(key, value);
         this.pax = merged;
@@ -326,7 +332,7 @@ function parsePax(data: Buffer): Map<string, Buffer> {
     const record = data.subarray(space + 1, at + length - 1);
     const equals = record.indexOf(0x3d);
     if (equals <= 0) throw new LayerRefused("BAD_PAX", ARCHIVE, "malformed PAX record (no key)");
-    records.set(record.toString("utf8", 0, equals), Buffer.from(record.subarray(equals + 1)));
+    records.set(record.toString("utf8", 0, equals), record.subarray(equals + 1)); // `data` is our own copy
     at += length;
   }
   return records;

@@ -670,3 +670,29 @@ test("a two-frame zstd object (with a skippable frame) decodes to the same bytes
     }
   }
 });
+
+test("the tar reader gives the same tree whatever the chunk sizes it is fed (headers, PAX records and content split anywhere)", opts, async (t) => {
+  const base = mkdtempSync(join(tmpdir(), "imgd-chunks-"));
+  t.after(() => rmSync(base, { recursive: true, force: true }));
+  const long = `${"n".repeat(150)}/${"m".repeat(120)}`;
+  const blob = await buildTar([
+    dir("etc/", { mtime: T1 }),
+    // uid 300000 only in PAX (the ustar field says 0, as GNU tar writes ids that do not fit).
+    file("etc/conf", "c".repeat(1000), { uid: 0, pax: { uid: "300000", "SCHILY.xattr.user.k": "v", mtime: "1600000000.5" } }),
+    file(long, "long name"),
+    symlink("link", `/${"t".repeat(200)}`),
+    hardlink("etc/again", "etc/conf"),
+    file("empty", ""),
+    file("big", "b".repeat(70_000), { mtime: T2 }),
+  ]);
+  const trees: string[][] = [];
+  for (const size of [1, 7, 513, 4096, blob.length]) {
+    const root = join(base, `root-${size}`);
+    mkdirSync(root);
+    const chunks = Array.from({ length: Math.ceil(blob.length / size) }, (_, i) => Buffer.from(blob.subarray(i * size, (i + 1) * size)));
+    assert.deepEqual(await applyLayer(root, chunks), { entries: 7 });
+    trees.push(manifest(root, { nanoseconds: true, xattrs: true }));
+  }
+  assert.ok(trees[0]!.some((line) => line.startsWith("etc/conf file:") && line.includes(" 300000:0 1600000000500000000 ")), trees[0]!.join("\n"));
+  for (const tree of trees.slice(1)) assert.deepEqual(tree, trees[0]);
+});
