@@ -102,6 +102,12 @@ export function openat(dirfd: number, path: Path, flags: number, mode = 0): numb
   return check(openatFn(dirfd, path, flags | O_CLOEXEC, mode), "openat", () => show(path));
 }
 
+/** openat without an exception for the expected failures: the fd, or the errno name ("ENOENT"...). */
+export function tryOpenat(dirfd: number, path: Path, flags: number): number | string {
+  const fd = openatFn(dirfd, path, flags | O_CLOEXEC, 0);
+  return fd >= 0 ? fd : (ERRNO_NAMES.get(koffi.errno()) ?? "EIO");
+}
+
 const openHow = Buffer.alloc(24); // struct open_how { u64 flags; u64 mode; u64 resolve; }
 
 /**
@@ -151,15 +157,21 @@ export function fchmodat(dirfd: number, path: Path, mode: number): void {
 }
 
 /** A file time to the nanosecond: seconds since the epoch (may be negative) and 0..999999999 ns. */
-export type FileTime = { sec: bigint; nsec: number };
+export type FileTime = { sec: number; nsec: number };
 
 const times = Buffer.alloc(32); // struct timespec[2]: atime, mtime
 
+function writeInt64(value: number, offset: number): void {
+  const high = Math.floor(value / 2 ** 32); // no BigInt: this runs for every entry
+  times.writeUInt32LE(value - high * 2 ** 32, offset);
+  times.writeInt32LE(high, offset + 4);
+}
+
 function fillTimes(atime: FileTime, mtime: FileTime): Buffer {
-  times.writeBigInt64LE(atime.sec, 0);
-  times.writeBigInt64LE(BigInt(atime.nsec), 8);
-  times.writeBigInt64LE(mtime.sec, 16);
-  times.writeBigInt64LE(BigInt(mtime.nsec), 24);
+  writeInt64(atime.sec, 0);
+  writeInt64(atime.nsec, 8);
+  writeInt64(mtime.sec, 16);
+  writeInt64(mtime.nsec, 24);
   return times;
 }
 

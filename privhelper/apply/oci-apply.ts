@@ -13,7 +13,7 @@ import { closeSync, constants, fchmodSync, fchownSync, writeSync } from "node:fs
 import { crashParentPoint, crashPoint } from "../crash-points.ts";
 import {
   AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, fchmodat, fchownat, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat,
-  O_PATH, openat, openInRoot, readDirectory, S_IFBLK, S_IFCHR, S_IFIFO, symlinkat, unlinkat, utimensat, type FileTime,
+  O_PATH, openat, openInRoot, readDirectory, tryOpenat, S_IFBLK, S_IFCHR, S_IFIFO, symlinkat, unlinkat, utimensat, type FileTime,
 } from "./libc.ts";
 import { LayerRefused } from "./refusal.ts";
 import { TarReader, type TarEntry, type TarSink } from "./tar-reader.ts";
@@ -375,12 +375,11 @@ export class LayerApplier implements TarSink {
 
 /** A directory at `name` in `parent` (not through a symlink), opened; null if it is anything else or nothing. */
 function openDirectoryOrNull(parent: number, name: string | Buffer): number | null {
-  try {
-    return openat(parent, name, DIRECTORY);
-  } catch (err) {
-    if (["ENOENT", "ENOTDIR", "ELOOP"].includes(errno(err) ?? "")) return null;
-    throw err;
-  }
+  // Called for every directory entry, and usually fails on a fresh tree: no exception for that.
+  const fd = tryOpenat(parent, name, DIRECTORY);
+  if (typeof fd === "number") return fd;
+  if (fd === "ENOENT" || fd === "ENOTDIR" || fd === "ELOOP") return null;
+  return openat(parent, name, DIRECTORY); // anything else: fails again, with a full error
 }
 
 /** rm -rf of `name` in `parent`, never following a symlink; nothing there is fine. */

@@ -20,8 +20,8 @@ export type TarEntry = {
   uid: number;
   gid: number;
   /** Seconds and nanoseconds (PAX keeps fractions; ustar is whole seconds). */
-  mtime: { sec: bigint; nsec: number };
-  atime: { sec: bigint; nsec: number } | null;
+  mtime: { sec: number; nsec: number };
+  atime: { sec: number; nsec: number } | null;
   linkname: string;
   devmajor: number;
   devminor: number;
@@ -196,7 +196,7 @@ export class TarReader {
       mode: field(100, 8, "mode") & 0o7777,
       uid: id(effective, "uid", name) ?? field(108, 8, "uid"),
       gid: id(effective, "gid", name) ?? field(116, 8, "gid"),
-      mtime: time(effective, "mtime", name) ?? { sec: BigInt(field(136, 12, "mtime")), nsec: 0 },
+      mtime: time(effective, "mtime", name) ?? { sec: field(136, 12, "mtime"), nsec: 0 },
       atime: time(effective, "atime", name),
       linkname,
       devmajor: type === "char" || type === "block" ? field(329, 8, "devmajor") : 0,
@@ -246,21 +246,19 @@ export class TarReader {
 
 const pad = (size: number) => (BLOCK - (size % BLOCK)) % BLOCK;
 
-function isZero(block: Buffer): boolean {
-  for (let i = 0; i < BLOCK; i += 8) if (block.readBigUInt64LE(i) !== 0n) return false;
-  return true;
-}
+const ZERO_BLOCK = Buffer.alloc(BLOCK);
+const isZero = (block: Buffer) => block.equals(ZERO_BLOCK);
 
 function checksumOk(block: Buffer): boolean {
   const stored = numeric(block, 148, 8, "checksum");
-  let unsigned = 8 * 0x20;
-  let signed = 8 * 0x20;
-  for (let i = 0; i < BLOCK; i++) {
-    if (i >= 148 && i < 156) continue;
-    unsigned += block[i]!;
-    signed += (block[i]! << 24) >> 24;
-  }
-  return stored === unsigned || stored === signed;
+  let unsigned = 8 * 0x20; // the checksum field itself counts as spaces
+  for (let i = 0; i < 148; i++) unsigned += block[i]!;
+  for (let i = 156; i < BLOCK; i++) unsigned += block[i]!;
+  if (stored === unsigned) return true;
+  // Some old writers summed signed bytes.
+  let signed = unsigned;
+  for (let i = 0; i < BLOCK; i++) if (block[i]! >= 0x80 && (i < 148 || i >= 156)) signed -= 256;
+  return stored === signed;
 }
 
 /** An octal field (NUL/space terminated) or GNU base-256 (high bit set); null when unreadable. */
@@ -287,7 +285,7 @@ function numeric(block: Buffer, offset: number, length: number, _what: string): 
 
 function cString(block: Buffer, offset: number, length: number): string {
   const end = block.indexOf(0, offset);
-  return text(block.subarray(offset, end === -1 || end > offset + length ? offset + length : end));
+  return text(block, offset, end === -1 || end > offset + length ? offset + length : end);
 }
 
 function nameOf(block: Buffer, ustar: boolean): string {
@@ -296,8 +294,8 @@ function nameOf(block: Buffer, ustar: boolean): string {
   return prefix === "" ? name : `${prefix}/${name}`;
 }
 
-function text(bytes: Buffer): string {
-  const value = bytes.toString("utf8");
+function text(bytes: Buffer, start = 0, end = bytes.length): string {
+  const value = bytes.toString("utf8", start, end);
   // U+FFFD: bytes that are not UTF-8 (the validator's BAD_ENCODING). Refused here too: a name
   // the agent could not say exactly is not one to create.
   if (value.includes("\uFFFD")) throw new LayerRefused("BAD_ENCODING", value, "a name or link target that is not UTF-8");
@@ -352,16 +350,16 @@ function id(pax: Map<string, Buffer>, key: "uid" | "gid", entry: string): number
 }
 
 /** A PAX time "[-]seconds[.fraction]", kept to the nanosecond. */
-function time(pax: Map<string, Buffer>, key: "mtime" | "atime", entry: string): { sec: bigint; nsec: number } | null {
+function time(pax: Map<string, Buffer>, key: "mtime" | "atime", entry: string): { sec: number; nsec: number } | null {
   if (!pax.has(key)) return null;
   const value = pax.get(key)!.toString("latin1");
   const match = /^(-?)([0-9]{1,15})(?:\.([0-9]+))?$/.exec(value);
   if (!match) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a time`);
-  let sec = BigInt(match[2]!);
+  let sec = Number(match[2]!);
   let nsec = Number((match[3] ?? "").slice(0, 9).padEnd(9, "0"));
   if (match[1] === "-") {
     sec = -sec;
-    if (nsec > 0) [sec, nsec] = [sec - 1n, 1_000_000_000 - nsec];
+    if (nsec > 0) [sec, nsec] = [sec - 1, 1_000_000_000 - nsec];
   }
   return { sec, nsec };
 }

@@ -421,7 +421,8 @@ test("compressed blobs: the digest is of the stored bytes; corrupt, trailing dat
   const capped = await runChild(["--root", fresh, "--blob", path, "--digest", digestOf(bomb), "--max-decompressed-bytes", String(cap)]);
   assert.deepEqual([capped.report.code, capped.report.rule, capped.exitCode], ["LAYER_REFUSED", "DECOMPRESSION_LIMIT", 1], JSON.stringify(capped.report));
   assert.match(capped.report.message ?? "", /gzip blob decompresses to more than 1048576 bytes/);
-  assert.ok(performance.now() - started < 5000, "stopped early");
+  // Generous: a busy 2-core CI host takes seconds just to start a child; the tree size below is the real check.
+  assert.ok(performance.now() - started < 30_000, "stopped early");
   assert.ok(statSync(join(fresh, "zeros")).size <= cap, "no more than the cap reached the tree");
   const roomy = await runChild(["--root", fresh, "--blob", path, "--digest", digestOf(bomb), "--max-decompressed-bytes", String(65 * 1024 * 1024)]);
   assert.equal(roomy.report.ok, true, JSON.stringify(roomy.report));
