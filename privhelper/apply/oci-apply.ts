@@ -1,337 +1,438 @@
-// Applies one OCI image layer (a tar stream) to a directory tree, with OCI whiteout semantics.
-// In production the root is "/" of a chroot into the image's filesystem, so the kernel confines
-// every path; the checks here are the first line of defence, not the only one.
-// Synchronous fs calls on purpose: the applier does one thing at a time, and going through
-// libuv's thread pool for ~10 calls per entry made it several times slower on real layers.
-import {
-  chmodSync, closeSync, constants, fchmodSync, fchownSync, lchownSync, linkSync, lstatSync, lutimesSync,
-  mkdirSync, openSync, readdirSync, rmSync, symlinkSync, writeSync, type Stats,
-} from "node:fs";
-import { posix } from "node:path";
-import type { Readable } from "node:stream";
-import tar from "tar-stream";
+// Applies one OCI image layer (a tar, pushed in chunks) to a directory tree, with OCI whiteout
+// semantics. A guard by itself: every path is resolved from a directory fd of the image root,
+// never by the process's root or working directory:
+//   - parent directories with openat2(RESOLVE_IN_ROOT) (libc.openInRoot): symlinks of the image
+//     are followed as the image means them, but absolute targets restart at the image root and
+//     ".." there stays there, so no link can lead outside, whatever the layer or lower layers hold;
+//   - the entry itself relative to its parent's fd, never following a symlink at the last
+//     component (O_NOFOLLOW, AT_SYMLINK_NOFOLLOW, or on the fd it created): an entry replaces what
+//     is at its path, it never writes through it.
+// In production the child also chroots into the image's filesystem: the kernel's second fence.
+// Synchronous system calls on purpose: one thing at a time, straight from the read buffer.
+import { closeSync, constants, fchmodSync, fchownSync, writeSync } from "node:fs";
 import { crashParentPoint, crashPoint } from "../crash-points.ts";
+import {
+  AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, fchmodat, fchownat, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat,
+  O_PATH, openat, openInRoot, readDirectory, tryOpenat, S_IFBLK, S_IFCHR, S_IFIFO, symlinkat, unlinkat, utimensat, type FileTime,
+} from "./libc.ts";
+import { LayerRefused } from "./refusal.ts";
+import { TarReader, type TarEntry, type TarSink } from "./tar-reader.ts";
 
-export type ApplySyscalls = {
-  mkfifo(path: string, mode: number): void;
-  lsetxattr(path: string, name: string, value: Buffer): void;
-};
-
+export { LayerRefused };
 export type ApplyResult = { entries: number };
-
-/** Why a layer is refused; `rule` names the rule, `entry` the tar entry that broke it. */
-export class LayerRefused extends Error {
-  readonly rule: string;
-  readonly entry: string;
-  constructor(rule: string, entry: string, message: string) {
-    super(message);
-    this.name = "LayerRefused";
-    this.rule = rule;
-    this.entry = entry;
-  }
-}
 
 const WHITEOUT_PREFIX = ".wh.";
 const OPAQUE_MARKER = ".wh..wh..opq";
-const XATTR_PAX_PREFIX = "SCHILY.xattr.";
-const MAX_ID = 0xfffffffe; // 0xffffffff means "leave unchanged" to chown(2)
+const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_DIRECTORY } = constants;
+/** A directory to work in (a dirfd for the *at calls). */
+const PARENT = O_PATH | O_DIRECTORY;
+/** A directory to change (owner, mode, xattrs, times) or list, never through a symlink. */
+const DIRECTORY = O_RDONLY | O_DIRECTORY | O_NOFOLLOW;
+const NEW_FILE = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW;
+const MAX_XATTR_NAME_BYTES = 255;
+const MAX_XATTR_VALUE_BYTES = 65536;
+// user.* is free-form data; security.capability is how images ship file capabilities (ping,
+// setcap). Other namespaces (trusted.*, security.selinux, system.*) could steer host software
+// that trusts them (overlayfs, LSMs) and are refused.
+const ALLOWED_XATTR = /^(user\.[^\0]+|security\.capability)$/;
 
 /**
- * Normalizes a tar path to "a/b/c": strips leading "./" and "/", drops "." and empty components.
- * Returns "" for the root itself. Refuses "..", NUL and names that are empty to begin with.
+ * Normalizes a tar path to "a/b/c": strips leading "/" and "./", drops "." and empty components.
+ * Returns "" for the root itself. Refuses ".." (DOTDOT), NUL (NUL_IN_NAME) and "" (EMPTY_NAME).
  */
-export function normalizeEntryName(name: string, entry: string, rule = "BAD_NAME"): string {
-  if (name === "") throw new LayerRefused(rule, entry, "empty name");
-  if (name.includes("\0")) throw new LayerRefused(rule, entry, "name contains NUL");
+export function normalizeEntryName(name: string, entry: string, rule?: string): string {
+  if (name === "") throw new LayerRefused(rule ?? "EMPTY_NAME", entry, "empty name");
+  if (name.includes("\0")) throw new LayerRefused(rule ?? "NUL_IN_NAME", entry, "name contains NUL");
   const parts: string[] = [];
   for (const part of name.split("/")) {
     if (part === "" || part === ".") continue;
-    if (part === "..") throw new LayerRefused(rule, entry, `name ${JSON.stringify(name)} contains a ".." component`);
+    if (part === "..") throw new LayerRefused(rule ?? "DOTDOT", entry, `name ${JSON.stringify(name)} contains a ".." component`);
     parts.push(part);
   }
   return parts.join("/");
 }
 
-type Header = Omit<tar.Header, "pax" | "type"> & { type: string | null; pax?: Record<string, string> | null };
+const errno = (err: unknown) => (err as NodeJS.ErrnoException).code;
+const splitPath = (rel: string): [string, string] => {
+  const slash = rel.lastIndexOf("/");
+  return slash === -1 ? ["", rel] : [rel.slice(0, slash), rel.slice(slash + 1)];
+};
 
-/** Applies the tar stream in `source` under `root`. Throws LayerRefused or a Node fs error. */
-export async function applyLayer(root: string, source: Readable, sys: ApplySyscalls): Promise<ApplyResult> {
-  const applier = new LayerApplier(root, sys);
-  // tar-stream's extract is a streamx Writable: Node's pipe() feeds it, errors are forwarded by hand.
-  const extract = tar.extract();
-  // When the archive is malformed, the entry being read only says "Stream was destroyed":
-  // keep extract's own error, which names the real cause.
-  let streamError: unknown = null;
-  extract.on("error", (err) => (streamError ??= err));
-  source.on("error", (err) => extract.destroy(err));
-  source.pipe(extract);
-  let entries = 0;
-  try {
-    // The iteration ends when extract closes, i.e. after the whole source was written into it.
-    for await (const entry of extract) {
-      entries++;
-      try {
-        await applier.apply(entry.header as Header, entry as AsyncIterable<Buffer>);
-      } catch (err) {
-        // Name the entry in system errors too (ENOSPC, EIO...): it is what an operator needs.
-        if (err instanceof Error && !(err instanceof LayerRefused)) Object.assign(err, { entry: entry.header.name });
-        throw err;
-      }
-      entry.resume(); // drain whatever the entry did not read (e.g. a whiteout's body)
-      crashPoint("apply.entry-applied");
-      crashParentPoint("helper.apply.child-running");
-    }
-  } catch (err) {
-    source.destroy();
-    extract.destroy();
-    throw asRefusalIfTarError(err instanceof LayerRefused ? err : streamError ?? err);
-  }
-  applier.finish();
-  return { entries };
-}
-
-// tar-stream reports malformed archives as plain Errors with these messages.
-function asRefusalIfTarError(err: unknown): unknown {
-  if (err instanceof Error && !(err instanceof LayerRefused) && !("code" in err) &&
-      /Invalid tar header|Unexpected end of data|Header exceeds max size|Invalid header/.test(err.message)) {
-    return new LayerRefused("BAD_TAR", "", `malformed tar: ${err.message}`);
-  }
-  return err;
-}
-
-class LayerApplier {
-  private readonly root: string;
-  private readonly sys: ApplySyscalls;
+/** Applies a layer to the tree whose root directory is open at `rootFd`; push tar bytes, then finish(). */
+export class LayerApplier implements TarSink {
+  private readonly rootFd: number;
+  private readonly reader = new TarReader(this);
   /** Paths this layer created or updated: opaque markers and whiteouts never remove them. */
   private readonly written = new Set<string>();
   /** Ancestors of written paths: kept (and descended into) when pruning lower content. */
   private readonly ancestors = new Set<string>();
-  /** Directory mtimes, set at the end because adding children changes them. */
-  private readonly directoryTimes = new Map<string, Date>();
+  /** Directory times, set at the end because adding children changes them. */
+  private readonly directoryTimes = new Map<string, [FileTime, FileTime]>();
+  /** The last parent directory resolved (tars list a directory's members together). */
+  private cached: { rel: string; fd: number; stale: boolean } | null = null;
+  /** The regular file being written, and what to set on it once its content is in. */
+  private file: { fd: number; entry: TarEntry } | null = null;
+  /** The member being applied, for error reports. */
+  current = "";
 
-  constructor(root: string, sys: ApplySyscalls) {
-    this.root = root;
-    this.sys = sys;
+  constructor(rootFd: number) {
+    this.rootFd = rootFd;
   }
 
-  private full(rel: string): string {
-    return posix.join(this.root, rel);
+  push(chunk: Buffer): void {
+    this.reader.push(chunk);
   }
 
-  async apply(header: Header, body: AsyncIterable<Buffer>): Promise<void> {
-    const entry = header.name;
-    const rel = normalizeEntryName(entry, entry);
-    const base = posix.basename(rel);
-    const dir = posix.dirname(rel) === "." ? "" : posix.dirname(rel);
+  /** The input ended: checks the archive's end and sets directory times. */
+  finish(): ApplyResult {
+    this.reader.end();
+    this.forgetParent();
+    for (const [rel, [atime, mtime]] of this.directoryTimes) {
+      const [dir, base] = splitPath(rel);
+      const parent = rel === "" ? null : this.parent(dir, false);
+      const fd = parent === null ? null : openDirectoryOrNull(parent, base);
+      if (fd === null) continue; // replaced or removed since
+      try {
+        futimens(fd, atime, mtime);
+      } finally {
+        closeSync(fd);
+      }
+    }
+    this.forgetParent();
+    return { entries: this.reader.entries };
+  }
+
+  entry(entry: TarEntry): void {
+    this.current = entry.name;
+    const rel = normalizeEntryName(entry.name, entry.name);
+    const [dir, base] = splitPath(rel);
 
     if (base.startsWith(WHITEOUT_PREFIX)) {
-      if (base === OPAQUE_MARKER) return this.pruneLowerChildren(dir);
+      if (entry.type !== "file" || entry.size !== 0) throw new LayerRefused("BAD_WHITEOUT", entry.name, "a whiteout must be an empty regular file");
+      if (base === OPAQUE_MARKER) return this.opaque(dir);
       const target = base.slice(WHITEOUT_PREFIX.length);
       if (target === "" || target === "." || target === ".." || target.startsWith(WHITEOUT_PREFIX)) {
-        throw new LayerRefused("BAD_WHITEOUT", entry, `unsupported whiteout ${JSON.stringify(base)}`);
+        throw new LayerRefused("BAD_WHITEOUT", entry.name, `unsupported whiteout ${JSON.stringify(base)}`);
       }
-      return this.removeLower(dir === "" ? target : `${dir}/${target}`);
+      const parent = this.parent(dir, false);
+      if (parent !== null) this.removeLower(parent, dir === "" ? target : `${dir}/${target}`, target);
+      return;
     }
-
-    const type = header.type;
-    if (type === "character-device" || type === "block-device") {
-      // Device nodes in an image would give whoever mounts it raw access to host devices
-      // (mounts use nodev, but the image may be booted elsewhere). Refused outright.
-      throw new LayerRefused("DEVICE_NODE", entry, `device node (${type}) not allowed`);
-    }
-    if (header.pax && Object.keys(header.pax).some((key) => key.startsWith("GNU.sparse."))) {
-      throw new LayerRefused("SPARSE_FILE", entry, "PAX sparse files are not supported");
-    }
+    if (entry.sparse) throw new LayerRefused("SPARSE_FILE", entry.name, "PAX sparse files are not supported");
+    if (entry.size !== 0 && entry.type !== "file") throw new LayerRefused("NONZERO_SIZE", entry.name, `a ${entry.type} entry with ${entry.size} bytes of content`);
     if (rel === "") {
       // The root entry ("./"): the image root's ownership and mode are not the layer's to set.
-      if (type === "directory") return;
-      throw new LayerRefused("BAD_NAME", entry, "a non-directory entry cannot replace the root");
+      if (entry.type === "directory") return;
+      throw new LayerRefused("EMPTY_NAME", entry.name, "a non-directory entry cannot replace the root");
     }
+    checkXattrs(entry);
+    const parent = this.parent(dir, true)!;
+    const mode = entry.mode;
+    const atime = entry.atime ?? entry.mtime;
 
-    const owner = ownerOf(header, entry);
-    const mtime = mtimeOf(header, entry);
-    const mode = (header.mode ?? 0o644) & 0o7777;
-    const xattrs = xattrsOf(header, entry);
-    const path = this.full(rel);
-    this.ensureParents(dir, entry);
-    const existing = lstatOrNull(path);
-
-    switch (type) {
-      case "directory": {
-        if (existing && !existing.isDirectory()) rmSync(path, { recursive: true, force: true });
-        if (!existing?.isDirectory()) mkdirSync(path, { mode: 0o700 });
-        lchownSync(path, owner.uid, owner.gid);
-        chmodSync(path, mode); // after chown, which clears setuid/setgid
-        this.setXattrs(path, xattrs);
-        this.directoryTimes.set(rel, mtime);
-        break;
+    switch (entry.type) {
+      case "file": {
+        const fd = this.replace(parent, base, () => openat(parent, base, NEW_FILE, 0o600));
+        this.file = { fd, entry };
+        break; // content, metadata and close in data() and end()
       }
-      case "file":
-      case "contiguous-file": {
-        if (existing) rmSync(path, { recursive: true, force: true });
-        // O_EXCL|O_NOFOLLOW: never write through something that appeared at this path.
-        const fd = openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+      case "directory": {
+        let fd = openDirectoryOrNull(parent, base);
+        if (fd === null) {
+          this.replace(parent, base, () => mkdirat(parent, base, 0o700));
+          fd = openat(parent, base, DIRECTORY);
+        }
         try {
-          for await (const chunk of body) writeAll(fd, chunk);
-          fchownSync(fd, owner.uid, owner.gid);
-          fchmodSync(fd, mode);
+          fchownSync(fd, entry.uid, entry.gid);
+          fchmodSync(fd, mode); // after chown, which clears setgid
+          for (const [name, value] of entry.xattrs) fsetxattr(fd, name, value);
         } finally {
           closeSync(fd);
         }
-        this.setXattrs(path, xattrs);
-        lutimesSync(path, mtime, mtime);
+        this.directoryTimes.set(rel, [atime, entry.mtime]);
         break;
       }
       case "symlink": {
-        const target = header.linkname ?? "";
-        if (target === "" || target.includes("\0")) throw new LayerRefused("BAD_LINK", entry, "empty or NUL symlink target");
-        if (existing) rmSync(path, { recursive: true, force: true });
-        // The link text is stored as is: inside the chroot even absolute targets stay in the image.
-        symlinkSync(target, path);
-        lchownSync(path, owner.uid, owner.gid);
-        this.setXattrs(path, xattrs);
-        lutimesSync(path, mtime, mtime);
+        if (entry.linkname === "" || entry.linkname.includes("\0")) throw new LayerRefused("SYMLINK_TARGET_INVALID", entry.name, "empty or NUL symlink target");
+        // The link text is stored as is: it is only ever resolved inside the image.
+        this.replace(parent, base, () => symlinkat(entry.linkname, parent, base));
+        fchownat(parent, base, entry.uid, entry.gid, AT_SYMLINK_NOFOLLOW);
+        utimensat(parent, base, atime, entry.mtime, AT_SYMLINK_NOFOLLOW);
         break;
       }
-      case "link": {
-        const targetRel = normalizeEntryName(header.linkname ?? "", entry, "HARDLINK_TARGET");
-        if (targetRel === "" || targetRel === rel) throw new LayerRefused("HARDLINK_TARGET", entry, `hard link to ${JSON.stringify(header.linkname)}`);
-        if (existing) rmSync(path, { recursive: true, force: true });
-        const target = lstatOrNull(this.full(targetRel));
-        if (!target || target.isDirectory()) {
-          throw new LayerRefused("HARDLINK_TARGET", entry, `hard link target ${JSON.stringify(targetRel)} ${target ? "is a directory" : "does not exist"}`);
+      case "hardlink": {
+        const targetRel = normalizeEntryName(entry.linkname, entry.name, "HARDLINK_TARGET_INVALID");
+        if (targetRel === "" || targetRel === rel) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to ${JSON.stringify(entry.linkname)}`);
+        const [targetDir, targetBase] = splitPath(targetRel);
+        const missing = () => new LayerRefused("HARDLINK_TARGET", entry.name, `hard link target ${JSON.stringify(targetRel)} does not exist in the image or is a directory`);
+        // The target's parents are resolved inside the root like any path; the target itself is
+        // linked as it is (a symlink is linked, not followed). Metadata belongs to the inode.
+        const targetParent = this.openParentUncached(targetDir);
+        if (targetParent === null) throw missing();
+        try {
+          this.replace(parent, base, () => linkat(targetParent, targetBase, parent, base));
+        } catch (err) {
+          if (["ENOENT", "EPERM", "ENOTDIR", "ELOOP"].includes(errno(err) ?? "")) throw missing();
+          throw err;
+        } finally {
+          if (targetParent !== this.rootFd) closeSync(targetParent);
         }
-        // Metadata belongs to the shared inode and was set by the target's own entry.
-        linkSync(this.full(targetRel), path);
         break;
       }
-      case "fifo": {
-        if (existing) rmSync(path, { recursive: true, force: true });
-        this.sys.mkfifo(path, 0o600);
-        lchownSync(path, owner.uid, owner.gid);
-        chmodSync(path, mode);
-        this.setXattrs(path, xattrs);
-        lutimesSync(path, mtime, mtime);
+      case "fifo":
+      case "char":
+      case "block": {
+        // Device nodes are created as the layer says, as containerd and moby do: every host
+        // mount of an image is nodev, and inside a VM they name the guest's own devices.
+        const kind = entry.type === "fifo" ? S_IFIFO : entry.type === "char" ? S_IFCHR : S_IFBLK;
+        const dev = entry.type === "fifo" ? 0n : makedev(entry.devmajor, entry.devminor);
+        this.replace(parent, base, () => mknodat(parent, base, kind | 0o600, dev));
+        fchownat(parent, base, entry.uid, entry.gid, AT_SYMLINK_NOFOLLOW);
+        // mknodat made a node (not a symlink) at this name of a directory we hold: chmod is exact.
+        fchmodat(parent, base, mode);
+        utimensat(parent, base, atime, entry.mtime, AT_SYMLINK_NOFOLLOW);
         break;
       }
-      default:
-        throw new LayerRefused("UNKNOWN_TYPE", entry, `unsupported entry type ${JSON.stringify(type)}`);
     }
     this.markWritten(rel);
   }
 
+  data(chunk: Buffer): void {
+    const fd = this.file!.fd;
+    for (let offset = 0; offset < chunk.length; ) {
+      const written = writeSync(fd, chunk, offset, chunk.length - offset);
+      if (written <= 0) throw Object.assign(new Error("short write"), { code: "EIO" });
+      offset += written;
+    }
+  }
+
+  /** The member's content is in: set a file's metadata and close it. */
+  entryEnd(): void {
+    const file = this.file;
+    if (file) {
+      this.file = null;
+      try {
+        const { fd, entry } = file;
+        fchownSync(fd, entry.uid, entry.gid);
+        fchmodSync(fd, entry.mode); // after chown, which clears setuid/setgid
+        for (const [name, value] of entry.xattrs) fsetxattr(fd, name, value);
+        futimens(fd, entry.atime ?? entry.mtime, entry.mtime);
+      } finally {
+        closeSync(file.fd);
+      }
+    }
+    crashPoint("apply.entry-applied");
+    crashParentPoint("helper.apply.child-running");
+  }
+
+  /** Closes the file left open by a failure. */
+  abort(): void {
+    if (this.file) closeSync(this.file.fd);
+    this.file = null;
+    this.forgetParent();
+  }
+
+  /**
+   * Runs `create` (which fails with EEXIST when the name is taken); if the name was taken,
+   * removes what is there (recursively: tar's "an entry replaces what is at its path") and
+   * creates again. Whatever was there is never followed.
+   */
+  private replace<T>(parent: number, base: string, create: () => T): T {
+    try {
+      return create();
+    } catch (err) {
+      if (errno(err) !== "EEXIST") throw err;
+    }
+    this.invalidateParent(); // what is removed may be a directory or link the cached parent went through
+    removeAt(parent, base);
+    return create();
+  }
+
+  /** The parent directory `dir` resolved inside the root; created (0755) when `create`, else null if absent. */
+  private parent(dir: string, create: boolean): number | null {
+    if (dir === "") return this.rootFd;
+    if (this.cached?.rel === dir && !this.cached.stale) return this.cached.fd;
+    const fd = create ? this.makeParents(dir) : this.openParentUncached(dir);
+    if (fd === null) return null;
+    this.forgetParent();
+    this.cached = { rel: dir, fd, stale: false };
+    return fd;
+  }
+
+  private openParentUncached(dir: string): number | null {
+    if (dir === "") return this.rootFd;
+    try {
+      return openInRoot(this.rootFd, dir, PARENT);
+    } catch (err) {
+      if (["ENOENT", "ENOTDIR", "ELOOP"].includes(errno(err) ?? "")) return null;
+      throw err;
+    }
+  }
+
+  private makeParents(dir: string): number {
+    const notDir = () => new LayerRefused("PARENT_NOT_DIR", this.current, `a parent of ${JSON.stringify(this.current)} is not a directory (or a link to a missing one, or a link loop)`);
+    try {
+      return openInRoot(this.rootFd, dir, PARENT);
+    } catch (err) {
+      if (errno(err) === "ENOTDIR" || errno(err) === "ELOOP") throw notDir();
+      if (errno(err) !== "ENOENT") throw err;
+    }
+    // Some component is missing: walk down, creating what is missing (root-owned 0755, as tar does).
+    const parts = dir.split("/");
+    let at = this.rootFd;
+    let creating = false;
+    for (let i = 0; i < parts.length; i++) {
+      let next: number;
+      if (!creating) {
+        try {
+          next = openInRoot(this.rootFd, parts.slice(0, i + 1).join("/"), PARENT);
+        } catch (err) {
+          if (errno(err) === "ENOTDIR" || errno(err) === "ELOOP") throw notDir();
+          if (errno(err) !== "ENOENT") throw err;
+          creating = true;
+        }
+      }
+      if (creating) {
+        try {
+          mkdirat(at, parts[i]!, 0o755);
+          next = openat(at, parts[i]!, PARENT | O_NOFOLLOW);
+        } catch (err) {
+          if (at !== this.rootFd) closeSync(at);
+          // EEXIST: the missing component is a dangling symlink; we do not create its target.
+          if (errno(err) === "EEXIST" || errno(err) === "ENOTDIR" || errno(err) === "ELOOP") throw notDir();
+          throw err;
+        }
+      }
+      if (at !== this.rootFd) closeSync(at);
+      at = next!;
+    }
+    return at;
+  }
+
+  /** The tree changed in a way that may change what the cached path names; the fd stays open
+   *  (the current member may still be using it) until the next lookup. */
+  private invalidateParent(): void {
+    if (this.cached) this.cached.stale = true;
+  }
+
+  private forgetParent(): void {
+    if (this.cached) closeSync(this.cached.fd);
+    this.cached = null;
+  }
+
   private markWritten(rel: string): void {
     this.written.add(rel);
-    for (let dir = posix.dirname(rel); dir !== "."; dir = posix.dirname(dir)) this.ancestors.add(dir);
+    for (let slash = rel.lastIndexOf("/"); slash > 0; slash = rel.lastIndexOf("/", slash - 1)) this.ancestors.add(rel.slice(0, slash));
   }
 
   private isKept(rel: string): boolean {
     return this.written.has(rel) || this.ancestors.has(rel);
   }
 
-  /** Creates missing parent directories (0755, owned by root, as the helper runs as root). */
-  private ensureParents(dir: string, entry: string): void {
-    if (dir === "") return;
+  /** An opaque marker in `dir`: removes every child of `dir` that this layer did not write. */
+  private opaque(dir: string): void {
+    this.invalidateParent();
+    const [up, base] = splitPath(dir);
+    const parent = dir === "" ? this.rootFd : this.openParentUncached(up);
+    if (parent === null) return;
     try {
-      mkdirSync(this.full(dir), { recursive: true, mode: 0o755 });
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      // EEXIST/ENOTDIR: a parent is a file; ENOENT: a parent is a dangling symlink; ELOOP: a
-      // parent is a symlink loop (say root -> /root, which inside the chroot names itself).
-      if (code === "EEXIST" || code === "ENOTDIR" || code === "ENOENT" || code === "ELOOP") {
-        throw new LayerRefused("PARENT_NOT_DIR", entry, `a parent of ${JSON.stringify(entry)} is not a directory`);
+      // The directory itself is not followed if it is a link: a link is not an opaque directory.
+      const fd = dir === "" ? openat(this.rootFd, ".", DIRECTORY) : openDirectoryOrNull(parent, base);
+      if (fd === null) return;
+      try {
+        this.pruneLowerChildren(fd, dir);
+      } finally {
+        closeSync(fd);
       }
-      throw err;
+    } finally {
+      if (parent !== this.rootFd) closeSync(parent);
     }
   }
 
-  /** A whiteout: removes `rel` as it exists in lower layers; this layer's own entries stay. */
-  private removeLower(rel: string): void {
-    // Nothing there (a parent missing, not a directory, or a symlink loop): nothing to delete.
-    // Checked with lstat first because rmSync reports ELOOP without an error code.
-    const info = lstatOrNull(this.full(rel));
-    if (!info) return;
+  /** A whiteout: removes `name` (at `rel`) as it exists in lower layers; this layer's own entries stay. */
+  private removeLower(parent: number, rel: string, name: string | Buffer): void {
     if (!this.isKept(rel)) {
-      rmSync(this.full(rel), { recursive: true, force: true });
+      this.invalidateParent();
+      removeAt(parent, name);
       return;
     }
-    if (info.isDirectory()) this.pruneLowerChildren(rel);
-  }
-
-  /** An opaque directory: removes every child of `dir` that this layer did not write. */
-  private pruneLowerChildren(dir: string): void {
-    const info = lstatOrNull(this.full(dir));
-    if (!info?.isDirectory()) return;
-    for (const name of readdirSync(this.full(dir))) {
-      this.removeLower(dir === "" ? name : `${dir}/${name}`);
+    const fd = openDirectoryOrNull(parent, name);
+    if (fd === null) return;
+    try {
+      this.pruneLowerChildren(fd, rel);
+    } finally {
+      closeSync(fd);
     }
   }
 
-  private setXattrs(path: string, xattrs: [string, Buffer][]): void {
-    for (const [name, value] of xattrs) this.sys.lsetxattr(path, name, value);
-  }
-
-  /** Sets directory mtimes last; directories replaced or removed since are skipped. */
-  finish(): void {
-    for (const [rel, mtime] of this.directoryTimes) {
-      const info = lstatOrNull(this.full(rel));
-      if (info?.isDirectory()) lutimesSync(this.full(rel), mtime, mtime);
+  private pruneLowerChildren(fd: number, rel: string): void {
+    for (const name of readDirectory(fd)) {
+      const text = name.toString("utf8", 0, name.length - 1);
+      this.removeLower(fd, rel === "" ? text : `${rel}/${text}`, name);
     }
   }
 }
 
-function writeAll(fd: number, chunk: Buffer): void {
-  for (let offset = 0; offset < chunk.byteLength; ) {
-    const written = writeSync(fd, chunk, offset);
-    if (written <= 0) throw Object.assign(new Error("short write"), { code: "EIO" });
-    offset += written;
-  }
+/** A directory at `name` in `parent` (not through a symlink), opened; null if it is anything else or nothing. */
+function openDirectoryOrNull(parent: number, name: string | Buffer): number | null {
+  // Called for every directory entry, and usually fails on a fresh tree: no exception for that.
+  const fd = tryOpenat(parent, name, DIRECTORY);
+  if (typeof fd === "number") return fd;
+  if (fd === "ENOENT" || fd === "ENOTDIR" || fd === "ELOOP") return null;
+  return openat(parent, name, DIRECTORY); // anything else: fails again, with a full error
 }
 
-function lstatOrNull(path: string): Stats | null {
+/** rm -rf of `name` in `parent`, never following a symlink; nothing there is fine. */
+function removeAt(parent: number, name: string | Buffer): void {
   try {
-    return lstatSync(path);
+    unlinkat(parent, name, 0);
+    return;
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    // A parent that is missing, not a directory, or a symlink loop: no such path.
-    if (code === "ENOENT" || code === "ENOTDIR" || code === "ELOOP") return null;
-    throw err;
+    if (errno(err) === "ENOENT") return;
+    if (errno(err) !== "EISDIR") throw err;
+  }
+  const fd = openat(parent, name, DIRECTORY);
+  try {
+    for (const child of readDirectory(fd)) removeAt(fd, child);
+  } finally {
+    closeSync(fd);
+  }
+  unlinkat(parent, name, AT_REMOVEDIR);
+}
+
+function checkXattrs(entry: TarEntry): void {
+  for (const [name, value] of entry.xattrs) {
+    const refuse = (why: string) => new LayerRefused("BAD_XATTR", entry.name, `extended attribute ${JSON.stringify(name)}: ${why}`);
+    if (!ALLOWED_XATTR.test(name)) throw refuse("not allowed (only user.* and security.capability)");
+    if (Buffer.byteLength(name) > MAX_XATTR_NAME_BYTES || value.length > MAX_XATTR_VALUE_BYTES) throw refuse("name or value too long");
+    if (entry.type === "hardlink") continue; // a hard link shares its target's inode and attributes
+    if (name === "security.capability" && entry.type !== "file") throw refuse("file capabilities can only be set on a regular file");
+    if (entry.type === "symlink") throw refuse("user.* xattrs cannot be set on a symlink");
+    // Linux allows user.* only on regular files and directories (xattr(7)).
+    if (entry.type !== "file" && entry.type !== "directory") throw refuse(`user.* xattrs cannot be set on a ${entry.type}`);
   }
 }
 
-function ownerOf(header: Header, entry: string): { uid: number; gid: number } {
-  // PAX records carry ids too large for the ustar fields; tar-stream leaves them in header.pax.
-  const uid = header.pax?.uid !== undefined ? Number(header.pax.uid) : header.uid ?? 0;
-  const gid = header.pax?.gid !== undefined ? Number(header.pax.gid) : header.gid ?? 0;
-  for (const id of [uid, gid]) {
-    if (!Number.isInteger(id) || id < 0 || id > MAX_ID) throw new LayerRefused("BAD_OWNER", entry, `invalid uid/gid ${id}`);
+/**
+ * Applies the tar `chunks` to the directory `root` (test and fixture use; the child drives a
+ * LayerApplier itself). Compressed input must be decompressed by the caller.
+ */
+export async function applyLayer(root: string, chunks: Iterable<Buffer> | AsyncIterable<Buffer>): Promise<ApplyResult> {
+  const rootFd = openat(-100, root, DIRECTORY);
+  const applier = new LayerApplier(rootFd);
+  try {
+    for await (const chunk of chunks) applier.push(chunk);
+    return applier.finish();
+  } catch (err) {
+    applier.abort();
+    throw withEntry(err, applier.current);
+  } finally {
+    closeSync(rootFd);
   }
-  return { uid, gid };
 }
 
-function mtimeOf(header: Header, entry: string): Date {
-  const pax = header.pax?.mtime;
-  const mtime = pax !== undefined ? new Date(Number(pax) * 1000) : header.mtime ?? new Date(0);
-  if (Number.isNaN(mtime.getTime())) throw new LayerRefused("BAD_MTIME", entry, `invalid mtime ${pax}`);
-  return mtime;
-}
-
-// user.* is free-form data; security.capability is how images ship file capabilities
-// (e.g. ping). Other namespaces (trusted.*, security.selinux, system.*) could steer host
-// software that trusts them (overlayfs, LSMs) and are refused.
-const ALLOWED_XATTR = /^(user\.[^\0]+|security\.capability)$/;
-
-function xattrsOf(header: Header, entry: string): [string, Buffer][] {
-  const result: [string, Buffer][] = [];
-  for (const [key, value] of Object.entries(header.pax ?? {})) {
-    if (!key.startsWith(XATTR_PAX_PREFIX)) continue;
-    const name = key.slice(XATTR_PAX_PREFIX.length);
-    if (!ALLOWED_XATTR.test(name)) throw new LayerRefused("XATTR_NOT_ALLOWED", entry, `extended attribute ${JSON.stringify(name)} not allowed`);
-    // tar-stream decodes PAX values as UTF-8; bytes that were not valid UTF-8 are already lost.
-    if (value.includes("\uFFFD")) {
-      throw new LayerRefused("XATTR_UNREADABLE", entry, `extended attribute ${name} holds bytes that cannot be read back exactly`);
-    }
-    result.push([name, Buffer.from(value, "utf8")]);
-  }
-  return result;
+/** Names the member in system errors too (ENOSPC, EIO...): it is what an operator needs. */
+export function withEntry(err: unknown, entry: string): unknown {
+  if (err instanceof Error && !(err instanceof LayerRefused)) Object.assign(err, { entry });
+  return err;
 }

@@ -1,0 +1,365 @@
+// A push-based, synchronous tar reader: feed it chunks of any size (push), then end(). It calls
+// the sink for each member (entry), with the member's content as subarrays of the pushed chunks
+// (data: no copies, valid only during the call), then entryEnd.
+//
+// Written by hand because tar-stream, the only well-kept reader, decodes PAX values as UTF-8 (a
+// binary security.capability loses bytes) and is asynchronous per entry (a promise and several
+// callbacks for each of a root filesystem's 30,000 members); the format itself is small.
+// Reads ustar, GNU ('L'/'K' long names, base-256 numbers) and PAX ('x' and 'g') headers.
+// Structural refusals use the validator's rule names (agent/layers/README.md).
+import { LayerRefused } from "./refusal.ts";
+
+export type EntryType = "file" | "hardlink" | "symlink" | "char" | "block" | "directory" | "fifo";
+
+export type TarEntry = {
+  /** The member's name as written (PAX path, GNU long name, or ustar prefix/name). */
+  name: string;
+  type: EntryType;
+  size: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  /** Seconds and nanoseconds (PAX keeps fractions; ustar is whole seconds). */
+  mtime: { sec: number; nsec: number };
+  atime: { sec: number; nsec: number } | null;
+  linkname: string;
+  devmajor: number;
+  devminor: number;
+  /** SCHILY.xattr.* records: name -> raw value bytes. */
+  xattrs: Map<string, Buffer>;
+  /** A GNU.sparse.* record was present. */
+  sparse: boolean;
+};
+
+export interface TarSink {
+  entry(entry: TarEntry): void;
+  data(chunk: Buffer): void;
+  entryEnd(): void;
+}
+
+export const ARCHIVE = "(archive)";
+const BLOCK = 512;
+/** PAX and GNU long-name data before one member (the validator's maxHeaderBytes). */
+const MAX_META_BYTES = 1024 * 1024;
+const MAX_ID = 0xfffffffe;
+
+type State = "header" | "meta" | "body" | "padding" | "end";
+
+export class TarReader {
+  private readonly sink: TarSink;
+  private state: State = "header";
+  /** A header block being assembled across chunks. */
+  private readonly header = Buffer.alloc(BLOCK);
+  private headerFill = 0;
+  /** Bytes left in the current member's content (body/meta) and in its padding. */
+  private remaining = 0;
+  private padding = 0;
+  private metaType = "";
+  private meta: Buffer[] = [];
+  private metaBytes = 0;
+  private pendingMeta = 0;
+  private longName: string | null = null;
+  private longLink: string | null = null;
+  private pax: Map<string, Buffer> | null = null;
+  private readonly globalPax = new Map<string, Buffer>();
+  private current = "";
+  /** Zero bytes after the first zero block. */
+  private zeroBytes = 0;
+  entries = 0;
+
+  constructor(sink: TarSink) {
+    this.sink = sink;
+  }
+
+  push(chunk: Buffer): void {
+    let at = 0;
+    while (at < chunk.length) {
+      switch (this.state) {
+        case "header": {
+          if (this.headerFill === 0 && chunk.length - at >= BLOCK) {
+            this.onHeader(chunk.subarray(at, at + BLOCK));
+            at += BLOCK;
+          } else {
+            const take = Math.min(BLOCK - this.headerFill, chunk.length - at);
+            chunk.copy(this.header, this.headerFill, at, at + take);
+            this.headerFill += take;
+            at += take;
+            if (this.headerFill === BLOCK) {
+              this.headerFill = 0;
+              this.onHeader(this.header);
+            }
+          }
+          break;
+        }
+        case "body": {
+          const take = Math.min(this.remaining, chunk.length - at);
+          this.sink.data(chunk.subarray(at, at + take));
+          at += take;
+          this.remaining -= take;
+          if (this.remaining === 0) this.endBody();
+          break;
+        }
+        case "meta": {
+          const take = Math.min(this.remaining, chunk.length - at);
+          this.meta.push(Buffer.from(chunk.subarray(at, at + take)));
+          at += take;
+          this.remaining -= take;
+          if (this.remaining === 0) this.endMeta();
+          break;
+        }
+        case "padding": {
+          const take = Math.min(this.padding, chunk.length - at);
+          at += take;
+          this.padding -= take;
+          if (this.padding === 0) this.state = "header";
+          break;
+        }
+        case "end": {
+          // After the first zero block only zeros may follow (a second archive, appended, is
+          // what other readers would go on to read).
+          const rest = chunk.subarray(at);
+          const nonzero = rest.findIndex((byte) => byte !== 0);
+          if (nonzero !== -1) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "data after the end-of-archive marker");
+          this.zeroBytes += rest.length;
+          at = chunk.length;
+          break;
+        }
+      }
+    }
+  }
+
+  /** The input ended: the archive must have ended properly. */
+  end(): void {
+    if (this.state === "end") {
+      if (this.zeroBytes % BLOCK !== 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "tar length is not a multiple of 512");
+      if (this.zeroBytes < BLOCK) throw new LayerRefused("TRUNCATED", ARCHIVE, "one zero block instead of the two that end an archive");
+      return;
+    }
+    if (this.state === "header" && this.pendingMeta === 0 && this.entries === 0) {
+      throw new LayerRefused("NOT_A_TAR", ARCHIVE, this.headerFill === 0 ? "empty blob: not a tar" : "shorter than one tar block: not a tar");
+    }
+    throw new LayerRefused("TRUNCATED", ARCHIVE, `the archive ends inside ${this.current ? JSON.stringify(this.current) : "a header"} without its end-of-archive marker`);
+  }
+
+  private onHeader(block: Buffer): void {
+    if (isZero(block)) {
+      if (this.pendingMeta > 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "a zero block between an extended header and its member");
+      this.state = "end";
+      return;
+    }
+    if (!checksumOk(block)) {
+      throw new LayerRefused("NOT_A_TAR", ARCHIVE, this.entries === 0 ? "not a tar: bad header checksum" : `bad header checksum after ${JSON.stringify(this.current)}`);
+    }
+    const magic = block.toString("latin1", 257, 265);
+    const ustar = magic === "ustar\u000000";
+    if (!ustar && magic !== "ustar  \u0000") throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header without ustar magic (v7 tar)");
+    const typeflag = String.fromCharCode(block[156]!);
+    const isMeta = typeflag === "x" || typeflag === "g" || typeflag === "L" || typeflag === "K";
+    // A PAX size applies to the member it describes, never to another extended header.
+    const size = this.pax?.has("size") && !isMeta ? paxNumber(this.pax, "size", nameOf(block, ustar)) : numeric(block, 124, 12, "size");
+    if (size === null) throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header with an unreadable size field");
+
+    if (isMeta) {
+      this.pendingMeta += BLOCK + size;
+      if (this.pendingMeta > MAX_META_BYTES) throw new LayerRefused("HEADER_TOO_LARGE", ARCHIVE, `more than ${MAX_META_BYTES} bytes of extended headers before one member`);
+      this.metaType = typeflag;
+      this.meta = [];
+      this.metaBytes = size;
+      this.remaining = size;
+      this.padding = pad(size);
+      if (size === 0) this.endMeta();
+      else this.state = "meta";
+      return;
+    }
+
+    const pax = this.pax;
+    const name = (pax?.has("path") ? text(pax.get("path")!) : this.longName) ?? nameOf(block, ustar);
+    this.current = name;
+    const linkname = (pax?.has("linkpath") ? text(pax.get("linkpath")!) : this.longLink) ?? cString(block, 157, 100);
+    const type = entryType(typeflag, name);
+    const field = (offset: number, length: number, what: string) => {
+      const value = numeric(block, offset, length, what);
+      if (value === null) throw new LayerRefused("BAD_PAX", name, `unreadable ${what} field`);
+      return value;
+    };
+    let sparse = typeflag === "S";
+    const xattrs = new Map<string, Buffer>();
+    const effective = pax ?? this.globalPax;
+    for (const [key, value] of effective) {
+      if (key.startsWith("GNU.sparse.")) sparse = true;
+      else if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), value);
+    }
+    const entry: TarEntry = {
+      name,
+      type,
+      size,
+      mode: field(100, 8, "mode") & 0o7777,
+      uid: id(effective, "uid", name) ?? field(108, 8, "uid"),
+      gid: id(effective, "gid", name) ?? field(116, 8, "gid"),
+      mtime: time(effective, "mtime", name) ?? { sec: field(136, 12, "mtime"), nsec: 0 },
+      atime: time(effective, "atime", name),
+      linkname,
+      devmajor: type === "char" || type === "block" ? field(329, 8, "devmajor") : 0,
+      devminor: type === "char" || type === "block" ? field(337, 8, "devminor") : 0,
+      xattrs,
+      sparse,
+    };
+    this.pax = null;
+    this.longName = null;
+    this.longLink = null;
+    this.pendingMeta = 0;
+    this.entries++;
+    this.sink.entry(entry);
+    this.remaining = size;
+    this.padding = pad(size);
+    if (size === 0) this.endBody();
+    else this.state = "body";
+  }
+
+  private endBody(): void {
+    this.sink.entryEnd();
+    this.state = this.padding > 0 ? "padding" : "header";
+  }
+
+  private endMeta(): void {
+    const data = Buffer.concat(this.meta, this.metaBytes);
+    this.meta = [];
+    if (this.metaType === "L") this.longName = cString(data, 0, data.length);
+    else if (this.metaType === "K") this.longLink = cString(data, 0, data.length);
+    else {
+      const records = parsePax(data);
+      if (this.metaType === "g") {
+        // Defaults for every later member (a member's own record wins); a name or size is one
+        // member's own, never a default.
+        for (const [key, value] of records) if (key !== "path" && key !== "linkpath" && key !== "size") this.globalPax.set(key, value);
+      } else if (this.globalPax.size === 0) {
+        this.pax = records;
+      } else {
+        const merged = new Map(this.globalPax);
+        for (const [key, value] of records) merged.set(key, value);
+        this.pax = merged;
+      }
+    }
+    this.state = this.padding > 0 ? "padding" : "header";
+  }
+}
+
+const pad = (size: number) => (BLOCK - (size % BLOCK)) % BLOCK;
+
+const ZERO_BLOCK = Buffer.alloc(BLOCK);
+const isZero = (block: Buffer) => block.equals(ZERO_BLOCK);
+
+function checksumOk(block: Buffer): boolean {
+  const stored = numeric(block, 148, 8, "checksum");
+  let unsigned = 8 * 0x20; // the checksum field itself counts as spaces
+  for (let i = 0; i < 148; i++) unsigned += block[i]!;
+  for (let i = 156; i < BLOCK; i++) unsigned += block[i]!;
+  if (stored === unsigned) return true;
+  // Some old writers summed signed bytes.
+  let signed = unsigned;
+  for (let i = 0; i < BLOCK; i++) if (block[i]! >= 0x80 && (i < 148 || i >= 156)) signed -= 256;
+  return stored === signed;
+}
+
+/** An octal field (NUL/space terminated) or GNU base-256 (high bit set); null when unreadable. */
+function numeric(block: Buffer, offset: number, length: number, _what: string): number | null {
+  const first = block[offset]!;
+  if (first & 0x80) {
+    if (first === 0xff) return null; // negative
+    let value = first & 0x7f;
+    for (let i = 1; i < length; i++) value = value * 256 + block[offset + i]!;
+    return Number.isSafeInteger(value) ? value : null;
+  }
+  let value = 0;
+  let i = offset;
+  const end = offset + length;
+  while (i < end && block[i] === 0x20) i++;
+  for (; i < end; i++) {
+    const c = block[i]!;
+    if (c === 0 || c === 0x20) break;
+    if (c < 0x30 || c > 0x37) return null;
+    value = value * 8 + (c - 0x30);
+  }
+  return value;
+}
+
+function cString(block: Buffer, offset: number, length: number): string {
+  const end = block.indexOf(0, offset);
+  return text(block, offset, end === -1 || end > offset + length ? offset + length : end);
+}
+
+function nameOf(block: Buffer, ustar: boolean): string {
+  const name = cString(block, 0, 100);
+  const prefix = ustar ? cString(block, 345, 155) : "";
+  return prefix === "" ? name : `${prefix}/${name}`;
+}
+
+function text(bytes: Buffer, start = 0, end = bytes.length): string {
+  const value = bytes.toString("utf8", start, end);
+  // U+FFFD: bytes that are not UTF-8 (the validator's BAD_ENCODING). Refused here too: a name
+  // the agent could not say exactly is not one to create.
+  if (value.includes("\uFFFD")) throw new LayerRefused("BAD_ENCODING", value, "a name or link target that is not UTF-8");
+  return value;
+}
+
+function entryType(flag: string, name: string): EntryType {
+  switch (flag) {
+    case "0": case "\0": case "7": return "file";
+    case "1": return "hardlink";
+    case "2": return "symlink";
+    case "3": return "char";
+    case "4": return "block";
+    case "5": return "directory";
+    case "6": return "fifo";
+    case "S": throw new LayerRefused("SPARSE_FILE", name, "GNU sparse files (type S) are not supported");
+    default: throw new LayerRefused("UNKNOWN_TYPE", name, `unsupported entry type ${JSON.stringify(flag)}`);
+  }
+}
+
+/** PAX records "<len> <key>=<value>\n": the key is UTF-8 text, the value raw bytes. */
+function parsePax(data: Buffer): Map<string, Buffer> {
+  const records = new Map<string, Buffer>();
+  for (let at = 0; at < data.length; ) {
+    const space = data.indexOf(0x20, at);
+    const lengthText = space === -1 ? "" : data.toString("latin1", at, space);
+    const length = /^[1-9][0-9]{0,8}$/.test(lengthText) ? Number(lengthText) : NaN;
+    if (!(length > 0) || at + length > data.length || data[at + length - 1] !== 0x0a) {
+      if (data.subarray(at).every((byte) => byte === 0)) break; // some writers pad with NULs
+      throw new LayerRefused("BAD_PAX", ARCHIVE, "malformed PAX extended header");
+    }
+    const record = data.subarray(space + 1, at + length - 1);
+    const equals = record.indexOf(0x3d);
+    if (equals <= 0) throw new LayerRefused("BAD_PAX", ARCHIVE, "malformed PAX record (no key)");
+    records.set(record.toString("utf8", 0, equals), record.subarray(equals + 1)); // `data` is our own copy
+    at += length;
+  }
+  return records;
+}
+
+function paxNumber(pax: Map<string, Buffer>, key: string, entry: string): number {
+  const value = pax.get(key)!.toString("latin1");
+  if (!/^[0-9]{1,16}$/.test(value) || !Number.isSafeInteger(Number(value))) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a number`);
+  return Number(value);
+}
+
+function id(pax: Map<string, Buffer>, key: "uid" | "gid", entry: string): number | null {
+  if (!pax.has(key)) return null;
+  const value = paxNumber(pax, key, entry);
+  if (value > MAX_ID) throw new LayerRefused("BAD_OWNER", entry, `${key} ${value} is outside 0..${MAX_ID}`);
+  return value;
+}
+
+/** A PAX time "[-]seconds[.fraction]", kept to the nanosecond. */
+function time(pax: Map<string, Buffer>, key: "mtime" | "atime", entry: string): { sec: number; nsec: number } | null {
+  if (!pax.has(key)) return null;
+  const value = pax.get(key)!.toString("latin1");
+  const match = /^(-?)([0-9]{1,15})(?:\.([0-9]+))?$/.exec(value);
+  if (!match) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a time`);
+  let sec = Number(match[2]!);
+  let nsec = Number((match[3] ?? "").slice(0, 9).padEnd(9, "0"));
+  if (match[1] === "-") {
+    sec = -sec;
+    if (nsec > 0) [sec, nsec] = [sec - 1, 1_000_000_000 - nsec];
+  }
+  return { sec, nsec };
+}
