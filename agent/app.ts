@@ -13,6 +13,7 @@ import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
 import { registerDeleteFsm } from "./images/delete.ts";
 import { registerPullFsm } from "./images/pull.ts";
+import { layerLimitsFromSettings } from "./layers/validate.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
 import { KeyedLock } from "./keyed-lock.ts";
@@ -33,6 +34,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const blobs = new BlobStore(config.stateDir);
   await blobs.init();
   const s3Config = loadS3Config(config.settings);
+  const layerLimits = layerLimitsFromSettings(config.settings);
   const s3 = createS3Client(s3Config);
   const helper = new HelperClient(config.helperSocket);
   const engine = new FsmEngine(db, {
@@ -42,7 +44,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
   const locks = new KeyedLock();
-  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
+  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
