@@ -45,7 +45,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
   const locks = new KeyedLock();
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits });
-  const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
+  const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
   const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, tmpDir: blobs.tmpDir };
