@@ -97,8 +97,7 @@ export class EntryRules {
 
   /** Checks one member; throws LayerValidationError when it breaks a rule. */
   check(member: TarMember): void {
-    const entry = printable(member.name);
-    const refuse: Refuse = (rule, message) => new LayerValidationError(rule, entry, message);
+    const refuse: Refuse = (rule, message) => new LayerValidationError(rule, printable(member.name), message);
 
     if (++this.summary.entries > this.#limits.maxEntries) {
       throw refuse("TOO_MANY_ENTRIES", `layer has more than ${this.#limits.maxEntries} entries`);
@@ -162,7 +161,7 @@ export class EntryRules {
     }
     if (name === "") return;
     this.#seen.set(key(name), type === "directory" ? "dir" : type === "symlink" ? "symlink" : "other");
-    if (type === "symlink") this.#symlinkHints.add(cheapHash(name, name.length));
+    if (type === "symlink") this.#symlinkHints.add(cheapHash(name));
   }
 
   /**
@@ -174,12 +173,17 @@ export class EntryRules {
    */
   #notThroughSymlink(name: string, what: string, refuse: Refuse): void {
     if (this.#symlinkHints.size === 0) return;
-    for (let slash = name.indexOf("/"); slash !== -1; slash = name.indexOf("/", slash + 1)) {
-      if (!this.#symlinkHints.has(cheapHash(name, slash))) continue;
-      const parent = name.slice(0, slash);
-      if (this.#seen.get(key(parent)) === "symlink") {
-        throw refuse("THROUGH_SYMLINK", `${what}"${printable(name)}" goes through "${printable(parent)}", a symlink created earlier in this layer`);
+    // One pass over the name: the hash of each parent is the running hash at its "/".
+    let hash = FNV_OFFSET;
+    for (let i = 0; i < name.length; i++) {
+      const unit = name.charCodeAt(i);
+      if (unit === SLASH && this.#symlinkHints.has(hash >>> 0)) {
+        const parent = name.slice(0, i);
+        if (this.#seen.get(key(parent)) === "symlink") {
+          throw refuse("THROUGH_SYMLINK", `${what}"${printable(name)}" goes through "${printable(parent)}", a symlink created earlier in this layer`);
+        }
       }
+      hash = Math.imul(hash ^ unit, FNV_PRIME);
     }
   }
 
@@ -262,11 +266,15 @@ function key(name: string): string {
   return createHash("sha256").update(name).digest().toString("latin1", 0, 12);
 }
 
-/** FNV-1a over the first `length` UTF-16 units of `text`: a quick pre-filter, never trusted alone. */
-function cheapHash(text: string, length: number): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < length; i++) h = Math.imul(h ^ text.charCodeAt(i), 0x01000193);
-  return h >>> 0;
+const FNV_OFFSET = 0x811c9dc5;
+const FNV_PRIME = 0x01000193;
+const SLASH = 0x2f;
+
+/** FNV-1a (32 bits) over the UTF-16 units of `text`: a quick pre-filter, never trusted alone. */
+function cheapHash(text: string): number {
+  let hash = FNV_OFFSET;
+  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), FNV_PRIME);
+  return hash >>> 0;
 }
 
 function checkOwner(member: TarMember, refuse: Refuse): void {

@@ -243,10 +243,10 @@ export class TarReader {
     const paxKeys: string[] = [];
 
     const records = new Map<string, Buffer>();
-    for (const data of this.#pax) for (const [key, value] of parsePax(data, printable(name))) records.set(key, value);
+    for (const data of this.#pax) for (const [key, value] of parsePax(data, name)) records.set(key, value);
     const path = records.get("path");
     if (path && path.length > 0) name = path.toString("utf8");
-    const entry = printable(name);
+
     for (const [key, value] of records) {
       const text = () => value.toString("utf8");
       switch (key) {
@@ -256,18 +256,18 @@ export class TarReader {
           if (value.length > 0) linkname = text();
           break;
         case "size":
-          size = paxNumber(key, text(), entry, /^[0-9]+$/);
+          size = paxNumber(key, text(), name, /^[0-9]+$/);
           break;
         case "uid":
-          uid = paxNumber(key, text(), entry, /^[0-9]+$/);
+          uid = paxNumber(key, text(), name, /^[0-9]+$/);
           break;
         case "gid":
-          gid = paxNumber(key, text(), entry, /^[0-9]+$/);
+          gid = paxNumber(key, text(), name, /^[0-9]+$/);
           break;
         case "mtime":
         case "atime":
         case "ctime":
-          paxNumber(key, text(), entry, /^-?[0-9]+(\.[0-9]+)?$/);
+          paxNumber(key, text(), name, /^-?[0-9]+(\.[0-9]+)?$/);
           break;
         default:
           if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), value);
@@ -356,8 +356,8 @@ function readNumber(block: Buffer, offset: number, length: number): number {
   return /^[0-7]+$/.test(text) ? parseInt(text, 8) : NaN;
 }
 
-function paxNumber(key: string, text: string, entry: string, format: RegExp): number {
-  if (!format.test(text)) throw refuse("BAD_PAX", `PAX ${key} record "${printable(text)}" is not a number`, entry);
+function paxNumber(key: string, text: string, name: string, format: RegExp): number {
+  if (!format.test(text)) throw refuse("BAD_PAX", `PAX ${key} record "${printable(text)}" is not a number`, printable(name));
   return Number(text);
 }
 
@@ -366,21 +366,20 @@ function paxNumber(key: string, text: string, entry: string, format: RegExp): nu
  * text, the value the raw bytes between "=" and the final newline (binary xattr values stay
  * intact). A malformed record is BAD_PAX. NUL bytes after the last record (padding) are allowed.
  */
-export function parsePax(data: Buffer, entry: string): Map<string, Buffer> {
+export function parsePax(data: Buffer, name: string): Map<string, Buffer> {
+  const malformed = (at: number) => refuse("BAD_PAX", `malformed PAX record at byte ${at} of its header`, name === WHOLE_ARCHIVE ? name : printable(name));
   const records = new Map<string, Buffer>();
   let at = 0;
   while (at < data.length && data[at] !== 0) {
     const space = data.indexOf(0x20, at);
     const lengthText = space === -1 ? "" : data.toString("latin1", at, space);
-    if (!/^[1-9][0-9]{0,8}$/.test(lengthText)) throw refuse("BAD_PAX", `malformed PAX record at byte ${at} of its header`, entry);
+    if (!/^[1-9][0-9]{0,8}$/.test(lengthText)) throw malformed(at);
     const end = at + Number(lengthText);
     const equals = data.indexOf(0x3d, space + 1);
-    if (end > data.length || data[end - 1] !== 0x0a || equals === -1 || equals >= end - 1 || equals === space + 1) {
-      throw refuse("BAD_PAX", `malformed PAX record at byte ${at} of its header`, entry);
-    }
+    if (end > data.length || data[end - 1] !== 0x0a || equals === -1 || equals >= end - 1 || equals === space + 1) throw malformed(at);
     records.set(data.toString("utf8", space + 1, equals), Buffer.from(data.subarray(equals + 1, end - 1)));
     at = end;
   }
-  if (firstNonZero(data, at, data.length) !== -1) throw refuse("BAD_PAX", `malformed PAX record at byte ${at} of its header`, entry);
+  if (firstNonZero(data, at, data.length) !== -1) throw malformed(at);
   return records;
 }
