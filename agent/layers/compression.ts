@@ -6,8 +6,8 @@
 // - Concatenated gzip members are one stream (RFC 1952, and what zlib does, whatever the read
 //   sizes). Several zstd frames (and skippable frames) are one stream too (RFC 8878), but Node's
 //   zstd decoder continues into a second frame only when the first ends exactly at a chunk
-//   boundary: so the frames are split here (zstd-frames.ts) and each is fed to a fresh decoder,
-//   which makes the result independent of how the object is read.
+//   boundary: so the frames are split here (zstd-frames.ts) and fed so that every write ends at
+//   a frame's end, which makes the result independent of how the object is read.
 // - Raw bytes after the last gzip member or zstd frame that are not another member or frame
 //   (zero padding, junk) are refused as TRAILING_GARBAGE, as Go's gzip reader refuses padding.
 // - maxDecompressedBytes bounds the work a small object can cause (a "bomb"); maxLayerBytes
@@ -109,13 +109,24 @@ export class Decompression {
       }
       return;
     }
+    // One decoder for every frame: it goes on into the next frame when each write ends exactly at
+    // a frame's end, which the split guarantees (a fresh decoder per frame costs ~1 ms each, and
+    // zstd:chunked layers have a frame per file). Skippable frames are not fed.
+    let fed = 0;
     const frames = new ZstdFrames(raw);
-    for (let frame = await frames.next(); frame !== null; frame = await frames.next()) {
-      if (frame.skippable) {
-        for await (const _ of frame.bytes);
-        continue;
+    const pieces = async function* (): AsyncGenerator<Buffer> {
+      for (let frame = await frames.next(); frame !== null; frame = await frames.next()) {
+        for await (const piece of frame.bytes) {
+          if (frame.skippable) continue;
+          fed += piece.length;
+          yield piece;
+        }
       }
-      yield* limited(decode(frame.bytes, createZstdDecompress(), name));
+    };
+    const zstd = createZstdDecompress();
+    yield* limited(decode(pieces(), zstd, name));
+    if (zstd.bytesWritten !== fed) {
+      throw new LayerValidationError("BAD_COMPRESSION", WHOLE_ARCHIVE, `zstd stream is corrupt or truncated: the decoder stopped at byte ${zstd.bytesWritten} of the ${fed} frame bytes`);
     }
   }
 

@@ -1,6 +1,6 @@
-// Splits a zstd object into its frames (RFC 8878), so that each frame can be fed to a fresh
-// decoder: Node's zstd decoder goes on into a second frame only when the first one ends exactly
-// at a chunk boundary, so without this split the result would depend on how the object is read.
+// Splits a zstd object into its frames (RFC 8878), so that every write to the decoder ends at a
+// frame's end: Node's zstd decoder goes on into a second frame only when the first one ends
+// exactly at a chunk boundary, so without this split the result would depend on read sizes.
 // No package exposes frame boundaries of a stream; the format needed here is small: a frame
 // header whose length its descriptor byte tells, blocks with a 3-byte header (bit 0 last block,
 // bits 1-2 type, bits 3-23 size; an RLE block carries 1 byte), an optional 4-byte checksum;
@@ -15,6 +15,9 @@ export interface ZstdFrame {
 }
 
 const EMPTY: Buffer = Buffer.alloc(0);
+/** Every frame costs a decoder write (~50-200 us): a hostile object of millions of empty frames
+ *  stops here. zstd:chunked layers have a frame per file chunk; 1,000,000 is far above those. */
+export const MAX_ZSTD_FRAMES = 1_000_000;
 
 export class ZstdFrames {
   readonly #input: AsyncIterator<Buffer>;
@@ -22,6 +25,7 @@ export class ZstdFrames {
   #ended = false;
   /** Raw bytes handed out so far (the offset of #buffered[0]). */
   #offset = 0;
+  #frames = 0;
 
   constructor(input: AsyncIterable<Buffer>) {
     this.#input = input[Symbol.asyncIterator]();
@@ -31,6 +35,9 @@ export class ZstdFrames {
   async next(): Promise<ZstdFrame | null> {
     if (this.#buffered.length === 0 && !(await this.#read())) return null;
     const at = this.#offset;
+    if (++this.#frames > MAX_ZSTD_FRAMES) {
+      throw new LayerValidationError("DECOMPRESSION_LIMIT", WHOLE_ARCHIVE, `more than ${MAX_ZSTD_FRAMES} zstd frames (at byte ${at})`);
+    }
     const magic = await this.#peek(4, () => garbage(at));
     const value = magic.readUInt32LE(0);
     if (value === 0xfd2fb528) return { skippable: false, bytes: this.#frame() };
