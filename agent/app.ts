@@ -33,6 +33,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const blobs = new BlobStore(config.stateDir);
   await blobs.init();
   const s3Config = config.s3;
+  const layerLimits = config.layerLimits;
   const s3 = createS3Client(s3Config);
   const helper = new HelperClient(config.helperSocket);
   const engine = new FsmEngine(db, {
@@ -42,8 +43,8 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
   const locks = new KeyedLock();
-  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
-  const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
+  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits });
+  const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
   const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, tmpDir: blobs.tmpDir };

@@ -7,6 +7,8 @@
 // Every request is pinned to one ETag (If-Match, and checked in each response). If the object is
 // replaced meanwhile, the download starts over with the new version (found by HEAD), at most
 // policy.maxObjectChanges times; an object that keeps changing is refused (permanent).
+// `inspect` (the layer validator) reads the object in order WHILE it is written
+// (./in-order-reader.ts); its refusal stops every request at once and is passed on as it is.
 import type { FileHandle } from "node:fs/promises";
 import { crashPoint } from "../crash-points.ts";
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
@@ -17,31 +19,40 @@ import { classifyS3Error, isAbortError, S3Error, S3PermanentError } from "../s3/
 import type { LayerObject } from "../s3/image-source.ts";
 import { printable } from "../s3/printable.ts";
 import { hashFile } from "./file-hash.ts";
+import { InOrderReader } from "./in-order-reader.ts";
 import { fetchRangeWithRetries } from "./range-retry.ts";
 import { describeObject, etagValue } from "./ranged-get.ts";
 import type { PinnedObject } from "./ranged-get.ts";
 
 export { etagValue } from "./ranged-get.ts";
 
-export interface DownloadOptions {
+export interface DownloadOptions<T = unknown> {
   signal?: AbortSignal;
   /** Called after every chunk written; keep it cheap. */
   onProgress?: (done: number, total: number) => void;
+  /**
+   * Reads the object's bytes in order while they arrive (the layer validator). Its rejection
+   * stops the download at once and is what the download rejects with; its result is returned.
+   */
+  inspect?: (bytes: AsyncIterable<Buffer>) => Promise<T>;
 }
 
-export interface FetchedLayer {
+export interface FetchedLayer<T = unknown> {
   sha256Hex: string;
   size: number;
   /** ETag (quoted, as S3 lists it) of the version downloaded: the listed one unless the object was replaced. */
   etag: string;
+  /** What `inspect` returned (undefined without one). */
+  inspected: T | undefined;
 }
 
-export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions = {}): Promise<FetchedLayer> {
+export async function fetchLayerInto<T>(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions<T> = {}): Promise<FetchedLayer<T>> {
   const policy: DownloadPolicy = { ...DOWNLOAD_DEFAULTS, ...cfg.download };
   let pinned: PinnedObject = { bucket: cfg.bucket, key: obj.key, etag: etagValue(obj.etag), size: obj.size };
+  let fetched: { inspected: T | undefined; digests?: { sha256Hex: string; md5Hex?: string } };
   for (let changes = 0; ; ) {
     try {
-      await fetchVersion(client, pinned, file, policy, opts);
+      fetched = await fetchAndInspect(client, pinned, file, policy, opts);
       break;
     } catch (err) {
       if (!(err instanceof S3Error) || err.code !== "OBJECT_CHANGED") throw err;
@@ -53,17 +64,63 @@ export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: Layer
     }
   }
 
-  const multipart = !/^[0-9a-fA-F]{32}$/.test(pinned.etag);
-  const { sha256Hex, md5Hex } = await hashFile(file, pinned.size, !multipart);
+  // The inspector read (and hashed) every byte in order; without one, the file is read back.
+  const { sha256Hex, md5Hex } = fetched.digests ?? (await hashFile(file, pinned.size, !isMultipart(pinned)));
   if (md5Hex !== undefined && md5Hex !== pinned.etag.toLowerCase()) {
     throw new S3PermanentError("CORRUPT", `downloading ${describeObject(pinned)}: content MD5 ${md5Hex} does not match its ETag ${printable(pinned.etag)}`);
   }
-  return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"` };
+  return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"`, inspected: fetched.inspected };
+}
+
+const isMultipart = (pinned: PinnedObject) => !/^[0-9a-fA-F]{32}$/.test(pinned.etag);
+
+/**
+ * Fetches one pinned version while `opts.inspect` reads it in order. A refusal by the inspector
+ * aborts every request and is thrown as it is; a download error ends the inspection.
+ */
+async function fetchAndInspect<T>(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions<T>) {
+  const ranges = splitRanges(pinned.size, policy);
+  if (!opts.inspect) {
+    await fetchVersion(client, pinned, file, ranges, policy, opts);
+    return { inspected: undefined };
+  }
+  const reader = new InOrderReader(file, pinned.size, ranges, !isMultipart(pinned));
+  const stop = new AbortController();
+  let refusal: { error: unknown } | undefined;
+  let inspected: T | undefined;
+  const inspection = opts.inspect(reader.bytes()).then(
+    (result) => void (inspected = result),
+    (error: unknown) => {
+      refusal = { error };
+      stop.abort(error);
+    },
+  );
+  const signal = opts.signal ? AbortSignal.any([opts.signal, stop.signal]) : stop.signal;
+  try {
+    await fetchVersion(client, pinned, file, ranges, policy, { ...opts, signal }, (index, n) => reader.wrote(index, n));
+    reader.finish();
+  } catch (err) {
+    reader.fail(err);
+    await inspection; // never rejects; done before the caller may truncate the file
+    // The inspector's refusal is the cause; the aborted requests are its consequence.
+    if (refusal && !opts.signal?.aborted) throw refusal.error;
+    throw err;
+  }
+  await inspection;
+  if (refusal) throw refusal.error;
+  return { inspected, digests: reader.digests() };
 }
 
 /** Fetches every byte of one pinned version; the first failing range stops the others. */
-async function fetchVersion(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions): Promise<void> {
-  const ranges = splitRanges(pinned.size, policy);
+async function fetchVersion(
+  client: S3Client,
+  pinned: PinnedObject,
+  file: FileHandle,
+  ranges: Array<{ start: number; end: number }>,
+  policy: DownloadPolicy,
+  opts: Pick<DownloadOptions, "signal" | "onProgress">,
+  onPartBytes?: (index: number, n: number) => void,
+): Promise<void> {
   let done = 0;
   const onBytes = (n: number) => {
     crashPoint("download.chunk-written"); // called once the chunk is written
@@ -75,9 +132,10 @@ async function fetchVersion(client: S3Client, pinned: PinnedObject, file: FileHa
   let next = 0;
   const worker = async () => {
     while (next < ranges.length && firstError === undefined) {
-      const range = ranges[next++];
+      const index = next++;
+      const range = ranges[index]!;
       try {
-        await fetchRangeWithRetries(client, pinned, file, range, policy, onBytes, signal);
+        await fetchRangeWithRetries(client, pinned, file, range, policy, (n) => (onPartBytes?.(index, n), onBytes(n)), signal);
       } catch (err) {
         // A sibling's abort is the consequence of the first error, not news.
         if (firstError === undefined && !(isAbortError(err) && stopOthers.signal.aborted && !opts.signal?.aborted)) {

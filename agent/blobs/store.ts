@@ -92,9 +92,11 @@ export class BlobStore {
    * S3PermanentError / S3TransientError of ../s3/errors.ts, an AbortError when `signal` fires,
    * or a plain Node error for local I/O (disk full...). The temp file is deleted on any error.
    * `etag` and `size` are those of the version stored: the listed ones unless the object was
-   * replaced during the download (see layer-download.ts).
+   * replaced during the download (see layer-download.ts). `opts.inspect` reads the bytes in order
+   * while they are written (the layer validator): its refusal stops the download, deletes the
+   * temp file and is thrown as it is; its result is returned as `inspected`.
    */
-  async downloadLayer(client: S3Client, cfg: S3Config, obj: LayerObject, opts: DownloadOptions = {}): Promise<{ digest: string; size: number; etag: string }> {
+  async downloadLayer<T = unknown>(client: S3Client, cfg: S3Config, obj: LayerObject, opts: DownloadOptions<T> = {}): Promise<{ digest: string; size: number; etag: string; inspected: T | undefined }> {
     if (!Number.isSafeInteger(obj.size) || obj.size < 1) throw new TypeError(`blob store: layer ${obj.key} has an invalid size ${obj.size}`);
     const tempPath = join(this.tmpDir, `blob-${randomBytes(16).toString("hex")}.part`);
     let file: FileHandle | undefined = await open(tempPath, "wx+", FILE_MODE); // O_EXCL: never reuse or follow anything; read back to hash
@@ -105,7 +107,7 @@ export class BlobStore {
       file = undefined;
       const digest = `sha256:${fetched.sha256Hex}`;
       await this.commit(tempPath, digest, fetched.size);
-      return { digest, size: fetched.size, etag: fetched.etag };
+      return { digest, size: fetched.size, etag: fetched.etag, inspected: fetched.inspected };
     } catch (err) {
       await file?.close().catch(() => {});
       await rm(tempPath, { force: true });

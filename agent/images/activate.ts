@@ -1,6 +1,9 @@
 // The activate FSM: ensure-image → snapshot → activate.
 //
 // ensure-image  pulls the image first when it is not ready (joining a pull already running).
+//               An image whose last pull FAILED is not pulled again unless its S3 folder changed
+//               (one listing: keys, ETags, sizes): its error is returned at once. PullImage
+//               still retries it on request.
 // snapshot      allocates a thin id (recorded before the pool is touched) and creates a thin
 //               snapshot of the image's device: the image's device itself is never written.
 // activate      maps the snapshot as /dev/mapper/imgd-act-<id>.
@@ -12,6 +15,10 @@ import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { Logger } from "../log.ts";
+import type { S3Client } from "@aws-sdk/client-s3";
+import type { S3Config } from "../s3/client.ts";
+import { listImageLayers } from "../s3/image-source.ts";
+import { isPermanentS3Error } from "../s3/errors.ts";
 import { activationDeviceName } from "./chain.ts";
 import { classifyStepError } from "./errors.ts";
 import type { PullFsm } from "./pull.ts";
@@ -32,6 +39,9 @@ export interface ActivateDeps {
   helper: HelperClient;
   pull: PullFsm;
   log: Logger;
+  /** To tell whether a failed image's folder changed since its failed pull. */
+  s3: S3Client;
+  s3Config: S3Config;
 }
 
 export type ActivateFsm = Fsm<ActivateRequest, ActivateState>;
@@ -72,8 +82,10 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
     });
 }
 
-async function ensureImage({ catalog, pull }: ActivateDeps, ctx: Ctx): Promise<void> {
+async function ensureImage(deps: ActivateDeps, ctx: Ctx): Promise<void> {
+  const { catalog, pull } = deps;
   const image = catalog.getImage(ctx.request.image);
+  if (image?.state === "failed") await refuseUnchangedFailure(deps, ctx.request.image, image.error ?? "pull failed");
   if (image?.state !== "ready") {
     const { runId } = pull.start(ctx.request.image, { image: ctx.request.image }, { layers: [], chainIds: [] });
     const outcome = await pull.wait(runId);
@@ -82,6 +94,25 @@ async function ensureImage({ catalog, pull }: ActivateDeps, ctx: Ctx): Promise<v
   const ready = catalog.getImage(ctx.request.image);
   if (ready?.state !== "ready" || !ready.chainId) throw abort(`image ${ctx.request.image} is not ready`);
   ctx.state.chainId = ready.chainId;
+}
+
+/**
+ * An image whose last pull failed is pulled again only when its S3 folder changed since: the
+ * same keys, ETags and sizes would fail the same way (and fetch the same bytes again). Throws the
+ * failure, unchanged, when the listing is the same (or still cannot be listed).
+ */
+async function refuseUnchangedFailure({ catalog, s3, s3Config }: ActivateDeps, image: string, failure: string): Promise<void> {
+  const failed = catalog.imageLayers(image).map((l) => `${l.position} ${l.key} ${l.etag} ${l.size}`);
+  let now: string[];
+  try {
+    now = (await listImageLayers(s3, s3Config, image)).map((l) => `${l.position} ${l.key} ${l.etag} ${l.size}`);
+  } catch (err) {
+    if (!isPermanentS3Error(err)) throw err; // transient: the step is retried
+    throw abort(`image ${image} failed to pull and still cannot be listed (${err.message}); its last pull failed with: ${failure}`, err);
+  }
+  if (failed.length > 0 && now.join("\n") === failed.join("\n")) {
+    throw abort(`image ${image} is not pulled again: its last pull failed and its S3 folder has not changed since (PullImage retries it): ${failure}`);
+  }
 }
 
 /** The activation's row, allocated on first use; a resumed run finds the one it made. */

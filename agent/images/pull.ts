@@ -1,23 +1,23 @@
 // The pull FSM: list → download → unpack → finish.
 //
 // list      reads the image's folder in S3 (the folder is the image) and records the layer list.
-// download  fetches every layer not already in the blob store, content-addressed, and validates
-//           it as a tar before it is recorded; a layer shared with another image is found by its
-//           ETag and size and not fetched again.
+// download  fetches every layer not already in the blob store, content-addressed, validating it
+//           as a tar WHILE it downloads (a bad entry stops the download at once; a listed size
+//           over the layer limit is refused before any byte is requested); a layer shared with
+//           another image is found by its ETag and size and not fetched again.
 // unpack    builds the chain of thin devices: device i = snapshot of device i-1 + layer i,
 //           keyed by chain id, so images with the same leading layers share devices.
 // finish    marks the image ready.
 // Every step is idempotent: it checks the catalog (and the blob store) before acting, so a
 // resumed run redoes only what is missing. A device half-made when the agent died is "allocated"
 // in the catalog, never "ready": it is discarded and rebuilt.
-import { createReadStream } from "node:fs";
 import type { Catalog, DeviceRow } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
-import { LayerValidationError, validateLayer } from "../layers/validate.ts";
+import { checkListedSize, LayerValidationError, validateLayer, type LayerLimits } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
@@ -51,6 +51,8 @@ export interface PullDeps {
   s3Config: S3Config;
   helper: HelperClient;
   locks: KeyedLock;
+  /** The validator's limits, from the agent's settings (IMGD_LAYER_MAX_*); defaults when absent. */
+  layerLimits?: Partial<LayerLimits>;
 }
 
 export type PullFsm = Fsm<PullRequest, PullState>;
@@ -96,6 +98,15 @@ async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promis
 
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   const { engine } = deps;
+  // Before any byte is requested: an object listed larger than a layer may be is never fetched.
+  for (const layer of ctx.state.layers) {
+    try {
+      checkListedSize(layer.size, deps.layerLimits);
+    } catch (err) {
+      if (!(err instanceof LayerValidationError)) throw err;
+      throw refused(ctx, layer, err);
+    }
+  }
   const total = ctx.state.layers.reduce((sum, l) => sum + l.size, 0);
   // Called for every chunk written: keep a running total rather than summing all layers again.
   const done = new Map<number, number>();
@@ -131,28 +142,33 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
       return known;
     }
     let digest: string;
+    let summary;
     try {
-      const stored = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, { signal: ctx.signal, onProgress: (bytes) => onBytes(bytes) });
+      // Validated while it downloads: a refusal stops the download and deletes the temp file.
+      const stored = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, {
+        signal: ctx.signal,
+        onProgress: (bytes) => onBytes(bytes),
+        inspect: (bytes) => validateLayer(bytes, deps.layerLimits),
+      });
       digest = stored.digest;
+      summary = stored.inspected!;
       if (stored.etag !== layer.etag) {
         // Replaced since the listing: the publisher's newer version is what this image gets.
         ctx.log("warn", "layer object changed since it was listed; using the new version", { key: layer.key, listed: layer.etag, stored: stored.etag });
         Object.assign(layer, { etag: stored.etag, size: stored.size });
       }
     } catch (err) {
+      if (err instanceof LayerValidationError) throw refused(ctx, layer, err);
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${layer.key}`);
-    }
-    let summary;
-    try {
-      summary = await validateLayer(createReadStream(blobs.pathFor(digest)));
-    } catch (err) {
-      if (!(err instanceof LayerValidationError)) throw err;
-      await blobs.remove(digest);
-      throw abort(`image ${ctx.request.image}: layer ${layer.key} (${digest}) refused: entry ${err.entry}: ${err.rule}: ${err.message}`, err);
     }
     catalog.recordBlob(layer, digest, { fileBytes: summary.fileBytes, entries: summary.entries });
     return digest;
   });
+}
+
+/** The run's error for a layer the validator refused (while downloading: its digest is not known yet). */
+function refused(ctx: Ctx, layer: PulledLayer, err: LayerValidationError): Error {
+  return abort(`image ${ctx.request.image}: layer ${layer.key} (${layer.size} bytes, ETag ${layer.etag}) refused: entry ${err.entry}: ${err.rule}: ${err.message}`, err);
 }
 
 async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {

@@ -3,15 +3,19 @@
 //
 // Decisions:
 // - gzip (1f 8b) and zstd (28 b5 2f fd) only; xz and bzip2 stay NOT_A_TAR (named by the tar check).
-// - Concatenated gzip members are one stream (RFC 1952, and what zlib does). Node's zstd decoder
-//   stops after the first frame, so a second frame would be silently dropped: any raw byte the
-//   decoder did not consume (more frames, zero padding, junk) is refused as TRAILING_GARBAGE, as
-//   Go's gzip reader refuses padding after the last member.
+// - Concatenated gzip members are one stream (RFC 1952, and what zlib does, whatever the read
+//   sizes). Several zstd frames (and skippable frames) are one stream too (RFC 8878), but Node's
+//   zstd decoder continues into a second frame only when the first ends exactly at a chunk
+//   boundary: so the frames are split here (zstd-frames.ts) and fed so that every write ends at
+//   a frame's end, which makes the result independent of how the object is read.
+// - Raw bytes after the last gzip member or zstd frame that are not another member or frame
+//   (zero padding, junk) are refused as TRAILING_GARBAGE, as Go's gzip reader refuses padding.
 // - maxDecompressedBytes bounds the work a small object can cause (a "bomb"); maxLayerBytes
 //   bounds the raw object too, so endless empty members cannot keep us busy either.
-import { Readable } from "node:stream";
+import { Readable, type Transform } from "node:stream";
 import { createGunzip, createZstdDecompress } from "node:zlib";
 import { LayerValidationError, WHOLE_ARCHIVE } from "./errors.ts";
+import { ZstdFrames } from "./zstd-frames.ts";
 
 export type Compression = "none" | "gzip" | "zstd";
 
@@ -83,18 +87,10 @@ export class Decompression {
 
   async *#decompressed(raw: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
     const name = this.compression;
-    const decoder = name === "gzip" ? createGunzip() : createZstdDecompress();
-    const source = Readable.from(raw);
-    let inputError: unknown = undefined;
-    source.on("error", (err) => {
-      inputError = err;
-      decoder.destroy(err);
-    });
-    source.pipe(decoder);
     let produced = 0;
-    try {
-      for await (const chunk of decoder) {
-        produced += (chunk as Buffer).length;
+    const limited = async function* (this: Decompression, output: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+      for await (const chunk of output) {
+        produced += chunk.length;
         if (produced > this.#maxDecompressedBytes) {
           throw new LayerValidationError(
             "DECOMPRESSION_LIMIT",
@@ -102,23 +98,35 @@ export class Decompression {
             `${name} layer decompresses to more than ${this.#maxDecompressedBytes} bytes (from ${this.rawBytes} bytes read so far)`,
           );
         }
-        yield chunk as Buffer;
+        yield chunk;
       }
-    } catch (err) {
-      if (err instanceof LayerValidationError || err === inputError) throw err;
-      const text = err instanceof Error ? err.message : String(err);
-      throw new LayerValidationError("BAD_COMPRESSION", WHOLE_ARCHIVE, `${name} stream is corrupt or truncated: ${text}`);
-    } finally {
-      source.destroy();
-      decoder.destroy();
+    }.bind(this);
+    if (name === "gzip") {
+      const gunzip = createGunzip();
+      yield* limited(decode(raw, gunzip, name));
+      if (gunzip.bytesWritten < this.rawBytes) {
+        throw new LayerValidationError("TRAILING_GARBAGE", WHOLE_ARCHIVE, `data after the end of the gzip stream at byte ${gunzip.bytesWritten} of ${this.rawBytes}`);
+      }
+      return;
     }
-    if (decoder.bytesWritten < this.rawBytes) {
-      throw new LayerValidationError(
-        "TRAILING_GARBAGE",
-        WHOLE_ARCHIVE,
-        `data after the end of the ${name} stream at byte ${decoder.bytesWritten} of ${this.rawBytes}` +
-          (name === "zstd" ? " (only single-frame zstd layers are supported)" : ""),
-      );
+    // One decoder for every frame: it goes on into the next frame when each write ends exactly at
+    // a frame's end, which the split guarantees (a fresh decoder per frame costs ~1 ms each, and
+    // zstd:chunked layers have a frame per file). Skippable frames are not fed.
+    let fed = 0;
+    const frames = new ZstdFrames(raw);
+    const pieces = async function* (): AsyncGenerator<Buffer> {
+      for (let frame = await frames.next(); frame !== null; frame = await frames.next()) {
+        for await (const piece of frame.bytes) {
+          if (frame.skippable) continue;
+          fed += piece.length;
+          yield piece;
+        }
+      }
+    };
+    const zstd = createZstdDecompress();
+    yield* limited(decode(pieces(), zstd, name));
+    if (zstd.bytesWritten !== fed) {
+      throw new LayerValidationError("BAD_COMPRESSION", WHOLE_ARCHIVE, `zstd stream is corrupt or truncated: the decoder stopped at byte ${zstd.bytesWritten} of the ${fed} frame bytes`);
     }
   }
 
@@ -128,5 +136,29 @@ export class Decompression {
       throw new LayerValidationError("LAYER_TOO_LARGE", WHOLE_ARCHIVE, `object is larger than ${this.#maxRawBytes} bytes`);
     }
     return chunk;
+  }
+}
+
+/**
+ * Decompresses `raw` with `decoder` (fresh). Errors of the input itself are passed through
+ * unchanged; the decoder's are BAD_COMPRESSION.
+ */
+async function* decode(raw: AsyncIterable<Buffer>, decoder: Transform, name: string): AsyncGenerator<Buffer> {
+  const source = Readable.from(raw);
+  let inputError: unknown = undefined;
+  source.on("error", (err) => {
+    inputError = err;
+    decoder.destroy(err);
+  });
+  source.pipe(decoder);
+  try {
+    for await (const chunk of decoder) yield chunk as Buffer;
+  } catch (err) {
+    if (err instanceof LayerValidationError || err === inputError) throw err;
+    const text = err instanceof Error ? err.message : String(err);
+    throw new LayerValidationError("BAD_COMPRESSION", WHOLE_ARCHIVE, `${name} stream is corrupt or truncated: ${text}`);
+  } finally {
+    source.destroy();
+    decoder.destroy();
   }
 }

@@ -1,10 +1,12 @@
-// The per-member rules of a layer, applied to each header tar-stream decodes, in archive order.
-// They need a little memory of earlier members (hardlink targets, whiteouts): names are kept as
-// 96-bit hashes so a hostile layer with a million 4 KiB names cannot make the agent hold 4 GB.
+// The per-member rules of a layer, applied to each header the tar reader decodes, in archive
+// order. They need a little memory of earlier members (hardlink targets, whiteouts, symlinks):
+// names are kept as 96-bit hashes so a hostile layer with a million 4 KiB names cannot make the
+// agent hold 4 GB.
 import { createHash } from "node:crypto";
 import type { Compression } from "./compression.ts";
 import { LayerValidationError, printable, type LayerRule } from "./errors.ts";
 import { baseOf, joinName, normalizeEntryName, parentOf, type PathLimits } from "./names.ts";
+import type { TarMember } from "./tar-reader.ts";
 
 export interface EntryLimits extends PathLimits {
   /** Most members in one layer (whiteouts and directories included). */
@@ -24,6 +26,8 @@ export interface LayerSummary {
   symlinks: number;
   hardlinks: number;
   fifos: number;
+  /** Character and block devices (created inside the image; every host mount is nodev). */
+  devices: number;
   /** `.wh.NAME` members. */
   whiteouts: number;
   /** `.wh..wh..opq` members. */
@@ -50,22 +54,9 @@ const MAX_UID = 0xfffffffe; // (uid_t)-1 means "unchanged" to chown(2)
 const MAX_XATTR_NAME_BYTES = 255;
 const MAX_XATTR_VALUE_BYTES = 65536;
 const OPAQUE_MARKER = ".wh..wh..opq";
-/** Self-naming symlinks remembered in clear text (few in any real layer); past this, the applier alone judges. */
-const MAX_SELF_LOOPS = 64;
 const WHITEOUT_PREFIX = ".wh.";
 
-type SeenKind = "dir" | "nondir";
-
-/** The header fields used here, as tar-stream decodes them (type may be null for unknown flags). */
-export interface MemberHeader {
-  name: string;
-  type: string | null;
-  size: number;
-  uid: number;
-  gid: number;
-  linkname: string | null;
-  pax?: unknown;
-}
+type SeenKind = "dir" | "symlink" | "other";
 
 export class EntryRules {
   readonly summary: LayerSummary = {
@@ -75,6 +66,7 @@ export class EntryRules {
     symlinks: 0,
     hardlinks: 0,
     fifos: 0,
+    devices: 0,
     whiteouts: 0,
     opaqueDirs: 0,
     fileBytes: 0,
@@ -89,89 +81,115 @@ export class EntryRules {
   readonly #limits: EntryLimits;
   /** Members seen so far in this layer (hashed name -> kind). */
   readonly #seen = new Map<string, SeenKind>();
+  /** Cheap hashes of this layer's symlink names (to test every parent of every member quickly);
+   *  a hit is confirmed in #seen. */
+  readonly #symlinkHints = new Set<number>();
   /** Paths this layer deletes from lower layers (.wh.NAME), hashed. */
   readonly #whitedOut = new Set<string>();
   /** Directories whose lower content this layer hides (.wh..wh..opq), hashed. */
   readonly #opaque = new Set<string>();
   /** Targets of hardlinks to paths not (yet) seen in this layer, hashed. */
   readonly #linkedAhead = new Set<string>();
-  /** Symlinks of this layer that name themselves (root -> /root), still in place. */
-  readonly #selfLoops: { name: string; target: string }[] = [];
 
   constructor(limits: EntryLimits) {
     this.#limits = limits;
   }
 
   /** Checks one member; throws LayerValidationError when it breaks a rule. */
-  check(header: MemberHeader): void {
-    const entry = printable(header.name);
-    const refuse: Refuse = (rule, message) => new LayerValidationError(rule, entry, message);
+  check(member: TarMember): void {
+    const refuse: Refuse = (rule, message) => new LayerValidationError(rule, printable(member.name), message);
 
     if (++this.summary.entries > this.#limits.maxEntries) {
       throw refuse("TOO_MANY_ENTRIES", `layer has more than ${this.#limits.maxEntries} entries`);
     }
-    const type = header.type;
-    if (type === "character-device" || type === "block-device") {
-      // Devices are never created from layers: an image gets its /dev from the runtime, and a
-      // device node in a layer is a way to reach host hardware.
-      throw refuse("DEVICE_NODE", `${type} entries are not allowed (an image gets /dev at run time)`);
+    const type = member.type;
+    if (member.typeflag === "S" || member.paxKeys.some((k) => k.startsWith("GNU.sparse."))) {
+      throw refuse("SPARSE_FILE", "GNU sparse files are not supported");
     }
-    if (type !== "file" && type !== "directory" && type !== "symlink" && type !== "link" && type !== "fifo") {
-      throw refuse("UNKNOWN_TYPE", `entry type ${type ?? "(unknown type flag)"} is not supported`);
-    }
+    if (type === null) throw refuse("UNKNOWN_TYPE", `entry type flag ${JSON.stringify(member.typeflag)} is not supported`);
 
-    const name = normalizeEntryName(header.name, this.#limits);
+    const name = normalizeEntryName(member.name, this.#limits);
     if (name === "" && type !== "directory") throw refuse("EMPTY_NAME", `a ${type} entry names the image root`);
-    checkOwner(header, refuse);
-    checkPax(header, refuse);
+    checkOwner(member, refuse);
     if (name !== "" && this.#linkedAhead.has(key(name))) {
       // Applied in order, the earlier link would find no target (or a lower layer's file that
       // this very entry then replaces): a link must come after its target.
       throw refuse("HARDLINK_TARGET_INVALID", `"${printable(name)}" is the target of an earlier hardlink; a hardlink must follow its target`);
     }
+    this.#notThroughSymlink(name, "", refuse);
 
     const base = baseOf(name);
-    if (name !== "") this.#throughSelfLoop(name, base.startsWith(WHITEOUT_PREFIX), refuse);
     if (base.startsWith(WHITEOUT_PREFIX)) {
-      this.#whiteout(name, base, header, refuse);
+      this.#whiteout(name, base, member, refuse);
       return;
     }
     if (type === "file") {
-      if (header.size > this.#limits.maxEntryBytes) {
-        throw refuse("ENTRY_TOO_LARGE", `file of ${header.size} bytes is larger than ${this.#limits.maxEntryBytes}`);
+      if (member.size > this.#limits.maxEntryBytes) {
+        throw refuse("ENTRY_TOO_LARGE", `file of ${member.size} bytes is larger than ${this.#limits.maxEntryBytes}`);
       }
-    } else if (header.size !== 0) {
-      throw refuse("NONZERO_SIZE", `a ${type} entry carries ${header.size} bytes of content`);
+    } else if (member.size !== 0) {
+      throw refuse("NONZERO_SIZE", `a ${type} entry carries ${member.size} bytes of content`);
     }
+    for (const [xattr, value] of member.xattrs) checkXattr(xattr, value, type, refuse);
 
     switch (type) {
       case "file":
         this.summary.files++;
-        this.summary.fileBytes += header.size;
+        this.summary.fileBytes += member.size;
         break;
       case "directory":
         if (name === "") this.summary.hasRootEntry = true;
         this.summary.directories++;
         break;
       case "symlink":
-        this.#symlinkTarget(header.linkname, refuse);
-        this.#rememberSelfLoop(name, header.linkname!);
+        this.#symlinkTarget(member.linkname, refuse);
         this.summary.symlinks++;
         break;
       case "link":
-        this.#hardlinkTarget(name, header.linkname, refuse);
+        this.#hardlinkTarget(name, member.linkname, refuse);
         this.summary.hardlinks++;
         break;
       case "fifo":
         this.summary.fifos++;
         break;
+      case "character-device":
+      case "block-device":
+        // Created as the layer says (mknod), as containerd and moby do: every host mount of an
+        // image is nodev, and inside a VM the node names the guest's own device.
+        this.summary.devices++;
+        break;
     }
-    if (name !== "") this.#seen.set(key(name), type === "directory" ? "dir" : "nondir");
+    if (name === "") return;
+    this.#seen.set(key(name), type === "directory" ? "dir" : type === "symlink" ? "symlink" : "other");
+    if (type === "symlink") this.#symlinkHints.add(cheapHash(name));
   }
 
-  #whiteout(name: string, base: string, header: MemberHeader, refuse: Refuse): void {
-    if (header.type !== "file") throw refuse("BAD_WHITEOUT", `a whiteout must be a regular file entry, not ${header.type}`);
-    if (header.size !== 0) throw refuse("BAD_WHITEOUT", `a whiteout carries ${header.size} bytes of content`);
+  /**
+   * THROUGH_SYMLINK: `name`'s parent path must not go through a symlink an earlier member of this
+   * layer created (and no later member replaced): `a -> /etc` then `a/passwd`, whiteouts and
+   * opaque markers under such a link, a hardlink whose target goes through one. The applier
+   * resolves every path inside the image anyway; here the layer says it means to write through
+   * a link it planted itself, which no image build does.
+   */
+  #notThroughSymlink(name: string, what: string, refuse: Refuse): void {
+    if (this.#symlinkHints.size === 0) return;
+    // One pass over the name: the hash of each parent is the running hash at its "/".
+    let hash = FNV_OFFSET;
+    for (let i = 0; i < name.length; i++) {
+      const unit = name.charCodeAt(i);
+      if (unit === SLASH && this.#symlinkHints.has(hash >>> 0)) {
+        const parent = name.slice(0, i);
+        if (this.#seen.get(key(parent)) === "symlink") {
+          throw refuse("THROUGH_SYMLINK", `${what}"${printable(name)}" goes through "${printable(parent)}", a symlink created earlier in this layer`);
+        }
+      }
+      hash = Math.imul(hash ^ unit, FNV_PRIME);
+    }
+  }
+
+  #whiteout(name: string, base: string, member: TarMember, refuse: Refuse): void {
+    if (member.type !== "file") throw refuse("BAD_WHITEOUT", `a whiteout must be a regular file entry, not ${member.type}`);
+    if (member.size !== 0) throw refuse("BAD_WHITEOUT", `a whiteout carries ${member.size} bytes of content`);
     const parent = parentOf(name);
     if (base === OPAQUE_MARKER) {
       this.#opaque.add(key(parent));
@@ -189,9 +207,9 @@ export class EntryRules {
     this.summary.whiteouts++;
   }
 
-  #symlinkTarget(target: string | null, refuse: Refuse): void {
-    // Absolute or relative, the text is fine: the kernel resolves it inside the image's root at
-    // apply time (chroot) and at run time.
+  #symlinkTarget(target: string, refuse: Refuse): void {
+    // Absolute or relative, the text is fine: the applier resolves it inside the image's root,
+    // and so does the kernel at run time.
     if (!target) throw refuse("SYMLINK_TARGET_INVALID", "symlink has an empty target");
     if (target.includes("\0")) throw refuse("SYMLINK_TARGET_INVALID", "symlink target contains a NUL byte");
     if (target.includes("\uFFFD")) throw refuse("BAD_ENCODING", "symlink target is not valid UTF-8");
@@ -200,43 +218,7 @@ export class EntryRules {
     }
   }
 
-  /**
-   * A member under a symlink of this layer that names itself can never be created: the path is a
-   * loop (ELOOP) whatever the lower layers hold. Whiteouts there delete nothing and pass, as at
-   * apply. A member naming the link or one of its parents may change what the path means: from
-   * then on the applier judges.
-   */
-  #throughSelfLoop(name: string, whiteout: boolean, refuse: Refuse): void {
-    if (this.#selfLoops.length === 0) return;
-    const loop = this.#selfLoops.find((l) => name.startsWith(`${l.name}/`));
-    if (loop && !whiteout) {
-      throw refuse("SYMLINK_LOOP", `"${printable(loop.name)}" is a symlink to itself ("${printable(loop.target)}"), so nothing can be created under it`);
-    }
-    if (whiteout) return;
-    for (let i = this.#selfLoops.length - 1; i >= 0; i--) {
-      const l = this.#selfLoops[i]!.name;
-      if (l === name || l.startsWith(`${name}/`)) this.#selfLoops.splice(i, 1);
-    }
-  }
-
-  /**
-   * Remembers `name` when its target resolves to itself for certain: no ".." (after a symlinked
-   * component the kernel's ".." is not the lexical one), and every parent a directory this layer
-   * made (a lower layer's symlink there could send the link somewhere else).
-   */
-  #rememberSelfLoop(name: string, target: string): void {
-    if (this.#selfLoops.length >= MAX_SELF_LOOPS) return;
-    const parts = target.split("/").filter((p) => p !== "" && p !== ".");
-    if (parts.includes("..")) return;
-    const resolved = target.startsWith("/") ? parts.join("/") : joinName(parentOf(name), parts.join("/"));
-    if (parts.length === 0 || resolved !== name) return;
-    for (let parent = parentOf(name); parent !== ""; parent = parentOf(parent)) {
-      if (this.#seen.get(key(parent)) !== "dir") return;
-    }
-    this.#selfLoops.push({ name, target });
-  }
-
-  #hardlinkTarget(name: string, rawTarget: string | null, refuse: Refuse): void {
+  #hardlinkTarget(name: string, rawTarget: string, refuse: Refuse): void {
     if (!rawTarget) throw refuse("HARDLINK_TARGET_INVALID", "hardlink has an empty target");
     let target: string;
     try {
@@ -248,16 +230,13 @@ export class EntryRules {
     if (target === "") throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets the image root");
     if (target === name) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets itself");
     if (baseOf(target).startsWith(WHITEOUT_PREFIX)) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets a whiteout");
+    this.#notThroughSymlink(target, "hardlink target ", refuse);
 
     const seen = this.#seen.get(key(target));
     if (seen === "dir") throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets directory "${printable(target)}"`);
-    if (seen === "nondir") return;
+    if (seen !== undefined) return;
     if (this.#deletedHere(target)) {
       throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" was deleted earlier in this layer`);
-    }
-    const loop = this.#selfLoops.find((l) => target.startsWith(`${l.name}/`));
-    if (loop) {
-      throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" lies under "${printable(loop.name)}", a symlink to itself`);
     }
     this.#linkedAhead.add(key(target));
     this.summary.lowerLayerLinks++;
@@ -287,41 +266,42 @@ function key(name: string): string {
   return createHash("sha256").update(name).digest().toString("latin1", 0, 12);
 }
 
-function checkOwner(header: MemberHeader, refuse: Refuse): void {
-  for (const [field, id] of [["uid", header.uid], ["gid", header.gid]] as const) {
-    if (!Number.isInteger(id) || id < 0 || id > MAX_UID) throw refuse("BAD_OWNER", `${field} ${id} is out of range`);
+const FNV_OFFSET = 0x811c9dc5;
+const FNV_PRIME = 0x01000193;
+const SLASH = 0x2f;
+
+/** FNV-1a (32 bits) over the UTF-16 units of `text`: a quick pre-filter, never trusted alone. */
+function cheapHash(text: string): number {
+  let hash = FNV_OFFSET;
+  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), FNV_PRIME);
+  return hash >>> 0;
+}
+
+function checkOwner(member: TarMember, refuse: Refuse): void {
+  for (const [field, id] of [["uid", member.uid], ["gid", member.gid]] as const) {
+    if (!Number.isInteger(id) || id < 0 || id > MAX_UID) throw refuse("BAD_OWNER", `${field} ${id} is out of range (0..${MAX_UID})`);
   }
 }
 
 /**
- * PAX records tar-stream does not apply would make the layer mean something else to other tools:
- * a uid/gid record that disagrees with the header field (tar-stream keeps the header field, so a
- * setuid file of uid 3000000 could land as uid 0), a size record that is not a plain number
- * (tar-stream's parseInt accepts "12abc"), GNU sparse files (tar-stream would write the sparse
- * map as content). Extended attributes: only user.* and security.capability may be set.
+ * Extended attributes (SCHILY.xattr PAX records, binary values): only user.* and
+ * security.capability, and only where Linux can set them, so the applier reproduces every one:
+ * user.* on regular files and directories (and hardlinks to them), security.capability on
+ * regular files.
  */
-function checkPax(header: MemberHeader, refuse: Refuse): void {
-  const pax = header.pax;
-  if (pax === null || pax === undefined || typeof pax !== "object") return;
-  for (const [field, value] of Object.entries(pax as Record<string, unknown>)) {
-    const text = String(value);
-    if (field === "size" && !/^[0-9]+$/.test(text)) throw refuse("BAD_PAX", `PAX size record "${printable(text)}" is not a number`);
-    if (field === "uid" || field === "gid") {
-      if (!/^[0-9]+$/.test(text) || Number(text) !== header[field]) {
-        throw refuse("BAD_PAX", `PAX ${field} record "${printable(text)}" differs from the header's ${field} ${header[field]}`);
-      }
-    }
-    if (field.startsWith("GNU.sparse.")) throw refuse("SPARSE_FILE", "GNU sparse files are not supported");
-    if (field.startsWith("SCHILY.xattr.")) checkXattr(field.slice("SCHILY.xattr.".length), text, refuse);
+function checkXattr(name: string, value: Buffer, type: string, refuse: Refuse): void {
+  const user = name.startsWith("user.") && name.length > "user.".length;
+  if (!user && name !== "security.capability") {
+    throw refuse("BAD_XATTR", `extended attribute "${printable(name)}" is not allowed (only user.* and security.capability)`);
   }
-}
-
-function checkXattr(name: string, value: string, refuse: Refuse): void {
-  const allowed = (name.startsWith("user.") && name.length > "user.".length) || name === "security.capability";
-  if (!allowed) throw refuse("BAD_XATTR", `extended attribute "${printable(name)}" is not allowed (only user.* and security.capability)`);
   if (Buffer.byteLength(name) > MAX_XATTR_NAME_BYTES) throw refuse("BAD_XATTR", "extended attribute name is too long");
   if (name.includes("\0")) throw refuse("BAD_XATTR", "extended attribute name contains a NUL byte");
-  if (Buffer.byteLength(value) > MAX_XATTR_VALUE_BYTES) {
+  if (value.length > MAX_XATTR_VALUE_BYTES) {
     throw refuse("BAD_XATTR", `extended attribute "${printable(name)}" value is larger than ${MAX_XATTR_VALUE_BYTES} bytes`);
   }
+  if (user && type === "symlink") throw refuse("BAD_XATTR", `user.* xattrs cannot be set on a symlink ("${printable(name)}")`);
+  if (user && type !== "file" && type !== "directory" && type !== "link") {
+    throw refuse("BAD_XATTR", `user.* xattrs can only be set on regular files and directories, not on a ${type} ("${printable(name)}")`);
+  }
+  if (!user && type !== "file") throw refuse("BAD_XATTR", `security.capability can only be set on a regular file, not on a ${type}`);
 }

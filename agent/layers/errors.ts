@@ -22,7 +22,6 @@ export type LayerRule =
   | "NAME_COMPONENT_TOO_LONG"
   | "TOO_DEEP"
   // entry types and their fields
-  | "DEVICE_NODE"
   | "UNKNOWN_TYPE"
   | "NONZERO_SIZE"
   | "ENTRY_TOO_LARGE"
@@ -31,7 +30,7 @@ export type LayerRule =
   | "BAD_XATTR"
   | "SPARSE_FILE"
   | "SYMLINK_TARGET_INVALID"
-  | "SYMLINK_LOOP"
+  | "THROUGH_SYMLINK"
   | "HARDLINK_TARGET_INVALID"
   | "HARDLINK_TO_MISSING"
   | "BAD_WHITEOUT";

@@ -45,6 +45,8 @@ export interface RecordedRequest {
   status?: number;
   /** performance.now() when the request arrived and when its response ended or broke. */
   start: number;
+  /** Response body bytes handed to the connection so far (passed through or sent raw). */
+  bytesSent: number;
   end?: number;
 }
 
@@ -92,7 +94,7 @@ export async function startFaultProxy(upstream: string): Promise<TamperProxy> {
   };
 
   const server: Server = createServer((req, res) => {
-    const seen: RecordedRequest = { method: req.method ?? "GET", url: req.url ?? "/", headers: req.headers, start: performance.now() };
+    const seen: RecordedRequest = { method: req.method ?? "GET", url: req.url ?? "/", headers: req.headers, start: performance.now(), bytesSent: 0 };
     proxy.requests.push(seen);
     const finished = () => (seen.end ??= performance.now());
     res.once("close", finished); // also when the connection is cut or reset
@@ -150,17 +152,18 @@ function answer(seen: RecordedRequest, plan: Tamper, req: IncomingMessage, res: 
   seen.status = status;
   if (!touchesBody) {
     res.writeHead(status, headers);
+    upstreamRes.on("data", (c: Buffer) => (seen.bytesSent += c.length));
     upstreamRes.pipe(res);
     return;
   }
   const chunks: Buffer[] = [];
   upstreamRes.on("data", (c: Buffer) => chunks.push(c));
-  upstreamRes.on("end", () => void sendRaw(res.socket!, status, headers, plan.body ?? Buffer.concat(chunks), plan));
+  upstreamRes.on("end", () => void sendRaw(res.socket!, status, headers, plan.body ?? Buffer.concat(chunks), plan, seen));
 }
 
 // Faulty framing (a Content-Length that lies, bytes after the announced end) is refused by Node's
 // own ServerResponse, so these responses are written straight onto the socket; it is closed after.
-async function sendRaw(socket: Socket, status: number, upstreamHeaders: OutgoingHttpHeaders, body: Buffer, plan: Tamper): Promise<void> {
+async function sendRaw(socket: Socket, status: number, upstreamHeaders: OutgoingHttpHeaders, body: Buffer, plan: Tamper, seen: RecordedRequest): Promise<void> {
   const headers: OutgoingHttpHeaders = { ...upstreamHeaders, connection: "close" };
   delete headers["transfer-encoding"];
   if (plan.noContentLength) delete headers["content-length"];
@@ -172,7 +175,9 @@ async function sendRaw(socket: Socket, status: number, upstreamHeaders: Outgoing
   for (let offset = 0; offset < Math.min(limit, body.length); offset += piece) {
     if (plan.throttle) await new Promise((resolve) => setTimeout(resolve, plan.throttle!.delayMs));
     if (socket.destroyed) return;
-    socket.write(body.subarray(offset, Math.min(offset + piece, limit)));
+    const bytes = body.subarray(offset, Math.min(offset + piece, limit));
+    socket.write(bytes);
+    seen.bytesSent += bytes.length;
   }
   if (plan.stallAfter !== undefined) return;
   if (plan.cutAfter !== undefined || plan.truncateAfter !== undefined) {

@@ -291,6 +291,66 @@ describe("large layers: parallel ranged GETs pinned to one ETag", () => {
   });
 });
 
+describe("inspecting a layer while it downloads (the validator reads the temp file's contiguous prefix)", () => {
+  const collect = (seen: { chunks: Buffer[]; firstAt?: number }) => async (stream: AsyncIterable<Buffer>) => {
+    for await (const chunk of stream) {
+      seen.firstAt ??= performance.now();
+      seen.chunks.push(Buffer.from(chunk));
+    }
+    return "looked at it";
+  };
+
+  it("sees every byte in order while the parts arrive out of order (one resumed), and the digest is the object's", async () => {
+    const obj = await listed("large");
+    // Part 0 is the slowest and part 3 is cut and resumed: later parts land first.
+    const plans: Array<Tamper | undefined> = Array.from({ length: 17 }, (_, i) => ({ throttle: { bytes: 16 * 1024, delayMs: i === 0 ? 40 : 5 } }));
+    plans[3] = { cutAfter: 10_000 };
+    proxy.script(forKey("large"), plans);
+    const from = proxy.requests.length;
+    const seen: { chunks: Buffer[]; firstAt?: number } = { chunks: [] };
+    const stored = await store.downloadLayer(client, cfg, obj, { inspect: collect(seen) });
+    const requests = proxy.requests.slice(from).filter(forKey("large"));
+    assert.equal(stored.inspected, "looked at it");
+    assert.ok(Buffer.concat(seen.chunks).equals(LARGE), "the inspector saw exactly the object, in order");
+    assert.equal(stored.digest, sha256(LARGE));
+    assert.ok(seen.firstAt! < Math.max(...requests.map((r) => r.end ?? Infinity)), "the inspector started before the last part arrived");
+  });
+
+  it("a refusal stops every part at once, deletes the temp file and is thrown as it is", async () => {
+    const obj = await listed("large");
+    proxy.script(forKey("large"), Array.from({ length: 17 }, () => ({ stallAfter: 20_000 })));
+    const from = proxy.requests.length;
+    const refusal = new Error("not a layer");
+    const started = performance.now();
+    const download = store.downloadLayer(client, cfg, obj, {
+      inspect: async (stream) => {
+        for await (const _ of stream) throw refusal;
+      },
+    });
+    await assert.rejects(download, (err) => err === refusal);
+    assert.ok(performance.now() - started < 2000, "not after a timeout");
+    assert.equal(proxy.requests.length - from, 3, "the three parts in flight, no more");
+    assert.deepEqual(await readdir(store.blobDir), []);
+  });
+
+  it("a download error ends the inspection with that error, and is what the download rejects with", async () => {
+    const obj = await listed("small");
+    proxy.script(forKey("small"), [{ reply: { status: 403, body: "<Error><Code>AccessDenied</Code><Message>no</Message></Error>" } }]);
+    let inspectorError: unknown;
+    const download = store.downloadLayer(client, cfg, obj, {
+      inspect: async (stream) => {
+        try {
+          for await (const _ of stream);
+        } catch (err) {
+          inspectorError = err;
+          throw err;
+        }
+      },
+    });
+    await assert.rejects(download, (err) => err instanceof S3Error && err.code === "ACCESS_DENIED" && err === inspectorError);
+  });
+});
+
 describe("backoffDelayMs", () => {
   const policy = { ...DOWNLOAD_DEFAULTS, backoffMs: 100, backoffMaxMs: 1000, retryAfterMaxMs: 5000 };
   it("is full jitter: uniform in [0, min(max, base * 2^n)]", () => {

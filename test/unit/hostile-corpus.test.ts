@@ -11,7 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { fileURLToPath } from "node:url";
-import { layerLimitsFromEnv, LayerValidationError, validateLayer } from "../../agent/layers/validate.ts";
+import { LayerValidationError, validateLayer } from "../../agent/layers/validate.ts";
+import { loadAgentConfig } from "../../agent/config.ts";
 import { checkImage, CORPUS_LIMITS, expectationsDocument, hostileCorpus, imageOf, LIMIT_ENV, type CorpusCase } from "../fixtures/hostile-corpus.ts";
 
 const CHILD = fileURLToPath(new URL("../../privhelper/apply/child.ts", import.meta.url));
@@ -34,7 +35,7 @@ test("the corpus covers every kind of outcome and the issue's families of cases"
     assert.ok(cases.filter((c) => c.name.startsWith(family)).length >= 2, `${family} cases`);
   }
   const rules = new Set(cases.flatMap((c) => (c.expect.outcome === "refused" && c.expect.stage === "validate" ? [c.expect.rule] : [])));
-  for (const rule of ["DOTDOT", "ABSOLUTE_PATH", "EMPTY_NAME", "BAD_ENCODING", "PATH_TOO_LONG", "TOO_DEEP", "DEVICE_NODE", "UNKNOWN_TYPE", "SPARSE_FILE", "HEADER_TOO_LARGE", "NOT_A_TAR", "TRUNCATED", "TRAILING_GARBAGE", "DECOMPRESSION_LIMIT", "TOO_MANY_ENTRIES", "BAD_WHITEOUT", "SYMLINK_LOOP", "HARDLINK_TARGET_INVALID", "HARDLINK_TO_MISSING"] as const) {
+  for (const rule of ["DOTDOT", "ABSOLUTE_PATH", "EMPTY_NAME", "BAD_ENCODING", "PATH_TOO_LONG", "TOO_DEEP", "UNKNOWN_TYPE", "SPARSE_FILE", "HEADER_TOO_LARGE", "NOT_A_TAR", "TRUNCATED", "TRAILING_GARBAGE", "DECOMPRESSION_LIMIT", "TOO_MANY_ENTRIES", "BAD_WHITEOUT", "THROUGH_SYMLINK", "BAD_XATTR", "BAD_PAX", "SPARSE_FILE", "HARDLINK_TARGET_INVALID", "HARDLINK_TO_MISSING"] as const) {
     assert.ok(rules.has(rule), `a case refused by ${rule}`);
   }
 });
@@ -130,12 +131,12 @@ test("checkImage walks without following symlinks, and reports what differs", (t
   assert.match(problems[0]!, /link is not a directory/);
 });
 
-test("layer limits from the environment: the corpus's variables, and bad values refused", () => {
-  assert.deepEqual(layerLimitsFromEnv(LIMIT_ENV), CORPUS_LIMITS);
-  assert.deepEqual(layerLimitsFromEnv({}), {});
-  assert.deepEqual(layerLimitsFromEnv({ IMGD_LAYER_MAX_BYTES: "1024", IMGD_LAYER_MAX_ENTRY_BYTES: "" }), { maxLayerBytes: 1024 });
+test("layer limits from the agent's settings (its one schema): the corpus's variables, and bad values refused", () => {
+  const limits = (env: Record<string, string>) => loadAgentConfig([], { IMGD_STATE_DIR: "/tmp/x", ...env }).layerLimits;
+  assert.deepEqual({ ...limits(LIMIT_ENV) }, { ...limits({}), ...CORPUS_LIMITS });
+  assert.equal(limits({ IMGD_LAYER_MAX_BYTES: "1024" }).maxLayerBytes, 1024);
   for (const bad of ["0", "-1", "1e9", "12abc", "99999999999999999999"]) {
-    assert.throws(() => layerLimitsFromEnv({ IMGD_LAYER_MAX_ENTRIES: bad }), /IMGD_LAYER_MAX_ENTRIES must be a positive integer/);
+    assert.throws(() => limits({ IMGD_LAYER_MAX_ENTRIES: bad }), /IMGD_LAYER_MAX_ENTRIES/);
   }
 });
 
