@@ -56,6 +56,9 @@ before(async () => {
       return perform(config, request);
     },
     log: (line) => logs.push(line),
+    // This suite sends thousands of refused lines on one connection and checks each is logged;
+    // the per-connection refusal caps (privhelper-exhaustion.test.ts) would cut it off first.
+    limits: { maxRefusalsPerConnection: Infinity, maxLoggedRefusalsPerConnection: Infinity },
   });
   await server.start();
 });
