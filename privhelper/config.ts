@@ -6,6 +6,8 @@ import { isAbsolute, normalize } from "node:path";
 export type HelperConfig = {
   socketPath: string;
   socketGroup: string;
+  /** the agent's user (name or uid): blobs the helper reads must be owned by it */
+  agentUser: string;
   stateDir: string;
   blobDir: string;
   poolName: string;
@@ -48,6 +50,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): HelperConfig {
     throw new Error(`IMGD_HELPER_GROUP ${JSON.stringify(socketGroup)} is not a group name or gid`);
   }
 
+  const agentUser = get("IMGD_AGENT_USER", "imgd");
+  if (!/^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/.test(agentUser) || agentUser === "0" || agentUser === "root") {
+    throw new Error(`IMGD_AGENT_USER ${JSON.stringify(agentUser)} is not a user name or uid (root is not allowed)`);
+  }
+
   const blockSectorsText = get("IMGD_POOL_BLOCK_SECTORS", "2048");
   const poolBlockSectors = /^[1-9][0-9]{0,6}$/.test(blockSectorsText) ? Number(blockSectorsText) : NaN;
   // dm-thin: block size is a multiple of 128 sectors (64 KiB), between 64 KiB and 1 GiB.
@@ -73,6 +80,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): HelperConfig {
   return {
     socketPath: absolutePath("IMGD_HELPER_SOCKET", get("IMGD_HELPER_SOCKET", "/run/imgd/privhelper.sock")),
     socketGroup,
+    agentUser,
     stateDir: absolutePath("IMGD_HELPER_STATE_DIR", get("IMGD_HELPER_STATE_DIR", "/var/lib/imgd-privhelper")),
     blobDir: absolutePath("IMGD_BLOB_DIR", get("IMGD_BLOB_DIR", "/var/lib/imgd/blobs")),
     poolName,
@@ -91,4 +99,14 @@ export function resolveGroupId(group: string, groupFile = "/etc/group"): number 
     if (name === group && gid !== undefined && /^[0-9]+$/.test(gid)) return Number(gid);
   }
   throw new Error(`group ${group} not found in ${groupFile}`);
+}
+
+/** Resolves a user name (or numeric uid) through /etc/passwd; Node has no getpwnam. */
+export function resolveUserId(user: string, passwdFile = "/etc/passwd"): number {
+  if (/^[0-9]+$/.test(user)) return Number(user);
+  for (const line of readFileSync(passwdFile, "utf8").split("\n")) {
+    const [name, , uid] = line.split(":");
+    if (name === user && uid !== undefined && /^[0-9]+$/.test(uid)) return Number(uid);
+  }
+  throw new Error(`user ${user} not found in ${passwdFile}`);
 }

@@ -21,7 +21,9 @@ import { MAX_DECOMPRESSED_BYTES, tarStream } from "./decompress.ts";
 import { applyLayer, LayerRefused } from "./oci-apply.ts";
 
 type Args = {
-  blob: string;
+  /** test mode only: the blob by path; the helper passes --blob-fd (a descriptor it opened) */
+  blob?: string;
+  blobFd?: number;
   digest: string;
   root?: string;
   device?: string;
@@ -42,7 +44,7 @@ function parseArgs(argv: string[]): Args {
   const values = new Map<string, string>();
   for (let i = 0; i < argv.length; i += 2) {
     const [flag, value] = [argv[i]!, argv[i + 1]];
-    if (!["--blob", "--digest", "--root", "--device", "--mountpoint", "--parent-pid", "--max-decompressed-bytes"].includes(flag) || value === undefined || values.has(flag)) {
+    if (!["--blob", "--blob-fd", "--digest", "--root", "--device", "--mountpoint", "--parent-pid", "--max-decompressed-bytes"].includes(flag) || value === undefined || values.has(flag)) {
       throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
     }
     values.set(flag, value);
@@ -59,10 +61,12 @@ function parseArgs(argv: string[]): Args {
   const maxText = values.get("--max-decompressed-bytes");
   const maxDecompressedBytes = maxText === undefined ? MAX_DECOMPRESSED_BYTES : Number(maxText);
   if (!(Number.isSafeInteger(maxDecompressedBytes) && maxDecompressedBytes > 0)) throw new ChildFailure("INTERNAL", "bad --max-decompressed-bytes");
-  const args = { blob: path("--blob"), digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint"), parentPid, maxDecompressedBytes };
+  const blobFd = values.has("--blob-fd") ? Number(values.get("--blob-fd")) : undefined;
+  if (blobFd !== undefined && !(Number.isSafeInteger(blobFd) && blobFd >= 3)) throw new ChildFailure("INTERNAL", "bad --blob-fd");
+  const args = { blob: path("--blob"), blobFd, digest: values.get("--digest"), root: path("--root"), device: path("--device"), mountPoint: path("--mountpoint"), parentPid, maxDecompressedBytes };
   const mounted = args.device !== undefined && args.mountPoint !== undefined && args.root === undefined && maxText === undefined;
   const testMode = args.root !== undefined && args.device === undefined && args.mountPoint === undefined;
-  if (!args.blob || !args.digest || !/^sha256:[0-9a-f]{64}$/.test(args.digest) || !(mounted || testMode)) {
+  if ((args.blob === undefined) === (args.blobFd === undefined) || !args.digest || !/^sha256:[0-9a-f]{64}$/.test(args.digest) || !(mounted || testMode)) {
     throw new ChildFailure("INTERNAL", `bad arguments: ${argv.join(" ")}`);
   }
   return args as Args;
@@ -95,6 +99,12 @@ function openBlob(path: string): number {
   return fd;
 }
 
+/** The blob the helper opened (and checked) for us: only its type is checked again here. */
+function inheritedBlob(fd: number): number {
+  if (!fstatSync(fd).isFile()) throw new ChildFailure("BLOB_MISSING", `blob descriptor ${fd} is not a regular file`);
+  return fd;
+}
+
 async function main(): Promise<{ entries: number; bytes: number }> {
   const args = parseArgs(process.argv.slice(2));
   if (args.parentPid !== undefined) {
@@ -106,7 +116,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
   process.umask(0); // modes come from the layer, exactly
 
   void process.stdout; // created lazily by Node: make it exist before the host disappears
-  const blobFd = openBlob(args.blob);
+  const blobFd = args.blobFd !== undefined ? inheritedBlob(args.blobFd) : openBlob(args.blob!);
   let root = args.root!;
   if (args.device !== undefined) {
     root = args.mountPoint!;
@@ -142,13 +152,13 @@ async function main(): Promise<{ entries: number; bytes: number }> {
       // Bytes that are not the requested blob explain any failure better (and are not the
       // layer's fault): check the whole file before blaming its content.
       const actual = hashWholeFile(blobFd);
-      if (actual !== args.digest) throw new ChildFailure("BLOB_MISMATCH", `blob ${args.blob} hashes to ${actual}, not ${args.digest}`);
+      if (actual !== args.digest) throw new ChildFailure("BLOB_MISMATCH", `blob ${args.blob ?? args.digest} hashes to ${actual}, not ${args.digest}`);
       throw err;
     }
 
     const actual = `sha256:${hash.digest("hex")}`;
     if (actual !== args.digest) {
-      throw new ChildFailure("BLOB_MISMATCH", `blob ${args.blob} hashes to ${actual}, not ${args.digest}; the device content is invalid`);
+      throw new ChildFailure("BLOB_MISMATCH", `blob ${args.blob ?? args.digest} hashes to ${actual}, not ${args.digest}; the device content is invalid`);
     }
     const imageRoot = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
     try {

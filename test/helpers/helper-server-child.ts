@@ -13,7 +13,7 @@ import { HelperServer, type ServerLimits } from "../../privhelper/server.ts";
 
 const [socketPath, stateDir, logFile, limitsJson] = process.argv.slice(2);
 if (!socketPath || !stateDir || !logFile) throw new Error("usage: helper-server-child.ts SOCKET STATE_DIR LOG_FILE [LIMITS_JSON]");
-const config = loadConfig({ IMGD_HELPER_SOCKET: socketPath, IMGD_HELPER_STATE_DIR: stateDir, IMGD_BLOB_DIR: `${stateDir}/blobs`, IMGD_HELPER_GROUP: "0", IMGD_AGENT_USER: "0" });
+const config = loadConfig({ IMGD_HELPER_SOCKET: socketPath, IMGD_HELPER_STATE_DIR: stateDir, IMGD_BLOB_DIR: `${stateDir}/blobs`, IMGD_HELPER_GROUP: "0", IMGD_AGENT_USER: "65534" });
 replaceSpawnerForTests(async () => ({ exitCode: 1, stdout: "", stderr: "recorder: not run", timedOut: false, isCanceled: false }));
 const server = new HelperServer({
   socketPath,
