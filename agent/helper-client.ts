@@ -7,7 +7,8 @@ import { createConnection, type Socket } from "node:net";
 import type { OpArgs, OpName, OpResult, Response } from "../privhelper/protocol.ts";
 
 /** Codes that will not change on retry: the request or the content itself is refused. */
-const PERMANENT_CODES = new Set(["BAD_JSON", "BAD_ARGS", "UNKNOWN_OP", "TOO_LARGE", "LAYER_REFUSED", "HAS_FILESYSTEM"]);
+// NOT_OURS / WRONG_ROLE / BLOB_REFUSED: the helper refuses the subject itself (issue 9).
+const PERMANENT_CODES = new Set(["BAD_JSON", "BAD_ARGS", "UNKNOWN_OP", "TOO_LARGE", "LAYER_REFUSED", "HAS_FILESYSTEM", "NOT_OURS", "WRONG_ROLE", "BLOB_REFUSED"]);
 
 export class HelperError extends Error {
   readonly code: string;

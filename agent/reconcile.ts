@@ -74,9 +74,9 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
       // Ids are allocated in SQLite before the pool creates them and never reused
       // (AUTOINCREMENT), so an id the catalog does not know now never will be.
       if (thinOwner(catalog, action.thinId)) return `thin id ${action.thinId} is now known to the catalog`;
-      if (action.holder) await unmountAndRemove(helper, action.holder);
+      if (action.holder) await removeDevice(helper, action.holder);
       const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
-      if (holder) await unmountAndRemove(helper, holder.name);
+      if (holder) await removeDevice(helper, holder.name);
       await helper.call("thin.delete", { thinId: action.thinId });
       return undefined;
     }
@@ -98,7 +98,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         if (!row || row.thinId !== action.thinId) return "the activation is gone";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
         if (row.state === "active" && (await helper.call("thin.list", {})).thinIds.includes(row.thinId)) return "its thin id is in the pool";
-        await unmountAndRemove(helper, row.name);
+        await removeDevice(helper, row.name);
         await helper.call("thin.delete", { thinId: row.thinId });
         catalog.deleteActivation(row.id);
         return undefined;
@@ -155,7 +155,7 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
   if (device) {
     // Layer devices are active only inside their build, which holds this lock.
     return locks.run(chainLockKey(device.chainId), async () => {
-      await unmountAndRemove(helper, name);
+      await removeDevice(helper, name);
       return undefined;
     });
   }
@@ -165,11 +165,11 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
       const row = catalog.getActivation(activation.id);
       if (row && activationBusy(deps, row.id)) return "a run is working on this activation";
       if (row?.state === "active" && row.thinId === thinId) return "the device is the activation's own";
-      await unmountAndRemove(helper, name);
+      await removeDevice(helper, name);
       return undefined;
     });
   }
-  await unmountAndRemove(helper, name);
+  await removeDevice(helper, name);
   return undefined;
 }
 
@@ -186,11 +186,5 @@ function activationBusy(deps: ReconcileDeps, id: string): boolean {
 }
 
 async function removeDevice(helper: HelperClient, name: string): Promise<void> {
-  await helper.call("device.deactivate", { name });
-}
-
-/** A stray device may be mounted (fs.mount, for inspection); unmounting what is not mounted is a no-op. */
-async function unmountAndRemove(helper: HelperClient, name: string): Promise<void> {
-  await helper.call("fs.unmount", { name });
   await helper.call("device.deactivate", { name });
 }

@@ -9,6 +9,8 @@ export { parseSize } from "./settings.ts";
 export type HelperConfig = {
   socketPath: string;
   socketGroup: string;
+  /** the agent's user (name or uid): blobs the helper reads must be owned by it */
+  agentUser: string;
   stateDir: string;
   blobDir: string;
   poolName: string;
@@ -24,12 +26,17 @@ const poolName = text("name [a-z][a-z0-9_-]*, not imgd-layer-*/imgd-act-*", (v) 
   /^[a-z][a-z0-9_-]{0,62}$/.test(v) && !/^imgd-(layer|act)-/.test(v) ? undefined : "is not allowed (a word [a-z][a-z0-9_-]*, not imgd-layer-* or imgd-act-*)",
 );
 const group = text("group name or gid", /^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/, "is not a group name or gid");
+// Blobs the helper reads must be owned by this user: never root, whose files the agent must not reach.
+const agentUser = text("user name or uid, not root", (v) =>
+  /^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/.test(v) && v !== "0" && v !== "root" ? undefined : "is not a user name or uid (root is not allowed)",
+);
 
 /** Every setting of the helper: name → type/range, default, meaning. Adding one is one line here. */
 export const HELPER_SETTINGS = {
   IMGD_HELPER_SOCKET: setting(path(), "/run/imgd/privhelper.sock", "the helper's Unix socket (mode 0660)"),
   IMGD_HELPER_GROUP: setting(group, "imgd", "group that may use the helper's socket: the agent's group, and nobody else"),
   IMGD_HELPER_STATE_DIR: setting(path(), "/var/lib/imgd-privhelper", "pool backing files, thin-id origin records, mount points"),
+  IMGD_AGENT_USER: setting(agentUser, "imgd", "the agent's user: layer.apply reads only blobs owned by it, with one link, never through a symlink"),
   IMGD_BLOB_DIR: setting(path(), "/var/lib/imgd/blobs", "the agent's blob store, where layer.apply reads layers (the agent's IMGD_STATE_DIR + /blobs)"),
   IMGD_POOL_NAME: setting(poolName, "imgd-pool", "device-mapper name of the thin pool"),
   IMGD_POOL_DATA_SIZE: setting(size(), "2G", "pool data size, created when missing (a multiple of the block size, at least 16 blocks)"),
@@ -65,6 +72,7 @@ function checkPool(v: Values<typeof HELPER_SETTINGS>): HelperConfig {
   return {
     socketPath: v.IMGD_HELPER_SOCKET,
     socketGroup: v.IMGD_HELPER_GROUP,
+    agentUser: v.IMGD_AGENT_USER,
     stateDir: v.IMGD_HELPER_STATE_DIR,
     blobDir: v.IMGD_BLOB_DIR,
     poolName: v.IMGD_POOL_NAME,
@@ -83,4 +91,14 @@ export function resolveGroupId(group: string, groupFile = "/etc/group"): number 
     if (name === group && gid !== undefined && /^[0-9]+$/.test(gid)) return Number(gid);
   }
   throw new Error(`group ${group} not found in ${groupFile}`);
+}
+
+/** Resolves a user name (or numeric uid) through /etc/passwd; Node has no getpwnam. */
+export function resolveUserId(user: string, passwdFile = "/etc/passwd"): number {
+  if (/^[0-9]+$/.test(user)) return Number(user);
+  for (const line of readFileSync(passwdFile, "utf8").split("\n")) {
+    const [name, , uid] = line.split(":");
+    if (name === user && uid !== undefined && /^[0-9]+$/.test(uid)) return Number(uid);
+  }
+  throw new Error(`user ${user} not found in ${passwdFile}`);
 }

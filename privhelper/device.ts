@@ -3,6 +3,7 @@ import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
 import { dmCreate, dmDeviceNumber, dmListNames, dmRemove, dmTable, isBusy, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
+import { claimRole, ownDevice } from "./ownership.ts";
 import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
 
 export type ThinDevice = { name: string; thinId: number };
@@ -39,6 +40,7 @@ export async function activateDevice(config: HelperConfig, name: string, thinId:
   const holder = (await listDevices(config)).find((device) => device.thinId === thinId);
   // Two live devices on one thin id would write the same blocks through two caches.
   if (holder) throw new HelperFailure("BUSY", `thin id ${thinId} is already active as ${holder.name}`);
+  await claimRole(config, name, thinId);
   try {
     await dmCreate(name, `0 ${sectors} thin /dev/mapper/${config.poolName} ${thinId}`);
     crashPoint("helper.device.activate.after-create");
@@ -55,8 +57,9 @@ export async function activateDevice(config: HelperConfig, name: string, thinId:
 
 const REMOVE_ATTEMPTS = 5;
 
-/** Removes the device; a device that is already gone counts as success. */
-export async function deactivateDevice(name: string): Promise<void> {
+/** Removes the device if it is imgd's (ownership.ts); a device that is already gone counts as success. */
+export async function deactivateDevice(config: HelperConfig, name: string): Promise<void> {
+  if (!(await ownDevice(config, name, { requireRecord: false }))) return;
   for (let attempt = 1; ; attempt++) {
     try {
       await dmRemove(name);

@@ -1,7 +1,7 @@
 // imgd-privhelper: the root side of imgd. Serves the allow-listed operations in protocol.ts on a
 // Unix socket that only root and the imgd group can reach.
-import { chmod, chown, mkdir } from "node:fs/promises";
-import { loadConfig, resolveGroupId } from "./config.ts";
+import { lstat, mkdir } from "node:fs/promises";
+import { loadConfig, resolveGroupId, resolveUserId } from "./config.ts";
 import { perform } from "./operations.ts";
 import { abortAllRuns } from "./run.ts";
 import { HelperServer, type LogLine } from "./server.ts";
@@ -16,15 +16,18 @@ async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error("must run as root");
   const config = loadConfig();
   const socketGid = resolveGroupId(config.socketGroup);
-  // Root-owned and traversable: mnt/ below it holds the inspection mounts the agent reads;
-  // pool/ (0700) and its files (0600) stay private.
-  await mkdir(config.stateDir, { recursive: true, mode: 0o755 });
-  await chown(config.stateDir, 0, 0);
-  await chmod(config.stateDir, 0o755);
+  // Root's alone: created 0700 when missing, otherwise left as its unit made it (StateDirectory=,
+  // 0700). Nothing in it is for the agent: the helper mounts nothing in the host's namespace.
+  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
+  const state = await lstat(config.stateDir);
+  if (!state.isDirectory() || state.uid !== 0 || (state.mode & 0o022) !== 0) {
+    throw new Error(`${config.stateDir} must be a directory owned by root and not writable by group or others`);
+  }
+  resolveUserId(config.agentUser); // fail at start-up, not at the first layer.apply
 
   const server = new HelperServer({ socketPath: config.socketPath, socketGid, handler: (request) => perform(config, request), log });
   await server.start();
-  log({ msg: "imgd-privhelper listening", socket: config.socketPath, gid: socketGid, stateDir: config.stateDir, pool: config.poolName });
+  log({ msg: "imgd-privhelper listening", socket: config.socketPath, gid: socketGid, agentUser: config.agentUser, stateDir: config.stateDir, pool: config.poolName, limits: server.limits });
 
   let stopping = false;
   const stop = async (signal: string) => {

@@ -3,7 +3,7 @@
 import { applyLayerToDevice } from "./apply/layer-apply.ts";
 import type { HelperConfig } from "./config.ts";
 import { activateDevice, deactivateDevice, listDevices } from "./device.ts";
-import { makeFilesystem, mountFilesystem, unmountFilesystem } from "./fs.ts";
+import { makeFilesystem } from "./fs.ts";
 import { poolEnsure, poolStatus } from "./pool.ts";
 import type { OpName, OpResult, Request } from "./protocol.ts";
 import { createThin, deleteThin, listThinIds, snapshotThin } from "./thin.ts";
@@ -28,19 +28,14 @@ export async function perform(config: HelperConfig, request: Request): Promise<O
     case "device.activate":
       return activateDevice(config, request.args.name, request.args.thinId);
     case "device.deactivate":
-      await deactivateDevice(request.args.name);
+      await deactivateDevice(config, request.args.name);
       return {};
     case "device.list":
       return { devices: await listDevices(config) };
     case "fs.mkfs":
-      await makeFilesystem(request.args.name);
+      await makeFilesystem(config, request.args.name);
       return {};
     case "layer.apply":
       return applyLayerToDevice(config, request.args.name, request.args.digest);
-    case "fs.mount":
-      return mountFilesystem(config, request.args.name, request.args.readOnly);
-    case "fs.unmount":
-      await unmountFilesystem(config, request.args.name);
-      return {};
   }
 }

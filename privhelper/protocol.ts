@@ -30,8 +30,6 @@ export const OP_ARGS = {
   "device.list": noArgs,
   "fs.mkfs": z.strictObject({ name: deviceName }),
   "layer.apply": z.strictObject({ name: deviceName, digest }),
-  "fs.mount": z.strictObject({ name: deviceName, readOnly: z.boolean() }),
-  "fs.unmount": z.strictObject({ name: deviceName }),
 } as const;
 
 export type OpName = keyof typeof OP_ARGS;
@@ -65,8 +63,6 @@ export type OpResults = {
   "fs.mkfs": Empty;
   /** entries: tar entries processed; bytes: size of the layer blob read (and hashed) */
   "layer.apply": { entries: number; bytes: number };
-  "fs.mount": { path: string };
-  "fs.unmount": Empty;
 };
 export type OpResult<Op extends OpName> = OpResults[Op];
 

@@ -23,6 +23,8 @@ export type RunResult = { exitCode: number; stdout: string; stderr: string };
 
 export type RunOptions = {
   timeoutMs?: number;
+  /** open descriptors the program inherits as fd 3, 4, ... (the layer applier's blob) */
+  inheritFds?: number[];
   /** exit codes that are returned instead of thrown (0 is always accepted) */
   allowExitCodes?: number[];
 };
@@ -42,7 +44,7 @@ export async function run(program: Program, args: string[], options: RunOptions 
 /** Like run() for an absolute program path that is not a system tool (the layer applier). */
 export async function runFile(file: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
   const timeoutMs = options.timeoutMs ?? 60_000;
-  const result = await spawner(file, args, timeoutMs);
+  const result = await spawner(file, args, timeoutMs, options.inheritFds ?? []);
   const stdout = String(result.stdout ?? "");
   const stderr = String(result.stderr ?? "");
   const command = [file, ...args].join(" ");
@@ -68,12 +70,14 @@ export type SpawnResult = {
   signal?: string | undefined;
   message?: string | undefined;
 };
-export type Spawner = (file: string, args: string[], timeoutMs: number) => Promise<SpawnResult>;
+export type Spawner = (file: string, args: string[], timeoutMs: number, inheritFds: number[]) => Promise<SpawnResult>;
 
-async function spawnWithExeca(file: string, args: string[], timeoutMs: number): Promise<SpawnResult> {
+async function spawnWithExeca(file: string, args: string[], timeoutMs: number, inheritFds: number[]): Promise<SpawnResult> {
+  // execa's types do not list descriptor numbers past stderr; it passes them to spawn as they are.
+  const stdio = ["ignore", "pipe", "pipe", ...inheritFds] as unknown as ["ignore", "pipe", "pipe"];
   return execa(file, args, {
     reject: false,
-    stdin: "ignore",
+    stdio,
     env: { ...ENV, ...crashPointEnv() },
     extendEnv: false,
     timeout: timeoutMs,

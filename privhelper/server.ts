@@ -1,13 +1,52 @@
 // The Unix socket server: newline-delimited JSON, one request at a time per connection, and one
 // privileged operation at a time overall (a single global mutex: simple, and nothing can race).
+//
+// Every client is treated as possibly hostile (an exploited agent has the agent's uid), so every
+// resource a client can make the helper spend is bounded (ServerLimits): connections (globally and
+// per peer uid), lines parsed ahead (one line is taken off the buffer at a time, never a whole
+// chunk), unread response bytes (reading stops while they are over the cap; a client that stays
+// over it is cut off), a partial line's size and idle time. Each request first yields to the event
+// loop, so one connection's stream of cheap refusals cannot starve the others.
 import { chmod, chown, lstat, mkdir, unlink } from "node:fs/promises";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { dirname } from "node:path";
+import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import { HelperFailure } from "./errors.ts";
+import { peerOf, type Peer } from "./peer.ts";
 import { encodeResponse, MAX_LINE_BYTES, parseRequestLine, type Request, type Response } from "./protocol.ts";
 
 export type Handler = (request: Request) => Promise<unknown>;
 export type LogLine = Record<string, unknown>;
+
+export type ServerLimits = {
+  /** connections open at once, all clients together */
+  maxConnections: number;
+  /** connections open at once from one uid (SO_PEERCRED), so one client cannot take them all */
+  maxConnectionsPerUid: number;
+  /** request lines taken off a connection and not yet answered; reading stops at this many */
+  maxQueuedPerConnection: number;
+  /** response bytes the client has not read yet; reading stops above this */
+  maxUnreadResponseBytes: number;
+  /** a client that stays above maxUnreadResponseBytes this long is cut off */
+  unreadStallMs: number;
+  /** a connection holding an incomplete line this long without completing it is closed */
+  partialLineIdleMs: number;
+  /** refused (unparsable) requests after which a connection is cut off: the agent sends none */
+  maxRefusalsPerConnection: number;
+  /** refusals logged one by one per connection; the rest are counted in the line that closes it */
+  maxLoggedRefusalsPerConnection: number;
+};
+
+export const DEFAULT_LIMITS: ServerLimits = {
+  maxConnections: 128,
+  maxConnectionsPerUid: 32,
+  maxQueuedPerConnection: 16,
+  maxUnreadResponseBytes: 1024 * 1024,
+  unreadStallMs: 10_000,
+  partialLineIdleMs: 10_000,
+  maxRefusalsPerConnection: 1000,
+  maxLoggedRefusalsPerConnection: 20,
+};
 
 export type ServerOptions = {
   socketPath: string;
@@ -15,6 +54,7 @@ export type ServerOptions = {
   socketGid: number;
   handler: Handler;
   log: (line: LogLine) => void;
+  limits?: Partial<ServerLimits>;
 };
 
 /** Runs functions one after another, in call order. */
@@ -31,22 +71,25 @@ export class Mutex {
   }
 }
 
-// A client may pipeline requests; past this many queued lines we stop reading its socket.
-const MAX_QUEUED_PER_CONNECTION = 16;
 // Pure queries (they only read dm tables/status) skip the lock, so a status request is not held
 // up for minutes behind a layer.apply. Everything that changes state takes the lock.
 const UNLOCKED_OPS = new Set<string>(["pool.status", "device.list"]);
+// Connections refused for a cap are logged once, then counted into one line per this interval.
+const REFUSAL_LOG_INTERVAL_MS = 10_000;
 
 export class HelperServer {
   private readonly options: ServerOptions;
+  readonly limits: ServerLimits;
   private readonly mutex = new Mutex();
-  private readonly sockets = new Set<Socket>();
+  private readonly connections = new Set<Connection>();
   private server: Server | null = null;
   private stopping = false;
-  private connections = 0;
+  private connectionCount = 0;
+  private readonly refusedLog = { lastAt: -Infinity, unlogged: 0 };
 
   constructor(options: ServerOptions) {
     this.options = options;
+    this.limits = { ...DEFAULT_LIMITS, ...options.limits };
   }
 
   async start(): Promise<void> {
@@ -81,70 +124,67 @@ export class HelperServer {
       new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), graceMs))),
     ]);
     clearTimeout(timer);
-    for (const socket of this.sockets) socket.destroy();
+    for (const connection of this.connections) connection.socket.destroy();
     await closed;
     await unlink(this.options.socketPath).catch(() => undefined);
     return finished;
   }
 
-  private accept(socket: Socket): void {
-    const conn = ++this.connections;
-    this.sockets.add(socket);
-    socket.on("close", () => this.sockets.delete(socket));
-    socket.on("error", () => socket.destroy());
-
-    let partial: Buffer[] = [];
-    let partialBytes = 0;
-    let queued = 0;
-    let chain: Promise<void> = Promise.resolve();
-
-    const enqueue = (work: () => Promise<void>) => {
-      queued++;
-      if (queued >= MAX_QUEUED_PER_CONNECTION) socket.pause();
-      chain = chain.then(work).finally(() => {
-        queued--;
-        if (queued < MAX_QUEUED_PER_CONNECTION && !socket.destroyed) socket.resume();
-      });
-    };
-
-    const tooLarge = () => {
-      socket.off("data", onData);
-      socket.pause();
-      enqueue(async () => {
-        this.options.log({ conn, ok: false, code: "TOO_LARGE" });
-        this.send(socket, { id: null, ok: false, error: { code: "TOO_LARGE", message: `request line exceeds ${MAX_LINE_BYTES} bytes; closing connection` } });
-        socket.end(() => socket.destroy());
-      });
-    };
-
-    const onData = (chunk: Buffer) => {
-      let start = 0;
-      for (let newline = chunk.indexOf(10); newline !== -1; newline = chunk.indexOf(10, start)) {
-        const piece = chunk.subarray(start, newline);
-        if (partialBytes + piece.byteLength > MAX_LINE_BYTES) return tooLarge();
-        const line = partial.length === 0 ? piece : Buffer.concat([...partial, piece]);
-        partial = [];
-        partialBytes = 0;
-        enqueue(() => this.handleLine(socket, conn, line));
-        start = newline + 1;
-      }
-      const rest = chunk.subarray(start);
-      if (partialBytes + rest.byteLength > MAX_LINE_BYTES) return tooLarge();
-      if (rest.byteLength > 0) {
-        partial.push(Buffer.from(rest)); // copy: the chunk's memory may be reused
-        partialBytes += rest.byteLength;
-      }
-    };
-    socket.on("data", onData);
+  /** Open connections (for tests and the log). */
+  get openConnections(): number {
+    return this.connections.size;
   }
 
-  private async handleLine(socket: Socket, conn: number, line: Buffer): Promise<void> {
+  log(line: LogLine): void {
+    this.options.log(line);
+  }
+
+  private accept(socket: Socket): void {
+    const conn = ++this.connectionCount;
+    const peer = peerOf(socket);
+    socket.on("error", () => socket.destroy());
+    const fromSameUid = peer === null ? 0 : [...this.connections].filter((c) => c.peer?.uid === peer.uid).length;
+    const refusal = this.connections.size >= this.limits.maxConnections
+      ? `the helper already has ${this.connections.size} connections (limit ${this.limits.maxConnections})`
+      : peer !== null && fromSameUid >= this.limits.maxConnectionsPerUid
+        ? `uid ${peer.uid} already has ${fromSameUid} connections (limit ${this.limits.maxConnectionsPerUid})`
+        : null;
+    if (refusal !== null) {
+      this.logRefusedConnection({ conn, uid: peer?.uid, pid: peer?.pid, reason: refusal });
+      socket.end(encodeResponse({ id: null, ok: false, error: { code: "TOO_MANY_CONNECTIONS", message: refusal } }), () => socket.destroy());
+      return;
+    }
+    const connection = new Connection(this, socket, conn, peer);
+    this.connections.add(connection);
+    socket.on("close", () => {
+      this.connections.delete(connection);
+      connection.closed();
+    });
+  }
+
+  private logRefusedConnection(line: LogLine): void {
+    const now = performance.now();
+    if (now - this.refusedLog.lastAt < REFUSAL_LOG_INTERVAL_MS) {
+      this.refusedLog.unlogged++;
+      return;
+    }
+    const alsoRefused = this.refusedLog.unlogged;
+    this.refusedLog.lastAt = now;
+    this.refusedLog.unlogged = 0;
+    this.log({ ...line, ok: false, code: "TOO_MANY_CONNECTIONS", ...(alsoRefused > 0 ? { refusedSinceLastLine: alsoRefused } : {}) });
+  }
+
+  /**
+   * Parses and performs one request line; always resolves with the response to send. A line that
+   * does not parse is logged only while `logRefusal` is true (the connection's quota).
+   */
+  async handleLine(conn: number, peer: Peer | null, line: Buffer, logRefusal: () => boolean): Promise<{ response: Response; refused: boolean }> {
     const started = performance.now();
+    const who = peer === null ? {} : { uid: peer.uid, pid: peer.pid };
     const parsed = parseRequestLine(line);
     if (!parsed.ok) {
-      this.options.log({ conn, id: parsed.id, ok: false, code: parsed.code, field: parsed.field, message: parsed.message, bytes: line.byteLength });
-      this.send(socket, { id: parsed.id, ok: false, error: { code: parsed.code, message: parsed.message } });
-      return;
+      if (logRefusal()) this.log({ conn, ...who, id: parsed.id, ok: false, code: parsed.code, field: parsed.field, message: parsed.message, bytes: line.byteLength });
+      return { response: { id: parsed.id, ok: false, error: { code: parsed.code, message: parsed.message } }, refused: true };
     }
     const { id, op, args } = parsed.request;
     let response: Response;
@@ -163,14 +203,152 @@ export class HelperServer {
       }
     }
     const ms = Math.round(performance.now() - started);
-    this.options.log(response.ok
-      ? { conn, id, op, args, ok: true, ms }
-      : { conn, id, op, args, ok: false, code: response.error.code, message: response.error.message, ms });
-    this.send(socket, response);
+    this.log(response.ok
+      ? { conn, ...who, id, op, args, ok: true, ms }
+      : { conn, ...who, id, op, args, ok: false, code: response.error.code, message: response.error.message, ms });
+    return { response, refused: false };
+  }
+}
+
+/** One client connection: framing, flow control and its limits. */
+class Connection {
+  private pending: Buffer = Buffer.alloc(0); // received bytes not yet taken as lines
+  private queued = 0; // lines taken, not yet answered
+  private refusals = 0;
+  private chain: Promise<void> = Promise.resolve();
+  private partialTimer: NodeJS.Timeout | undefined;
+  private stallTimer: NodeJS.Timeout | undefined;
+  private ended = false;
+  /** no more lines are taken: the queued ones are answered, then the connection is cut off */
+  private draining = false;
+
+  private readonly server: HelperServer;
+  readonly socket: Socket;
+  private readonly conn: number;
+  readonly peer: Peer | null;
+
+  constructor(server: HelperServer, socket: Socket, conn: number, peer: Peer | null) {
+    this.server = server;
+    this.socket = socket;
+    this.conn = conn;
+    this.peer = peer;
+    socket.on("data", (chunk: Buffer) => {
+      if (this.ended || this.draining) return;
+      // Bounded: reading stops (pump) long before this grows past a line and a chunk or two.
+      this.pending = this.pending.byteLength === 0 ? chunk : Buffer.concat([this.pending, chunk]);
+      this.pump();
+    });
+    socket.on("drain", () => this.pump());
   }
 
-  private send(socket: Socket, response: Response): void {
-    if (!socket.destroyed && socket.writable) socket.write(encodeResponse(response));
+  private get limits(): ServerLimits {
+    return this.server.limits;
+  }
+
+  /** Takes complete lines while the queue has room, then decides whether to keep reading. */
+  private pump(): void {
+    if (this.ended || this.draining) return;
+    while (this.queued < this.limits.maxQueuedPerConnection) {
+      const newline = this.pending.indexOf(10);
+      if (newline === -1) break;
+      if (newline > MAX_LINE_BYTES) return this.tooLarge();
+      const line = Buffer.from(this.pending.subarray(0, newline)); // a copy: the rest may go on
+      this.pending = this.pending.subarray(newline + 1);
+      this.take(line);
+    }
+    const hasLine = this.pending.includes(10);
+    if (!hasLine && this.pending.byteLength > MAX_LINE_BYTES) return this.tooLarge();
+    // A line must be complete within partialLineIdleMs of its first byte (a byte now and then
+    // does not keep a connection and its buffer alive).
+    if (!hasLine && this.pending.byteLength > 0) {
+      this.partialTimer ??= setTimeout(() => this.cutOff("PARTIAL_LINE_IDLE", `an incomplete request line (${this.pending.byteLength} bytes) was not completed within ${this.limits.partialLineIdleMs} ms`), this.limits.partialLineIdleMs);
+    } else {
+      clearTimeout(this.partialTimer);
+      this.partialTimer = undefined;
+    }
+    this.flowControl();
+  }
+
+  private take(line: Buffer): void {
+    this.queued++;
+    this.chain = this.chain
+      .then(() => yieldToEventLoop())
+      .then(() => (this.ended ? null : this.server.handleLine(this.conn, this.peer, line, () => this.refusals < this.limits.maxLoggedRefusalsPerConnection)))
+      .then((handled) => {
+        if (!handled) return;
+        this.send(handled.response);
+        if (handled.refused && ++this.refusals >= this.limits.maxRefusalsPerConnection) {
+          this.cutOff("TOO_MANY_REFUSALS", `${this.refusals} requests were refused on this connection`);
+        }
+      })
+      .finally(() => {
+        this.queued--;
+        this.pump();
+      });
+  }
+
+  private send(response: Response): void {
+    if (this.ended || !this.socket.writable) return;
+    this.socket.write(encodeResponse(response));
+  }
+
+  /** Reads only while the queue has room and the client reads its answers. */
+  private flowControl(): void {
+    const unread = this.socket.writableLength;
+    const backlogged = this.queued >= this.limits.maxQueuedPerConnection || unread > this.limits.maxUnreadResponseBytes || this.pending.includes(10);
+    if (backlogged) this.socket.pause();
+    else this.socket.resume();
+    if (unread > this.limits.maxUnreadResponseBytes) {
+      this.stallTimer ??= setTimeout(() => this.cutOff("NOT_READING", `the client left ${this.socket.writableLength} bytes of responses unread for ${this.limits.unreadStallMs} ms`), this.limits.unreadStallMs);
+    } else {
+      clearTimeout(this.stallTimer);
+      this.stallTimer = undefined;
+    }
+  }
+
+  /** The lines before the oversized one are still answered, in order; then TOO_LARGE and close. */
+  private tooLarge(): void {
+    this.draining = true;
+    this.pending = Buffer.alloc(0);
+    clearTimeout(this.partialTimer);
+    this.socket.pause();
+    const message = `request line exceeds ${MAX_LINE_BYTES} bytes; closing connection`;
+    this.chain = this.chain.then(() => {
+      this.send({ id: null, ok: false, error: { code: "TOO_LARGE", message } });
+      this.cutOff("TOO_LARGE", message);
+    });
+  }
+
+  /** Closes the connection for a broken limit: logged once, whatever the client sends after. */
+  private cutOff(code: string, message: string): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.pending = Buffer.alloc(0);
+    this.clearTimers();
+    const who = this.peer === null ? {} : { uid: this.peer.uid, pid: this.peer.pid };
+    const unlogged = Math.max(0, this.refusals - this.limits.maxLoggedRefusalsPerConnection);
+    this.server.log({ conn: this.conn, ...who, ok: false, code, message: `${message}; connection closed`, ...(unlogged > 0 ? { refusalsNotLogged: unlogged } : {}) });
+    this.socket.pause();
+    // Whatever was already answered goes out if the client reads it; a client that does not is
+    // not waited for.
+    this.socket.end(() => this.socket.destroy());
+    setTimeout(() => this.socket.destroy(), 1000).unref();
+  }
+
+  closed(): void {
+    const unlogged = Math.max(0, this.refusals - this.limits.maxLoggedRefusalsPerConnection);
+    if (!this.ended && unlogged > 0) {
+      const who = this.peer === null ? {} : { uid: this.peer.uid, pid: this.peer.pid };
+      this.server.log({ conn: this.conn, ...who, msg: "connection closed", refusals: this.refusals, refusalsNotLogged: unlogged });
+    }
+    this.ended = true;
+    this.pending = Buffer.alloc(0);
+    this.clearTimers();
+  }
+
+  private clearTimers(): void {
+    clearTimeout(this.partialTimer);
+    clearTimeout(this.stallTimer);
   }
 }
 

@@ -3,12 +3,17 @@
 // a crash) must succeed when the id exists with the origin it asks for, and only then. So the
 // origin is written (fsynced) BEFORE the pool message, and removed after the id is deleted: an id
 // in the pool always has its record, and a record without an id is just stale.
-// One small file per id: $IMGD_HELPER_STATE_DIR/thin-origins/<id>, content {"origin":N|null}.
+// The record also holds the id's role once it is known (ownership.ts): "layer" or "activation",
+// set when the id is first activated under a layer or activation name (or inherited by a snapshot
+// of an activation), so an activation's data can never be handed to mkfs or the layer applier.
+// One small file per id: $IMGD_HELPER_STATE_DIR/thin-origins/<id>,
+// content {"origin":N|null} or {"origin":N|null,"role":"layer"|"activation"}.
 import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
 
-export type OriginRecord = { origin: number | null };
+export type Role = "layer" | "activation";
+export type OriginRecord = { origin: number | null; role?: Role };
 
 function dir(config: HelperConfig): string {
   return join(config.stateDir, "thin-origins");
@@ -24,19 +29,20 @@ export async function readOrigin(config: HelperConfig, thinId: number): Promise<
     throw err;
   }
   // A record we cannot read proves nothing: treated as absent, so the caller stays strict.
-  const match = /^\{"origin":(null|[0-9]{1,8})\}\n?$/.exec(text);
+  const match = /^\{"origin":(null|[0-9]{1,8})(?:,"role":"(layer|activation)")?\}\n?$/.exec(text);
   if (!match) return undefined;
-  return { origin: match[1] === "null" ? null : Number(match[1]) };
+  const origin = match[1] === "null" ? null : Number(match[1]);
+  return match[2] === undefined ? { origin } : { origin, role: match[2] as Role };
 }
 
-export async function writeOrigin(config: HelperConfig, thinId: number, origin: number | null): Promise<void> {
+export async function writeOrigin(config: HelperConfig, thinId: number, origin: number | null, role?: Role): Promise<void> {
   const folder = dir(config);
   await mkdir(folder, { recursive: true, mode: 0o700 });
   const path = join(folder, String(thinId));
   const temp = `${path}.tmp`;
   const file = await open(temp, "w", 0o600);
   try {
-    await file.writeFile(JSON.stringify({ origin }) + "\n");
+    await file.writeFile(JSON.stringify(role === undefined ? { origin } : { origin, role }) + "\n");
     await file.sync();
   } finally {
     await file.close();

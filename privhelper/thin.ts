@@ -6,7 +6,7 @@ import { listDevices, poolDeviceNumber } from "./device.ts";
 import { dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { CommandFailed, run } from "./run.ts";
-import { readOrigin, removeOrigin, writeOrigin } from "./thin-origins.ts";
+import { readOrigin, removeOrigin, writeOrigin, type Role } from "./thin-origins.ts";
 
 // Kernel answers to pool messages, as printed by dmsetup ("message ioctl ... failed: <strerror>").
 const EXISTS = /File exists/;
@@ -23,7 +23,7 @@ function kernelSays(err: unknown, pattern: RegExp): boolean {
  */
 export async function createThin(config: HelperConfig, thinId: number): Promise<void> {
   await poolDeviceNumber(config);
-  await createRecorded(config, thinId, null, async () => {
+  await createRecorded(config, thinId, null, undefined, async () => {
     await dmMessage(config.poolName, `create_thin ${thinId}`);
     crashPoint("helper.thin.create.after-message");
   });
@@ -32,7 +32,9 @@ export async function createThin(config: HelperConfig, thinId: number): Promise<
 export async function snapshotThin(config: HelperConfig, thinId: number, originId: number): Promise<void> {
   await poolDeviceNumber(config);
   if (thinId === originId) throw new HelperFailure("CONFLICT", "a snapshot cannot have its own id as origin");
-  await createRecorded(config, thinId, originId, async () => {
+  // A copy of an activation's data stays an activation: never a layer for mkfs or the applier.
+  const role = (await readOrigin(config, originId))?.role === "activation" ? "activation" : undefined;
+  await createRecorded(config, thinId, originId, role, async () => {
     // An active origin must be suspended so its in-flight writes reach the pool before the
     // snapshot shares its blocks; otherwise the snapshot may see a torn filesystem.
     const active = (await listDevices(config)).find((device) => device.thinId === originId);
@@ -47,7 +49,7 @@ export async function snapshotThin(config: HelperConfig, thinId: number, originI
 }
 
 /** Records the origin durably, then sends the pool message; see createThin for what EXISTS means. */
-async function createRecorded(config: HelperConfig, thinId: number, origin: number | null, send: () => Promise<void>): Promise<void> {
+async function createRecorded(config: HelperConfig, thinId: number, origin: number | null, role: Role | undefined, send: () => Promise<void>): Promise<void> {
   const how = (o: number | null) => (o === null ? "as an empty device" : `as a snapshot of ${o}`);
   const previous = await readOrigin(config, thinId);
   const same = previous !== undefined && previous.origin === origin;
@@ -55,7 +57,7 @@ async function createRecorded(config: HelperConfig, thinId: number, origin: numb
   if (previous !== undefined && !same && (await listThinIds(config)).includes(thinId)) {
     throw new HelperFailure("EXISTS", `thin id ${thinId} already exists in pool ${config.poolName}, created ${how(previous.origin)}, not ${how(origin)}`);
   }
-  if (!same) await writeOrigin(config, thinId, origin);
+  if (!same) await writeOrigin(config, thinId, origin, role);
   try {
     await send();
   } catch (err) {

@@ -29,6 +29,7 @@ const PLAIN_READ_BYTES = 8 * 1024 * 1024;
 const COMPRESSED_READ_BYTES = 1024 * 1024;
 
 type Args = {
+  /** test mode only: the blob by path; the helper passes --blob-fd (a descriptor it opened) */
   blob?: string;
   blobFd?: number;
   digest: string;
@@ -119,6 +120,12 @@ function openBlob(path: string): number {
     closeSync(fd);
     throw new ChildFailure("BLOB_MISSING", `blob ${path} resolves through a symbolic link to another file; refused`);
   }
+  return fd;
+}
+
+/** The blob the helper opened (and checked) for us: only its type is checked again here. */
+function inheritedBlob(fd: number): number {
+  if (!fstatSync(fd).isFile()) throw new ChildFailure("BLOB_MISSING", `blob descriptor ${fd} is not a regular file`);
   return fd;
 }
 

@@ -1,17 +1,23 @@
-// layer.apply, helper side: builds the applier child's arguments from validated names, runs it in
-// a private mount namespace with a timeout, and turns its one-line report into a result or error.
-import { realpathSync } from "node:fs";
+// layer.apply, helper side: checks the device is a layer of imgd's being built (ownership.ts),
+// opens the blob itself (blob-open.ts: no symlink followed, a file the agent owns), runs the
+// applier child in a private mount namespace with a timeout, handing it the open blob as fd 3
+// (`--blob-fd 3`: the child reads that descriptor and never opens a blob path), and turns its
+// one-line report into a result or error.
+import { closeSync } from "node:fs";
 import { mkdir, rmdir } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { HelperConfig } from "../config.ts";
+import { openBlob } from "../blob-open.ts";
+import { resolveUserId, type HelperConfig } from "../config.ts";
 import { HelperFailure, type FailureCode } from "../errors.ts";
-import { devicePath, requireBlockDevice } from "../fs.ts";
+import { ownLayerDevice } from "../ownership.ts";
 import { poolStatus } from "../pool.ts";
 import { PROGRAMS, runFile } from "../run.ts";
 
 const CHILD = fileURLToPath(new URL("./child.ts", import.meta.url));
 export const APPLY_TIMEOUT_MS = 30 * 60_000;
+/** The blob's descriptor in the child: the first after stdin, stdout and stderr. */
+export const CHILD_BLOB_FD = 3;
 
 type ChildReport =
   | { ok: true; entries: number; bytes: number }
@@ -19,40 +25,30 @@ type ChildReport =
 
 const CHILD_CODES = new Set<FailureCode>(["LAYER_REFUSED", "BLOB_MISMATCH", "BLOB_MISSING", "NO_SPACE", "APPLY_FAILED"]);
 
-/**
- * The configured blob directory is root's choice and may be reached through symlinks: resolve it.
- * What lies below it belongs to the agent and may not redirect (the applier checks the open fd).
- */
-function trustedBlobDir(config: HelperConfig): string {
-  try {
-    return realpathSync(config.blobDir);
-  } catch {
-    throw new HelperFailure("BLOB_MISSING", `blob directory ${config.blobDir} does not exist`);
-  }
-}
-
-/** The unshare command line; everything in it is derived from the validated name and digest. */
-export function applyCommand(config: HelperConfig, name: string, digest: string): { args: string[]; mountPoint: string } {
+/** The unshare command line; everything in it is derived from the checked device and digest. */
+export function applyCommand(config: HelperConfig, devicePath: string, name: string, digest: string): { args: string[]; mountPoint: string } {
   const mountPoint = join(config.stateDir, "mnt", `apply-${name}`);
-  const blob = join(trustedBlobDir(config), "sha256", digest.slice("sha256:".length));
   const args = [
     "--mount", "--propagation", "private", "--",
     process.execPath, CHILD,
-    "--device", devicePath(name), "--mountpoint", mountPoint, "--blob", blob, "--digest", digest,
+    "--device", devicePath, "--mountpoint", mountPoint, "--blob-fd", String(CHILD_BLOB_FD), "--digest", digest,
     "--parent-pid", String(process.pid),
   ];
   return { args, mountPoint };
 }
 
 export async function applyLayerToDevice(config: HelperConfig, name: string, digest: string): Promise<{ entries: number; bytes: number }> {
-  await requireBlockDevice(name);
-  const { args, mountPoint } = applyCommand(config, name, digest);
-  await mkdir(join(config.stateDir, "mnt"), { recursive: true, mode: 0o755 });
+  const device = await ownLayerDevice(config, name);
+  const blobFd = openBlob(config.blobDir, digest, resolveUserId(config.agentUser));
   let stdout: string;
   let stderr: string;
+  const { args, mountPoint } = applyCommand(config, device.path, name, digest);
   try {
-    ({ stdout, stderr } = await runFile(PROGRAMS.unshare, args, { timeoutMs: APPLY_TIMEOUT_MS, allowExitCodes: [1] }));
+    // Mount points only exist inside the applier's private namespace: root's alone (0700).
+    await mkdir(join(config.stateDir, "mnt"), { recursive: true, mode: 0o700 });
+    ({ stdout, stderr } = await runFile(PROGRAMS.unshare, args, { timeoutMs: APPLY_TIMEOUT_MS, allowExitCodes: [1], inheritFds: [blobFd] }));
   } finally {
+    closeSync(blobFd);
     // The mount itself died with the child's namespace; only the empty directory is left.
     await rmdir(mountPoint).catch(() => undefined);
   }

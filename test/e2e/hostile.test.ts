@@ -10,12 +10,13 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { connectImgd, RunStatus, type ImgdClient } from "../../client/sdk.ts";
 import { pullOutcome } from "../helpers/pull.ts";
 import { HelperClient, HelperError } from "../../agent/helper-client.ts";
+import { withMounted } from "../helpers/mount.ts";
 import { walkTree, type ManifestEntry } from "../fixtures/tree.ts";
 import { checkImage, hostileCorpus, imageOf, LIMIT_ENV, SENTINEL_TARGETS, type CorpusCase } from "../fixtures/hostile-corpus.ts";
 import { SOAK } from "../helpers/soak.ts";
@@ -23,6 +24,7 @@ import { SOAK } from "../helpers/soak.ts";
 const STATE = "/var/lib/imgd";
 const HELPER_STATE = "/var/lib/imgd-privhelper";
 const BLOBS = `${STATE}/blobs/sha256`;
+const imgdUid = Number(execFileSync("/usr/bin/id", ["-u", "imgd"]).toString().trim());
 const AGENT_TMP = `${STATE}/tmp`;
 
 let client: ImgdClient;
@@ -71,18 +73,6 @@ function plantSentinels(): void {
 }
 
 const pull = (image: string) => pullOutcome(client, image);
-
-/** Mounts a device read-only (no journal replay, nosuid, nodev) under /run, runs fn, unmounts. */
-async function withMounted<T>(device: string, fn: (dir: string) => T | Promise<T>): Promise<T> {
-  const dir = mkdtempSync("/run/imgd-hostile-");
-  sh("/usr/bin/mount", "-o", "ro,noload,nosuid,nodev", device, dir);
-  try {
-    return await fn(dir);
-  } finally {
-    sh("/usr/bin/umount", dir);
-    rmdirSync(dir);
-  }
-}
 
 /** What must hold after every case, whatever it was. */
 async function assertNothingLeaked(label: string, opts: { doctor?: boolean } = {}): Promise<void> {
@@ -276,6 +266,7 @@ test("bypassing the agent, the helper's applier stays inside the image on the na
         // A blob the agent already stored (a valid lower layer) is the agent's: used, never removed.
         if (!existsSync(path)) {
           writeFileSync(path, bytes);
+          chownSync(path, imgdUid, imgdUid); // the helper reads only blobs the agent owns
           planted.push(path);
         }
         try {
@@ -289,24 +280,14 @@ test("bypassing the agent, the helper's applier stays inside the image on the na
       }
       if (caseName === "name-absolute") {
         // Applied, and confined: "/etc/imgd-sentinel" is the image's /etc/imgd-sentinel.
-        const { path } = await helper.call("fs.mount", { name, readOnly: true });
-        try {
-          assert.deepEqual(checkImage(path, [{ path: "etc/imgd-sentinel", type: "file", content: "pwned" }]), []);
-        } finally {
-          await helper.call("fs.unmount", { name });
-        }
+        await withMounted(`/dev/mapper/${name}`, (path) => assert.deepEqual(checkImage(path, [{ path: "etc/imgd-sentinel", type: "file", content: "pwned" }]), []));
       }
     }
     console.log(`second guard alone:\n  ${results.join("\n  ")}`);
     // What the applier did write stayed in the image: "/etc/imgd-sentinel" and the appended
     // archive's "etc/imgd-sentinel" (no validator stopped them here) landed in the image's /etc.
-    const { path } = await helper.call("fs.mount", { name, readOnly: true });
-    try {
-      assert.deepEqual(checkImage(path, [{ path: "etc/imgd-sentinel", type: "absent" }, { path: "etc", type: "dir" }]), [],
-        "whiteout-absolute removed the image's etc/imgd-sentinel, not the host's");
-    } finally {
-      await helper.call("fs.unmount", { name });
-    }
+    await withMounted(`/dev/mapper/${name}`, (path) => assert.deepEqual(checkImage(path, [{ path: "etc/imgd-sentinel", type: "absent" }, { path: "etc", type: "dir" }]), [],
+      "whiteout-absolute removed the image's etc/imgd-sentinel, not the host's"));
     assert.match(results.find((r) => r.startsWith("name-absolute"))!, /applied/);
     for (const nasty of ["name-dotdot", "char-device", "symlink-to-host-only-dir"]) assert.match(results.find((r) => r.startsWith(nasty))!, /LAYER_REFUSED/);
     // root -> /root names itself in the image: a permanent refusal naming the rule, not APPLY_FAILED.

@@ -70,7 +70,6 @@ test("helper: create/snapshot repeated with the same origin succeed; another ori
   await rejectsWith(helper.call("device.activate", { name, thinId: 7002 }), "CONFLICT");
   await helper.call("device.deactivate", { name });
   await helper.call("device.deactivate", { name });
-  await helper.call("fs.unmount", { name });
   for (const thinId of [7001, 7000, 7002, 7003, 7003]) await helper.call("thin.delete", { thinId });
   assert.deepEqual(await thinIds(), []);
 });

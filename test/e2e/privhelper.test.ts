@@ -5,12 +5,13 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, chownSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import tar from "tar-stream";
 import { HelperClient, HelperError } from "../../agent/helper-client.ts";
+import { withMounted } from "../helpers/mount.ts";
 
 const opts = {};
 assert.ok(process.env.IMGD_VM === "1" && process.getuid?.() === 0, "device-mapper tests run as root inside the VM: npm run test:vm");
@@ -71,8 +72,16 @@ async function blob(entries: { header: Partial<tar.Header> & { name: string }; b
   await done;
   const data = Buffer.concat(chunks);
   const hex = createHash("sha256").update(data).digest("hex");
-  writeFileSync(join(BLOBS, "sha256", hex), data);
+  plantBlob(hex, data);
   return `sha256:${hex}`;
+}
+
+// The helper applies only blobs owned by the agent's user (IMGD_AGENT_USER, default imgd).
+const imgdUid = Number(execFileSync("/usr/bin/id", ["-u", "imgd"]).toString().trim());
+function plantBlob(hex: string, data: Buffer): void {
+  const path = join(BLOBS, "sha256", hex);
+  writeFileSync(path, data);
+  chownSync(path, imgdUid, imgdUid);
 }
 
 async function refused(promise: Promise<unknown>, code: string): Promise<HelperError> {
@@ -135,7 +144,7 @@ test("thin.create, device.activate (repeats succeed, conflicts refused), fs.mkfs
   assert.deepEqual(await client.call("device.activate", { name: layer(1), thinId: 1 }), { path });
   await refused(client.call("device.activate", { name: layer(1), thinId: 2 }), "CONFLICT");
   await refused(client.call("device.activate", { name: layer(2), thinId: 1 }), "BUSY");
-  await refused(client.call("device.activate", { name: layer(2), thinId: 99 }), "NOT_FOUND");
+  await refused(client.call("device.activate", { name: layer(2), thinId: 99 }), "NOT_OURS"); // not made by the helper
   assert.equal(existsSync(`/dev/mapper/${layer(2)}`), false);
   assert.doesNotMatch(dmsetup("info", "-c", "--noheadings", "-o", "name"), new RegExp(layer(2)));
 
@@ -166,9 +175,12 @@ test("layer.apply: content lands in the device, never on the host; refusals", op
   await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${"0".repeat(64)}` }), "BLOB_MISSING");
   const notTar = Buffer.from("not a tar");
   const notTarHex = createHash("sha256").update(notTar).digest("hex");
-  writeFileSync(join(BLOBS, "sha256", notTarHex), notTar);
+  plantBlob(notTarHex, notTar);
   await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${notTarHex}` }), "LAYER_REFUSED");
-  writeFileSync(join(BLOBS, "sha256", "2".repeat(64)), readFileSync(join(BLOBS, "sha256", first.slice(7))));
+  plantBlob("2".repeat(64), readFileSync(join(BLOBS, "sha256", first.slice(7))));
+  // A blob the agent does not own is not read at all.
+  writeFileSync(join(BLOBS, "sha256", "3".repeat(64)), "root's");
+  assert.match((await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${"3".repeat(64)}` }), "BLOB_REFUSED")).message, /owned by uid 0/);
   await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${"2".repeat(64)}` }), "BLOB_MISMATCH");
   // (Device nodes apply now, as real root filesystems need; a foreign xattr namespace is refused.)
   const foreign = await blob([{ header: { name: "x", mode: 0o644, pax: { "SCHILY.xattr.trusted.overlay.opaque": "y" } }, body: "" }]);
@@ -202,26 +214,29 @@ test("thin.snapshot of an active origin; a second layer with whiteouts on the sn
   assert.equal(readFileSync(precious, "utf8"), "host data");
 });
 
-test("an activation: snapshot of the image, mounted read-only, nosuid,nodev, exact content", opts, async () => {
+test("an activation: snapshot of the image with its exact content; never formatted, applied to, or reused as a layer", opts, async () => {
   await client.call("thin.snapshot", { thinId: 3, originId: 2 });
   await client.call("device.activate", { name: ACT, thinId: 3 });
-  const { path: mnt } = await client.call("fs.mount", { name: ACT, readOnly: true });
-  assert.deepEqual(await client.call("fs.mount", { name: ACT, readOnly: true }), { path: mnt });
-  await refused(client.call("fs.mount", { name: ACT, readOnly: false }), "CONFLICT");
-  const line = mountinfo().split("\n").find((l) => l.split(" ")[4] === mnt) ?? "";
-  for (const option of ["ro", "nosuid", "nodev"]) assert.ok(line.split(" ")[5]!.split(",").includes(option), line);
-  assert.equal(readFileSync(join(mnt, "etc/os-release"), "utf8"), "ID=vmtest\n");
-  assert.equal(statSync(join(mnt, "usr/bin/su")).mode & 0o7777, 0o4755);
-  assert.equal(readlinkSync(join(mnt, "bin")), "usr/bin");
-  assert.equal(readFileSync(join(mnt, "escape"), "utf8"), "written into the image");
-  assert.equal(existsSync(join(mnt, "old")), false);
-  assert.deepEqual(readdirSync(join(mnt, "opq")), ["upper"]);
-  assert.equal(statSync(join(mnt, "big")).size, 8 * MiB);
-  await refused(client.call("device.deactivate", { name: ACT }), "BUSY");
-  await client.call("fs.unmount", { name: ACT });
-  await client.call("fs.unmount", { name: ACT });
-  assert.equal(existsSync(mnt), false);
+  await withMounted(`/dev/mapper/${ACT}`, async (mnt) => {
+    assert.equal(readFileSync(join(mnt, "etc/os-release"), "utf8"), "ID=vmtest\n");
+    assert.equal(statSync(join(mnt, "usr/bin/su")).mode & 0o7777, 0o4755);
+    assert.equal(readlinkSync(join(mnt, "bin")), "usr/bin");
+    assert.equal(readFileSync(join(mnt, "escape"), "utf8"), "written into the image");
+    assert.equal(existsSync(join(mnt, "old")), false);
+    assert.deepEqual(readdirSync(join(mnt, "opq")), ["upper"]);
+    assert.equal(statSync(join(mnt, "big")).size, 8 * MiB);
+    await refused(client.call("device.deactivate", { name: ACT }), "BUSY");
+  });
+  // The helper mounts nothing in the host's namespace any more: no op for it exists.
+  await refused(client.call("fs.mount" as "fs.mkfs", { name: ACT, readOnly: true } as never), "UNKNOWN_OP");
+  await refused(client.call("fs.mkfs", { name: ACT }), "WRONG_ROLE");
+  await refused(client.call("layer.apply", { name: ACT, digest: `sha256:${"2".repeat(64)}` }), "WRONG_ROLE");
   await client.call("device.deactivate", { name: ACT });
+  // An activation's thin id stays an activation, and so does a snapshot of it.
+  await refused(client.call("device.activate", { name: layer(9), thinId: 3 }), "WRONG_ROLE");
+  await client.call("thin.snapshot", { thinId: 4, originId: 3 });
+  await refused(client.call("device.activate", { name: layer(9), thinId: 4 }), "WRONG_ROLE");
+  await client.call("thin.delete", { thinId: 4 });
 });
 
 test("restart and 'reboot': the pool is found again, or rebuilt from its files with its thin devices", opts, async () => {
@@ -235,9 +250,7 @@ test("restart and 'reboot': the pool is found again, or rebuilt from its files w
   await startHelper();
   assert.equal((await client.call("pool.ensure", {})).dataUsedBytes, before.dataUsedBytes);
   await client.call("device.activate", { name: ACT, thinId: 3 });
-  const { path } = await client.call("fs.mount", { name: ACT, readOnly: true });
-  assert.equal(readFileSync(join(path, "etc/os-release"), "utf8"), "ID=vmtest\n");
-  await client.call("fs.unmount", { name: ACT });
+  await withMounted(`/dev/mapper/${ACT}`, (path) => assert.equal(readFileSync(join(path, "etc/os-release"), "utf8"), "ID=vmtest\n"));
   await client.call("device.deactivate", { name: ACT });
   for (const id of [3, 2, 1, 1]) await client.call("thin.delete", { thinId: id });
   assert.equal((await client.call("pool.status", {})).dataUsedBytes, 0);

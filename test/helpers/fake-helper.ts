@@ -20,8 +20,6 @@ export interface FakeHelper {
   socketPath: string;
   thins: Map<number, FakeThin>;
   active: Map<string, number>;
-  /** Names mounted with fs.mount. */
-  mounts: Set<string>;
   calls: { op: OpName; args: unknown }[];
   /** Makes the next call of `op` fail with this code (and message). */
   failNext(op: OpName, code: string, message?: string): void;
@@ -34,7 +32,6 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
   const socketPath = join(mkdtempSync(join(tmpdir(), "imgd-fake-helper-")), "helper.sock");
   const thins = new Map<number, FakeThin>();
   const active = new Map<string, number>();
-  const mounts = new Set<string>();
   const calls: { op: OpName; args: unknown }[] = [];
   const failures = new Map<OpName, { code: string; message: string }>();
   let applyGate: Promise<void> | undefined;
@@ -97,7 +94,6 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
         return { path: `/dev/mapper/${request.args.name}` };
       }
       case "device.deactivate":
-        if (mounts.has(request.args.name)) throw fail("BUSY", `${request.args.name} is mounted`);
         active.delete(request.args.name);
         return {};
       case "device.list":
@@ -117,13 +113,6 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
         thin.layers.push(request.args.digest);
         return { entries: 1, bytes: 1 };
       }
-      case "fs.mount":
-        if (!active.has(request.args.name)) throw fail("NOT_FOUND", `${request.args.name} is not active`);
-        mounts.add(request.args.name);
-        return { path: `/fake/mnt/${request.args.name}` };
-      case "fs.unmount":
-        mounts.delete(request.args.name);
-        return {};
     }
   }
 
@@ -160,7 +149,6 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     socketPath,
     thins,
     active,
-    mounts,
     calls,
     failNext: (op, code, message = `injected ${code}`) => void failures.set(op, { code, message }),
     holdApply: (gate) => void (applyGate = gate),

@@ -1,4 +1,5 @@
-// Idempotence of the helper's state-changing ops (privhelper/thin.ts, device.ts, fs.ts) on the
+// Idempotence of the helper's state-changing ops (privhelper/thin.ts, device.ts, fs.ts), and the
+// ownership checks every device op makes first (privhelper/ownership.ts, issue 9 finding 3), on the
 // host. This kernel has no device-mapper, so dmsetup and thin_ls are replaced (through the
 // PROGRAMS seam of privhelper/run.ts) by a TEST DOUBLE script that models a thin pool in a JSON
 // file and answers with the kernel's wording. The real pool is exercised by
@@ -9,8 +10,9 @@ import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadConfig } from "../../privhelper/config.ts";
+import { applyLayerToDevice } from "../../privhelper/apply/layer-apply.ts";
 import { activateDevice, deactivateDevice } from "../../privhelper/device.ts";
-import { unmountFilesystem } from "../../privhelper/fs.ts";
+import { makeFilesystem } from "../../privhelper/fs.ts";
 import { PROGRAMS } from "../../privhelper/run.ts";
 import { createThin, deleteThin, snapshotThin } from "../../privhelper/thin.ts";
 import { readOrigin } from "../../privhelper/thin-origins.ts";
@@ -124,7 +126,7 @@ test("thin.delete: deleting removes the record; deleting what is gone succeeds",
   assert.equal(readPool().thins["5"], 3);
 });
 
-test("device.activate: the same thin id again succeeds, another is CONFLICT; deactivate and unmount of what is gone succeed", async () => {
+test("device.activate: the same thin id again succeeds, another is CONFLICT; deactivate of what is gone succeeds", async () => {
   const name = "imgd-act-01jaaaaaaaaaaaaaaaaaaaaaaa";
   assert.deepEqual(await activateDevice(config, name, 3), { path: `/dev/mapper/${name}` });
   const creates = () => readPool().log.filter((l) => l.startsWith("create ")).length;
@@ -132,8 +134,79 @@ test("device.activate: the same thin id again succeeds, another is CONFLICT; dea
   assert.deepEqual(await activateDevice(config, name, 3), { path: `/dev/mapper/${name}` });
   assert.equal(creates(), before, "nothing is created again");
   await assert.rejects(activateDevice(config, name, 2), { code: "CONFLICT" });
-  await deactivateDevice(name);
+  await deactivateDevice(config, name);
   assert.equal(readPool().devices[name], undefined);
-  await deactivateDevice(name);
-  await unmountFilesystem(config, name);
+  await deactivateDevice(config, name);
+});
+
+// ---- ownership (issue 9, finding 3) ---------------------------------------------------------------
+
+const LAYER_A = `imgd-layer-${"a".repeat(32)}`;
+const LAYER_B = `imgd-layer-${"b".repeat(32)}`;
+const ACT_A = "imgd-act-01jbbbbbbbbbbbbbbbbbbbbbbb";
+const DIGEST = `sha256:${"0".repeat(64)}`;
+const removes = () => readPool().log.filter((l) => l.startsWith("remove ")).length;
+const plant = (name: string, table: string) => {
+  const p = readPool();
+  p.devices[name] = table;
+  writePool(p);
+};
+
+test("a foreign device named like a layer: apply, mkfs, deactivate and activate over it are refused, nothing removed", async () => {
+  plant(LAYER_A, "0 32768 linear 7:3 0");
+  const before = removes();
+  await assert.rejects(applyLayerToDevice(config, LAYER_A, DIGEST), { code: "NOT_OURS", message: /is not a thin device/ });
+  await assert.rejects(makeFilesystem(config, LAYER_A), { code: "NOT_OURS" });
+  await assert.rejects(deactivateDevice(config, LAYER_A), { code: "NOT_OURS" });
+  await assert.rejects(activateDevice(config, LAYER_A, 1), { code: "CONFLICT" });
+  assert.equal(removes(), before, "dmsetup remove never ran");
+  assert.equal(readPool().devices[LAYER_A], "0 32768 linear 7:3 0");
+  // A thin device of another pool is not ours either.
+  plant(LAYER_A, "0 16777216 thin 253:5 1");
+  await assert.rejects(deactivateDevice(config, LAYER_A), { code: "NOT_OURS", message: /not of imgd-pool/ });
+  await assert.rejects(applyLayerToDevice(config, LAYER_A, DIGEST), { code: "NOT_OURS", message: /not of imgd-pool/ });
+  const p = readPool();
+  delete p.devices[LAYER_A];
+  writePool(p);
+});
+
+test("a thin id the helper did not make is never activated, formatted or applied to (removing it is allowed)", async () => {
+  const p = readPool();
+  p.thins["40"] = null; // made by hand: no origin record
+  writePool(p);
+  await assert.rejects(activateDevice(config, LAYER_A, 40), { code: "NOT_OURS", message: /not created by this helper/ });
+  plant(LAYER_A, "0 16777216 thin 253:0 40");
+  await assert.rejects(makeFilesystem(config, LAYER_A), { code: "NOT_OURS", message: /did not create/ });
+  await assert.rejects(applyLayerToDevice(config, LAYER_A, DIGEST), { code: "NOT_OURS", message: /did not create/ });
+  await deactivateDevice(config, LAYER_A);
+  assert.equal(readPool().devices[LAYER_A], undefined);
+});
+
+test("roles: an activation (and a snapshot of one) is never formatted, applied to, or activated as a layer", async () => {
+  await createThin(config, 50);
+  await snapshotThin(config, 51, 50);
+  await activateDevice(config, ACT_A, 51);
+  assert.deepEqual(await readOrigin(config, 51), { origin: 50, role: "activation" });
+  const commands = () => readPool().log.length;
+  const before = commands();
+  await assert.rejects(makeFilesystem(config, ACT_A), { code: "WRONG_ROLE" });
+  await assert.rejects(applyLayerToDevice(config, ACT_A, DIGEST), { code: "WRONG_ROLE" });
+  assert.equal(commands(), before, "refused by name, before any command");
+  await deactivateDevice(config, ACT_A);
+  await assert.rejects(activateDevice(config, LAYER_B, 51), { code: "WRONG_ROLE", message: /is an activation/ });
+  await snapshotThin(config, 52, 51);
+  assert.deepEqual(await readOrigin(config, 52), { origin: 51, role: "activation" }, "a copy of an activation stays one");
+  await assert.rejects(activateDevice(config, LAYER_B, 52), { code: "WRONG_ROLE" });
+  // The layer itself: activated as a layer, it cannot become an activation's device either.
+  await activateDevice(config, LAYER_B, 50);
+  assert.deepEqual(await readOrigin(config, 50), { origin: null, role: "layer" });
+  await deactivateDevice(config, LAYER_B);
+  await assert.rejects(activateDevice(config, ACT_A, 50), { code: "WRONG_ROLE", message: /is an image layer/ });
+});
+
+test("a layer of ours passes the table checks; the node handed to programs must be that very device", async () => {
+  await activateDevice(config, LAYER_B, 50);
+  // The double has no /dev/mapper node for it (this host has no device-mapper): refused for that.
+  await assert.rejects(makeFilesystem(config, LAYER_B), { code: "NOT_OURS", message: /\/dev\/mapper\/imgd-layer-b+ is not device/ });
+  await deactivateDevice(config, LAYER_B);
 });

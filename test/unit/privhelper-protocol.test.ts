@@ -38,8 +38,6 @@ test("every op parses with valid arguments", () => {
     ["device.list", {}],
     ["fs.mkfs", { name: LAYER }],
     ["layer.apply", { name: LAYER, digest: DIGEST }],
-    ["fs.mount", { name: ACT, readOnly: true }],
-    ["fs.unmount", { name: ACT }],
   ];
   assert.deepEqual(new Set(valid.map(([op]) => op)), new Set(OP_NAMES));
   for (const [op, args] of valid) {
@@ -75,10 +73,8 @@ test("names: only the two imgd shapes, nothing option-like or path-like", () => 
   ];
   for (const name of bad) {
     expectError(parseRequestLine(request("device.activate", { name, thinId: 1 })), "BAD_ARGS", "args.name");
-    expectError(parseRequestLine(request("fs.mount", { name, readOnly: false })), "BAD_ARGS", "args.name");
   }
   for (const name of [5, null, [LAYER], { name: LAYER }]) {
-    expectError(parseRequestLine(request("fs.unmount", { name })), "BAD_ARGS", "args.name");
   }
 });
 
@@ -91,13 +87,12 @@ test("thin ids: integers 0..2^24-1 only", () => {
   assert.deepEqual(expectOk(parseRequestLine('{"id":1,"op":"thin.delete","args":{"thinId":1e2}}')).args, { thinId: 100 });
 });
 
-test("digests and booleans are exact", () => {
+test("digests are exact; the mount ops are gone (the helper mounts nothing for the agent)", () => {
   for (const digest of ["sha256:" + "AB".repeat(32), "sha256:" + "ab".repeat(31), "sha512:" + "ab".repeat(64), "ab".repeat(32), `${DIGEST}\n`, `${DIGEST}/..`]) {
     expectError(parseRequestLine(request("layer.apply", { name: LAYER, digest })), "BAD_ARGS", "args.digest");
   }
-  for (const readOnly of ["true", 1, null]) {
-    expectError(parseRequestLine(request("fs.mount", { name: LAYER, readOnly })), "BAD_ARGS", "args.readOnly");
-  }
+  expectError(parseRequestLine(request("fs.mount", { name: LAYER, readOnly: true })), "UNKNOWN_OP", "op");
+  expectError(parseRequestLine(request("fs.unmount", { name: LAYER })), "UNKNOWN_OP", "op");
 });
 
 test("unknown or extra fields are refused, and the refusal names them", () => {
@@ -144,8 +139,8 @@ test("bad JSON and oversized lines", () => {
 const EXPECTED_KEYS: Record<string, string[]> = {
   "pool.status": [], "pool.ensure": [], "device.list": [], "thin.list": [],
   "thin.create": ["thinId"], "thin.delete": ["thinId"], "thin.snapshot": ["thinId", "originId"],
-  "device.activate": ["name", "thinId"], "device.deactivate": ["name"], "fs.mkfs": ["name"], "fs.unmount": ["name"],
-  "layer.apply": ["name", "digest"], "fs.mount": ["name", "readOnly"],
+  "device.activate": ["name", "thinId"], "device.deactivate": ["name"], "fs.mkfs": ["name"],
+  "layer.apply": ["name", "digest"],
 };
 
 function withinAllowList(request: { id: unknown; op: unknown; args: unknown }): boolean {
@@ -170,7 +165,6 @@ function withinAllowList(request: { id: unknown; op: unknown; args: unknown }): 
 const validRequest = fc.oneof(
   fc.record({ id: fc.nat(), op: fc.constant("thin.snapshot"), args: fc.record({ thinId: fc.nat(0xffffff), originId: fc.nat(0xffffff) }) }),
   fc.record({ id: fc.nat(), op: fc.constantFrom("device.activate"), args: fc.record({ name: fc.constantFrom(LAYER, ACT), thinId: fc.nat(0xffffff) }) }),
-  fc.record({ id: fc.nat(), op: fc.constantFrom("fs.mount"), args: fc.record({ name: fc.constantFrom(LAYER, ACT), readOnly: fc.boolean() }) }),
   fc.record({ id: fc.nat(), op: fc.constantFrom("layer.apply"), args: fc.record({ name: fc.constantFrom(LAYER, ACT), digest: fc.constant(DIGEST) }) }),
   fc.record({ id: fc.nat(), op: fc.constantFrom(...OP_NAMES), args: fc.constant({}) }),
 );
