@@ -123,12 +123,6 @@ function openBlob(path: string): number {
   return fd;
 }
 
-/** The blob the helper opened (and checked) for us: only its type is checked again here. */
-function inheritedBlob(fd: number): number {
-  if (!fstatSync(fd).isFile()) throw new ChildFailure("BLOB_MISSING", `blob descriptor ${fd} is not a regular file`);
-  return fd;
-}
-
 async function main(): Promise<{ entries: number; bytes: number }> {
   const args = parseArgs(process.argv.slice(2));
   if (args.parentPid !== undefined) {
