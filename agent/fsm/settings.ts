@@ -15,7 +15,11 @@ const SCHEMA = z.object({
   IMGD_FSM_MAX_QUICK_INTERRUPTIONS: integer("IMGD_FSM_MAX_QUICK_INTERRUPTIONS", 1, 1000, 5),
   /** An interruption is quick if the agent died within this many ms of the step beginning to work. */
   IMGD_FSM_QUICK_INTERRUPTION_MS: integer("IMGD_FSM_QUICK_INTERRUPTION_MS", 0, 86_400_000, 60_000),
-  /** How long a stop (SIGTERM) waits for steps to end after their signal fired. */
+  /**
+   * How long a stop (SIGTERM) waits for steps to end after their signal fired. Working steps are
+   * recorded as interrupted when the stop begins, so a short value loses nothing. main.ts exits
+   * anyway 20 s after SIGTERM (gRPC drain included).
+   */
   IMGD_FSM_STOP_TIMEOUT_MS: integer("IMGD_FSM_STOP_TIMEOUT_MS", 0, 600_000, 10_000),
 });
 
