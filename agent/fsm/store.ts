@@ -237,7 +237,8 @@ export class RunStore {
       if (row.in_attempt) {
         const since = row.work_started_at === null ? Infinity : Date.parse(at) - Date.parse(row.work_started_at);
         const quick = since <= quickWindowMs;
-        this.#interrupt(row, step, at, quick, `the agent stopped while this step was working (crash, kill or power loss), ${Math.round(since / 1000)} s after it began`);
+        const when = Number.isFinite(since) ? `${Math.round(since / 1000)} s after it began` : "start time unknown";
+        this.#interrupt(row, step, at, quick, `the agent stopped while this step was working (crash, kill or power loss; ${when})`);
       }
       return this.get(runId)!;
     }).immediate();
