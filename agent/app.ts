@@ -7,6 +7,7 @@ import { Catalog } from "./catalog.ts";
 import type { AgentConfig } from "./config.ts";
 import { openDatabase } from "./db.ts";
 import { FsmEngine } from "./fsm/engine.ts";
+import { loadFsmSettings } from "./fsm/settings.ts";
 import { startGrpcServer } from "./grpc/server.ts";
 import { HelperClient } from "./helper-client.ts";
 import { registerActivateFsm } from "./images/activate.ts";
@@ -36,13 +37,18 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const layerLimits = config.layerLimits;
   const s3 = createS3Client(s3Config);
   const helper = new HelperClient(config.helperSocket);
+  const fsmSettings = loadFsmSettings(config.settings);
+  // One set of keyed locks: steps take them through the engine (so waiting is not work), GC,
+  // delete and reconcile take the same keys directly.
+  const locks = new KeyedLock();
   const engine = new FsmEngine(db, {
     log: (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }),
     queues: { download: config.downloadConcurrency, apply: config.applyConcurrency },
+    locks,
+    interruptions: fsmSettings.interruptions,
   });
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
-  const locks = new KeyedLock();
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
@@ -69,7 +75,9 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
         server.forceShutdown();
       }
       log("info", "gRPC server closed");
-      await engine.shutdown();
+      // Steps get their abort signal; those still working are recorded as interrupted at once
+      // (not as failed attempts), so a step that outlives the timeout is simply abandoned.
+      await engine.shutdown(fsmSettings.stopTimeoutMs);
       log("info", "FSM engine stopped");
       helper.close();
       s3.destroy();

@@ -3,7 +3,13 @@
 // connection's requests in order, so long operations (layer.apply can take minutes) get their own
 // connection: a status query is not stuck behind them. Connections open on demand and are
 // reopened after an error.
+//
+// A helper restart is transparent: when the connection drops mid-operation, an idempotent
+// operation is sent again once the helper listens (with backoff, bounded by the caller's signal
+// and a deadline). The others (fs.mkfs, layer.apply) may have half-happened: they fail
+// with CONNECTION_LOST (`connectionLost`), for the caller to redo its work from a clean state.
 import { createConnection, type Socket } from "node:net";
+import { setTimeout as sleep } from "node:timers/promises";
 import type { OpArgs, OpName, OpResult, Response } from "../privhelper/protocol.ts";
 
 /** Codes that will not change on retry: the request or the content itself is refused. */
@@ -23,7 +29,29 @@ export class HelperError extends Error {
   get permanent(): boolean {
     return PERMANENT_CODES.has(this.code);
   }
+  /** The connection dropped while the helper had the request: its effect is unknown. */
+  get connectionLost(): boolean {
+    return this.code === "CONNECTION_LOST";
+  }
 }
+
+/**
+ * Operations whose repetition is harmless (privhelper/operations.ts): creating a thin id with
+ * the same origin, activating the same id under the same name, deleting or removing what is
+ * gone, and queries all succeed. Not here: fs.mkfs and layer.apply (they may have half-written
+ * the device).
+ */
+const REISSUABLE = new Set<OpName>([
+  "pool.status",
+  "pool.ensure",
+  "thin.create",
+  "thin.snapshot",
+  "thin.delete",
+  "thin.list",
+  "device.activate",
+  "device.deactivate",
+  "device.list",
+]);
 
 // The helper always answers: its programs have timeouts (layer.apply: 30 min). Every operation
 // that changes state may first wait for the helper's lock behind a running layer.apply, so it
@@ -40,12 +68,18 @@ const SLOW_OPS = new Set<OpName>(["layer.apply", "fs.mkfs", "pool.ensure"]);
 // seconds: wait for it rather than fail the step at once (a step has few attempts, and a run
 // whose steps all failed while the helper restarted would end failed for nothing).
 const RECONNECT_WAIT_MS = 30_000;
-const RECONNECT_POLL_MS = 250;
+const RECONNECT_FIRST_DELAY_MS = 100;
+const RECONNECT_MAX_DELAY_MS = 2_000;
 
 export type HelperClientOptions = {
   timeoutsMs?: Partial<Record<OpName, number>>;
   /** How long a call waits for an unreachable helper to listen again (0: fail at once). */
   reconnectWaitMs?: number;
+};
+
+export type CallOptions = {
+  /** Stops waiting (for the answer, or for the helper to come back); rejects with its reason. */
+  signal?: AbortSignal;
 };
 
 export class HelperClient {
@@ -63,20 +97,28 @@ export class HelperClient {
     this.slow = new Connection(socketPath);
   }
 
-  async call<Op extends OpName>(op: Op, args: OpArgs<Op>): Promise<OpResult<Op>> {
+  async call<Op extends OpName>(op: Op, args: OpArgs<Op>, options: CallOptions = {}): Promise<OpResult<Op>> {
+    const { signal } = options;
     if (this.closed) throw new HelperError(op, "CLIENT_CLOSED", "helper client is closed");
     const connection = SLOW_OPS.has(op) ? this.slow : this.fast;
-    const deadline = Date.now() + this.reconnectWaitMs;
+    let deadline: number | undefined; // set by the first failure: how long to wait for the helper
+    let delay = RECONNECT_FIRST_DELAY_MS;
     for (;;) {
+      signal?.throwIfAborted();
       try {
-        const result = await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS);
+        const result = await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS, signal);
         return result as OpResult<Op>;
       } catch (err) {
-        // Only a request that never reached the helper is sent again: its effect is unknown otherwise.
+        // A request that never reached the helper is sent again; one the helper had is sent
+        // again only when repeating it is harmless.
         const unreachable = err instanceof HelperError && err.code === "UNAVAILABLE";
-        if (!unreachable || this.closed || Date.now() + RECONNECT_POLL_MS > deadline) throw err;
+        const lost = err instanceof HelperError && err.connectionLost && REISSUABLE.has(op);
+        deadline ??= Date.now() + this.reconnectWaitMs;
+        if (!(unreachable || lost) || this.closed || Date.now() >= deadline) throw err;
       }
-      await new Promise((resolve) => setTimeout(resolve, RECONNECT_POLL_MS));
+      const pause = Math.min(delay, deadline - Date.now());
+      await sleep(pause, undefined, signal ? { signal } : {}).catch(() => signal?.throwIfAborted());
+      delay = Math.min(delay * 2, RECONNECT_MAX_DELAY_MS);
       if (this.closed) throw new HelperError(op, "CLIENT_CLOSED", "helper client is closed");
     }
   }
@@ -102,14 +144,29 @@ class Connection {
     this.socketPath = socketPath;
   }
 
-  async request(id: number, op: string, args: unknown, timeoutMs: number): Promise<unknown> {
+  async request(id: number, op: string, args: unknown, timeoutMs: number, signal?: AbortSignal): Promise<unknown> {
     const socket = await this.connect(op);
+    signal?.throwIfAborted();
     return new Promise((resolve, reject) => {
+      // The caller stops waiting; the helper still finishes the operation (its answer is ignored).
+      const onAbort = (): void => {
+        const pending = this.pending.get(id);
+        if (!pending) return;
+        this.pending.delete(id);
+        clearTimeout(pending.timer);
+        reject(signal!.reason);
+      };
       const timer = setTimeout(() => {
         this.pending.delete(id);
+        signal?.removeEventListener("abort", onAbort);
         reject(new HelperError(op, "TIMEOUT", `no answer from the helper within ${timeoutMs} ms`));
       }, timeoutMs);
-      this.pending.set(id, { op, resolve, reject, timer });
+      const settle = <T,>(fn: (value: T) => void) => (value: T) => {
+        signal?.removeEventListener("abort", onAbort);
+        fn(value);
+      };
+      this.pending.set(id, { op, resolve: settle(resolve), reject: settle(reject), timer });
+      signal?.addEventListener("abort", onAbort, { once: true });
       socket.write(JSON.stringify({ id, op, args }) + "\n");
     });
   }

@@ -1,7 +1,9 @@
 // Durable finite-state-machine engine on SQLite, modelled on superfly/fsm (FSMv2) without its
 // flaws: every run resumes from its OWN first incomplete step with its own checkpoint, retries
-// are capped, outcomes (including failures) are durable and readable after restarts, and
-// concurrency limits (queues) are plain semaphores that work the same after a resume.
+// are capped, outcomes (including failures) are durable and readable after restarts. An
+// interruption (the process died or stopped while a step worked) is not a failed attempt: the
+// step runs again, unless it keeps killing the process soon after it starts (a poison step).
+// Queue slots and locks are taken through the step context, so waiting for them is not work.
 //
 // Execution model: a run is a linear list of named steps. A step runs at least once: if the
 // process dies after its side effects but before its completion is committed, it runs again
@@ -10,12 +12,16 @@
 import type Database from "better-sqlite3";
 import { monotonicFactory } from "ulid";
 import { crashPoint } from "../crash-points.ts";
-import { AbortError, EngineShutdownError, formatError } from "./errors.ts";
+import { KeyedLock } from "../keyed-lock.ts";
+import { AbortError, EngineShutdownError, InterruptedError, formatError } from "./errors.ts";
 import { backoffDelayMs, resolveRetryPolicy, sleep, type RetryPolicy } from "./retry.ts";
 import { Semaphore } from "./semaphore.ts";
 import { RunStore, StaleRunError, toRecord, type RunRow } from "./store.ts";
+import { WorkTracker } from "./work-tracker.ts";
 import type {
   EngineOptions,
+  InterruptionPolicy,
+  LockProvider,
   Finalizer,
   ListFilter,
   LogFn,
@@ -30,7 +36,9 @@ import type {
 export type {
   EngineOptions,
   Finalizer,
+  InterruptionPolicy,
   ListFilter,
+  LockProvider,
   LogFn,
   LogLevel,
   RunEvent,
@@ -43,7 +51,7 @@ export type {
 } from "./types.ts";
 export type { RetryPolicy } from "./retry.ts";
 export { Semaphore, type SemaphoreSlot } from "./semaphore.ts";
-export { AbortError, abort } from "./errors.ts";
+export { AbortError, abort, InterruptedError, interrupted } from "./errors.ts";
 
 export interface FsmBuilder<R, W> {
   start(step: string, fn: StepFn<R, W>, opts?: StepOptions): FsmBuilder<R, W>;
@@ -83,7 +91,14 @@ interface FsmHost {
 
 type Phase = "registering" | "running" | "stopping" | "stopped";
 
-const INTERRUPTED = "the agent stopped while this attempt was running (crash or kill)";
+export const DEFAULT_INTERRUPTION_POLICY: Readonly<InterruptionPolicy> = Object.freeze({ maxQuick: 5, quickWindowMs: 60_000 });
+
+/** An attempt executing now, as shutdown needs to see it. */
+interface LiveAttempt {
+  stepIndex: number;
+  step: string;
+  tracker: WorkTracker;
+}
 
 const defaultLog: LogFn = (level, msg, fields) => {
   if (level === "warn" || level === "error") console.error(JSON.stringify({ level, msg, ...fields }));
@@ -96,6 +111,9 @@ export class FsmEngine {
   readonly #queueLimits: Record<string, number>;
   readonly #defaultQueueLimit: number;
   readonly #queues = new Map<string, Semaphore>();
+  readonly #locks: LockProvider;
+  readonly #interruptions: InterruptionPolicy;
+  readonly #live = new Map<string, LiveAttempt>();
   readonly #reserved = new Set<string>();
   readonly #defs = new Map<string, FsmDef>();
   /** Runs this process is executing or finalizing right now. */
@@ -114,6 +132,11 @@ export class FsmEngine {
     this.#retry = resolveRetryPolicy(options.retry);
     this.#queueLimits = { ...options.queues };
     this.#defaultQueueLimit = options.defaultQueueLimit ?? 2;
+    this.#locks = options.locks ?? new KeyedLock();
+    this.#interruptions = { ...DEFAULT_INTERRUPTION_POLICY, ...options.interruptions };
+    const { maxQuick, quickWindowMs } = this.#interruptions;
+    if (!Number.isInteger(maxQuick) || maxQuick < 1) throw new RangeError(`interruptions.maxQuick must be an integer >= 1, got ${maxQuick}`);
+    if (!(quickWindowMs >= 0) || !Number.isFinite(quickWindowMs)) throw new RangeError(`interruptions.quickWindowMs must be >= 0, got ${quickWindowMs}`);
     new Semaphore("default", this.#defaultQueueLimit); // validates the limit
     for (const [name, limit] of Object.entries(this.#queueLimits)) this.#queues.set(name, new Semaphore(name, limit));
     this.#host = {
@@ -287,8 +310,19 @@ export class FsmEngine {
       this.#log("error", "run cannot resume", { fsm: def.name, runId: row.id, error });
       return this.#store.finish(row.id, "failed", currentStep(row), error);
     }
-    this.#log("info", "resuming run", { fsm: def.name, runId: row.id, resourceId: row.resource_id, step: currentStep(row) });
-    return this.#store.recordResume(row.id, currentStep(row), INTERRUPTED);
+    const step = currentStep(row);
+    this.#log("info", "resuming run", { fsm: def.name, runId: row.id, resourceId: row.resource_id, step });
+    const resumed = this.#store.recordResume(row.id, step, this.#interruptions.quickWindowMs);
+    if (resumed.in_attempt !== row.in_attempt) {
+      this.#log("warn", "the agent stopped while the step was working: interruption recorded", { fsm: def.name, runId: row.id, step, interruptions: resumed.interruptions, quick: resumed.quick_interruptions });
+    }
+    const { maxQuick, quickWindowMs } = this.#interruptions;
+    if (resumed.quick_interruptions >= maxQuick) {
+      const error = `step "${step}" was interrupted ${resumed.quick_interruptions} times within ${quickWindowMs / 1000}s of starting: poison step? (the agent died each time soon after the step began; the run is ended to stop a crash loop)`;
+      this.#log("error", "poison step: run failed", { fsm: def.name, runId: row.id, step, error });
+      return this.#store.finish(row.id, "failed", step, error);
+    }
+    return resumed;
   }
 
   /** Executes the remaining steps. Returns the finished row, or undefined if shutdown interrupted. */
@@ -298,6 +332,7 @@ export class FsmEngine {
     const request: unknown = deepFreeze(JSON.parse(row.request));
     const signal = this.#stop.signal;
     let announced = -1;
+    let inProcessInterruptions = 0; // for the backoff between re-runs of an interrupted step
     for (;;) {
       if (signal.aborted) return undefined;
       const index = row.step_index;
@@ -311,16 +346,23 @@ export class FsmEngine {
         return this.#store.finish(runId, "failed", stepName, `step "${stepName}" of FSM "${def.name}" no longer exists in this version of the agent`);
       }
       if (row.attempt >= step.retry.maxAttempts) {
-        // Only reachable after crashes: the interrupted attempts used up the budget.
+        // Only reachable after a crash between recording the last failed attempt and finishing.
         return this.#store.finish(runId, "failed", stepName, row.error ?? `step "${stepName}" exhausted its ${step.retry.maxAttempts} attempts`);
       }
       if (announced !== index) {
         announced = index;
+        inProcessInterruptions = 0;
         this.#emit(runId, { type: "step", step: stepName });
       }
 
-      this.#store.beginAttempt(runId, index);
       const fields = { fsm: def.name, runId, resourceId: row.resource_id, step: stepName, attempt: row.attempt };
+      this.#store.setWorking(runId, index, true);
+      const tracker = new WorkTracker((working, waitingFor) => {
+        this.#store.setWorking(runId, index, working, waitingFor);
+        if (!working) this.#log("debug", "step waiting", { ...fields, waitingFor });
+      });
+      const live: LiveAttempt = { stepIndex: index, step: stepName, tracker };
+      this.#live.set(runId, live);
       const ctx: StepContext<any, unknown> = {
         runId,
         fsm: def.name,
@@ -329,8 +371,16 @@ export class FsmEngine {
         request: request as Readonly<any>,
         state: JSON.parse(row.state) as unknown, // fresh copy of the checkpoint for every attempt
         attempt: row.attempt,
+        interruptions: row.interruptions,
         resumed,
         signal,
+        withQueue: (queue, fn) =>
+          tracker.hold(`queue ${queue}`, async () => {
+            const slot = await this.queue(queue).acquire(signal);
+            return () => slot.release();
+          }, fn),
+        withLock: (key, fn) => tracker.hold(`lock ${key}`, () => this.#locks.acquire(key, signal), fn),
+        waitFor: (what, wait) => tracker.wait(what, () => wait(signal)),
         progress: (progress) => this.#emit(runId, { type: "progress", step: stepName, progress }),
         log: (level, msg, extra) => this.#log(level, msg, { ...fields, ...extra }),
       };
@@ -342,6 +392,9 @@ export class FsmEngine {
         succeeded = true;
       } catch (err) {
         failure = err;
+      } finally {
+        tracker.freeze();
+        if (this.#live.get(runId) === live) this.#live.delete(runId);
       }
       if (this.#phase === "stopped") return undefined; // shutdown stopped waiting: write nothing more
 
@@ -361,9 +414,20 @@ export class FsmEngine {
       }
 
       if (signal.aborted) {
-        this.#store.abandonAttempt(runId, index);
-        this.#log("info", "step interrupted by shutdown; the run resumes on the next start", fields);
+        // The interruption (if the step was working) was recorded when the stop began.
+        this.#log("info", "step stopped by shutdown; the run resumes on the next start", fields);
         return undefined;
+      }
+      if (failure instanceof InterruptedError) {
+        // Cut short from outside (not the step's fault): no attempt spent, the step runs again.
+        const reason = formatError(failure);
+        this.#store.recordInterruption(runId, index, stepName, reason);
+        inProcessInterruptions++;
+        const delayMs = backoffDelayMs(step.retry, inProcessInterruptions);
+        this.#log("warn", "step interrupted; running it again", { ...fields, reason, delayMs });
+        if (!(await sleep(delayMs, signal))) return undefined;
+        row = this.#store.get(runId)!;
+        continue;
       }
       const error = formatError(failure);
       const failed = row.attempt + 1;
@@ -483,6 +547,18 @@ export class FsmEngine {
 
   async #doShutdown(timeoutMs?: number): Promise<void> {
     this.#phase = "stopping";
+    // Steps working now are interrupted by this stop: recorded at once, so it holds even if a
+    // step outlives the timeout or the process is killed before the step returns. Steps that
+    // only wait cost nothing.
+    for (const [runId, live] of this.#live) {
+      live.tracker.freeze();
+      if (!live.tracker.working) continue;
+      try {
+        this.#store.recordInterruption(runId, live.stepIndex, live.step, "the agent was stopped (SIGTERM) while this step was working");
+      } catch (err) {
+        this.#log("error", "could not record an interruption", { runId, error: formatError(err) });
+      }
+    }
     this.#stop.abort(new EngineShutdownError());
     for (const runId of [...this.#waiters.keys()]) {
       if (!this.#executing.has(runId)) this.#rejectWaiters(runId, unfinishedError(runId));

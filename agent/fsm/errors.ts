@@ -14,6 +14,22 @@ export function abort(message: string, cause?: unknown): AbortError {
   return cause === undefined ? new AbortError(message) : new AbortError(message, { cause });
 }
 
+/**
+ * The step was cut short from outside (e.g. the helper's connection dropped mid-operation), not
+ * by a fault of its own: the engine records an interruption, not a failed attempt, and runs the
+ * step again after a backoff. The step must redo what the interrupted work may have half-done.
+ */
+export class InterruptedError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "InterruptedError";
+  }
+}
+
+export function interrupted(message: string, cause?: unknown): InterruptedError {
+  return cause === undefined ? new InterruptedError(message) : new InterruptedError(message, { cause });
+}
+
 /** The reason the engine gives to step signals when it shuts down. */
 export class EngineShutdownError extends Error {
   constructor() {

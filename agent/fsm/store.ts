@@ -40,6 +40,28 @@ export const FSM_MIGRATIONS: readonly string[] = [
      at       TEXT    NOT NULL
    ) STRICT;
    CREATE INDEX fsm_events_by_run ON fsm_events (run_id, seq);`,
+  // Interruptions (the process died, or was stopped, while a step worked) are counted apart
+  // from failed attempts; waiting for a queue slot, a lock or another run is not working.
+  `ALTER TABLE fsm_runs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE fsm_runs ADD COLUMN quick_interruptions INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE fsm_runs ADD COLUMN last_interrupted_at TEXT;
+   ALTER TABLE fsm_runs ADD COLUMN work_started_at TEXT;
+   ALTER TABLE fsm_runs ADD COLUMN waiting_for TEXT;
+   CREATE TABLE fsm_events_v2 (
+     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+     run_id   TEXT    NOT NULL REFERENCES fsm_runs (id) ON DELETE CASCADE,
+     type     TEXT    NOT NULL CHECK (type IN ('start', 'resume', 'step', 'error', 'interrupted', 'finish')),
+     step     TEXT,
+     attempt  INTEGER,
+     error    TEXT,
+     delay_ms INTEGER,
+     status   TEXT,
+     at       TEXT    NOT NULL
+   ) STRICT;
+   INSERT INTO fsm_events_v2 SELECT seq, run_id, type, step, attempt, error, delay_ms, status, at FROM fsm_events;
+   DROP TABLE fsm_events;
+   ALTER TABLE fsm_events_v2 RENAME TO fsm_events;
+   CREATE INDEX fsm_events_by_run ON fsm_events (run_id, seq);`,
 ];
 
 export interface RunRow {
@@ -53,7 +75,15 @@ export interface RunRow {
   state: string;
   error: string | null;
   attempt: number;
+  /** 1 while a step works (not while it waits): a process death then is an interruption. */
   in_attempt: number;
+  interruptions: number;
+  /** Consecutive interruptions of the current step that came soon after it began working. */
+  quick_interruptions: number;
+  last_interrupted_at: string | null;
+  /** When the current step last began working (after its last wait). */
+  work_started_at: string | null;
+  waiting_for: string | null;
   started_at: string;
   updated_at: string;
   finished_at: string | null;
@@ -96,11 +126,14 @@ export function toRecord<R, W>(row: RunRow): RunRecord<R, W> {
     request: JSON.parse(row.request) as R,
     state: JSON.parse(row.state) as W,
     attempts: row.attempt,
+    interruptions: row.interruptions,
     startedAt: row.started_at,
     updatedAt: row.updated_at,
   };
   if (row.error !== null) record.error = row.error;
   if (row.finished_at !== null) record.finishedAt = row.finished_at;
+  if (row.last_interrupted_at !== null) record.lastInterruptedAt = row.last_interrupted_at;
+  if (row.waiting_for !== null && row.status === "running") record.waitingFor = row.waiting_for;
   return record;
 }
 
@@ -190,46 +223,67 @@ export class RunStore {
   }
 
   /**
-   * Marks the resumption of a run. If the previous process died while an attempt was executing,
-   * that attempt counts as failed (so a step that crashes the process cannot loop forever).
+   * Marks the resumption of a run. If the previous process died while a step was working (not
+   * waiting), that is an interruption: counted apart from failed attempts, leaving the attempt
+   * count and the last real error alone. It counts towards the poison rule only if it came
+   * within `quickWindowMs` of the step beginning to work (measured now, at the next start).
    */
-  recordResume(runId: string, step: string, interruptedError: string): RunRow {
+  recordResume(runId: string, step: string, quickWindowMs: number): RunRow {
     return this.#db.transaction((): RunRow => {
       const row = this.get(runId);
       if (!row || row.status !== "running") throw new StaleRunError(runId, "resume");
       const at = now();
       this.#addEvent({ runId, type: "resume", step, attempt: row.attempt, at });
       if (row.in_attempt) {
-        this.#update(
-          runId,
-          "record interrupted attempt",
-          `UPDATE fsm_runs SET attempt = attempt + 1, in_attempt = 0, error = @error, updated_at = @at
-           WHERE id = @id AND status = 'running'`,
-          { error: interruptedError, at },
-        );
-        this.#addEvent({ runId, type: "error", step, attempt: row.attempt, error: interruptedError, at });
+        const since = row.work_started_at === null ? Infinity : Date.parse(at) - Date.parse(row.work_started_at);
+        const quick = since <= quickWindowMs;
+        const when = Number.isFinite(since) ? `${Math.round(since / 1000)} s after it began` : "start time unknown";
+        this.#interrupt(row, step, at, quick, `the agent stopped while this step was working (crash, kill or power loss; ${when})`);
       }
       return this.get(runId)!;
     }).immediate();
   }
 
-  /** Durably notes that an attempt is executing (see recordResume). */
-  beginAttempt(runId: string, stepIndex: number): void {
-    this.#update(
-      runId,
-      "begin attempt",
-      `UPDATE fsm_runs SET in_attempt = 1, updated_at = @at WHERE id = @id AND status = 'running' AND step_index = @stepIndex`,
-      { stepIndex, at: now() },
-    );
+  /**
+   * Records an interruption seen by the running process itself (a graceful stop, a lost helper
+   * connection): never quick, since the process did not die.
+   */
+  recordInterruption(runId: string, stepIndex: number, step: string, reason: string): void {
+    this.#db.transaction(() => {
+      const row = this.get(runId);
+      if (!row || row.status !== "running" || row.step_index !== stepIndex) throw new StaleRunError(runId, "record interruption");
+      this.#interrupt(row, step, now(), false, reason);
+    }).immediate();
   }
 
-  /** A clean shutdown interrupted the attempt: it does not count. */
-  abandonAttempt(runId: string, stepIndex: number): void {
+  #interrupt(row: RunRow, step: string, at: string, quick: boolean, reason: string): void {
+    this.#update(
+      row.id,
+      "record interruption",
+      `UPDATE fsm_runs SET in_attempt = 0, waiting_for = NULL, interruptions = interruptions + 1,
+         quick_interruptions = quick_interruptions + @quick, last_interrupted_at = @at, updated_at = @at
+       WHERE id = @id AND status = 'running'`,
+      { quick: quick ? 1 : 0, at },
+    );
+    this.#addEvent({ runId: row.id, type: "interrupted", step, attempt: row.attempt, error: reason, at });
+  }
+
+  /**
+   * Durably notes whether the step is working (a process death then is an interruption) or
+   * waiting for `waitingFor` (a death then costs nothing). Beginning to work restarts the clock
+   * of the poison rule.
+   */
+  setWorking(runId: string, stepIndex: number, working: boolean, waitingFor?: string): void {
+    const at = now();
     this.#update(
       runId,
-      "abandon attempt",
-      `UPDATE fsm_runs SET in_attempt = 0, updated_at = @at WHERE id = @id AND status = 'running' AND step_index = @stepIndex`,
-      { stepIndex, at: now() },
+      working ? "begin work" : "begin wait",
+      working
+        ? `UPDATE fsm_runs SET in_attempt = 1, waiting_for = NULL, work_started_at = @at, updated_at = @at
+           WHERE id = @id AND status = 'running' AND step_index = @stepIndex`
+        : `UPDATE fsm_runs SET in_attempt = 0, waiting_for = @waitingFor, updated_at = @at
+           WHERE id = @id AND status = 'running' AND step_index = @stepIndex`,
+      working ? { stepIndex, at } : { stepIndex, waitingFor: waitingFor ?? null, at },
     );
   }
 
@@ -240,7 +294,8 @@ export class RunStore {
       this.#update(
         runId,
         `complete step ${step}`,
-        `UPDATE fsm_runs SET state = @state, step_index = @stepIndex + 1, attempt = 0, in_attempt = 0, error = NULL, updated_at = @at
+        `UPDATE fsm_runs SET state = @state, step_index = @stepIndex + 1, attempt = 0, in_attempt = 0, error = NULL,
+           quick_interruptions = 0, waiting_for = NULL, work_started_at = NULL, updated_at = @at
          WHERE id = @id AND status = 'running' AND step_index = @stepIndex`,
         { state, stepIndex, at },
       );
@@ -254,7 +309,7 @@ export class RunStore {
       this.#update(
         runId,
         `record failed attempt of ${step}`,
-        `UPDATE fsm_runs SET attempt = @attempt + 1, in_attempt = 0, error = @error, updated_at = @at
+        `UPDATE fsm_runs SET attempt = @attempt + 1, in_attempt = 0, error = @error, quick_interruptions = 0, waiting_for = NULL, updated_at = @at
          WHERE id = @id AND status = 'running' AND step_index = @stepIndex AND attempt = @attempt`,
         { stepIndex, attempt, error, at },
       );
@@ -268,7 +323,7 @@ export class RunStore {
       this.#update(
         runId,
         `finish (${status})`,
-        `UPDATE fsm_runs SET status = @status, error = @error, in_attempt = 0, updated_at = @at, finished_at = @at
+        `UPDATE fsm_runs SET status = @status, error = @error, in_attempt = 0, waiting_for = NULL, updated_at = @at, finished_at = @at
          WHERE id = @id AND status = 'running'`,
         { status, error: error ?? null, at },
       );

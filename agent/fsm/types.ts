@@ -12,6 +12,22 @@ export interface EngineOptions {
   queues?: Record<string, number>;
   /** Limit for queue names missing from `queues` (default 2; a warning is logged once per name). */
   defaultQueueLimit?: number;
+  /** Keyed locks for ctx.withLock; share it with code outside steps that takes the same keys. */
+  locks?: LockProvider;
+  /** The poison rule (see README): when a run ends because its step keeps killing the process. */
+  interruptions?: Partial<InterruptionPolicy>;
+}
+
+export interface InterruptionPolicy {
+  /** Consecutive quick interruptions of one step after which the run fails (>= 1). */
+  maxQuick: number;
+  /** An interruption is quick when it comes within this many ms of the step beginning to work. */
+  quickWindowMs: number;
+}
+
+/** Mutual exclusion per key; acquire resolves with the release function. */
+export interface LockProvider {
+  acquire(key: string, signal?: AbortSignal): Promise<() => void>;
 }
 
 export interface StepOptions {
@@ -34,14 +50,29 @@ export interface StepContext<R, W> {
    */
   state: W;
   /**
-   * 0 on the first attempt of this step in this run. Counts failed attempts and attempts cut
-   * short by a crash (persisted across restarts); a clean shutdown() does not count.
+   * 0 on the first attempt of this step in this run. Counts failed attempts only (persisted
+   * across restarts): interruptions (crashes, kills, stops) and waits do not count.
    */
   attempt: number;
+  /** Interruptions of this run so far (informational). */
+  interruptions: number;
   /** True for every step of an execution that resumed after a restart. */
   resumed: boolean;
   /** Fires on engine shutdown: stop, and let the step throw (nothing is recorded as failed). */
   signal: AbortSignal;
+  /**
+   * Runs `fn` holding a slot of the named queue (limits from EngineOptions.queues). The time
+   * spent waiting for the slot is not work: a process death then is neither a failed attempt
+   * nor an interruption, and the resumed step simply waits again.
+   */
+  withQueue<T>(queue: string, fn: () => Promise<T>): Promise<T>;
+  /** Same as withQueue, for a keyed lock (EngineOptions.locks). */
+  withLock<T>(key: string, fn: () => Promise<T>): Promise<T>;
+  /**
+   * Waits for something outside the run (another run's outcome, ...) without it counting as
+   * work. `what` is shown as RunRecord.waitingFor. `wait` gets the step's signal.
+   */
+  waitFor<T>(what: string, wait: (signal: AbortSignal) => Promise<T>): Promise<T>;
   /** Ephemeral progress for subscribers (not persisted). */
   progress(p: Record<string, unknown>): void;
   log: LogFn;
@@ -65,8 +96,13 @@ export interface RunRecord<R, W> {
   state: W;
   /** Failed: the final error. Running: the last failed attempt's error, if the step is retrying. */
   error?: string;
-  /** Failed or crash-interrupted attempts of the current (or last) step. */
+  /** Failed attempts of the current (or last) step (interruptions are not failed attempts). */
   attempts: number;
+  /** Times a step of this run was interrupted (process death, stop, lost helper connection). */
+  interruptions: number;
+  lastInterruptedAt?: string;
+  /** Running and waiting (not working): for what (a queue, a lock, another run). */
+  waitingFor?: string;
   startedAt: string;
   updatedAt: string;
   finishedAt?: string;
@@ -91,7 +127,7 @@ export type Finalizer<R, W> = (run: RunRecord<R, W>) => void | Promise<void>;
 export interface RunHistoryEvent {
   seq: number;
   runId: string;
-  type: "start" | "resume" | "step" | "error" | "finish";
+  type: "start" | "resume" | "step" | "error" | "interrupted" | "finish";
   step?: string;
   attempt?: number;
   error?: string;

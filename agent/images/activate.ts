@@ -58,13 +58,13 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
       const origin = catalog.getDevice(row.chainId);
       if (origin?.state !== "ready") throw abort(`image ${ctx.request.image}: its device ${row.chainId} is not ready`);
       crashPoint("activate.thin-id-allocated");
-      await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId }).catch((err) => {
+      await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId }, { signal: ctx.signal }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: snapshot`);
       });
     })
     .to("activate", async (ctx) => {
       const row = activationRow(deps, ctx);
-      const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId }).catch((err) => {
+      const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId }, { signal: ctx.signal }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: activate`);
       });
       crashPoint("activate.device-activated");
@@ -88,7 +88,8 @@ async function ensureImage(deps: ActivateDeps, ctx: Ctx): Promise<void> {
   if (image?.state === "failed") await refuseUnchangedFailure(deps, ctx.request.image, image.error ?? "pull failed");
   if (image?.state !== "ready") {
     const { runId } = pull.start(ctx.request.image, { image: ctx.request.image }, { layers: [], chainIds: [] });
-    const outcome = await pull.wait(runId);
+    // Waiting for the pull is not work: a kill meanwhile costs this run nothing.
+    const outcome = await ctx.waitFor(`pull of ${ctx.request.image}`, () => pull.wait(runId));
     if (outcome.status !== "succeeded") throw abort(`image ${ctx.request.image} could not be pulled: ${outcome.error}`);
   }
   const ready = catalog.getImage(ctx.request.image);

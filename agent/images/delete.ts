@@ -54,7 +54,7 @@ export function registerDeleteFsm(deps: DeleteDeps): DeleteFsm {
       }
       for (const activation of activations) {
         const { runId } = deactivate.start(activation.id, { activationId: activation.id }, {});
-        const outcome = await deactivate.wait(runId);
+        const outcome = await ctx.waitFor(`deactivation of ${activation.id}`, () => deactivate.wait(runId));
         if (outcome.status !== "succeeded" && catalog.getActivation(activation.id)) {
           throw new Error(`deactivation of ${activation.id} failed: ${outcome.error}`);
         }
@@ -72,7 +72,8 @@ export function registerDeleteFsm(deps: DeleteDeps): DeleteFsm {
       catalog.deleteImage(ctx.request.image);
     })
     .to("remove-devices", async (ctx) => {
-      await deps.locks.run(MAINTENANCE_LOCK, async () => {
+      // Through the engine (the same locks as GC's): waiting for GC or a repair is not work.
+      await ctx.withLock(MAINTENANCE_LOCK, async () => {
         for (const chainId of ctx.state.chainIds) {
           const name = catalog.getDevice(chainId)?.name;
           const kept = await removeDeviceIfUnreferenced(deps, chainId);

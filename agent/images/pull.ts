@@ -14,7 +14,7 @@
 import type { Catalog, DeviceRow } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
-import { abort, formatError } from "../fsm/errors.ts";
+import { abort, formatError, interrupted } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { checkListedSize, LayerValidationError, validateLayer, type LayerLimits } from "../layers/validate.ts";
@@ -97,7 +97,6 @@ async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promis
 }
 
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
-  const { engine } = deps;
   // Before any byte is requested: an object listed larger than a layer may be is never fetched.
   for (const layer of ctx.state.layers) {
     try {
@@ -119,12 +118,7 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   await Promise.all(
     ctx.state.layers.map(async (layer) => {
       if (layer.digest && (await deps.blobs.has(layer.digest))) return report(layer, layer.size);
-      const slot = await engine.queue("download").acquire(ctx.signal);
-      try {
-        layer.digest = await fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes));
-      } finally {
-        slot.release();
-      }
+      layer.digest = await ctx.withQueue("download", () => fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes)));
       deps.catalog.setLayerDigest(ctx.request.image, layer.position, layer.digest);
       report(layer, layer.size);
     }),
@@ -135,7 +129,7 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
 async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
-  return deps.locks.run(objectLockKey(layer), async () => {
+  return ctx.withLock(objectLockKey(layer), async () => {
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -181,7 +175,7 @@ async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   for (let i = 0; i < chain.length; i++) {
     const layer = ctx.state.layers[i];
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
-    await deps.locks.run(chainLockKey(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    await ctx.withLock(chainLockKey(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
     catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
   }
@@ -198,24 +192,31 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   const parent = parentChainId === null ? null : catalog.getDevice(parentChainId);
   if (parentChainId !== null && parent?.state !== "ready") throw new Error(`parent device ${parentChainId} is not ready`);
   // One apply at a time (by default): the space check below must not be raced by another apply.
-  const slot = await deps.engine.queue("apply").acquire(ctx.signal);
-  try {
+  await ctx.withQueue("apply", async () => {
     await checkPoolSpace(deps, ctx, digest, key, parent === null);
     const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
     crashPoint("pull.thin-id-allocated");
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
     try {
-      if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId });
-      else await helper.call("thin.create", { thinId: device.thinId });
-      await helper.call("device.activate", { name: device.name, thinId: device.thinId });
-      if (!parent) await helper.call("fs.mkfs", { name: device.name });
-      await helper.call("layer.apply", { name: device.name, digest });
+      const opts = { signal: ctx.signal }; // a stop reaches the helper calls
+      if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId }, opts);
+      else await helper.call("thin.create", { thinId: device.thinId }, opts);
+      await helper.call("device.activate", { name: device.name, thinId: device.thinId }, opts);
+      if (!parent) await helper.call("fs.mkfs", { name: device.name }, opts);
+      await helper.call("layer.apply", { name: device.name, digest }, opts);
       crashPoint("pull.layer-applied");
-      await helper.call("device.deactivate", { name: device.name });
+      await helper.call("device.deactivate", { name: device.name }, opts);
     } catch (err) {
+      // Stopping: the device stays "allocated" and the resumed step discards and rebuilds it.
+      if (ctx.signal.aborted) throw err;
       await discardDevice(deps, device).catch((cleanupErr) =>
         ctx.log("error", "could not discard a failed layer device", { chainId, error: formatError(cleanupErr) }),
       );
+      // The helper went away mid-operation (restarted): the device may hold half an apply, so it
+      // is rebuilt, and that is an interruption of the step, not a failed attempt.
+      if (err instanceof HelperError && err.connectionLost) {
+        throw interrupted(`image ${ctx.request.image}: layer ${key} (${digest}): the helper's connection dropped during ${err.op}; rebuilding the device`, err);
+      }
       // Out of space mid-apply: not retried. A retry would only meet the space check, whose
       // "pool is out_of_data_space" would replace the real reason as the run's error.
       if (err instanceof HelperError && err.code === "NO_SPACE") {
@@ -223,9 +224,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
       }
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
-  } finally {
-    slot.release();
-  }
+  });
   crashPoint("pull.device-built");
   catalog.markDeviceReady(chainId);
 }
@@ -233,7 +232,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
 /** Refuses a layer the pool cannot hold, before any device is made for it. */
 async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, digest: string, key: string, freshFilesystem: boolean): Promise<void> {
   const content = catalog.blobContent(digest) ?? { fileBytes: (await blobs.has(digest))?.size ?? 0, entries: 0 };
-  const pool = await helper.call("pool.status", {});
+  const pool = await helper.call("pool.status", {}, { signal: ctx.signal });
   const problem = spaceProblem(content, pool, freshFilesystem);
   if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
 }

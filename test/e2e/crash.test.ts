@@ -47,7 +47,7 @@ type Victim = "agent" | "helper" | "both";
  * one the run resumed after the previous kill (the process is restarted already armed with the
  * next point), then the run is let finish and everything is checked. Chaining the points of one
  * run costs one restart per point instead of a whole operation and check; a chain never puts more
- * than 4 interrupted attempts on one step (5 would end the run failed by design).
+ * than 4 interruptions on one step (5 quick ones in a row would end the run as a poison step).
  * IMGD_TEST_CRASH_SINGLE=1 runs every point as its own scenario instead (slower, isolated).
  */
 interface Scenario {
@@ -257,6 +257,33 @@ async function waitFor(check: () => boolean, timeoutMs: number, what: string): P
   }
 }
 
+/**
+ * Why a run failed: "interruption" when the kill itself is the reason (the pre-issue-10 engine's
+ * "agent stopped while this attempt was running", a poison verdict, a lost or unreachable
+ * helper), otherwise the step's own error.
+ */
+function failureReason(error: string): "interruption" | "step error" {
+  const interruption = [
+    /agent stopped while/i,
+    /interrupted \d+ times within/i,
+    /poison step/i,
+    /CONNECTION_LOST|connection closed by the helper|connection dropped/i,
+    /UNAVAILABLE|cannot connect to the helper/i,
+    /shutting down|shut down/i,
+  ];
+  return interruption.some((re) => re.test(error)) ? "interruption" : "step error";
+}
+
+/** Runs counted by outcome: "succeeded", "failed: interruption", "failed: step error", "running". */
+function countOutcomes(runs: { status: RunStatus; error: string }[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const r of runs) {
+    const key = r.status === RunStatus.SUCCEEDED ? "succeeded" : r.status === RunStatus.FAILED ? `failed: ${failureReason(r.error)}` : "running";
+    counts[key] = (counts[key] ?? 0) + 1;
+  }
+  return counts;
+}
+
 test("randomized crash loop: kill -9 at random moments during a workload", { skip: only && !only.test("random") ? "not selected" : false }, async () => {
   const t0 = performance.now();
   console.log(`random crash loop: seed ${SEED} (IMGD_TEST_CRASH_SEED=${SEED} repeats it), ${KILLS} kills`);
@@ -322,11 +349,14 @@ test("randomized crash loop: kill -9 at random moments during a workload", { ski
   await agent.waitAllRunsEnd();
   const { runs } = await agent.client.listRuns({ limit: 1000 });
   const failed = runs.filter((r) => r.status === RunStatus.FAILED);
+  const outcomes = countOutcomes(runs);
   console.log(
     `random crash loop: ${kills} kills, ops ${JSON.stringify(opsDone)}, ${runs.length} runs (${failed.length} failed), ` +
-      `restart ms ${restarts.join(",")}, ${Math.round((performance.now() - t0) / 1000)} s`,
+      `restart ms ${restarts.join(",")}, ${Math.round((performance.now() - t0) / 1000)} s\n` +
+      `random crash loop outcomes: ${JSON.stringify(outcomes)}`,
   );
-  for (const r of failed) console.log(`  failed ${r.fsm} ${r.resourceId} at ${r.state}: ${r.error}`);
+  for (const r of failed) console.log(`  failed ${r.fsm} ${r.resourceId} at ${r.state} [${failureReason(r.error)}]: ${r.error}`);
+  assert.equal(outcomes["failed: interruption"] ?? 0, 0, "no run may end FAILED because the agent or the helper was killed");
   await assertInvariants("after the random crash loop");
 
   // Every image that reports ready has the right tree, through every active activation of it and

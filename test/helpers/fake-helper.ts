@@ -4,7 +4,7 @@
 // device carries the list of layer digests applied to it, inherited by its snapshots, so a test
 // can check what an image's device would contain.
 import { createServer, type Server } from "node:net";
-import { existsSync } from "node:fs";
+import { existsSync, rmSync } from "node:fs";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -25,6 +25,14 @@ export interface FakeHelper {
   failNext(op: OpName, code: string, message?: string): void;
   /** Makes every layer.apply wait for this promise (to hold runs mid-step). */
   holdApply(gate: Promise<void> | undefined): void;
+  /**
+   * Simulates a helper restart in the middle of the next `op`: the operation takes effect (a
+   * layer.apply only half: the device gets `partial:<digest>`), then every connection is cut
+   * without an answer and the socket is gone for `downMs` before the helper listens again with
+   * the same pool. Resolves when it listens again.
+   */
+  restartDuring(op: OpName, downMs?: number): Promise<void>;
+  restarts: number;
   close(): Promise<void>;
 }
 
@@ -35,6 +43,20 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
   const calls: { op: OpName; args: unknown }[] = [];
   const failures = new Map<OpName, { code: string; message: string }>();
   let applyGate: Promise<void> | undefined;
+  const restartOps = new Map<OpName, { downMs: number; done: () => void }[]>();
+  const sockets = new Set<import("node:net").Socket>();
+  let restarts = 0;
+  let server: Server;
+  const listen = () => new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  const restart = async (downMs: number) => {
+    restarts++;
+    for (const socket of sockets) socket.destroy();
+    sockets.clear();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    rmSync(socketPath, { force: true });
+    await new Promise((resolve) => setTimeout(resolve, downMs));
+    await listen();
+  };
 
   const pool = () => ({
     name: "fake-pool",
@@ -48,6 +70,21 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
   });
 
   const fail = (code: string, message: string) => Object.assign(new Error(message), { code });
+
+  /** Returns true when the helper "died" during this request (no answer is sent). */
+  function diesDuring(request: Request): boolean {
+    const pending = restartOps.get(request.op)?.shift();
+    if (!pending) return false;
+    if (request.op === "layer.apply") {
+      calls.push({ op: request.op, args: request.args });
+      const thin = thins.get(active.get(request.args.name) ?? -1);
+      thin?.layers.push(`partial:${request.args.digest}`);
+    } else {
+      void handle(request).catch(() => undefined); // the effect happens; the answer is lost
+    }
+    void restart(pending.downMs).then(pending.done);
+    return true;
+  }
 
   async function handle(request: Request): Promise<unknown> {
     calls.push({ op: request.op, args: request.args });
@@ -116,7 +153,9 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     }
   }
 
-  const server: Server = createServer((socket) => {
+  server = createServer((socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
     let buffered = "";
     let queue = Promise.resolve();
     socket.on("data", (chunk) => {
@@ -129,6 +168,7 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
           const parsed = parseRequestLine(line);
           let response;
           if (!parsed.ok) response = { id: parsed.id, ok: false, error: { code: parsed.code, message: parsed.message } };
+          else if (diesDuring(parsed.request)) return;
           else {
             try {
               response = { id: parsed.request.id, ok: true, result: await handle(parsed.request) };
@@ -143,7 +183,7 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     });
     socket.on("error", () => {});
   });
-  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  await listen();
 
   return {
     socketPath,
@@ -152,6 +192,15 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     calls,
     failNext: (op, code, message = `injected ${code}`) => void failures.set(op, { code, message }),
     holdApply: (gate) => void (applyGate = gate),
+    restartDuring: (op, downMs = 300) =>
+      new Promise<void>((done) => {
+        const list = restartOps.get(op) ?? [];
+        list.push({ downMs, done });
+        restartOps.set(op, list);
+      }),
+    get restarts() {
+      return restarts;
+    },
     close: () => new Promise<void>((resolve) => server.close(() => resolve())),
   };
 }

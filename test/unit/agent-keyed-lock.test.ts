@@ -21,3 +21,19 @@ test("a failure releases the key", async () => {
   await assert.rejects(lock.run("k", async () => { throw new Error("boom"); }), /boom/);
   assert.equal(await lock.run("k", async () => 42), 42);
 });
+
+test("acquire(key, signal): a waiter that gives up neither gets the key nor lets those behind it overtake the holder", async () => {
+  const lock = new KeyedLock();
+  const release = await lock.acquire("k");
+  const controller = new AbortController();
+  const quitter = lock.acquire("k", controller.signal);
+  let thirdGot = false;
+  const third = lock.acquire("k").then((r) => ((thirdGot = true), r));
+  controller.abort(new Error("stopping"));
+  await assert.rejects(quitter, /stopping/);
+  await sleep(10);
+  assert.equal(thirdGot, false, "the holder still has the key");
+  release();
+  (await third)();
+  assert.equal(await lock.run("k", async () => "free"), "free");
+});

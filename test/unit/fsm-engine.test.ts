@@ -6,7 +6,9 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openDatabase, type Database } from "../../agent/db.ts";
-import { FsmEngine, abort, type EngineOptions, type RunEvent } from "../../agent/fsm/engine.ts";
+import { migrate } from "../../agent/db.ts";
+import { FsmEngine, abort, interrupted, type EngineOptions, type RunEvent } from "../../agent/fsm/engine.ts";
+import { FSM_MIGRATIONS } from "../../agent/fsm/store.ts";
 
 const FAST = { maxAttempts: 3, baseDelayMs: 1, maxDelayMs: 5, factor: 2, jitter: 0 };
 
@@ -445,8 +447,9 @@ test("shutdown aborts steps without recording failures; the run resumes from tha
   ]);
   assert.deepEqual(
     fsm.history(runId).map((e) => `${e.type}:${e.step}`),
-    ["start:a", "step:a", "resume:b", "step:b", "finish:b"],
+    ["start:a", "step:a", "interrupted:b", "resume:b", "step:b", "finish:b"],
   );
+  assert.equal(run.interruptions, 1, "the stop interrupted step b once");
 });
 
 test("a step waiting on another FSM's run does not deadlock shutdown, and both resume", LIMIT, async (t) => {
@@ -613,4 +616,161 @@ test("a state that cannot be saved as JSON fails the run with a clear error", LI
   const run = await fsm.wait(fsm.start("r", {}, {}).runId);
   assert.equal(run.status, "failed");
   assert.match(run.error!, /step "s" left a state that cannot be saved as JSON/);
+});
+
+test("a stop (SIGTERM) interrupts a working step: recorded as an interruption, never as a failed attempt, also past the stop timeout", LIMIT, async (t) => {
+  const h = harness(t);
+  const inStep = deferred();
+  let release!: () => void;
+  const stuck = new Promise<void>((r) => (release = r));
+  const fsm = h.engine
+    .register<{}, {}>("stubborn")
+    .start("work", async () => {
+      inStep.resolve();
+      await stuck; // ignores its signal: outlives the stop timeout
+      throw new Error("failed only because it was stopped");
+    })
+    .end();
+  await h.engine.resumeAll();
+  const { runId } = fsm.start("r", {}, {});
+  await inStep.promise;
+  await h.engine.shutdown(30);
+  release();
+  await new Promise((r) => setTimeout(r, 20));
+
+  const saved = fsm.get(runId)!;
+  assert.equal(saved.status, "running");
+  assert.equal(saved.attempts, 0, "not a failed attempt");
+  assert.equal(saved.interruptions, 1);
+  assert.ok(saved.lastInterruptedAt, "when it was interrupted");
+  assert.equal(saved.error, undefined, "the run's last real error is untouched");
+  const events = fsm.history(runId).map((e) => e.type);
+  assert.deepEqual(events, ["start", "interrupted"]);
+  assert.match(fsm.history(runId)[1]!.error!, /stopped \(SIGTERM\)/);
+  // Not a crash: the next start does not count it again, nor as a quick (poison) interruption.
+  const row = h.db.prepare("SELECT in_attempt, quick_interruptions FROM fsm_runs WHERE id = ?").get(runId) as { in_attempt: number; quick_interruptions: number };
+  assert.deepEqual({ ...row }, { in_attempt: 0, quick_interruptions: 0 });
+});
+
+test("waiting costs nothing: a run waiting for a queue slot or a lock is WAITING, and a stop charges it nothing", LIMIT, async (t) => {
+  const h = harness(t, { queues: { apply: 1, download: 3 } });
+  const holding = deferred();
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const ran: string[] = [];
+  const define = (engine: FsmEngine, hold: boolean) =>
+    engine
+      .register<{ lock: string }, {}>("apply")
+      .start("apply", async (ctx) => {
+        // A slot of "download" first, then a lock: a waiter holding a slot while it waits for
+        // the lock is still only waiting.
+        await ctx.withQueue("download", () =>
+          ctx.withLock(ctx.request.lock, () =>
+            ctx.withQueue("apply", async () => {
+              ran.push(ctx.resourceId);
+              if (hold && ctx.resourceId === "holder") {
+                holding.resolve();
+                await Promise.race([gate, aborted(ctx.signal)]);
+              }
+            }),
+          ),
+        );
+      })
+      .end();
+  let fsm = define(h.engine, true);
+  await h.engine.resumeAll();
+  const holder = fsm.start("holder", { lock: "chain 1" }, {}).runId;
+  await holding.promise;
+  const slotWaiter = fsm.start("slot-waiter", { lock: "chain 2" }, {}).runId;
+  const lockWaiter = fsm.start("lock-waiter", { lock: "chain 1" }, {}).runId;
+  await new Promise((r) => setTimeout(r, 20));
+
+  const inAttempt = (id: string) => (h.db.prepare("SELECT in_attempt FROM fsm_runs WHERE id = ?").get(id) as { in_attempt: number }).in_attempt;
+  assert.equal(inAttempt(holder), 1, "the holder works");
+  assert.equal(inAttempt(slotWaiter), 0);
+  assert.equal(inAttempt(lockWaiter), 0);
+  assert.equal(fsm.get(slotWaiter)!.waitingFor, "queue apply");
+  assert.equal(fsm.get(lockWaiter)!.waitingFor, "lock chain 1");
+  assert.equal(fsm.get(holder)!.waitingFor, undefined);
+
+  await h.engine.shutdown();
+  for (const id of [slotWaiter, lockWaiter]) {
+    const run = fsm.get(id)!;
+    assert.deepEqual([run.attempts, run.interruptions], [0, 0], `${id} was only waiting`);
+    assert.ok(!fsm.history(id).some((e) => e.type === "interrupted" || e.type === "error"));
+  }
+  assert.equal(fsm.get(holder)!.interruptions, 1);
+  release();
+
+  await h.restart();
+  fsm = define(h.engine, false);
+  await h.engine.resumeAll();
+  const runs = await Promise.all([holder, slotWaiter, lockWaiter].map((id) => fsm.wait(id)));
+  assert.deepEqual(runs.map((r) => [r.status, r.attempts, r.interruptions]), [["succeeded", 0, 1], ["succeeded", 0, 0], ["succeeded", 0, 0]]);
+  assert.equal(h.engine.queue("apply").inUse, 0);
+});
+
+test("waitFor(another run) is waiting, not work", LIMIT, async (t) => {
+  const h = harness(t);
+  const other = deferred();
+  const fsm = h.engine
+    .register<{}, {}>("joiner")
+    .start("join", async (ctx) => {
+      await ctx.waitFor("pull of golang", () => other.promise);
+    })
+    .end();
+  await h.engine.resumeAll();
+  const { runId } = fsm.start("j", {}, {});
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(fsm.get(runId)!.waitingFor, "pull of golang");
+  other.resolve();
+  const run = await fsm.wait(runId);
+  assert.equal(run.status, "succeeded");
+  assert.equal(run.waitingFor, undefined);
+});
+
+test("interrupted() from a step (e.g. lost helper connection) re-runs it without spending attempts, even 6 times", LIMIT, async (t) => {
+  const h = harness(t);
+  let calls = 0;
+  const fsm = h.engine
+    .register<{}, {}>("flaky-helper")
+    .start("unpack", async () => {
+      calls++;
+      if (calls <= 6) throw interrupted("the helper's connection dropped during layer.apply");
+    })
+    .end();
+  await h.engine.resumeAll();
+  const run = await fsm.wait(fsm.start("x", {}, {}).runId);
+  assert.equal(run.status, "succeeded", run.error);
+  assert.equal(calls, 7);
+  assert.equal(run.attempts, 0);
+  assert.equal(run.interruptions, 6);
+  assert.equal(fsm.history(run.id).filter((e) => e.type === "interrupted").length, 6);
+});
+
+test("a database from before interruptions were tracked is migrated; its run resumes", LIMIT, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "imgd-fsm-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, "imgd.db");
+  const old = openDatabase(path);
+  migrate(old, "fsm", FSM_MIGRATIONS.slice(0, 1));
+  old.prepare(
+    `INSERT INTO fsm_runs (id, fsm, resource_id, status, steps, step_index, request, state, attempt, in_attempt, started_at, updated_at)
+     VALUES ('01OLD', 'legacy', 'r', 'running', '["s"]', 0, '{}', '{}', 1, 1, '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')`,
+  ).run();
+  old.prepare(`INSERT INTO fsm_events (run_id, type, step, at) VALUES ('01OLD', 'start', 's', '2026-01-01T00:00:00.000Z')`).run();
+  old.close();
+
+  const db = openDatabase(path);
+  const engine = new FsmEngine(db, { retry: FAST, log: () => {} });
+  t.after(async () => {
+    await engine.shutdown();
+    db.close();
+  });
+  const fsm = engine.register<{}, {}>("legacy").start("s", async () => {}).end();
+  await engine.resumeAll();
+  const run = await fsm.wait("01OLD");
+  assert.equal(run.status, "succeeded");
+  assert.equal(run.interruptions, 1, "the old in-attempt flag became an interruption");
+  assert.deepEqual(fsm.history("01OLD").map((e) => e.type), ["start", "resume", "interrupted", "step", "finish"]);
 });
