@@ -14,7 +14,7 @@ import { formatError } from "./fsm/errors.ts";
 import type { HelperClient } from "./helper-client.ts";
 import type { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
-import { chainLockKey } from "./images/pull.ts";
+import { activationLock, chainLock, MAINTENANCE_LOCK } from "./lock-keys.ts";
 
 export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
@@ -38,12 +38,6 @@ export interface ReconcileReport {
 // Removals first (so a device that holds a thin id is gone before the id is deleted), then the
 // re-activation of activations that lost their device, then files.
 const ORDER: RepairAction["type"][] = ["remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
-
-/**
- * One maintenance pass (reconciliation, GC, the device removal of a deletion) at a time: two
- * would judge and remove the same things concurrently. Pulls never take it.
- */
-export const MAINTENANCE_LOCK = "maintenance";
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
   return deps.locks.run(MAINTENANCE_LOCK, async () => {
@@ -81,7 +75,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
       return undefined;
     }
     case "discard-device":
-      return locks.run(chainLockKey(action.chainId), async () => {
+      return locks.run(chainLock(action.chainId), async () => {
         // Under the chain lock no pull is building this device, so "allocated" means half-made.
         const row = catalog.getDevice(action.chainId);
         if (row?.state !== "allocated" || row.thinId !== action.thinId) return "the device is no longer half-made";
@@ -91,9 +85,9 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         return undefined;
       });
     case "drop-device-chain":
-      return locks.run(chainLockKey(action.chainId), () => dropDeviceChain(deps, action.chainId));
+      return locks.run(chainLock(action.chainId), () => dropDeviceChain(deps, action.chainId));
     case "drop-activation":
-      return locks.run(`activation ${action.id}`, async () => {
+      return locks.run(activationLock(action.id), async () => {
         const row = catalog.getActivation(action.id);
         if (!row || row.thinId !== action.thinId) return "the activation is gone";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
@@ -106,7 +100,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
     case "remove-device":
       return removeStrayDevice(deps, action.name, action.thinId);
     case "reactivate":
-      return locks.run(`activation ${action.id}`, async () => {
+      return locks.run(activationLock(action.id), async () => {
         const row = catalog.getActivation(action.id);
         if (row?.state !== "active") return "the activation is no longer active";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
@@ -154,14 +148,14 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
   const device = catalog.listDevices().find((d) => d.name === name);
   if (device) {
     // Layer devices are active only inside their build, which holds this lock.
-    return locks.run(chainLockKey(device.chainId), async () => {
+    return locks.run(chainLock(device.chainId), async () => {
       await unmountAndRemove(helper, name);
       return undefined;
     });
   }
   const activation = catalog.listActivations().find((a) => a.name === name);
   if (activation) {
-    return locks.run(`activation ${activation.id}`, async () => {
+    return locks.run(activationLock(activation.id), async () => {
       const row = catalog.getActivation(activation.id);
       if (row && activationBusy(deps, row.id)) return "a run is working on this activation";
       if (row?.state === "active" && row.thinId === thinId) return "the device is the activation's own";

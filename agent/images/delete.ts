@@ -15,7 +15,7 @@ import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import type { Logger } from "../log.ts";
-import { MAINTENANCE_LOCK } from "../reconcile.ts";
+import { MAINTENANCE_LOCK } from "../lock-keys.ts";
 import type { DeactivateFsm } from "./deactivate.ts";
 import { removeDeviceIfUnreferenced } from "./gc.ts";
 import type { PullFsm } from "./pull.ts";

@@ -14,8 +14,7 @@ import type { Fsm } from "../fsm/engine.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import type { Logger } from "../log.ts";
-import { MAINTENANCE_LOCK } from "../reconcile.ts";
-import { chainLockKey, objectLockKey } from "./pull.ts";
+import { chainLock, MAINTENANCE_LOCK, objectLock } from "../lock-keys.ts";
 
 export interface GcDeps {
   catalog: Catalog;
@@ -40,7 +39,7 @@ export interface GcReport {
  */
 export async function removeDeviceIfUnreferenced(deps: Omit<GcDeps, "blobs">, chainId: string): Promise<string | undefined> {
   const { catalog, helper, locks } = deps;
-  return locks.run(chainLockKey(chainId), async () => {
+  return locks.run(chainLock(chainId), async () => {
     const row = catalog.getDevice(chainId);
     if (!row) return "already gone";
     if (row.state !== "ready") return "it is being built";
@@ -91,7 +90,7 @@ export async function collectGarbage(deps: GcDeps): Promise<GcReport> {
 
 /** Under every download lock of the blob's S3 objects: no pull is fetching or recording it. */
 async function removeBlobIfUnreferenced(deps: GcDeps, digest: string): Promise<boolean> {
-  const keys = [...new Set(deps.catalog.blobObjects(digest).map(objectLockKey))].sort();
+  const keys = [...new Set(deps.catalog.blobObjects(digest).map(objectLock))].sort();
   const underLocks = (i: number): Promise<boolean> =>
     i < keys.length
       ? deps.locks.run(keys[i]!, () => underLocks(i + 1))

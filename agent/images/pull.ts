@@ -17,6 +17,7 @@ import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
+import { chainLock, objectLock } from "../lock-keys.ts";
 import { LayerValidationError, validateLayer } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
@@ -55,10 +56,6 @@ export interface PullDeps {
 
 export type PullFsm = Fsm<PullRequest, PullState>;
 
-// Keys of the locks a pull holds while it downloads an S3 object or builds a chain's device;
-// deletion, GC and repairs take the same ones before touching what they guard.
-export const objectLockKey = (o: { etag: string; size: number }) => `object ${o.etag} ${o.size}`;
-export const chainLockKey = (chainId: string) => `chain ${chainId}`;
 type Ctx = StepContext<PullRequest, PullState>;
 
 export function registerPullFsm(deps: PullDeps): PullFsm {
@@ -124,7 +121,7 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
 async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
-  return deps.locks.run(objectLockKey(layer), async () => {
+  return deps.locks.run(objectLock(layer), async () => {
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -165,7 +162,7 @@ async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   for (let i = 0; i < chain.length; i++) {
     const layer = ctx.state.layers[i];
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
-    await deps.locks.run(chainLockKey(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    await deps.locks.run(chainLock(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
     catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
   }
@@ -234,7 +231,7 @@ async function discardHalfMadeDevices(deps: PullDeps, state: PullState): Promise
     digests.push(layer.digest);
   }
   for (const chainId of chainIds(digests)) {
-    await deps.locks.run(`chain ${chainId}`, async () => {
+    await deps.locks.run(chainLock(chainId), async () => {
       const device = deps.catalog.getDevice(chainId);
       if (device?.state === "allocated") await discardDevice(deps, device);
     });
