@@ -37,7 +37,7 @@ export interface ReconcileReport {
 
 // Removals first (so a device that holds a thin id is gone before the id is deleted), then the
 // re-activation of activations that lost their device, then files.
-const ORDER: RepairAction["type"][] = ["remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
+const ORDER: RepairAction["type"][] = ["refuse-foreign", "remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
   return deps.locks.run(MAINTENANCE_LOCK, async () => {
@@ -56,6 +56,15 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
       deps.log(level, `reconcile: ${outcome.result} ${finding.kind} ${finding.subject}`, { detail: finding.detail, note: outcome.note });
       outcomes.push(outcome);
     }
+    const foreign = findings.flatMap((f) => (f.action.type === "refuse-foreign" ? [f.action.thinId] : []));
+    if (foreign.length > 0) {
+      deps.log(
+        "error",
+        `reconcile: the pool holds ${foreign.length} thin id(s) this catalog never allocated (${foreign.slice(0, 20).join(", ")}${foreign.length > 20 ? ", ..." : ""}); ` +
+          "nothing was deleted. Is this the right state directory for this pool? An operator must decide: restore the right database, or wipe those ids",
+        { thinIds: foreign, highWater: deps.catalog.thinIdHighWater() },
+      );
+    }
     return { outcomes, after: await runDoctor(deps) };
   });
 }
@@ -64,14 +73,19 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
 async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string | undefined> {
   const { catalog, helper, locks } = deps;
   switch (action.type) {
+    case "refuse-foreign":
+      return `refused: thin id ${action.thinId} was never allocated by this catalog; an operator must decide, the agent deletes nothing it cannot account for`;
     case "delete-thin": {
-      // Ids are allocated in SQLite before the pool creates them and never reused
-      // (AUTOINCREMENT), so an id the catalog does not know now never will be.
+      // Ids are allocated in SQLite before the pool creates them, and only an id whose deletion
+      // the pool confirmed is reused: an id allocated, row-less and not free stays row-less
+      // (allocation re-checks under the same synchronous transaction).
       if (thinOwner(catalog, action.thinId)) return `thin id ${action.thinId} is now known to the catalog`;
+      if (!catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is no longer this catalog's`;
       if (action.holder) await unmountAndRemove(helper, action.holder);
       const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
       if (holder) await unmountAndRemove(helper, holder.name);
       await helper.call("thin.delete", { thinId: action.thinId });
+      catalog.releaseThinId(action.thinId);
       return undefined;
     }
     case "discard-device":
@@ -91,6 +105,8 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         const row = catalog.getActivation(action.id);
         if (!row || row.thinId !== action.thinId) return "the activation is gone";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
+        // Active with its thin id in the pool: nothing is wrong any more (a deactivating one is
+        // finished whatever the pool holds).
         if (row.state === "active" && (await helper.call("thin.list", {})).thinIds.includes(row.thinId)) return "its thin id is in the pool";
         await unmountAndRemove(helper, row.name);
         await helper.call("thin.delete", { thinId: row.thinId });

@@ -1,6 +1,9 @@
 // The deactivate FSM: remove-device → delete-snapshot → forget.
 //
-// Each step checks before acting and tolerates "already gone" (the helper reports success for a
+// The first step records the user's intent (state 'deactivating') before the device goes: from
+// then on neither a repair nor a failure brings the activation back. A run that fails leaves the
+// row 'deactivating' (doctor: UNFINISHED_DEACTIVATION, which a repair finishes), or forgets it if
+// the pool shows the job was done after all. Each step checks before acting and tolerates "already gone" (the helper reports success for a
 // device or thin id that no longer exists), so a run resumed after a crash finishes the job. The
 // row goes last: until the snapshot is gone from the pool, the catalog still accounts for its id.
 import type { Catalog } from "../catalog.ts";
@@ -26,6 +29,7 @@ export function registerDeactivateFsm({ engine, catalog, helper }: { engine: Fsm
     .register<DeactivateRequest, Record<string, never>>("deactivate")
     .start("remove-device", async (ctx) => {
       const row = activation(ctx.request.activationId);
+      catalog.markActivationDeactivating(row.id);
       await helper.call("device.deactivate", { name: row.name }).catch((err) => {
         throw classifyStepError(err, `deactivation of ${row.id}: remove ${row.name}`);
       });
@@ -41,5 +45,16 @@ export function registerDeactivateFsm({ engine, catalog, helper }: { engine: Fsm
     .to("forget", async (ctx) => {
       catalog.deleteActivation(ctx.request.activationId);
     })
-    .end();
+    .end({
+      finalizers: [
+        async (run) => {
+          if (run.status !== "failed") return;
+          const row = catalog.getActivation(run.request.activationId);
+          if (row?.state !== "deactivating") return;
+          // The catalog says what the pool shows: gone from both, the row goes too.
+          const [{ thinIds }, { devices }] = await Promise.all([helper.call("thin.list", {}), helper.call("device.list", {})]);
+          if (!thinIds.includes(row.thinId) && !devices.some((d) => d.name === row.name)) catalog.deleteActivation(row.id);
+        },
+      ],
+    });
 }

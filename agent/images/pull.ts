@@ -17,7 +17,7 @@ import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
-import { chainLock, objectLock } from "../lock-keys.ts";
+import { chainLock, imageLock, objectLock } from "../lock-keys.ts";
 import { LayerValidationError, validateLayer } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
@@ -65,30 +65,39 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     .start("list", (ctx) => listLayers(deps, ctx))
     .to("download", (ctx) => downloadLayers(deps, ctx))
     .to("unpack", (ctx) => unpackLayers(deps, ctx))
-    .to("finish", async (ctx) => {
-      catalog.markImageReady(ctx.request.image, ctx.state.chainIds.at(-1)!);
-    })
+    .to("finish", (ctx) =>
+      // Under the image's lock, as a deletion forgets the row: the image is ready, or this
+      // pull fails, never "succeeded" with no row.
+      deps.locks.run(imageLock(ctx.request.image), async () => {
+        try {
+          catalog.markImageReady(ctx.request.image, ctx.runId, ctx.state.chainIds.at(-1)!);
+        } catch (err) {
+          throw abort(formatError(err), err);
+        }
+      }),
+    )
     .end({
       finalizers: [
         async (run) => {
           if (run.status !== "failed") return;
-          catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+          // Only this run's row: a finalizer run again after a crash leaves a newer pull's outcome.
+          await deps.locks.run(imageLock(run.request.image), async () => void catalog.markImageFailed(run.request.image, run.error ?? "pull failed", run.id));
           await discardHalfMadeDevices(deps, run.state);
         },
       ],
     });
 }
 
-async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promise<void> {
+async function listLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   let objects;
   try {
-    objects = await listImageLayers(s3, s3Config, ctx.request.image);
+    objects = await listImageLayers(deps.s3, deps.s3Config, ctx.request.image);
   } catch (err) {
     throw classifyStepError(err, `image ${ctx.request.image}`);
   }
   ctx.state.layers = objects.map((o) => ({ position: o.position, key: o.key, size: o.size, etag: o.etag }));
   ctx.state.chainIds = [];
-  catalog.beginPull(ctx.request.image, ctx.state.layers);
+  await deps.locks.run(imageLock(ctx.request.image), async () => deps.catalog.beginPull(ctx.request.image, ctx.runId, ctx.state.layers));
 }
 
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {

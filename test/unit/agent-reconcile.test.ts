@@ -89,9 +89,17 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
   const layer2 = agent.catalog.getDevice(golang.layers[1]!.chainId)!;
   await stop();
 
-  // An unknown thin id, active under a stray activation name.
+  // A thin id the catalog allocated and then lost the row of, active under a stray name; and
+  // one it never allocated (someone else's), which no repair may touch.
+  let lostId!: number;
+  withStoppedCatalog((catalog) => {
+    lostId = catalog.allocateActivation({ id: "01JLOSTAAAAAAAAAAAAAAAAAAA", image: "golang", chainId: golang.chainId, name: "imgd-act-01jlostaaaaaaaaaaaaaaaaaaa" }).thinId;
+    catalog.db.prepare("DELETE FROM activations WHERE thin_id = ?").run(lostId);
+    catalog.db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(lostId);
+  });
+  helper.thins.set(lostId, { origin: null, layers: [], formatted: true });
+  helper.active.set("imgd-act-00000000000000000000000009", lostId);
   helper.thins.set(9000, { origin: null, layers: [], formatted: true });
-  helper.active.set("imgd-act-00000000000000000000000009", 9000);
   // A layer device left active (and mounted) although it is ready.
   helper.active.set(layer2.name, layer2.thinId);
   helper.mounts.add(layer2.name);
@@ -113,7 +121,8 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
 
   logs.length = 0;
   await start();
-  assert.equal(helper.thins.has(9000), false, "unknown id deleted");
+  assert.equal(helper.thins.has(lostId), false, "the lost id deleted");
+  assert.equal(helper.thins.has(9000), true, "the foreign id kept");
   assert.equal(helper.active.has("imgd-act-00000000000000000000000009"), false, "its device removed first");
   assert.equal(helper.active.has(layer2.name), false, "stray layer device removed");
   assert.equal(helper.mounts.has(layer2.name), false, "and unmounted first");
@@ -135,9 +144,11 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
     "STRAY_TEMP_FILE",
     "UNKNOWN_THIN_ID",
   ]);
+  assert.ok(logs.some((l) => l.level === "error" && /1 thin id\(s\) this catalog never allocated \(9000\); nothing was deleted/.test(l.msg)));
   const report = await client.doctor({});
-  assert.deepEqual(report.findings, []);
-  assert.equal(report.clean, true);
+  assert.deepEqual(report.findings.map((f) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 9000"]]);
+  helper.thins.delete(9000);
+  assert.equal((await client.doctor({})).clean, true);
   assert.equal((await client.getImage({ image: "golang" })).image!.state, ImageState.READY);
   await client.deactivateImage({ activationId: kept!.id });
 });
@@ -227,4 +238,46 @@ test("an activation whose snapshot vanished from the pool is forgotten (and its 
   assert.equal(agent.catalog.getActivation(activation!.id), undefined);
   assert.equal(helper.active.has(name), false);
   assert.equal((await client.listActivations({ image: "golang" })).activations.length, 0);
+});
+
+test("an agent started on an empty database against a pool that holds devices deletes nothing, and says why", async () => {
+  await pull("golang");
+  const { activation } = await client.activateImage({ image: "golang" });
+  const pool = new Map(helper.thins);
+  const active = new Map(helper.active);
+  assert.ok(pool.size >= 5);
+  await stop();
+  const mainStateDir = stateDir;
+  const fresh = mkdtempSync(join(tmpdir(), "imgd-reconcile-fresh-"));
+  const config = loadAgentConfig([], {
+    IMGD_STATE_DIR: fresh,
+    IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_HELPER_SOCKET: helper.socketPath,
+    IMGD_S3_ENDPOINT: s3.endpoint,
+    IMGD_S3_BUCKET: s3.bucket,
+  });
+  logs.length = 0;
+  const stranger = await startAgent(config, (level, msg, fields) => void logs.push({ level, msg, fields }), { poolWaitAttempts: 1 });
+  try {
+    assert.deepEqual([...helper.thins.keys()].sort(), [...pool.keys()].sort(), "every thin id is still in the pool");
+    assert.deepEqual([...helper.active.keys()].sort(), [...active.keys()].sort(), "and every device");
+    assert.ok(!logs.some((l) => /reconcile: repaired/.test(l.msg)), "nothing was repaired");
+    assert.ok(logs.some((l) => l.level === "error" && /thin id\(s\) this catalog never allocated \(.*\); nothing was deleted/.test(l.msg)), logs.map((l) => l.msg).join("\n"));
+    const c = connectImgd(`127.0.0.1:${stranger.port}`);
+    try {
+      const report = await c.client.doctor({ repair: true });
+      assert.equal(report.clean, false);
+      assert.deepEqual([...new Set(report.findings.map((f) => f.kind))], ["FOREIGN_THIN_ID"]);
+      assert.ok(report.findings.every((f) => f.result === "skipped" && /operator/.test(f.note)), JSON.stringify(report.findings));
+      assert.equal(helper.thins.size, pool.size, "an on-demand repair deletes nothing either");
+    } finally {
+      c.channel.close();
+    }
+  } finally {
+    await stranger.stop();
+  }
+  assert.equal(stateDir, mainStateDir);
+  await start();
+  assert.equal((await client.doctor({})).clean, true, "the real catalog still accounts for all of it");
+  await client.deactivateImage({ activationId: activation!.id });
 });
