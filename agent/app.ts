@@ -13,6 +13,7 @@ import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
 import { registerDeleteFsm } from "./images/delete.ts";
 import { registerPullFsm } from "./images/pull.ts";
+import { DownloadGate } from "./images/download-gate.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
 import { KeyedLock } from "./keyed-lock.ts";
@@ -42,11 +43,12 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
   const locks = new KeyedLock();
-  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks });
+  const downloads = new DownloadGate();
+  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, downloads });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
-  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, tmpDir: blobs.tmpDir };
+  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, downloads, tmpDir: blobs.tmpDir };
   // Before any run resumes: what a crash (or a power loss, or someone else) left in the pool is
   // repaired while nothing else moves. Subjects of unfinished runs are left to those runs.
   await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });

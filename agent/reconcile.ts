@@ -13,11 +13,13 @@ import { chainsBeingBuilt, runDoctor, type DoctorDeps, type DoctorReport, type F
 import { formatError } from "./fsm/errors.ts";
 import type { HelperClient } from "./helper-client.ts";
 import type { KeyedLock } from "./keyed-lock.ts";
+import type { DownloadGate } from "./images/download-gate.ts";
 import type { Logger } from "./log.ts";
 import { activationLock, chainLock, MAINTENANCE_LOCK } from "./lock-keys.ts";
 
 export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
+  downloads: DownloadGate;
   log: Logger;
 }
 
@@ -123,10 +125,12 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         await helper.call("device.activate", { name: row.name, thinId: row.thinId });
         return undefined;
       });
-    case "remove-temp":
-      if (deps.pull.list({ status: "running", limit: 1 }).length > 0) return "a pull is running (the file may be its download)";
-      await rm(action.path, { force: true });
-      return undefined;
+    case "remove-temp": {
+      // Between downloads only (download-gate.ts): a download starting after doctor looked
+      // makes its own file, which this must not remove.
+      const swept = await deps.downloads.trySweep(() => rm(action.path, { force: true }));
+      return swept.swept ? undefined : "a download is in flight (the file may be its own)";
+    }
   }
 }
 

@@ -30,6 +30,7 @@ import type { BlobStore } from "../blobs/store.ts";
 import type { DeactivateFsm } from "../images/deactivate.ts";
 import type { DeleteFsm } from "../images/delete.ts";
 import { collectGarbage } from "../images/gc.ts";
+import type { DownloadGate } from "../images/download-gate.ts";
 import type { PullFsm } from "../images/pull.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
@@ -47,6 +48,7 @@ export interface ImageServiceDeps {
   remove: DeleteFsm;
   blobs: BlobStore;
   locks: KeyedLock;
+  downloads: DownloadGate;
   log: Logger;
   tmpDir: string;
 }

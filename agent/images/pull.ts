@@ -24,6 +24,7 @@ import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
 import { chainIds, layerDeviceName } from "./chain.ts";
+import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
 import { spaceProblem } from "./pool-space.ts";
 
@@ -52,6 +53,7 @@ export interface PullDeps {
   s3Config: S3Config;
   helper: HelperClient;
   locks: KeyedLock;
+  downloads: DownloadGate;
 }
 
 export type PullFsm = Fsm<PullRequest, PullState>;
@@ -116,7 +118,9 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
       if (layer.digest && (await deps.blobs.has(layer.digest))) return report(layer, layer.size);
       const slot = await engine.queue("download").acquire(ctx.signal);
       try {
-        layer.digest = await fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes));
+        // Through the gate GC's sweep of unrecorded files takes: the blob is renamed into the
+        // store before it is recorded.
+        layer.digest = await deps.downloads.download(() => fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes)));
       } finally {
         slot.release();
       }
