@@ -16,6 +16,7 @@ import { registerPullFsm } from "./images/pull.ts";
 import { DownloadGate } from "./images/download-gate.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
+import { startRunHistoryPruning } from "./run-history.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
 import { createS3Client, loadS3Config } from "./s3/client.ts";
@@ -53,6 +54,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   // repaired while nothing else moves. Subjects of unfinished runs are left to those runs.
   await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });
   await engine.resumeAll();
+  const stopPruning = startRunHistoryPruning(engine, { maxRuns: config.runHistoryMax, maxAgeDays: config.runHistoryDays }, (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }));
 
   const { server, port } = await startGrpcServer(config.listen, { ...lifecycle, log });
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
@@ -70,6 +72,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
         server.forceShutdown();
       }
       log("info", "gRPC server closed");
+      stopPruning();
       await engine.shutdown();
       log("info", "FSM engine stopped");
       helper.close();

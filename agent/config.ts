@@ -11,6 +11,10 @@ export interface AgentConfig {
   logLevel: "debug" | "info" | "warn" | "error";
   downloadConcurrency: number;
   applyConcurrency: number;
+  /** Finished FSM runs kept: at most this many (IMGD_RUN_HISTORY_MAX)... */
+  runHistoryMax: number;
+  /** ...and none older than this many days (IMGD_RUN_HISTORY_DAYS). */
+  runHistoryDays: number;
   /**
    * Raw settings, for the modules that read their own: agent/s3/config.ts reads IMGD_S3_* (endpoint,
    * bucket, timeouts, max layer count) and IMGD_DOWNLOAD_* (retries, backoff, ranged GETs).
@@ -46,6 +50,8 @@ export function loadAgentConfig(argv: string[], env: NodeJS.ProcessEnv): AgentCo
     logLevel: logLevel as AgentConfig["logLevel"],
     downloadConcurrency: positiveInt("IMGD_DOWNLOAD_CONCURRENCY", settings.IMGD_DOWNLOAD_CONCURRENCY ?? "4"),
     applyConcurrency: positiveInt("IMGD_APPLY_CONCURRENCY", settings.IMGD_APPLY_CONCURRENCY ?? "1"),
+    runHistoryMax: boundedInt("IMGD_RUN_HISTORY_MAX", settings.IMGD_RUN_HISTORY_MAX ?? "1000", 1, 10_000_000),
+    runHistoryDays: boundedInt("IMGD_RUN_HISTORY_DAYS", settings.IMGD_RUN_HISTORY_DAYS ?? "30", 1, 36_500),
     settings,
   };
 }
@@ -71,4 +77,10 @@ function absolutePath(name: string, value: string): string {
 function positiveInt(name: string, value: string): number {
   if (!/^[1-9][0-9]{0,3}$/.test(value)) throw new Error(`${name} must be an integer from 1 to 9999, got ${JSON.stringify(value)}`);
   return Number(value);
+}
+
+function boundedInt(name: string, value: string, min: number, max: number): number {
+  const n = Number(value);
+  if (!/^[0-9]+$/.test(value) || n < min || n > max) throw new Error(`${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(value)}`);
+  return n;
 }
