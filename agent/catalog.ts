@@ -102,6 +102,8 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
   `,
 ];
 
+const ADOPTED = "adopted by the operator";
+
 /** dm-thin device ids are 24 bits. */
 export const MAX_THIN_ID = 0xffffff;
 
@@ -435,6 +437,22 @@ export class Catalog {
       if (this.db.prepare("SELECT 1 FROM thin_ids WHERE thin_id = ?").get(thinId)) return;
       this.db.prepare("INSERT OR IGNORE INTO free_thin_ids (thin_id, freed_at) VALUES (?, ?)").run(thinId, now());
     })();
+  }
+
+  /**
+   * The operator's decision to keep a thin id the catalog never allocated (doctor --adopt-pool):
+   * it is reserved (never handed out, never deleted, not reported again).
+   */
+  adoptThinId(thinId: number): void {
+    this.db.transaction(() => {
+      this.db.prepare("DELETE FROM free_thin_ids WHERE thin_id = ?").run(thinId);
+      this.db.prepare("INSERT OR IGNORE INTO thin_ids (thin_id, owner, allocated_at) VALUES (?, ?, ?)").run(thinId, ADOPTED, now());
+    })();
+  }
+
+  /** Thin ids kept by the operator's decision (adoptThinId). */
+  adoptedThinIds(): number[] {
+    return (this.db.prepare("SELECT thin_id AS id FROM thin_ids WHERE owner = ? ORDER BY thin_id").all(ADOPTED) as { id: number }[]).map((r) => r.id);
   }
 
   thinIdHighWater(): number {

@@ -85,8 +85,9 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
   // crash, a lost row) only if the catalog allocated it and never saw it deleted; any other id
   // (an empty, wrong or restored database, someone else's device) is not the agent's to delete.
   const foreign = new Set<number>();
+  const adopted = new Set(catalog.adoptedThinIds());
   for (const thinId of thinIds) {
-    if (owners.has(thinId)) continue;
+    if (owners.has(thinId) || adopted.has(thinId)) continue;
     const holder = live.find((d) => d.thinId === thinId);
     if (!catalog.thinIdAllocated(thinId)) {
       foreign.add(thinId);
@@ -96,7 +97,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
         detail:
           `thin id ${thinId} exists in the pool${holder ? ` (active as ${holder.name})` : ""} but this catalog never allocated it ` +
           `(its ids go up to ${catalog.thinIdHighWater()}): the database may be empty, wrong or restored from a backup`,
-        repair: "none: an operator must decide (keep the pool and fix the database, or wipe the pool's unknown ids); the agent will not delete it",
+        repair: "none by itself: an operator decides (the right database; or imgctl doctor --adopt-pool to keep it reserved, --wipe-pool to delete it)",
         action: { type: "refuse-foreign", thinId, holder: holder?.name },
       });
       continue;
@@ -140,8 +141,8 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
     const activation = activationByName.get(name);
     const device = deviceByName.get(name);
     if (activation && (activation.state !== "active" || isBusy({ type: "activation", row: activation }))) continue;
-    // A device of a foreign thin id is part of what the operator decides about.
-    if (foreign.has(thinId)) continue;
+    // A device of a foreign thin id is part of what the operator decides about (or decided).
+    if (foreign.has(thinId) || (adopted.has(thinId) && !activation && !device)) continue;
     // A ready layer device is never legitimately active (a build activates only its own
     // allocated device), so it is stray even while a pull of its image runs.
     if (device?.state === "allocated") continue;

@@ -21,6 +21,11 @@ export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
   downloads: DownloadGate;
   log: Logger;
+  /**
+   * The operator's decision about thin ids the catalog never allocated (FOREIGN_THIN_ID):
+   * "adopt" keeps them reserved, "wipe" deletes them. Without one, they are left alone.
+   */
+  foreign?: "adopt" | "wipe";
 }
 
 export interface RepairOutcome {
@@ -59,11 +64,12 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
       outcomes.push(outcome);
     }
     const foreign = findings.flatMap((f) => (f.action.type === "refuse-foreign" ? [f.action.thinId] : []));
-    if (foreign.length > 0) {
+    if (foreign.length > 0 && deps.foreign === undefined) {
       deps.log(
         "error",
         `reconcile: the pool holds ${foreign.length} thin id(s) this catalog never allocated (${foreign.slice(0, 20).join(", ")}${foreign.length > 20 ? ", ..." : ""}); ` +
-          "nothing was deleted. Is this the right state directory for this pool? An operator must decide: restore the right database, or wipe those ids",
+          "nothing was deleted. Is this the right state directory for this pool? An operator must decide: restore the right database, " +
+          "or keep those ids reserved (imgctl doctor --adopt-pool), or delete them (imgctl doctor --wipe-pool)",
         { thinIds: foreign, highWater: deps.catalog.thinIdHighWater() },
       );
     }
@@ -75,8 +81,22 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
 async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string | undefined> {
   const { catalog, helper, locks } = deps;
   switch (action.type) {
-    case "refuse-foreign":
-      return `refused: thin id ${action.thinId} was never allocated by this catalog; an operator must decide, the agent deletes nothing it cannot account for`;
+    case "refuse-foreign": {
+      if (deps.foreign === undefined) {
+        return `refused: thin id ${action.thinId} was never allocated by this catalog; an operator must decide (imgctl doctor --adopt-pool or --wipe-pool), the agent deletes nothing it cannot account for`;
+      }
+      // Re-checked: the catalog may have allocated it meanwhile (then it is not foreign).
+      if (thinOwner(catalog, action.thinId) || catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is now this catalog's`;
+      if (deps.foreign === "adopt") {
+        catalog.adoptThinId(action.thinId);
+        return undefined;
+      }
+      if (action.holder) await unmountAndRemove(helper, action.holder);
+      const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
+      if (holder) await unmountAndRemove(helper, holder.name);
+      await helper.call("thin.delete", { thinId: action.thinId });
+      return undefined;
+    }
     case "delete-thin": {
       // Ids are allocated in SQLite before the pool creates them, and only an id whose deletion
       // the pool confirmed is reused: an id allocated, row-less and not free stays row-less

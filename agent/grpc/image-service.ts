@@ -224,11 +224,13 @@ export function imageService(deps: ImageServiceDeps) {
     },
 
     async doctor(request: DoctorRequest) {
-      if (!request.repair) {
+      if (request.adoptPool && request.wipePool) throw new ServerError(Status.INVALID_ARGUMENT, "adopt_pool and wipe_pool exclude each other: keep the unknown thin ids, or delete them");
+      const foreign = request.adoptPool ? "adopt" : request.wipePool ? "wipe" : undefined;
+      if (!request.repair && !foreign) {
         const report = await runDoctor(deps);
         return { ...report, findings: report.findings.map((f) => findingMessage(f)) };
       }
-      const { outcomes, after } = await reconcile({ ...deps, log: (level, msg, fields) => deps.log(level, msg, { sys: "reconcile", ...fields }) });
+      const { outcomes, after } = await reconcile({ ...deps, foreign, log: (level, msg, fields) => deps.log(level, msg, { sys: "reconcile", ...fields }) });
       // What was found and done, then anything a fresh look finds that the pass did not see.
       const seen = new Set(outcomes.map((o) => `${o.finding.kind} ${o.finding.subject}`));
       const remaining = after.findings.filter((f) => !seen.has(`${f.kind} ${f.subject}`)).map((f) => findingMessage(f));

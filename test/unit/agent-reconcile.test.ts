@@ -270,6 +270,13 @@ test("an agent started on an empty database against a pool that holds devices de
       assert.deepEqual([...new Set(report.findings.map((f) => f.kind))], ["FOREIGN_THIN_ID"]);
       assert.ok(report.findings.every((f) => f.result === "skipped" && /operator/.test(f.note)), JSON.stringify(report.findings));
       assert.equal(helper.thins.size, pool.size, "an on-demand repair deletes nothing either");
+      // The operator keeps them: reserved, never handed out; this agent's own ids come after them.
+      const adopted = await c.client.doctor({ adoptPool: true });
+      assert.ok(adopted.findings.every((f) => f.kind === "FOREIGN_THIN_ID" && f.result === "repaired"));
+      assert.equal(adopted.clean, true);
+      assert.equal((await c.client.doctor({})).clean, true, "not reported again");
+      assert.deepEqual([...helper.thins.keys()].sort(), [...pool.keys()].sort(), "and still nothing deleted");
+      assert.equal(stranger.catalog.allocateDevice({ chainId: "sha256:" + "9".repeat(64), parentChainId: null, layerDigest: "sha256:" + "9".repeat(64), name: "imgd-layer-x" }).thinId, Math.max(...pool.keys()) + 1);
     } finally {
       c.channel.close();
     }
@@ -280,4 +287,29 @@ test("an agent started on an empty database against a pool that holds devices de
   await start();
   assert.equal((await client.doctor({})).clean, true, "the real catalog still accounts for all of it");
   await client.deactivateImage({ activationId: activation!.id });
+});
+
+test("the operator's decision: --wipe-pool deletes foreign ids (and their devices), --adopt-pool keeps them; both at once is refused", async () => {
+  await pull("golang");
+  const mine = new Map(helper.thins);
+  helper.thins.set(7777, { origin: null, layers: [], formatted: true });
+  helper.active.set("imgd-act-00000000000000000000007777", 7777);
+  helper.thins.set(7778, { origin: null, layers: [], formatted: true });
+  await assert.rejects(client.doctor({ adoptPool: true, wipePool: true }), /INVALID_ARGUMENT.*exclude each other/);
+  const look = await client.doctor({});
+  assert.deepEqual(look.findings.map((f) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 7777"], ["FOREIGN_THIN_ID", "thin id 7778"]], "the device mapping 7777 is part of that finding");
+  const kept = 7778;
+  helper.thins.delete(7778); // decide about 7777 alone first
+  const wiped = await client.doctor({ wipePool: true });
+  assert.deepEqual(wiped.findings.map((f) => [f.kind, f.result]), [["FOREIGN_THIN_ID", "repaired"]]);
+  assert.equal(helper.thins.has(7777), false);
+  assert.equal(helper.active.has("imgd-act-00000000000000000000007777"), false, "its device removed first");
+  for (const id of mine.keys()) assert.ok(helper.thins.has(id), `the catalog's own id ${id} kept`);
+  helper.thins.set(kept, { origin: null, layers: [], formatted: true });
+  const adopted = await client.doctor({ adoptPool: true });
+  assert.deepEqual(adopted.findings.map((f) => [f.kind, f.result]), [["FOREIGN_THIN_ID", "repaired"]]);
+  assert.equal(helper.thins.has(kept), true);
+  assert.equal((await client.doctor({ repair: true })).clean, true);
+  assert.equal(helper.thins.has(kept), true, "an adopted id is never repaired away");
+  helper.thins.delete(kept);
 });
