@@ -47,7 +47,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const downloads = new DownloadGate();
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, downloads });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log });
-  const deactivate = registerDeactivateFsm({ engine, catalog, helper });
+  const deactivate = registerDeactivateFsm({ engine, catalog, helper, locks });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
   const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, downloads, tmpDir: blobs.tmpDir };
   // Before any run resumes: what a crash (or a power loss, or someone else) left in the pool is

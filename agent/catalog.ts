@@ -94,6 +94,12 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
     thin_id INTEGER PRIMARY KEY,
     freed_at TEXT NOT NULL
   );
+  -- Ids this catalog never allocated that the operator decided to keep (doctor --adopt-pool):
+  -- never handed out, never deleted.
+  CREATE TABLE adopted_thin_ids (
+    thin_id INTEGER PRIMARY KEY,
+    adopted_at TEXT NOT NULL
+  );
   WITH RECURSIVE n(i) AS (
     SELECT 1 WHERE COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'thin_ids'), 0) >= 1
     UNION ALL SELECT i + 1 FROM n WHERE i < (SELECT seq FROM sqlite_sequence WHERE name = 'thin_ids')
@@ -101,8 +107,6 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
   INSERT INTO free_thin_ids (thin_id, freed_at) SELECT i, datetime('now') FROM n WHERE i NOT IN (SELECT thin_id FROM thin_ids);
   `,
 ];
-
-const ADOPTED = "adopted by the operator";
 
 /** dm-thin device ids are 24 bits. */
 export const MAX_THIN_ID = 0xffffff;
@@ -424,7 +428,7 @@ export class Catalog {
   /** Whether this catalog allocated `thinId` and has not seen it deleted (owned, or lost in a crash). */
   thinIdAllocated(thinId: number): boolean {
     if (thinId < 1 || thinId > this.thinIdHighWater()) return false;
-    return this.db.prepare("SELECT 1 FROM free_thin_ids WHERE thin_id = ?").get(thinId) === undefined;
+    return this.db.prepare("SELECT 1 FROM free_thin_ids WHERE thin_id = ? UNION ALL SELECT 1 FROM adopted_thin_ids WHERE thin_id = ?").get(thinId, thinId) === undefined;
   }
 
   /**
@@ -441,18 +445,30 @@ export class Catalog {
 
   /**
    * The operator's decision to keep a thin id the catalog never allocated (doctor --adopt-pool):
-   * it is reserved (never handed out, never deleted, not reported again).
+   * it is reserved (never handed out, never deleted, not reported again). Kept apart from
+   * thin_ids so that it does not move the high-water mark (ids below it would look allocated).
    */
   adoptThinId(thinId: number): void {
     this.db.transaction(() => {
       this.db.prepare("DELETE FROM free_thin_ids WHERE thin_id = ?").run(thinId);
-      this.db.prepare("INSERT OR IGNORE INTO thin_ids (thin_id, owner, allocated_at) VALUES (?, ?, ?)").run(thinId, ADOPTED, now());
+      this.db.prepare("INSERT OR IGNORE INTO adopted_thin_ids (thin_id, adopted_at) VALUES (?, ?)").run(thinId, now());
+    })();
+  }
+
+  /**
+   * Ends a reservation (doctor --wipe-pool): `deleted` once the pool confirmed the id's deletion
+   * (then an id below the mark becomes free), or not (a failed wipe: the id is foreign again).
+   */
+  forgetAdoptedThinId(thinId: number, deleted: boolean): void {
+    this.db.transaction(() => {
+      if (this.db.prepare("DELETE FROM adopted_thin_ids WHERE thin_id = ?").run(thinId).changes === 0) return;
+      if (deleted && thinId <= this.thinIdHighWater()) this.db.prepare("INSERT OR IGNORE INTO free_thin_ids (thin_id, freed_at) VALUES (?, ?)").run(thinId, now());
     })();
   }
 
   /** Thin ids kept by the operator's decision (adoptThinId). */
   adoptedThinIds(): number[] {
-    return (this.db.prepare("SELECT thin_id AS id FROM thin_ids WHERE owner = ? ORDER BY thin_id").all(ADOPTED) as { id: number }[]).map((r) => r.id);
+    return (this.db.prepare("SELECT thin_id AS id FROM adopted_thin_ids ORDER BY thin_id").all() as { id: number }[]).map((r) => r.id);
   }
 
   thinIdHighWater(): number {
@@ -468,7 +484,10 @@ export class Catalog {
   /** The lowest free id, else the next above the high-water mark. Call inside a transaction. */
   private allocateThinId(owner: string): number {
     const free = this.db.prepare("SELECT thin_id AS id FROM free_thin_ids ORDER BY thin_id LIMIT 1").get() as { id: number } | undefined;
-    const id = free?.id ?? this.thinIdHighWater() + 1;
+    let id = free?.id ?? this.thinIdHighWater() + 1;
+    // Above the mark, step over ids the operator adopted (a free id is never an adopted one).
+    const adopted = this.db.prepare("SELECT 1 FROM adopted_thin_ids WHERE thin_id = ?");
+    while (!free && adopted.get(id)) id++;
     if (id > this.#maxThinId) throw new Error(`thin id space exhausted: all ${this.#maxThinId} ids are in use`);
     if (free) this.db.prepare("DELETE FROM free_thin_ids WHERE thin_id = ?").run(id);
     this.db.prepare("INSERT INTO thin_ids (thin_id, owner, allocated_at) VALUES (?, ?, ?)").run(id, owner, now());

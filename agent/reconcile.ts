@@ -87,14 +87,19 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
       }
       // Re-checked: the catalog may have allocated it meanwhile (then it is not foreign).
       if (thinOwner(catalog, action.thinId) || catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is now this catalog's`;
-      if (deps.foreign === "adopt") {
-        catalog.adoptThinId(action.thinId);
-        return undefined;
+      // Reserved first, also to wipe it: no allocation may hand the id out while the pool deletes it.
+      catalog.adoptThinId(action.thinId);
+      if (deps.foreign === "adopt") return undefined;
+      try {
+        if (action.holder) await unmountAndRemove(helper, action.holder);
+        const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
+        if (holder) await unmountAndRemove(helper, holder.name);
+        await helper.call("thin.delete", { thinId: action.thinId });
+      } catch (err) {
+        catalog.forgetAdoptedThinId(action.thinId, false);
+        throw err;
       }
-      if (action.holder) await unmountAndRemove(helper, action.holder);
-      const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
-      if (holder) await unmountAndRemove(helper, holder.name);
-      await helper.call("thin.delete", { thinId: action.thinId });
+      catalog.forgetAdoptedThinId(action.thinId, true);
       return undefined;
     }
     case "delete-thin": {

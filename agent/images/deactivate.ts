@@ -11,6 +11,8 @@ import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine } from "../fsm/engine.ts";
 import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
+import type { KeyedLock } from "../keyed-lock.ts";
+import { activationLock } from "../lock-keys.ts";
 import { classifyStepError } from "./errors.ts";
 
 export interface DeactivateRequest {
@@ -19,7 +21,7 @@ export interface DeactivateRequest {
 
 export type DeactivateFsm = Fsm<DeactivateRequest, Record<string, never>>;
 
-export function registerDeactivateFsm({ engine, catalog, helper }: { engine: FsmEngine; catalog: Catalog; helper: HelperClient }): DeactivateFsm {
+export function registerDeactivateFsm({ engine, catalog, helper, locks }: { engine: FsmEngine; catalog: Catalog; helper: HelperClient; locks: KeyedLock }): DeactivateFsm {
   const activation = (id: string) => {
     const row = catalog.getActivation(id);
     if (!row) throw abort(`activation ${id} is not known`);
@@ -27,14 +29,15 @@ export function registerDeactivateFsm({ engine, catalog, helper }: { engine: Fsm
   };
   return engine
     .register<DeactivateRequest, Record<string, never>>("deactivate")
-    .start("remove-device", async (ctx) => {
+    // Under the activation's lock, which repairs take too: a re-activation cannot interleave.
+    .start("remove-device", (ctx) => locks.run(activationLock(ctx.request.activationId), async () => {
       const row = activation(ctx.request.activationId);
       catalog.markActivationDeactivating(row.id);
       await helper.call("device.deactivate", { name: row.name }).catch((err) => {
         throw classifyStepError(err, `deactivation of ${row.id}: remove ${row.name}`);
       });
       crashPoint("deactivate.device-removed");
-    })
+    }))
     .to("delete-snapshot", async (ctx) => {
       const row = activation(ctx.request.activationId);
       await helper.call("thin.delete", { thinId: row.thinId }).catch((err) => {

@@ -108,3 +108,19 @@ test("the migration frees the ids an older catalog deleted, and keeps the ones i
   assert.deepEqual([1, 2, 3, 4, 5, 6].map((id) => catalog.thinIdAllocated(id)), [true, false, true, false, true, false]);
   assert.equal(catalog.allocateDevice({ chainId: digest("z"), parentChainId: null, layerDigest: digest("z"), name: "imgd-layer-z" }).thinId, 2);
 });
+
+test("adopted thin ids (the operator's decision) are never handed out and do not make other ids look allocated", () => {
+  const catalog = new Catalog(openDatabase(":memory:"));
+  const device = (n: number) => catalog.allocateDevice({ chainId: digest(String(n)), parentChainId: null, layerDigest: digest(String(n)), name: `imgd-layer-${n}` });
+  device(1);
+  catalog.adoptThinId(2);
+  catalog.adoptThinId(9000);
+  assert.deepEqual(catalog.adoptedThinIds(), [2, 9000]);
+  assert.equal(catalog.thinIdAllocated(500), false, "adopting 9000 does not claim the ids below it");
+  assert.equal(device(3).thinId, 3, "2 is stepped over");
+  catalog.forgetAdoptedThinId(2, true); // wiped from the pool: below the mark, so free for reuse
+  assert.equal(device(4).thinId, 2);
+  catalog.forgetAdoptedThinId(9000, false); // a failed wipe: foreign again, not free
+  assert.equal(catalog.thinIdAllocated(9000), false);
+  assert.deepEqual(catalog.adoptedThinIds(), []);
+});
