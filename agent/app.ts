@@ -7,15 +7,16 @@ import { Catalog } from "./catalog.ts";
 import type { AgentConfig } from "./config.ts";
 import { openDatabase } from "./db.ts";
 import { FsmEngine } from "./fsm/engine.ts";
-import { loadFsmSettings } from "./fsm/settings.ts";
 import { startGrpcServer } from "./grpc/server.ts";
 import { HelperClient } from "./helper-client.ts";
 import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
 import { registerDeleteFsm } from "./images/delete.ts";
 import { registerPullFsm } from "./images/pull.ts";
+import { DownloadGate } from "./images/download-gate.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
+import { startRunHistoryPruning } from "./run-history.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
 import { createS3Client } from "./s3/client.ts";
@@ -37,7 +38,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const layerLimits = config.layerLimits;
   const s3 = createS3Client(s3Config);
   const helper = new HelperClient(config.helperSocket);
-  const fsmSettings = loadFsmSettings(config.settings);
+  const fsmSettings = config.fsm;
   // One set of keyed locks: steps take them through the engine (so waiting is not work), GC,
   // delete and reconcile take the same keys directly.
   const locks = new KeyedLock();
@@ -49,15 +50,17 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   });
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
-  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits });
+  const downloads = new DownloadGate();
+  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits, downloads });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });
-  const deactivate = registerDeactivateFsm({ engine, catalog, helper });
+  const deactivate = registerDeactivateFsm({ engine, catalog, helper, locks });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
-  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, tmpDir: blobs.tmpDir };
+  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, downloads, tmpDir: blobs.tmpDir };
   // Before any run resumes: what a crash (or a power loss, or someone else) left in the pool is
   // repaired while nothing else moves. Subjects of unfinished runs are left to those runs.
   await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });
   await engine.resumeAll();
+  const stopPruning = startRunHistoryPruning(engine, { maxRuns: config.runHistoryMax, maxAgeDays: config.runHistoryDays }, (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }));
 
   const { server, port } = await startGrpcServer(config.api, { ...lifecycle, log });
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
@@ -75,6 +78,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
         server.forceShutdown();
       }
       log("info", "gRPC server closed");
+      stopPruning();
       // Steps get their abort signal; those still working are recorded as interrupted at once
       // (not as failed attempts), so a step that outlives the timeout is simply abandoned.
       await engine.shutdown(fsmSettings.stopTimeoutMs);

@@ -6,7 +6,7 @@
 import type Database from "better-sqlite3";
 import { migrate } from "./db.ts";
 
-const MIGRATIONS = [
+export const CATALOG_MIGRATIONS: readonly string[] = [
   `
   CREATE TABLE blobs (
     digest TEXT PRIMARY KEY,
@@ -71,7 +71,45 @@ const MIGRATIONS = [
   ALTER TABLE blobs ADD COLUMN file_bytes INTEGER;
   ALTER TABLE blobs ADD COLUMN entries INTEGER;
   `,
+  // 'deactivating': the user's intent, recorded before the device goes, so that neither a
+  // repair nor a failure brings the activation back. Which pull run last (re)wrote an image's
+  // row, so a run's finalizer only ever updates its own outcome. Thin ids whose deletion the pool
+  // confirmed, reused before new ones (the id space is 24 bits); under the old code every id
+  // below the high-water mark without a row had been deleted from the pool.
+  `
+  CREATE TABLE activations_v3 (
+    id TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    chain_id TEXT NOT NULL REFERENCES devices(chain_id),
+    thin_id INTEGER NOT NULL UNIQUE REFERENCES thin_ids(thin_id),
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('allocated', 'active', 'deactivating')),
+    created_at TEXT NOT NULL
+  );
+  INSERT INTO activations_v3 SELECT id, image, chain_id, thin_id, name, state, created_at FROM activations;
+  DROP TABLE activations;
+  ALTER TABLE activations_v3 RENAME TO activations;
+  ALTER TABLE images ADD COLUMN pull_run TEXT;
+  CREATE TABLE free_thin_ids (
+    thin_id INTEGER PRIMARY KEY,
+    freed_at TEXT NOT NULL
+  );
+  -- Ids this catalog never allocated that the operator decided to keep (doctor --adopt-pool):
+  -- never handed out, never deleted.
+  CREATE TABLE adopted_thin_ids (
+    thin_id INTEGER PRIMARY KEY,
+    adopted_at TEXT NOT NULL
+  );
+  WITH RECURSIVE n(i) AS (
+    SELECT 1 WHERE COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'thin_ids'), 0) >= 1
+    UNION ALL SELECT i + 1 FROM n WHERE i < (SELECT seq FROM sqlite_sequence WHERE name = 'thin_ids')
+  )
+  INSERT INTO free_thin_ids (thin_id, freed_at) SELECT i, datetime('now') FROM n WHERE i NOT IN (SELECT thin_id FROM thin_ids);
+  `,
 ];
+
+/** dm-thin device ids are 24 bits. */
+export const MAX_THIN_ID = 0xffffff;
 
 export type ImageState = "pulling" | "ready" | "failed";
 
@@ -109,7 +147,7 @@ export interface ActivationRow {
   chainId: string;
   thinId: number;
   name: string;
-  state: "allocated" | "active";
+  state: "allocated" | "active" | "deactivating";
   createdAt: string;
 }
 
@@ -117,10 +155,13 @@ const now = () => new Date().toISOString();
 
 export class Catalog {
   readonly db: Database.Database;
+  readonly #maxThinId: number;
 
-  constructor(db: Database.Database) {
+  /** `maxThinId` is for tests that allocate past the end of the id space. */
+  constructor(db: Database.Database, options: { maxThinId?: number } = {}) {
     this.db = db;
-    migrate(db, "catalog", MIGRATIONS);
+    this.#maxThinId = options.maxThinId ?? MAX_THIN_ID;
+    migrate(db, "catalog", CATALOG_MIGRATIONS);
   }
 
   // --- blobs -------------------------------------------------------------------------------
@@ -177,15 +218,18 @@ export class Catalog {
       .all(name) as ImageLayerRow[];
   }
 
-  /** Records the layer list of a pull in progress, replacing the previous one. */
-  beginPull(name: string, layers: { position: number; key: string; size: number; etag: string }[]): void {
+  /**
+   * Records the layer list of a pull in progress (run `runId`), replacing the previous one. Only
+   * called once S3 has listed the image: a name S3 does not have never gets a row.
+   */
+  beginPull(name: string, runId: string, layers: { position: number; key: string; size: number; etag: string }[]): void {
     this.db.transaction(() => {
       this.db
         .prepare(
-          `INSERT INTO images (name, state, chain_id, error, updated_at) VALUES (?, 'pulling', NULL, NULL, ?)
-           ON CONFLICT(name) DO UPDATE SET state = 'pulling', error = NULL, updated_at = excluded.updated_at`,
+          `INSERT INTO images (name, state, chain_id, error, updated_at, pull_run) VALUES (?, 'pulling', NULL, NULL, ?, ?)
+           ON CONFLICT(name) DO UPDATE SET state = 'pulling', error = NULL, updated_at = excluded.updated_at, pull_run = excluded.pull_run`,
         )
-        .run(name, now());
+        .run(name, now(), runId);
       this.db.prepare("DELETE FROM image_layers WHERE image = ?").run(name);
       const insert = this.db.prepare("INSERT INTO image_layers (image, position, key, size, etag) VALUES (?, ?, ?, ?, ?)");
       for (const l of layers) insert.run(name, l.position, l.key, l.size, l.etag);
@@ -200,8 +244,12 @@ export class Catalog {
     this.db.prepare("UPDATE image_layers SET chain_id = ? WHERE image = ? AND position = ?").run(chainId, name, position);
   }
 
-  markImageReady(name: string, chainId: string): void {
-    this.db.prepare("UPDATE images SET state = 'ready', chain_id = ?, error = NULL, updated_at = ? WHERE name = ?").run(chainId, now(), name);
+  /** The outcome of pull run `runId`; throws when the row is gone or a newer pull owns it. */
+  markImageReady(name: string, runId: string, chainId: string): void {
+    const { changes } = this.db
+      .prepare("UPDATE images SET state = 'ready', chain_id = ?, error = NULL, updated_at = ? WHERE name = ? AND (pull_run = ? OR pull_run IS NULL)")
+      .run(chainId, now(), name, runId);
+    if (changes !== 1) throw new Error(`image ${name} is no longer this pull's (${runId}): it was deleted or pulled again meanwhile`);
   }
 
   /** Forgets an image (its layer list goes with it); its devices and blobs are not touched. */
@@ -209,13 +257,19 @@ export class Catalog {
     this.db.prepare("DELETE FROM images WHERE name = ?").run(name);
   }
 
-  markImageFailed(name: string, error: string): void {
-    this.db
-      .prepare(
-        `INSERT INTO images (name, state, chain_id, error, updated_at) VALUES (?, 'failed', NULL, ?, ?)
-         ON CONFLICT(name) DO UPDATE SET state = 'failed', error = excluded.error, updated_at = excluded.updated_at`,
-      )
-      .run(name, error, now());
+  /**
+   * Marks an existing image failed; never creates a row. With `runId` (a pull's finalizer), only
+   * if that run still owns the row: a finalizer run again after a crash cannot overwrite the
+   * outcome of a newer pull. Returns whether the row changed.
+   */
+  markImageFailed(name: string, error: string, runId?: string): boolean {
+    // A row from before pull_run existed (NULL) belongs to whichever run asks.
+    const guard = runId === undefined ? "" : " AND (pull_run = @runId OR pull_run IS NULL)";
+    return (
+      this.db
+        .prepare(`UPDATE images SET state = 'failed', error = @error, updated_at = @at WHERE name = @name${guard}`)
+        .run({ name, error, at: now(), ...(runId === undefined ? {} : { runId }) }).changes === 1
+    );
   }
 
   // --- devices -----------------------------------------------------------------------------
@@ -243,13 +297,16 @@ export class Catalog {
     this.db.prepare("UPDATE devices SET state = 'ready', ready_at = ? WHERE chain_id = ?").run(now(), chainId);
   }
 
-  /** Forgets a device whose thin device no longer exists in the pool. */
+  /**
+   * Forgets a device whose thin device no longer exists in the pool: call it only once the pool
+   * confirmed the deletion (thin.delete returned), since its thin id becomes free for reuse.
+   */
   deleteDevice(chainId: string): void {
     this.db.transaction(() => {
       const row = this.getDevice(chainId);
       if (!row) return;
       this.db.prepare("DELETE FROM devices WHERE chain_id = ?").run(chainId);
-      this.db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(row.thinId);
+      this.freeThinId(row.thinId);
     })();
   }
 
@@ -343,23 +400,97 @@ export class Catalog {
   }
 
   markActivationActive(id: string): void {
-    this.db.prepare("UPDATE activations SET state = 'active' WHERE id = ?").run(id);
+    this.db.prepare("UPDATE activations SET state = 'active' WHERE id = ? AND state = 'allocated'").run(id);
   }
 
+  /** The user asked for it to go: from now on nothing brings it back (doctor, reconcile). */
+  markActivationDeactivating(id: string): void {
+    this.db.prepare("UPDATE activations SET state = 'deactivating' WHERE id = ?").run(id);
+  }
+
+  /** Forgets an activation whose snapshot the pool confirmed deleted (its thin id is reused). */
   deleteActivation(id: string): void {
     this.db.transaction(() => {
       const row = this.getActivation(id);
       if (!row) return;
       this.db.prepare("DELETE FROM activations WHERE id = ?").run(id);
-      this.db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(row.thinId);
+      this.freeThinId(row.thinId);
     })();
   }
 
+  // --- thin ids ----------------------------------------------------------------------------
+  // Every id this catalog hands out is at or below its high-water mark (sqlite_sequence); an id
+  // leaves use only once the pool confirmed its deletion, and is then kept in free_thin_ids for
+  // reuse. So an id is "allocated by this catalog" exactly when it is at or below the mark and
+  // not free: the pool's other ids were made by someone else, or are from a catalog this one
+  // does not descend from, and no repair may touch them (doctor's FOREIGN_THIN_ID).
+
+  /** Whether this catalog allocated `thinId` and has not seen it deleted (owned, or lost in a crash). */
+  thinIdAllocated(thinId: number): boolean {
+    if (thinId < 1 || thinId > this.thinIdHighWater()) return false;
+    return this.db.prepare("SELECT 1 FROM free_thin_ids WHERE thin_id = ? UNION ALL SELECT 1 FROM adopted_thin_ids WHERE thin_id = ?").get(thinId, thinId) === undefined;
+  }
+
+  /**
+   * Records that the pool confirmed the deletion of an allocated id that has no row any more (a
+   * repair of UNKNOWN_THIN_ID): the id becomes free for reuse.
+   */
+  releaseThinId(thinId: number): void {
+    this.db.transaction(() => {
+      if (!this.thinIdAllocated(thinId)) return;
+      if (this.db.prepare("SELECT 1 FROM thin_ids WHERE thin_id = ?").get(thinId)) return;
+      this.db.prepare("INSERT OR IGNORE INTO free_thin_ids (thin_id, freed_at) VALUES (?, ?)").run(thinId, now());
+    })();
+  }
+
+  /**
+   * The operator's decision to keep a thin id the catalog never allocated (doctor --adopt-pool):
+   * it is reserved (never handed out, never deleted, not reported again). Kept apart from
+   * thin_ids so that it does not move the high-water mark (ids below it would look allocated).
+   */
+  adoptThinId(thinId: number): void {
+    this.db.transaction(() => {
+      this.db.prepare("DELETE FROM free_thin_ids WHERE thin_id = ?").run(thinId);
+      this.db.prepare("INSERT OR IGNORE INTO adopted_thin_ids (thin_id, adopted_at) VALUES (?, ?)").run(thinId, now());
+    })();
+  }
+
+  /**
+   * Ends a reservation (doctor --wipe-pool): `deleted` once the pool confirmed the id's deletion
+   * (then an id below the mark becomes free), or not (a failed wipe: the id is foreign again).
+   */
+  forgetAdoptedThinId(thinId: number, deleted: boolean): void {
+    this.db.transaction(() => {
+      if (this.db.prepare("DELETE FROM adopted_thin_ids WHERE thin_id = ?").run(thinId).changes === 0) return;
+      if (deleted && thinId <= this.thinIdHighWater()) this.db.prepare("INSERT OR IGNORE INTO free_thin_ids (thin_id, freed_at) VALUES (?, ?)").run(thinId, now());
+    })();
+  }
+
+  /** Thin ids kept by the operator's decision (adoptThinId). */
+  adoptedThinIds(): number[] {
+    return (this.db.prepare("SELECT thin_id AS id FROM adopted_thin_ids ORDER BY thin_id").all() as { id: number }[]).map((r) => r.id);
+  }
+
+  thinIdHighWater(): number {
+    const row = this.db.prepare("SELECT seq FROM sqlite_sequence WHERE name = 'thin_ids'").get() as { seq: number } | undefined;
+    return row?.seq ?? 0;
+  }
+
+  private freeThinId(thinId: number): void {
+    this.db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(thinId);
+    this.db.prepare("INSERT OR IGNORE INTO free_thin_ids (thin_id, freed_at) VALUES (?, ?)").run(thinId, now());
+  }
+
+  /** The lowest free id, else the next above the high-water mark. Call inside a transaction. */
   private allocateThinId(owner: string): number {
-    const result = this.db.prepare("INSERT INTO thin_ids (owner, allocated_at) VALUES (?, ?)").run(owner, now());
-    const id = Number(result.lastInsertRowid);
-    // dm-thin device ids are 24 bits.
-    if (id > 0xffffff) throw new Error("thin id space exhausted");
+    const free = this.db.prepare("SELECT thin_id AS id FROM free_thin_ids ORDER BY thin_id LIMIT 1").get() as { id: number } | undefined;
+    let id = free?.id ?? this.thinIdHighWater() + 1;
+    // Above the mark, step over ids the operator adopted (a free id is never an adopted one).
+    const adopted = this.db.prepare("SELECT 1 FROM adopted_thin_ids WHERE thin_id = ?");
+    while (!free && adopted.get(id)) id++;
+    if (id > this.#maxThinId) throw new Error(`thin id space exhausted: all ${this.#maxThinId} ids are in use`);
+    if (free) this.db.prepare("DELETE FROM free_thin_ids WHERE thin_id = ?").run(id);
+    this.db.prepare("INSERT INTO thin_ids (thin_id, owner, allocated_at) VALUES (?, ?, ?)").run(id, owner, now());
     return id;
   }
 }

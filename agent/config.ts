@@ -14,6 +14,7 @@ import { HELPER_SETTINGS } from "../privhelper/config.ts";
 import { flag, int, loadSettings, oneOf, optional, parseFlags, path, setting, SettingsError, text, type Values } from "../privhelper/settings.ts";
 import { DEFAULT_LAYER_LIMITS, type LayerLimits } from "./layers/validate.ts";
 import { loadS3Config, S3_SETTINGS, type S3Config } from "./s3/config.ts";
+import type { InterruptionPolicy } from "./fsm/types.ts";
 
 const group = text("group name or gid", /^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/, "is not a group name or gid");
 const bytes = int(1, Number.MAX_SAFE_INTEGER);
@@ -34,6 +35,11 @@ export const AGENT_SETTINGS = {
   IMGD_LOG_LEVEL: setting(oneOf("debug", "info", "warn", "error"), "info", "least severe log level written"),
   IMGD_DOWNLOAD_CONCURRENCY: setting(int(1, 9999), "4", "layers downloaded at once"),
   IMGD_APPLY_CONCURRENCY: setting(int(1, 9999), "1", "layers applied at once"),
+  IMGD_FSM_MAX_QUICK_INTERRUPTIONS: setting(int(1, 1000), "5", "a run fails as a poison step after its step was interrupted this many times in a row, each soon after it began (IMGD_FSM_QUICK_INTERRUPTION_MS)"),
+  IMGD_FSM_QUICK_INTERRUPTION_MS: setting(int(0, 86_400_000), "60000", "an interruption is quick when the agent died within this many ms of the step beginning to work"),
+  IMGD_FSM_STOP_TIMEOUT_MS: setting(int(0, 600_000), "10000", "on SIGTERM, how long steps get to stop after their abort signal (those still working are recorded as interrupted)"),
+  IMGD_RUN_HISTORY_MAX: setting(int(1, 10_000_000), "1000", "finished FSM runs kept for imgctl runs (with their events); pruned at start and hourly"),
+  IMGD_RUN_HISTORY_DAYS: setting(int(1, 36_500), "30", "finished FSM runs older than this many days are pruned"),
   ...S3_SETTINGS,
   IMGD_LAYER_MAX_ENTRIES: setting(bytes, String(DEFAULT_LAYER_LIMITS.maxEntries), "most entries in one layer"),
   IMGD_LAYER_MAX_ENTRY_BYTES: setting(bytes, String(DEFAULT_LAYER_LIMITS.maxEntryBytes), "largest file in a layer, in bytes"),
@@ -57,6 +63,12 @@ export interface AgentConfig {
   logLevel: "debug" | "info" | "warn" | "error";
   downloadConcurrency: number;
   applyConcurrency: number;
+  /** The FSM engine's policy for interruptions (poison steps) and graceful stops. */
+  fsm: { interruptions: InterruptionPolicy; stopTimeoutMs: number };
+  /** Finished FSM runs kept: at most this many (IMGD_RUN_HISTORY_MAX)... */
+  runHistoryMax: number;
+  /** ...and none older than this many days (IMGD_RUN_HISTORY_DAYS). */
+  runHistoryDays: number;
   s3: S3Config;
   layerLimits: Pick<LayerLimits, "maxEntries" | "maxEntryBytes" | "maxLayerBytes" | "maxDecompressedBytes">;
   /** Every setting, typed, defaults applied. */
@@ -94,6 +106,12 @@ export function loadAgentConfig(argv: string[], env: NodeJS.ProcessEnv): AgentCo
     logLevel: v.IMGD_LOG_LEVEL,
     downloadConcurrency: v.IMGD_DOWNLOAD_CONCURRENCY,
     applyConcurrency: v.IMGD_APPLY_CONCURRENCY,
+    fsm: {
+      interruptions: { maxQuick: v.IMGD_FSM_MAX_QUICK_INTERRUPTIONS, quickWindowMs: v.IMGD_FSM_QUICK_INTERRUPTION_MS },
+      stopTimeoutMs: v.IMGD_FSM_STOP_TIMEOUT_MS,
+    },
+    runHistoryMax: v.IMGD_RUN_HISTORY_MAX,
+    runHistoryDays: v.IMGD_RUN_HISTORY_DAYS,
     s3: loadS3Config(raw),
     layerLimits: {
       maxEntries: v.IMGD_LAYER_MAX_ENTRIES,
@@ -148,4 +166,10 @@ export function isLoopback(host: string): boolean {
   if (isIP(host) === 4) return host.startsWith("127.");
   if (isIP(host) === 6) return host === "::1" || /^(0{1,4}:){7}0{0,3}1$/.test(host);
   return false;
+}
+
+function boundedInt(name: string, value: string, min: number, max: number): number {
+  const n = Number(value);
+  if (!/^[0-9]+$/.test(value) || n < min || n > max) throw new Error(`${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(value)}`);
+  return n;
 }

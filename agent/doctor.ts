@@ -15,16 +15,20 @@ import { chainIds } from "./images/chain.ts";
 
 export type FindingKind =
   | "UNKNOWN_THIN_ID"
+  | "FOREIGN_THIN_ID"
   | "MISSING_THIN_ID"
   | "STRAY_DEVICE"
   | "MISSING_DEVICE"
   | "HALF_MADE_DEVICE"
   | "HALF_MADE_ACTIVATION"
+  | "UNFINISHED_DEACTIVATION"
   | "STRAY_TEMP_FILE";
 
 /** What reconcile.ts does for a finding; it re-checks the finding under the right lock first. */
 export type RepairAction =
   | { type: "delete-thin"; thinId: number; holder?: string }
+  /** Nothing is done: only an operator may decide about ids this catalog never allocated. */
+  | { type: "refuse-foreign"; thinId: number; holder?: string }
   | { type: "drop-device-chain"; chainId: string }
   | { type: "discard-device"; chainId: string; thinId: number }
   | { type: "drop-activation"; id: string; thinId: number }
@@ -77,10 +81,27 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
   const liveByName = new Map(live.map((d) => [d.name, d.thinId]));
   const findings: Finding[] = [];
 
-  // (a) thin ids: pool versus catalog
+  // (a) thin ids: pool versus catalog. An id without a row is this catalog's own lost id (a
+  // crash, a lost row) only if the catalog allocated it and never saw it deleted; any other id
+  // (an empty, wrong or restored database, someone else's device) is not the agent's to delete.
+  const foreign = new Set<number>();
+  const adopted = new Set(catalog.adoptedThinIds());
   for (const thinId of thinIds) {
-    if (owners.has(thinId)) continue;
+    if (owners.has(thinId) || adopted.has(thinId)) continue;
     const holder = live.find((d) => d.thinId === thinId);
+    if (!catalog.thinIdAllocated(thinId)) {
+      foreign.add(thinId);
+      findings.push({
+        kind: "FOREIGN_THIN_ID",
+        subject: `thin id ${thinId}`,
+        detail:
+          `thin id ${thinId} exists in the pool${holder ? ` (active as ${holder.name})` : ""} but this catalog never allocated it ` +
+          `(its ids go up to ${catalog.thinIdHighWater()}): the database may be empty, wrong or restored from a backup`,
+        repair: "none by itself: an operator decides (the right database; or imgctl doctor --adopt-pool to keep it reserved, --wipe-pool to delete it)",
+        action: { type: "refuse-foreign", thinId, holder: holder?.name },
+      });
+      continue;
+    }
     findings.push({
       kind: "UNKNOWN_THIN_ID",
       subject: `thin id ${thinId}`,
@@ -90,8 +111,9 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
     });
   }
   for (const [thinId, owner] of owners) {
-    // An allocated row may not have created its thin id yet: reported as half-made below.
-    if (inPool.has(thinId) || owner.row.state === "allocated" || isBusy(owner)) continue;
+    // An allocated row may not have created its thin id yet: reported as half-made below; a
+    // deactivating one is reported as unfinished, whatever the pool holds.
+    if (inPool.has(thinId) || owner.row.state === "allocated" || owner.row.state === "deactivating" || isBusy(owner)) continue;
     if (owner.type === "device") {
       findings.push({
         kind: "MISSING_THIN_ID",
@@ -118,7 +140,9 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
   for (const { name, thinId } of live) {
     const activation = activationByName.get(name);
     const device = deviceByName.get(name);
-    if (activation && (activation.state === "allocated" || isBusy({ type: "activation", row: activation }))) continue;
+    if (activation && (activation.state !== "active" || isBusy({ type: "activation", row: activation }))) continue;
+    // A device of a foreign thin id is part of what the operator decides about (or decided).
+    if (foreign.has(thinId) || (adopted.has(thinId) && !activation && !device)) continue;
     // A ready layer device is never legitimately active (a build activates only its own
     // allocated device), so it is stray even while a pull of its image runs.
     if (device?.state === "allocated") continue;
@@ -167,6 +191,17 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
       subject: `activation ${activation.id}`,
       detail: `activation ${activation.id} of ${activation.image} (thin id ${activation.thinId}) was allocated but never completed, and no run is working on it`,
       repair: `remove device ${activation.name} if present, delete thin id ${activation.thinId} from the pool, forget activation ${activation.id}`,
+      action: { type: "drop-activation", id: activation.id, thinId: activation.thinId },
+    });
+  }
+
+  for (const activation of activations) {
+    if (activation.state !== "deactivating" || busyActivations.has(activation.id)) continue;
+    findings.push({
+      kind: "UNFINISHED_DEACTIVATION",
+      subject: `activation ${activation.id}`,
+      detail: `activation ${activation.id} of ${activation.image} (thin id ${activation.thinId}) was being deactivated, and no run is finishing it${liveByName.has(activation.name) ? ` (/dev/mapper/${activation.name} still exists)` : ""}`,
+      repair: `finish the deactivation: remove device ${activation.name} if present, delete thin id ${activation.thinId} from the pool, forget activation ${activation.id}`,
       action: { type: "drop-activation", id: activation.id, thinId: activation.thinId },
     });
   }

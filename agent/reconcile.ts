@@ -13,12 +13,19 @@ import { chainsBeingBuilt, runDoctor, type DoctorDeps, type DoctorReport, type F
 import { formatError } from "./fsm/errors.ts";
 import type { HelperClient } from "./helper-client.ts";
 import type { KeyedLock } from "./keyed-lock.ts";
+import type { DownloadGate } from "./images/download-gate.ts";
 import type { Logger } from "./log.ts";
-import { chainLockKey } from "./images/pull.ts";
+import { activationLock, chainLock, MAINTENANCE_LOCK } from "./lock-keys.ts";
 
 export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
+  downloads: DownloadGate;
   log: Logger;
+  /**
+   * The operator's decision about thin ids the catalog never allocated (FOREIGN_THIN_ID):
+   * "adopt" keeps them reserved, "wipe" deletes them. Without one, they are left alone.
+   */
+  foreign?: "adopt" | "wipe";
 }
 
 export interface RepairOutcome {
@@ -37,13 +44,7 @@ export interface ReconcileReport {
 
 // Removals first (so a device that holds a thin id is gone before the id is deleted), then the
 // re-activation of activations that lost their device, then files.
-const ORDER: RepairAction["type"][] = ["remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
-
-/**
- * One maintenance pass (reconciliation, GC, the device removal of a deletion) at a time: two
- * would judge and remove the same things concurrently. Pulls never take it.
- */
-export const MAINTENANCE_LOCK = "maintenance";
+const ORDER: RepairAction["type"][] = ["refuse-foreign", "remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
   return deps.locks.run(MAINTENANCE_LOCK, async () => {
@@ -62,6 +63,16 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
       deps.log(level, `reconcile: ${outcome.result} ${finding.kind} ${finding.subject}`, { detail: finding.detail, note: outcome.note });
       outcomes.push(outcome);
     }
+    const foreign = findings.flatMap((f) => (f.action.type === "refuse-foreign" ? [f.action.thinId] : []));
+    if (foreign.length > 0 && deps.foreign === undefined) {
+      deps.log(
+        "error",
+        `reconcile: the pool holds ${foreign.length} thin id(s) this catalog never allocated (${foreign.slice(0, 20).join(", ")}${foreign.length > 20 ? ", ..." : ""}); ` +
+          "nothing was deleted. Is this the right state directory for this pool? An operator must decide: restore the right database, " +
+          "or keep those ids reserved (imgctl doctor --adopt-pool), or delete them (imgctl doctor --wipe-pool)",
+        { thinIds: foreign, highWater: deps.catalog.thinIdHighWater() },
+      );
+    }
     return { outcomes, after: await runDoctor(deps) };
   });
 }
@@ -70,18 +81,42 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
 async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string | undefined> {
   const { catalog, helper, locks } = deps;
   switch (action.type) {
+    case "refuse-foreign": {
+      if (deps.foreign === undefined) {
+        return `refused: thin id ${action.thinId} was never allocated by this catalog; an operator must decide (imgctl doctor --adopt-pool or --wipe-pool), the agent deletes nothing it cannot account for`;
+      }
+      // Re-checked: the catalog may have allocated it meanwhile (then it is not foreign).
+      if (thinOwner(catalog, action.thinId) || catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is now this catalog's`;
+      // Reserved first, also to wipe it: no allocation may hand the id out while the pool deletes it.
+      catalog.adoptThinId(action.thinId);
+      if (deps.foreign === "adopt") return undefined;
+      try {
+        if (action.holder) await removeDevice(helper, action.holder);
+        const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
+        if (holder) await removeDevice(helper, holder.name);
+        await helper.call("thin.delete", { thinId: action.thinId });
+      } catch (err) {
+        catalog.forgetAdoptedThinId(action.thinId, false);
+        throw err;
+      }
+      catalog.forgetAdoptedThinId(action.thinId, true);
+      return undefined;
+    }
     case "delete-thin": {
-      // Ids are allocated in SQLite before the pool creates them and never reused
-      // (AUTOINCREMENT), so an id the catalog does not know now never will be.
+      // Ids are allocated in SQLite before the pool creates them, and only an id whose deletion
+      // the pool confirmed is reused: an id allocated, row-less and not free stays row-less
+      // (allocation re-checks under the same synchronous transaction).
       if (thinOwner(catalog, action.thinId)) return `thin id ${action.thinId} is now known to the catalog`;
+      if (!catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is no longer this catalog's`;
       if (action.holder) await removeDevice(helper, action.holder);
       const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
       if (holder) await removeDevice(helper, holder.name);
       await helper.call("thin.delete", { thinId: action.thinId });
+      catalog.releaseThinId(action.thinId);
       return undefined;
     }
     case "discard-device":
-      return locks.run(chainLockKey(action.chainId), async () => {
+      return locks.run(chainLock(action.chainId), async () => {
         // Under the chain lock no pull is building this device, so "allocated" means half-made.
         const row = catalog.getDevice(action.chainId);
         if (row?.state !== "allocated" || row.thinId !== action.thinId) return "the device is no longer half-made";
@@ -91,12 +126,14 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         return undefined;
       });
     case "drop-device-chain":
-      return locks.run(chainLockKey(action.chainId), () => dropDeviceChain(deps, action.chainId));
+      return locks.run(chainLock(action.chainId), () => dropDeviceChain(deps, action.chainId));
     case "drop-activation":
-      return locks.run(`activation ${action.id}`, async () => {
+      return locks.run(activationLock(action.id), async () => {
         const row = catalog.getActivation(action.id);
         if (!row || row.thinId !== action.thinId) return "the activation is gone";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
+        // Active with its thin id in the pool: nothing is wrong any more (a deactivating one is
+        // finished whatever the pool holds).
         if (row.state === "active" && (await helper.call("thin.list", {})).thinIds.includes(row.thinId)) return "its thin id is in the pool";
         await removeDevice(helper, row.name);
         await helper.call("thin.delete", { thinId: row.thinId });
@@ -106,17 +143,19 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
     case "remove-device":
       return removeStrayDevice(deps, action.name, action.thinId);
     case "reactivate":
-      return locks.run(`activation ${action.id}`, async () => {
+      return locks.run(activationLock(action.id), async () => {
         const row = catalog.getActivation(action.id);
         if (row?.state !== "active") return "the activation is no longer active";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
         await helper.call("device.activate", { name: row.name, thinId: row.thinId });
         return undefined;
       });
-    case "remove-temp":
-      if (deps.pull.list({ status: "running", limit: 1 }).length > 0) return "a pull is running (the file may be its download)";
-      await rm(action.path, { force: true });
-      return undefined;
+    case "remove-temp": {
+      // Between downloads only (download-gate.ts): a download starting after doctor looked
+      // makes its own file, which this must not remove.
+      const swept = await deps.downloads.trySweep(() => rm(action.path, { force: true }));
+      return swept.swept ? undefined : "a download is in flight (the file may be its own)";
+    }
   }
 }
 
@@ -154,14 +193,14 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
   const device = catalog.listDevices().find((d) => d.name === name);
   if (device) {
     // Layer devices are active only inside their build, which holds this lock.
-    return locks.run(chainLockKey(device.chainId), async () => {
+    return locks.run(chainLock(device.chainId), async () => {
       await removeDevice(helper, name);
       return undefined;
     });
   }
   const activation = catalog.listActivations().find((a) => a.name === name);
   if (activation) {
-    return locks.run(`activation ${activation.id}`, async () => {
+    return locks.run(activationLock(activation.id), async () => {
       const row = catalog.getActivation(activation.id);
       if (row && activationBusy(deps, row.id)) return "a run is working on this activation";
       if (row?.state === "active" && row.thinId === thinId) return "the device is the activation's own";

@@ -23,6 +23,9 @@ commands:
                         and say what a repair would do (read only); --repair carries the
                         repairs out (safe while the agent works); exit 0 when clean
                         (after the repairs), 1 when something disagrees
+  doctor --adopt-pool | --wipe-pool   decide about thin ids this agent's database never
+                        allocated (FOREIGN_THIN_ID; never repaired otherwise): keep them
+                        reserved, or delete them from the pool; then repair the rest
 The agent address defaults to $IMGD_ADDR or ${DEFAULT_ADDR} (the agent's Unix socket);
 TLS files default to $IMGD_CLIENT_TLS_CA, $IMGD_CLIENT_TLS_CERT, $IMGD_CLIENT_TLS_KEY.
 Exit codes: 0 done, 1 failed, 2 usage error.`;
@@ -38,6 +41,8 @@ async function main(argv: string[]): Promise<number> {
       id: { type: "string" },
       limit: { type: "string" },
       repair: { type: "boolean", default: false },
+      "adopt-pool": { type: "boolean", default: false },
+      "wipe-pool": { type: "boolean", default: false },
       force: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
   });
@@ -122,7 +127,7 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "doctor": {
-        const report = await client.doctor({ repair: values.repair });
+        const report = await client.doctor({ repair: values.repair, adoptPool: values["adopt-pool"], wipePool: values["wipe-pool"] });
         out(() => {
           console.log(`thin ids: ${report.poolThinIds} in the pool, ${report.catalogThinIds} in the catalog`);
           for (const f of report.findings) {
@@ -130,7 +135,8 @@ async function main(argv: string[]): Promise<number> {
             console.log(`  repair: ${f.repair}`);
             if (f.result) console.log(`  ${f.result}: ${f.note}`);
           }
-          if (report.clean) console.log(values.repair && report.findings.length > 0 ? "clean after repair" : "clean");
+          const repaired = values.repair || values["adopt-pool"] || values["wipe-pool"];
+          if (report.clean) console.log(repaired && report.findings.length > 0 ? "clean after repair" : "clean");
         }, report);
         return report.clean ? 0 : 1;
       }

@@ -218,9 +218,12 @@ export class FsmEngine {
     return queue;
   }
 
-  /** Deletes finished runs (and their history) that finished before `before`. Returns the count. */
-  prune(before: Date): number {
-    return this.#store.prune(before);
+  /**
+   * Deletes finished runs (and their history) that finished before `before`, and with `keep`
+   * all but the newest `keep` finished runs. Returns the count.
+   */
+  prune(before: Date, keep?: number): number {
+    return this.#store.prune(before, keep);
   }
 
   #builder<R, W>(name: string): FsmBuilder<R, W> {

@@ -363,10 +363,16 @@ export class RunStore {
     return rows.map(toHistoryEvent);
   }
 
-  /** Deletes finished, finalized runs (and their events) that finished before `before`. */
-  prune(before: Date): number {
-    return this.#db
-      .prepare("DELETE FROM fsm_runs WHERE status <> 'running' AND finalized_at IS NOT NULL AND finished_at < ?")
-      .run(before.toISOString()).changes;
+  /**
+   * Deletes finished, finalized runs (and their events) that finished before `before`, and with
+   * `keep`, every finished, finalized run beyond the newest `keep`.
+   */
+  prune(before: Date, keep?: number): number {
+    const finished = "status <> 'running' AND finalized_at IS NOT NULL";
+    let count = this.#db.prepare(`DELETE FROM fsm_runs WHERE ${finished} AND finished_at < ?`).run(before.toISOString()).changes;
+    if (keep !== undefined) {
+      count += this.#db.prepare(`DELETE FROM fsm_runs WHERE id IN (SELECT id FROM fsm_runs WHERE ${finished} ORDER BY id DESC LIMIT -1 OFFSET ?)`).run(keep).changes;
+    }
+    return count;
   }
 }

@@ -30,6 +30,7 @@ import type { BlobStore } from "../blobs/store.ts";
 import type { DeactivateFsm } from "../images/deactivate.ts";
 import type { DeleteFsm } from "../images/delete.ts";
 import { collectGarbage } from "../images/gc.ts";
+import type { DownloadGate } from "../images/download-gate.ts";
 import type { PullFsm } from "../images/pull.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
@@ -47,6 +48,7 @@ export interface ImageServiceDeps {
   remove: DeleteFsm;
   blobs: BlobStore;
   locks: KeyedLock;
+  downloads: DownloadGate;
   log: Logger;
   tmpDir: string;
 }
@@ -222,11 +224,13 @@ export function imageService(deps: ImageServiceDeps) {
     },
 
     async doctor(request: DoctorRequest) {
-      if (!request.repair) {
+      if (request.adoptPool && request.wipePool) throw new ServerError(Status.INVALID_ARGUMENT, "adopt_pool and wipe_pool exclude each other: keep the unknown thin ids, or delete them");
+      const foreign = request.adoptPool ? "adopt" : request.wipePool ? "wipe" : undefined;
+      if (!request.repair && !foreign) {
         const report = await runDoctor(deps);
         return { ...report, findings: report.findings.map((f) => findingMessage(f)) };
       }
-      const { outcomes, after } = await reconcile({ ...deps, log: (level, msg, fields) => deps.log(level, msg, { sys: "reconcile", ...fields }) });
+      const { outcomes, after } = await reconcile({ ...deps, foreign, log: (level, msg, fields) => deps.log(level, msg, { sys: "reconcile", ...fields }) });
       // What was found and done, then anything a fresh look finds that the pass did not see.
       const seen = new Set(outcomes.map((o) => `${o.finding.kind} ${o.finding.subject}`));
       const remaining = after.findings.filter((f) => !seen.has(`${f.kind} ${f.subject}`)).map((f) => findingMessage(f));

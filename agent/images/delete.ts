@@ -3,7 +3,7 @@
 // deactivate      with force, deactivates the image's activations (through the deactivate FSM,
 //                 joining a deactivation already running); without force, refuses if any exist.
 // plan            records the image's chain ids in the checkpoint, before the row goes.
-// forget          deletes the image's row (and its layer list).
+// forget          deletes the image's row (and its layer list), unless a pull of it started.
 // remove-devices  removes, top-most first, each device of that chain that nothing else uses:
 //                 shared leading layers stay for the images that share them. Each device is
 //                 judged under the lock a pull takes to build it (gc.ts).
@@ -15,7 +15,7 @@ import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import type { Logger } from "../log.ts";
-import { MAINTENANCE_LOCK } from "../reconcile.ts";
+import { imageLock, MAINTENANCE_LOCK } from "../lock-keys.ts";
 import type { DeactivateFsm } from "./deactivate.ts";
 import { removeDeviceIfUnreferenced } from "./gc.ts";
 import type { PullFsm } from "./pull.ts";
@@ -68,9 +68,17 @@ export function registerDeleteFsm(deps: DeleteDeps): DeleteFsm {
       if (image.chainId && !chains.includes(image.chainId)) chains.push(image.chainId);
       ctx.state.chainIds = chains.reverse();
     })
-    .to("forget", async (ctx) => {
-      catalog.deleteImage(ctx.request.image);
-    })
+    .to("forget", (ctx) =>
+      // Under the image's lock, as a pull records its start and its outcome: a pull that
+      // started while this deletion ran (after DeleteImage checked) wins, and the deletion
+      // says so, rather than the pull "succeeding" with no image.
+      ctx.withLock(imageLock(ctx.request.image), async () => {
+        if (deps.pull.list({ resourceId: ctx.request.image, status: "running", limit: 1 }).length > 0) {
+          throw abort(`image ${ctx.request.image}: a pull of it started while it was being deleted; delete it again once the pull has finished`);
+        }
+        catalog.deleteImage(ctx.request.image);
+      }),
+    )
     .to("remove-devices", async (ctx) => {
       // Through the engine (the same locks as GC's): waiting for GC or a repair is not work.
       await ctx.withLock(MAINTENANCE_LOCK, async () => {

@@ -14,14 +14,16 @@ import type { Fsm } from "../fsm/engine.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import type { Logger } from "../log.ts";
-import { MAINTENANCE_LOCK } from "../reconcile.ts";
-import { chainLockKey, objectLockKey } from "./pull.ts";
+import { chainLock, MAINTENANCE_LOCK, objectLock } from "../lock-keys.ts";
+import type { DownloadGate } from "./download-gate.ts";
 
 export interface GcDeps {
   catalog: Catalog;
   helper: HelperClient;
   blobs: BlobStore;
   locks: KeyedLock;
+  /** Shared with the pulls' downloads: the sweep of leftover files runs only between them. */
+  downloads: DownloadGate;
   pull: Pick<Fsm<any, any>, "list">;
   log: Logger;
 }
@@ -38,9 +40,9 @@ export interface GcReport {
  * Returns the reason it was kept, or undefined once it is gone. Only "ready" devices: an
  * "allocated" one is a build in progress or a crash's leftover, which reconciliation handles.
  */
-export async function removeDeviceIfUnreferenced(deps: Omit<GcDeps, "blobs">, chainId: string): Promise<string | undefined> {
+export async function removeDeviceIfUnreferenced(deps: Omit<GcDeps, "blobs" | "downloads">, chainId: string): Promise<string | undefined> {
   const { catalog, helper, locks } = deps;
-  return locks.run(chainLockKey(chainId), async () => {
+  return locks.run(chainLock(chainId), async () => {
     const row = catalog.getDevice(chainId);
     if (!row) return "already gone";
     if (row.state !== "ready") return "it is being built";
@@ -77,13 +79,14 @@ export async function collectGarbage(deps: GcDeps): Promise<GcReport> {
         report.freedBlobBytes += blob.size;
       }
     }
-    // Downloads happen only inside pull runs: with none running, files in tmp/ are leftovers,
-    // and so are blob files the catalog never recorded (a crash between commit and record).
-    if (deps.pull.list({ status: "running", limit: 1 }).length === 0) {
-      const leftovers = await removeLeftoverFiles(deps);
-      report.removedTempFiles = leftovers.tempFiles;
-      report.removedBlobs.push(...leftovers.blobs);
-    }
+    // Files are made only inside downloads: between them, files in tmp/ are leftovers, and so
+    // are blob files the catalog never recorded (a crash between rename and record). With a
+    // download in flight the sweep is skipped (download-gate.ts).
+    const swept = await deps.downloads.trySweep(() => removeLeftoverFiles(deps));
+    if (swept.swept) {
+      report.removedTempFiles = swept.value.tempFiles;
+      report.removedBlobs.push(...swept.value.blobs);
+    } else deps.log("info", "leftover files not swept: a download is in flight", { downloads: deps.downloads.downloadsInFlight });
     deps.log("info", "garbage collected", { ...report });
     return report;
   });
@@ -91,7 +94,7 @@ export async function collectGarbage(deps: GcDeps): Promise<GcReport> {
 
 /** Under every download lock of the blob's S3 objects: no pull is fetching or recording it. */
 async function removeBlobIfUnreferenced(deps: GcDeps, digest: string): Promise<boolean> {
-  const keys = [...new Set(deps.catalog.blobObjects(digest).map(objectLockKey))].sort();
+  const keys = [...new Set(deps.catalog.blobObjects(digest).map(objectLock))].sort();
   const underLocks = (i: number): Promise<boolean> =>
     i < keys.length
       ? deps.locks.run(keys[i]!, () => underLocks(i + 1))

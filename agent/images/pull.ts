@@ -17,12 +17,14 @@ import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError, interrupted } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
+import { chainLock, imageLock, objectLock } from "../lock-keys.ts";
 import { checkListedSize, LayerValidationError, validateLayer, type LayerLimits } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
 import { chainIds, layerDeviceName } from "./chain.ts";
+import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
 import { spaceProblem } from "./pool-space.ts";
 
@@ -53,14 +55,11 @@ export interface PullDeps {
   locks: KeyedLock;
   /** The validator's limits, from the agent's settings (IMGD_LAYER_MAX_*); defaults when absent. */
   layerLimits?: Partial<LayerLimits>;
+  downloads: DownloadGate;
 }
 
 export type PullFsm = Fsm<PullRequest, PullState>;
 
-// Keys of the locks a pull holds while it downloads an S3 object or builds a chain's device;
-// deletion, GC and repairs take the same ones before touching what they guard.
-export const objectLockKey = (o: { etag: string; size: number }) => `object ${o.etag} ${o.size}`;
-export const chainLockKey = (chainId: string) => `chain ${chainId}`;
 type Ctx = StepContext<PullRequest, PullState>;
 
 export function registerPullFsm(deps: PullDeps): PullFsm {
@@ -70,30 +69,39 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     .start("list", (ctx) => listLayers(deps, ctx))
     .to("download", (ctx) => downloadLayers(deps, ctx))
     .to("unpack", (ctx) => unpackLayers(deps, ctx))
-    .to("finish", async (ctx) => {
-      catalog.markImageReady(ctx.request.image, ctx.state.chainIds.at(-1)!);
-    })
+    .to("finish", (ctx) =>
+      // Under the image's lock, as a deletion forgets the row: the image is ready, or this
+      // pull fails, never "succeeded" with no row.
+      ctx.withLock(imageLock(ctx.request.image), async () => {
+        try {
+          catalog.markImageReady(ctx.request.image, ctx.runId, ctx.state.chainIds.at(-1)!);
+        } catch (err) {
+          throw abort(formatError(err), err);
+        }
+      }),
+    )
     .end({
       finalizers: [
         async (run) => {
           if (run.status !== "failed") return;
-          catalog.markImageFailed(run.request.image, run.error ?? "pull failed");
+          // Only this run's row: a finalizer run again after a crash leaves a newer pull's outcome.
+          await deps.locks.run(imageLock(run.request.image), async () => void catalog.markImageFailed(run.request.image, run.error ?? "pull failed", run.id));
           await discardHalfMadeDevices(deps, run.state);
         },
       ],
     });
 }
 
-async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promise<void> {
+async function listLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   let objects;
   try {
-    objects = await listImageLayers(s3, s3Config, ctx.request.image);
+    objects = await listImageLayers(deps.s3, deps.s3Config, ctx.request.image);
   } catch (err) {
     throw classifyStepError(err, `image ${ctx.request.image}`);
   }
   ctx.state.layers = objects.map((o) => ({ position: o.position, key: o.key, size: o.size, etag: o.etag }));
   ctx.state.chainIds = [];
-  catalog.beginPull(ctx.request.image, ctx.state.layers);
+  await ctx.withLock(imageLock(ctx.request.image), async () => deps.catalog.beginPull(ctx.request.image, ctx.runId, ctx.state.layers));
 }
 
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
@@ -118,7 +126,9 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   await Promise.all(
     ctx.state.layers.map(async (layer) => {
       if (layer.digest && (await deps.blobs.has(layer.digest))) return report(layer, layer.size);
-      layer.digest = await ctx.withQueue("download", () => fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes)));
+      // Through the gate GC's sweep of unrecorded files takes: the blob is renamed into the store
+      // before it is recorded.
+      layer.digest = await ctx.withQueue("download", () => deps.downloads.download(() => fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes))));
       deps.catalog.setLayerDigest(ctx.request.image, layer.position, layer.digest);
       report(layer, layer.size);
     }),
@@ -129,7 +139,7 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
 async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
-  return ctx.withLock(objectLockKey(layer), async () => {
+  return ctx.withLock(objectLock(layer), async () => {
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -175,7 +185,7 @@ async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
   for (let i = 0; i < chain.length; i++) {
     const layer = ctx.state.layers[i];
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
-    await ctx.withLock(chainLockKey(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    await ctx.withLock(chainLock(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
     catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
     ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
   }
@@ -249,7 +259,7 @@ async function discardHalfMadeDevices(deps: PullDeps, state: PullState): Promise
     digests.push(layer.digest);
   }
   for (const chainId of chainIds(digests)) {
-    await deps.locks.run(`chain ${chainId}`, async () => {
+    await deps.locks.run(chainLock(chainId), async () => {
       const device = deps.catalog.getDevice(chainId);
       if (device?.state === "allocated") await discardDevice(deps, device);
     });

@@ -109,7 +109,8 @@ test("gc removes the blob only node used, and keeps python's", async () => {
 test("startup reconciliation repairs leaks planted while the agent was stopped; then gc empties the pool", async () => {
   sh("vm-agent", "stop");
   close();
-  // 1. an unknown thin id, made behind the agent's back
+  // 1. a thin id made behind the agent's back (never allocated by its catalog: kept, reported,
+  // left to the operator), and one the catalog allocated and lost the row of (repaired)
   dmsetup("message", pool, "0", "create_thin 9000");
   // 2. an "allocated" device row (a crash mid-build), its thin id made and active
   const chain = "sha256:" + "ab".repeat(32);
@@ -118,6 +119,8 @@ test("startup reconciliation repairs leaks planted while the agent was stopped; 
   const owner = statSync(dbPath);
   const db = new Database(dbPath);
   const now = new Date().toISOString();
+  const lostId = Number(db.prepare("INSERT INTO thin_ids (owner, allocated_at) VALUES ('lost', ?)").run(now).lastInsertRowid);
+  db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(lostId);
   const halfId = Number(db.prepare("INSERT INTO thin_ids (owner, allocated_at) VALUES (?, ?)").run(`device ${chain}`, now).lastInsertRowid);
   db.prepare("INSERT INTO devices (chain_id, thin_id, parent_chain_id, layer_digest, name, state, created_at) VALUES (?, ?, NULL, ?, ?, 'allocated', ?)").run(chain, halfId, chain, halfName, now);
   // ... and python forgotten, as a crash between a deletion's "forget" and "remove-devices" leaves it
@@ -126,6 +129,7 @@ test("startup reconciliation repairs leaks planted while the agent was stopped; 
   // Files root just created next to the database must stay the agent's.
   for (const file of readdirSync(stateDir).filter((f) => f.startsWith("imgd.db"))) chownSync(join(stateDir, file), owner.uid, owner.gid);
   dmsetup("message", pool, "0", `create_thin ${halfId}`);
+  dmsetup("message", pool, "0", `create_thin ${lostId}`);
   dmsetup("create", halfName, "--noudevsync", "--table", `0 ${THIN_SECTORS} thin /dev/mapper/${pool} ${halfId}`);
   // 3. a ready layer device left active
   const stray = python.layers[1]!;
@@ -140,15 +144,23 @@ test("startup reconciliation repairs leaks planted while the agent was stopped; 
   sh("vm-agent", "start");
   connect();
   const ids = await thinIds();
-  assert.equal(ids.includes(9000), false, "unknown thin id deleted");
+  assert.equal(ids.includes(lostId), false, "the catalog's lost thin id deleted");
+  assert.equal(ids.includes(9000), true, "a thin id the catalog never allocated is kept");
   assert.equal(ids.includes(halfId), false, "half-made device's thin id deleted");
   assert.ok(ids.includes(stray.thinId), "the stray device's thin id (a ready layer) is kept");
   assert.deepEqual(dmNames(), [], "both devices removed");
   assert.equal(existsSync(temp), false, "temp file removed");
   const log = readFileSync("/tmp/imgd-vm-logs/agent.log", "utf8");
-  for (const kind of ["UNKNOWN_THIN_ID thin id 9000", `HALF_MADE_DEVICE ${halfName}`, `STRAY_DEVICE ${strayName}`, "STRAY_TEMP_FILE leftover-download.part"]) {
+  for (const kind of [`UNKNOWN_THIN_ID thin id ${lostId}`, `HALF_MADE_DEVICE ${halfName}`, `STRAY_DEVICE ${strayName}`, "STRAY_TEMP_FILE leftover-download.part"]) {
     assert.match(log, new RegExp(`reconcile: repaired ${kind}`), kind);
   }
+  assert.match(log, /reconcile: the pool holds 1 thin id\(s\) this catalog never allocated \(9000\); nothing was deleted/);
+  const foreign = imgctl("doctor");
+  assert.equal(foreign.status, 1, foreign.stdout);
+  assert.match(foreign.stdout, /^FOREIGN_THIN_ID thin id 9000: /m);
+  const wiped = imgctl("doctor", "--wipe-pool");
+  assert.equal(wiped.status, 0, wiped.stdout);
+  assert.equal((await thinIds()).includes(9000), false, "the operator's --wipe-pool deleted it");
   const doctor = imgctl("doctor");
   assert.equal(doctor.status, 0, doctor.stdout);
   assert.match(doctor.stdout, /^clean$/m);

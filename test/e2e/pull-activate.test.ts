@@ -246,9 +246,9 @@ test("doctor: the catalog and the real pool agree after all of the above; a thin
   try {
     const dirty = imgctl("doctor");
     assert.equal(dirty.status, 1, dirty.stdout);
-    assert.match(dirty.stdout, /^UNKNOWN_THIN_ID thin id 4242: .*\n  repair: delete thin id 4242 from the pool$/m);
+    assert.match(dirty.stdout, /^FOREIGN_THIN_ID thin id 4242: .*never allocated it.*\n  repair: none by itself: an operator decides/m);
     const report = JSON.parse(imgctl("--json", "doctor").stdout);
-    assert.deepEqual(report.findings.map((f: { kind: string; subject: string }) => [f.kind, f.subject]), [["UNKNOWN_THIN_ID", "thin id 4242"]]);
+    assert.deepEqual(report.findings.map((f: { kind: string; subject: string }) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 4242"]]);
   } finally {
     sh("/usr/sbin/dmsetup", "message", "imgd-pool", "0", "delete 4242");
   }

@@ -46,7 +46,7 @@ test("allocated rows with no running run are half-made; with one they are left a
   pool.devices = [{ name: act.name, thinId: act.thinId }];
 
   // A pull building layer 2: allocated, active, not yet in the pool.
-  catalog.beginPull("node", [{ position: 1, key: "images/node/1.tar", size: 1, etag: "e1" }, { position: 2, key: "images/node/2.tar", size: 1, etag: "e2" }]);
+  catalog.beginPull("node", "run1", [{ position: 1, key: "images/node/1.tar", size: 1, etag: "e1" }, { position: 2, key: "images/node/2.tar", size: 1, etag: "e2" }]);
   catalog.setLayerDigest("node", 1, digest(1));
   catalog.setLayerDigest("node", 2, digest(2));
   const chain2 = chainIds([digest(1), digest(2)])[1]!;

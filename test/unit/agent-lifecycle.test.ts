@@ -11,7 +11,7 @@ import { layerDeviceName } from "../../agent/images/chain.ts";
 import { ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullReady } from "../helpers/pull.ts";
-import { TestAgent } from "../helpers/test-agent.ts";
+import { tarOf, TestAgent } from "../helpers/test-agent.ts";
 
 let helper: FakeHelper;
 let agent: RunningAgent;
@@ -133,5 +133,62 @@ test("deleting every image and collecting garbage leaves an empty pool and blob 
   assert.ok(report.removedBlobs.length > 0);
   assert.deepEqual(blobFiles(), []);
   assert.equal(agent.catalog.listBlobs().length, 0);
+  assert.equal((await client.doctor({})).clean, true);
+});
+
+test("a deactivation that fails after removing the device stays deactivated: repair finishes it, never re-activates it", async () => {
+  await pull("golang");
+  const { activation } = await client.activateImage({ image: "golang" });
+  const name = activation!.devicePath.replace("/dev/mapper/", "");
+  // The device goes, then the snapshot's deletion is refused for good: the run fails.
+  helper.failNext("thin.delete", "BAD_ARGS", "injected refusal");
+  await assert.rejects(client.deactivateImage({ activationId: activation!.id }), /deactivation of .* failed: .*injected refusal/);
+  assert.equal(helper.active.has(name), false, "the device was removed");
+  assert.deepEqual((await client.listActivations({ image: "golang" })).activations, [], "not listed as active");
+  const look = await client.doctor({});
+  assert.deepEqual(look.findings.map((f) => f.kind), ["UNFINISHED_DEACTIVATION"], "doctor says what is left, not MISSING_DEVICE");
+  const repaired = await client.doctor({ repair: true });
+  assert.equal(repaired.clean, true, JSON.stringify(repaired.findings));
+  assert.equal(helper.active.has(name), false, "the user's deactivation is not undone");
+  assert.equal(helper.thins.has(activation!.thinId), false, "the repair finished it");
+  assert.equal(agent.catalog.getActivation(activation!.id), undefined);
+});
+
+test("a pull that starts while a deletion of the same image runs never claims success without an image", async () => {
+  await pull("golang");
+  const { activation } = await client.activateImage({ image: "golang" });
+  // The publisher adds a layer (so a pull has a device to build) and the image is failed, as a
+  // repair leaves it: a pull of it starts a run.
+  await harness.s3.put("images/golang/5.tar", await tarOf({ "go/version": "1.24\n" }));
+  agent.catalog.db.prepare("UPDATE images SET state = 'failed' WHERE name = 'golang'").run();
+  // The deletion's forced deactivation is retried once (a transient error): the pull starts then.
+  helper.failNext("device.deactivate", "COMMAND_FAILED", "injected: busy");
+  let open!: () => void;
+  helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
+  const calls = helper.calls.length;
+  const deleting = client.deleteImage({ image: "golang", force: true }).then(
+    (r) => ({ ok: true as const, r }),
+    (err: Error) => ({ ok: false as const, err }),
+  );
+  while (!helper.calls.slice(calls).some((c) => c.op === "device.deactivate")) await new Promise((r) => setTimeout(r, 5));
+  const pulling = (async () => {
+    let last;
+    for await (const u of client.pullImage({ image: "golang" })) last = u;
+    return last!;
+  })();
+  await new Promise((r) => setTimeout(r, 1500));
+  helper.holdApply(undefined);
+  open();
+  const [outcome, deleted] = await Promise.all([pulling, deleting]);
+  const image = await client.getImage({ image: "golang" }).then((r) => r.image, () => undefined);
+  if (outcome.status === RunStatus.SUCCEEDED) {
+    assert.equal(image?.state, ImageState.READY, "a pull that succeeded left a ready image");
+    assert.equal(deleted.ok, false, "and the deletion did not happen");
+  } else {
+    assert.match(outcome.error, /deleted/);
+    assert.equal(image, undefined, "the deletion happened");
+    assert.equal(deleted.ok, true);
+  }
+  assert.equal(agent.catalog.getActivation(activation!.id), undefined);
   assert.equal((await client.doctor({})).clean, true);
 });

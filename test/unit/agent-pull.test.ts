@@ -209,6 +209,25 @@ test("after a restart the agent answers from SQLite and still knows every device
   assert.ok(runs.some((r) => r.resourceId === "broken" && r.status === RunStatus.FAILED && /NOT_A_TAR/.test(r.error)), "failed outcomes are durable");
 });
 
+test("a pull finalizer run again after a crash does not overwrite a newer pull's outcome; a name S3 lacks leaves no image row", async () => {
+  assert.equal((await client.getImage({ image: "golang" })).image!.state, ImageState.READY);
+  await stop();
+  // An older pull of golang that failed, and whose finalizer the crash cut short: the next
+  // start runs it again, after a newer pull made golang ready.
+  const db = new Database(join(stateDir, "imgd.db"));
+  db.prepare(
+    `INSERT INTO fsm_runs (id, fsm, resource_id, status, steps, step_index, request, state, error, attempt, in_attempt, started_at, updated_at, finished_at, finalized_at)
+     SELECT '00000000000000000000000001', fsm, resource_id, 'failed', steps, 1, request, state, 'an old failure', 0, 0, started_at, updated_at, updated_at, NULL
+     FROM fsm_runs WHERE fsm = 'pull' AND resource_id = 'golang' AND status = 'succeeded' ORDER BY id DESC LIMIT 1`,
+  ).run();
+  db.close();
+  await start();
+  const { image } = await client.getImage({ image: "golang" });
+  assert.equal(image!.state, ImageState.READY, image!.error);
+  await assert.rejects(pull("no-such-image"), /no-such-image/);
+  await assert.rejects(client.getImage({ image: "no-such-image" }), /NOT_FOUND/);
+});
+
 test("server reflection lists and describes the API, as grpcurl asks; health reports SERVING", async () => {
   const channel = createChannel(`127.0.0.1:${agent.port}`);
   try {
@@ -281,17 +300,21 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
   const lostId = image!.thinId;
   const lost = helper.thins.get(lostId)!;
   const stray = "imgd-act-00000000000000000000000000";
+  // An id the catalog allocated and lost the row of (as a crash or a person would leave it).
+  const planted = agent.catalog.allocateActivation({ id: "01JLOSTAAAAAAAAAAAAAAAAAAA", image: "golang", chainId: image!.chainId, name: "imgd-act-01jlostaaaaaaaaaaaaaaaaaaa" }).thinId;
+  agent.catalog.db.prepare("DELETE FROM activations WHERE thin_id = ?").run(planted);
+  agent.catalog.db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(planted);
   const calls = helper.calls.length;
-  helper.thins.set(4242, { origin: null, layers: [], formatted: true });
-  helper.active.set(stray, 4242);
+  helper.thins.set(planted, { origin: null, layers: [], formatted: true });
+  helper.active.set(stray, planted);
   helper.thins.delete(lostId);
   try {
     const report = await client.doctor({});
     assert.equal(report.clean, false);
     const byKind = Object.fromEntries(report.findings.map((f) => [f.kind, f]));
     assert.deepEqual(report.findings.map((f) => f.kind).sort(), ["MISSING_THIN_ID", "STRAY_DEVICE", "UNKNOWN_THIN_ID"]);
-    assert.equal(byKind.UNKNOWN_THIN_ID!.subject, "thin id 4242");
-    assert.match(byKind.UNKNOWN_THIN_ID!.repair, new RegExp(`remove device ${stray}, then delete thin id 4242 from the pool`));
+    assert.equal(byKind.UNKNOWN_THIN_ID!.subject, `thin id ${planted}`);
+    assert.match(byKind.UNKNOWN_THIN_ID!.repair, new RegExp(`remove device ${stray}, then delete thin id ${planted} from the pool`));
     assert.equal(byKind.STRAY_DEVICE!.subject, stray);
     assert.match(byKind.STRAY_DEVICE!.repair, new RegExp(`remove device ${stray}`));
     const lostName = agent.catalog.listDevices().find((d) => d.thinId === lostId)!.name;
@@ -299,7 +322,7 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
     assert.match(byKind.MISSING_THIN_ID!.detail, new RegExp(`thin id ${lostId}, which is not in the pool`));
     const cli = await imgctlDoctor();
     assert.equal(cli.status, 1, "not clean: exit 1");
-    assert.match(cli.stdout, /^UNKNOWN_THIN_ID thin id 4242: .*\n  repair: remove device imgd-act-0+, then delete thin id 4242 from the pool$/m);
+    assert.match(cli.stdout, new RegExp(`^UNKNOWN_THIN_ID thin id ${planted}: .*\\n  repair: remove device imgd-act-0+, then delete thin id ${planted} from the pool$`, "m"));
     const json = await imgctlDoctor("--json");
     assert.equal(json.status, 1);
     assert.equal(JSON.parse(json.stdout).findings.length, 3);
@@ -307,9 +330,10 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
     assert.deepEqual([...ops].sort(), ["device.list", "thin.list"], "doctor only reads");
   } finally {
     helper.active.delete(stray);
-    helper.thins.delete(4242);
+    helper.thins.delete(planted);
     helper.thins.set(lostId, lost);
   }
+  agent.catalog.releaseThinId(planted);
   assert.equal((await client.doctor({})).clean, true);
 });
 

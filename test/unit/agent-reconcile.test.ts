@@ -3,13 +3,15 @@
 // VM test test/e2e/lifecycle.test.ts plants the same leaks in the real pool).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { RunningAgent } from "../../agent/app.ts";
+import { startAgent, type RunningAgent } from "../../agent/app.ts";
+import { loadAgentConfig } from "../../agent/config.ts";
 import { Catalog } from "../../agent/catalog.ts";
 import { openDatabase } from "../../agent/db.ts";
 import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
-import { ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullReady } from "../helpers/pull.ts";
 import { TestAgent } from "../helpers/test-agent.ts";
@@ -60,10 +62,18 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
   const layer2 = agent.catalog.getDevice(golang.layers[1]!.chainId)!;
   await stop();
 
-  // An unknown thin id, active under a stray activation name.
+  // A thin id the catalog allocated and then lost the row of, active under a stray name; and
+  // one it never allocated (someone else's), which no repair may touch.
+  let lostId!: number;
+  withStoppedCatalog((catalog) => {
+    lostId = catalog.allocateActivation({ id: "01JLOSTAAAAAAAAAAAAAAAAAAA", image: "golang", chainId: golang.chainId, name: "imgd-act-01jlostaaaaaaaaaaaaaaaaaaa" }).thinId;
+    catalog.db.prepare("DELETE FROM activations WHERE thin_id = ?").run(lostId);
+    catalog.db.prepare("DELETE FROM thin_ids WHERE thin_id = ?").run(lostId);
+  });
+  helper.thins.set(lostId, { origin: null, layers: [], formatted: true });
+  helper.active.set("imgd-act-00000000000000000000000009", lostId);
   helper.thins.set(9000, { origin: null, layers: [], formatted: true });
-  helper.active.set("imgd-act-00000000000000000000000009", 9000);
-  // A layer device left active although it is ready.
+  // A layer device left active (and mounted) although it is ready.
   helper.active.set(layer2.name, layer2.thinId);
   // A device and an activation left "allocated" by a crash, with their thin ids made.
   const [halfChain] = chainIds(["sha256:" + "e".repeat(64)]);
@@ -83,7 +93,8 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
 
   logs.length = 0;
   await start();
-  assert.equal(helper.thins.has(9000), false, "unknown id deleted");
+  assert.equal(helper.thins.has(lostId), false, "the lost id deleted");
+  assert.equal(helper.thins.has(9000), true, "the foreign id kept");
   assert.equal(helper.active.has("imgd-act-00000000000000000000000009"), false, "its device removed first");
   assert.equal(helper.active.has(layer2.name), false, "stray layer device removed");
   assert.equal(helper.thins.has(layer2.thinId), true, "its thin id (a ready layer) is kept");
@@ -104,9 +115,11 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
     "STRAY_TEMP_FILE",
     "UNKNOWN_THIN_ID",
   ]);
+  assert.ok(logs.some((l) => l.level === "error" && /1 thin id\(s\) this catalog never allocated \(9000\); nothing was deleted/.test(l.msg)));
   const report = await client.doctor({});
-  assert.deepEqual(report.findings, []);
-  assert.equal(report.clean, true);
+  assert.deepEqual(report.findings.map((f) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 9000"]]);
+  helper.thins.delete(9000);
+  assert.equal((await client.doctor({})).clean, true);
   assert.equal((await client.getImage({ image: "golang" })).image!.state, ImageState.READY);
   await client.deactivateImage({ activationId: kept!.id });
 });
@@ -196,4 +209,79 @@ test("an activation whose snapshot vanished from the pool is forgotten (and its 
   assert.equal(agent.catalog.getActivation(activation!.id), undefined);
   assert.equal(helper.active.has(name), false);
   assert.equal((await client.listActivations({ image: "golang" })).activations.length, 0);
+});
+
+test("an agent started on an empty database against a pool that holds devices deletes nothing, and says why", async () => {
+  await pull("golang");
+  const { activation } = await client.activateImage({ image: "golang" });
+  const pool = new Map(helper.thins);
+  const active = new Map(helper.active);
+  assert.ok(pool.size >= 5);
+  await stop();
+  const mainStateDir = stateDir;
+  const fresh = mkdtempSync(join(tmpdir(), "imgd-reconcile-fresh-"));
+  const config = loadAgentConfig([], {
+    IMGD_STATE_DIR: fresh,
+    IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_LISTEN_INSECURE_LOOPBACK: "1",
+    IMGD_HELPER_SOCKET: helper.socketPath,
+    IMGD_S3_ENDPOINT: harness.s3.endpoint,
+    IMGD_S3_BUCKET: harness.s3.bucket,
+  });
+  logs.length = 0;
+  const stranger = await startAgent(config, (level, msg, fields) => void logs.push({ level, msg, fields }), { poolWaitAttempts: 1 });
+  try {
+    assert.deepEqual([...helper.thins.keys()].sort(), [...pool.keys()].sort(), "every thin id is still in the pool");
+    assert.deepEqual([...helper.active.keys()].sort(), [...active.keys()].sort(), "and every device");
+    assert.ok(!logs.some((l) => /reconcile: repaired/.test(l.msg)), "nothing was repaired");
+    assert.ok(logs.some((l) => l.level === "error" && /thin id\(s\) this catalog never allocated \(.*\); nothing was deleted/.test(l.msg)), logs.map((l) => l.msg).join("\n"));
+    const c = connectImgd(`127.0.0.1:${stranger.port}`);
+    try {
+      const report = await c.client.doctor({ repair: true });
+      assert.equal(report.clean, false);
+      assert.deepEqual([...new Set(report.findings.map((f) => f.kind))], ["FOREIGN_THIN_ID"]);
+      assert.ok(report.findings.every((f) => f.result === "skipped" && /operator/.test(f.note)), JSON.stringify(report.findings));
+      assert.equal(helper.thins.size, pool.size, "an on-demand repair deletes nothing either");
+      // The operator keeps them: reserved, never handed out; this agent's own ids come after them.
+      const adopted = await c.client.doctor({ adoptPool: true });
+      assert.ok(adopted.findings.every((f) => f.kind === "FOREIGN_THIN_ID" && f.result === "repaired"));
+      assert.equal(adopted.clean, true);
+      assert.equal((await c.client.doctor({})).clean, true, "not reported again");
+      assert.deepEqual([...helper.thins.keys()].sort(), [...pool.keys()].sort(), "and still nothing deleted");
+      assert.equal(stranger.catalog.allocateDevice({ chainId: "sha256:" + "9".repeat(64), parentChainId: null, layerDigest: "sha256:" + "9".repeat(64), name: "imgd-layer-x" }).thinId, Math.max(...pool.keys()) + 1);
+    } finally {
+      c.channel.close();
+    }
+  } finally {
+    await stranger.stop();
+  }
+  assert.equal(stateDir, mainStateDir);
+  await start();
+  assert.equal((await client.doctor({})).clean, true, "the real catalog still accounts for all of it");
+  await client.deactivateImage({ activationId: activation!.id });
+});
+
+test("the operator's decision: --wipe-pool deletes foreign ids (and their devices), --adopt-pool keeps them; both at once is refused", async () => {
+  await pull("golang");
+  const mine = new Map(helper.thins);
+  helper.thins.set(7777, { origin: null, layers: [], formatted: true });
+  helper.active.set("imgd-act-00000000000000000000007777", 7777);
+  helper.thins.set(7778, { origin: null, layers: [], formatted: true });
+  await assert.rejects(client.doctor({ adoptPool: true, wipePool: true }), /INVALID_ARGUMENT.*exclude each other/);
+  const look = await client.doctor({});
+  assert.deepEqual(look.findings.map((f) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 7777"], ["FOREIGN_THIN_ID", "thin id 7778"]], "the device mapping 7777 is part of that finding");
+  const kept = 7778;
+  helper.thins.delete(7778); // decide about 7777 alone first
+  const wiped = await client.doctor({ wipePool: true });
+  assert.deepEqual(wiped.findings.map((f) => [f.kind, f.result]), [["FOREIGN_THIN_ID", "repaired"]]);
+  assert.equal(helper.thins.has(7777), false);
+  assert.equal(helper.active.has("imgd-act-00000000000000000000007777"), false, "its device removed first");
+  for (const id of mine.keys()) assert.ok(helper.thins.has(id), `the catalog's own id ${id} kept`);
+  helper.thins.set(kept, { origin: null, layers: [], formatted: true });
+  const adopted = await client.doctor({ adoptPool: true });
+  assert.deepEqual(adopted.findings.map((f) => [f.kind, f.result]), [["FOREIGN_THIN_ID", "repaired"]]);
+  assert.equal(helper.thins.has(kept), true);
+  assert.equal((await client.doctor({ repair: true })).clean, true);
+  assert.equal(helper.thins.has(kept), true, "an adopted id is never repaired away");
+  helper.thins.delete(kept);
 });
