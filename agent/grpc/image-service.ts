@@ -139,7 +139,12 @@ export function imageService(deps: ImageServiceDeps) {
       const activationId = ulid();
       const { runId } = activate.start(activationId, { image: name, activationId }, {});
       const outcome = await activate.wait(runId);
-      if (outcome.status !== "succeeded") throw new ServerError(Status.ABORTED, `activation of ${name} failed: ${outcome.error}`);
+      if (outcome.status !== "succeeded") {
+        // Failed at ensure-image: the image is not available (its pull failed, or failed before
+        // and its S3 folder has not changed since): a precondition, not an aborted activation.
+        const code = outcome.step === "ensure-image" ? Status.FAILED_PRECONDITION : Status.ABORTED;
+        throw new ServerError(code, `activation of ${name} failed: ${outcome.error}`);
+      }
       const row = catalog.getActivation(activationId);
       if (!row) throw new ServerError(Status.INTERNAL, `activation ${activationId} finished but has no record`);
       return { activation: activationMessage(row) };
