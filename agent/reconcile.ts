@@ -104,8 +104,8 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
     }
     case "delete-thin": {
       // Ids are allocated in SQLite before the pool creates them, and only an id whose deletion
-      // the pool confirmed is reused: an id allocated, row-less and not free stays row-less
-      // (allocation re-checks under the same synchronous transaction).
+      // the pool confirmed is handed out again: an allocated id without a row is never reused
+      // while this repair deletes it.
       if (thinOwner(catalog, action.thinId)) return `thin id ${action.thinId} is now known to the catalog`;
       if (!catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is no longer this catalog's`;
       if (action.holder) await removeDevice(helper, action.holder);

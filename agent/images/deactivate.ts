@@ -3,7 +3,8 @@
 // The first step records the user's intent (state 'deactivating') before the device goes: from
 // then on neither a repair nor a failure brings the activation back. A run that fails leaves the
 // row 'deactivating' (doctor: UNFINISHED_DEACTIVATION, which a repair finishes), or forgets it if
-// the pool shows the job was done after all. Each step checks before acting and tolerates "already gone" (the helper reports success for a
+// the pool shows the job was done after all.
+// Each step checks before acting and tolerates "already gone" (the helper reports success for a
 // device or thin id that no longer exists), so a run resumed after a crash finishes the job. The
 // row goes last: until the snapshot is gone from the pool, the catalog still accounts for its id.
 import type { Catalog } from "../catalog.ts";

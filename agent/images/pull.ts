@@ -92,16 +92,17 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     });
 }
 
-async function listLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
+async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promise<void> {
   let objects;
   try {
-    objects = await listImageLayers(deps.s3, deps.s3Config, ctx.request.image);
+    objects = await listImageLayers(s3, s3Config, ctx.request.image);
   } catch (err) {
     throw classifyStepError(err, `image ${ctx.request.image}`);
   }
   ctx.state.layers = objects.map((o) => ({ position: o.position, key: o.key, size: o.size, etag: o.etag }));
   ctx.state.chainIds = [];
-  await ctx.withLock(imageLock(ctx.request.image), async () => deps.catalog.beginPull(ctx.request.image, ctx.runId, ctx.state.layers));
+  // Only now that S3 listed the image does it get a row (under the lock a deletion takes).
+  await ctx.withLock(imageLock(ctx.request.image), async () => catalog.beginPull(ctx.request.image, ctx.runId, ctx.state.layers));
 }
 
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
