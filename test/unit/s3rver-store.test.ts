@@ -5,12 +5,12 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { CopyObjectCommand, GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { pseudoRandomBytes } from "../fixtures/prng.ts";
-import { seedS3rverStore } from "../fixtures/s3rver-store.ts";
+import { seedS3rverStore, updateMd5Cache } from "../fixtures/s3rver-store.ts";
 import { startS3rver, type TestS3 } from "../helpers/s3rver.ts";
 
 const MiB = 1024 * 1024;
@@ -116,4 +116,27 @@ test("PutObject and CopyObject over a seeded key store a new object; the source 
   // A copy of a seeded object is a link to the same source: a later write to it is guarded too.
   await client.send(new PutObjectCommand({ Bucket: "seeded", Key: "images/empty/1.tar", Body: "x" }));
   assert.ok(readFileSync(join(source, "images/node/1.tar")).equals(files.get("images/node/1.tar")!));
+});
+
+test("an MD5 cache made beforehand is used for unchanged files; a changed file is hashed again", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "imgd-seed-cache-"));
+  try {
+    mkdirSync(join(dir, "src/images/a"), { recursive: true });
+    writeFileSync(join(dir, "src/images/a/1.tar"), "one");
+    writeFileSync(join(dir, "src/images/a/2.tar"), "two");
+    const cachePath = join(dir, "md5.json");
+    await updateMd5Cache(join(dir, "src"), cachePath);
+    const cache = JSON.parse(readFileSync(cachePath, "utf8"));
+    assert.equal(cache["images/a/1.tar"].md5, md5(Buffer.from("one")));
+    // A planted value shows the cache is read; 2.tar then changes (same size, new mtime).
+    cache["images/a/1.tar"].md5 = "0123456789abcdef0123456789abcdef";
+    writeFileSync(cachePath, JSON.stringify(cache));
+    writeFileSync(join(dir, "src/images/a/2.tar"), "TWO");
+    utimesSync(join(dir, "src/images/a/2.tar"), new Date(), new Date(Date.now() + 5000));
+    await seedS3rverStore(join(dir, "store"), "b", join(dir, "src"), { md5Cache: cachePath });
+    assert.equal(readFileSync(join(dir, "store/b/images/a/1.tar._S3rver_object.md5"), "utf8"), "0123456789abcdef0123456789abcdef");
+    assert.equal(readFileSync(join(dir, "store/b/images/a/2.tar._S3rver_object.md5"), "utf8"), md5(Buffer.from("TWO")));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
