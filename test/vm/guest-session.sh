@@ -35,14 +35,32 @@ create_service_user() {
     useradd --system ${id:+--uid "$id"} --gid imgd --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin imgd
 }
 
-# Fresh, empty state every run: tmpfs hides whatever the host has at these paths.
+# Fresh, empty state every run: tmpfs hides whatever the host has at these paths. With a disk
+# (test/vm/run --disk), the state lives on it instead and survives to the next boot of that disk.
 create_state_dirs() {
-  mount -t tmpfs -o mode=0750 tmpfs "$VM_STATE_DIR" 2>/dev/null ||
-    { mkdir -p "$VM_STATE_DIR" && mount -t tmpfs -o mode=0750 tmpfs "$VM_STATE_DIR"; }
+  if [ "${IMGD_VM_DISK:-0}" = 1 ]; then
+    create_persistent_state_dirs
+  else
+    mount -t tmpfs -o mode=0750 tmpfs "$VM_STATE_DIR" 2>/dev/null ||
+      { mkdir -p "$VM_STATE_DIR" && mount -t tmpfs -o mode=0750 tmpfs "$VM_STATE_DIR"; }
+    mkdir -p "$VM_HELPER_STATE_DIR"
+    mount -t tmpfs -o mode=0700 tmpfs "$VM_HELPER_STATE_DIR"
+  fi
   chown imgd:imgd "$VM_STATE_DIR"
-  mkdir -p "$VM_HELPER_STATE_DIR"
-  mount -t tmpfs -o mode=0700 tmpfs "$VM_HELPER_STATE_DIR"
   mkdir -p "$(dirname "$VM_HELPER_SOCKET")"
+}
+
+VM_PERSIST_DIR=/persist
+create_persistent_state_dirs() {
+  local disk=/dev/vda
+  [ -b "$disk" ] || { echo "no $disk in the guest" >&2; return 1; }
+  # A new disk image is all zeros: give it a filesystem the first time only.
+  /usr/sbin/blkid "$disk" >/dev/null 2>&1 || /usr/sbin/mkfs.ext4 -q -F "$disk" || return 1
+  mkdir -p "$VM_PERSIST_DIR" && mount -t ext4 "$disk" "$VM_PERSIST_DIR" || return 1
+  mkdir -p "$VM_PERSIST_DIR/imgd" "$VM_PERSIST_DIR/imgd-privhelper" "$VM_STATE_DIR" "$VM_HELPER_STATE_DIR"
+  chmod 0750 "$VM_PERSIST_DIR/imgd" && chmod 0700 "$VM_PERSIST_DIR/imgd-privhelper"
+  mount --bind "$VM_PERSIST_DIR/imgd" "$VM_STATE_DIR" &&
+    mount --bind "$VM_PERSIST_DIR/imgd-privhelper" "$VM_HELPER_STATE_DIR"
 }
 
 # The service user must reach the repo (node_modules, agent/); a clone under /root (0700)

@@ -6,7 +6,8 @@
 
 # Modules the guest needs; their dependencies are resolved from each .ko's "depends=" field.
 # crc32c_generic goes first: ext4/jbd2/libcrc32c only name it as a soft dependency.
-VM_WANTED_MODULES="crc32c_generic virtio_pci virtio-rng 9pnet_virtio 9p overlay loop dm-thin-pool ext4"
+# virtio_blk: the persistent disk of the power-cut tests (test/vm/powercut).
+VM_WANTED_MODULES="crc32c_generic virtio_pci virtio-rng virtio_blk 9pnet_virtio 9p overlay loop dm-thin-pool ext4"
 
 vm_log() { printf 'vm: %s\n' "$*" >&2; }
 vm_die() { printf 'vm: error: %s\n' "$*" >&2; exit 125; }
