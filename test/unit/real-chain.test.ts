@@ -79,7 +79,7 @@ const entry = (path: string, type: RealEntry["type"], ino: string, extra: Partia
   path, type, mode: 0o755, uid: 0, gid: 0, size: 0, sha256: null, target: null, rdev: null, mtime: "1.000000000", xattrs: {}, linkGroup: null, ino, ...extra,
 });
 
-test("layerChanges: topmost whiteouts only, opaque for a re-made directory, hardlink groups whole", () => {
+test("layerChanges: topmost whiteouts only, opaque for a re-made directory, hardlink groups whole, parents along", () => {
   const before = [
     entry("/a", "dir", "1"),
     entry("/a/b", "dir", "2"),
@@ -88,6 +88,9 @@ test("layerChanges: topmost whiteouts only, opaque for a re-made directory, hard
     entry("/d/old", "file", "5"),
     entry("/h1", "file", "6", { linkGroup: "/h1" }),
     entry("/keep", "file", "7"),
+    entry("/p", "dir", "9"),
+    entry("/p/q", "dir", "10"),
+    entry("/p/q/f", "file", "11", { sha256: "aa" }),
     entry("/x", "dir", "8", { linkGroup: "/h1" }),
   ];
   const after = [
@@ -97,8 +100,11 @@ test("layerChanges: topmost whiteouts only, opaque for a re-made directory, hard
     entry("/h1", "file", "6", { linkGroup: "/h1" }),
     entry("/h2", "file", "6", { linkGroup: "/h1" }),
     entry("/keep", "file", "7"),
+    entry("/p", "dir", "9"),
+    entry("/p/q", "dir", "10"),
+    entry("/p/q/f", "file", "11", { sha256: "bb" }),
   ];
   const changes = layerChanges(before, after);
-  assert.deepEqual(changes.entries, ["/a", "/d", "/d/new", "/h1", "/h2"]);
+  assert.deepEqual(changes.entries, ["/a", "/d", "/d/new", "/h1", "/h2", "/p", "/p/q", "/p/q/f"], "a file changed in place brings its unchanged parents");
   assert.deepEqual(changes.whiteouts, ["/.wh.x", "/a/.wh.b", "/d/.wh..wh..opq"]);
 });
