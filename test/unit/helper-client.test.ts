@@ -103,6 +103,7 @@ test("five helper restarts during one unpack: the pull succeeds, no failed attem
   const config = loadAgentConfig([], {
     IMGD_STATE_DIR: stateDir,
     IMGD_LISTEN: "127.0.0.1:0",
+    IMGD_LISTEN_INSECURE_LOOPBACK: "1",
     IMGD_HELPER_SOCKET: helper.socketPath,
     IMGD_S3_ENDPOINT: s3.endpoint,
     IMGD_S3_BUCKET: s3.bucket,
