@@ -81,13 +81,15 @@ export class EntryRules {
   readonly #limits: EntryLimits;
   /** Members seen so far in this layer (hashed name -> kind). */
   readonly #seen = new Map<string, SeenKind>();
-  /** Cheap hashes of this layer's symlink names (to test every parent of every member quickly);
-   *  a hit is confirmed in #seen. */
-  readonly #symlinkHints = new Set<number>();
+  /** Cheap hashes of the names of this layer's symlinks and other non-directories (to test every
+   *  parent of every member quickly); a hit is confirmed in #seen. */
+  readonly #nonDirHints = new Set<number>();
   /** Paths this layer deletes from lower layers (.wh.NAME), hashed. */
   readonly #whitedOut = new Set<string>();
   /** Directories whose lower content this layer hides (.wh..wh..opq), hashed. */
   readonly #opaque = new Set<string>();
+  /** Directories this layer's members imply (their parents, made when missing), hashed. */
+  readonly #impliedDirs = new Set<string>();
   /** Targets of hardlinks to paths not (yet) seen in this layer, hashed. */
   readonly #linkedAhead = new Set<string>();
 
@@ -116,11 +118,11 @@ export class EntryRules {
       // this very entry then replaces): a link must come after its target.
       throw refuse("HARDLINK_TARGET_INVALID", `"${printable(name)}" is the target of an earlier hardlink; a hardlink must follow its target`);
     }
-    this.#notThroughSymlink(name, "", refuse);
-
+    // In the applier's order: what the member is, then where it goes.
     const base = baseOf(name);
     if (base.startsWith(WHITEOUT_PREFIX)) {
       this.#whiteout(name, base, member, refuse);
+      this.#parentsAreDirs(name, "", "PARENT_NOT_DIR", refuse);
       return;
     }
     if (type === "file") {
@@ -131,6 +133,8 @@ export class EntryRules {
       throw refuse("NONZERO_SIZE", `a ${type} entry carries ${member.size} bytes of content`);
     }
     for (const [xattr, value] of member.xattrs) checkXattr(xattr, value, type, refuse);
+    this.#parentsAreDirs(name, "", "PARENT_NOT_DIR", refuse);
+    this.#implyParents(name);
 
     switch (type) {
       case "file":
@@ -161,7 +165,7 @@ export class EntryRules {
     }
     if (name === "") return;
     this.#seen.set(key(name), type === "directory" ? "dir" : type === "symlink" ? "symlink" : "other");
-    if (type === "symlink") this.#symlinkHints.add(cheapHash(name));
+    if (type !== "directory") this.#nonDirHints.add(cheapHash(name));
   }
 
   /**
@@ -170,17 +174,25 @@ export class EntryRules {
    * opaque markers under such a link, a hardlink whose target goes through one. The applier
    * resolves every path inside the image anyway; here the layer says it means to write through
    * a link it planted itself, which no image build does.
+   * And `notDirRule` (PARENT_NOT_DIR for a member, HARDLINK_TO_MISSING for a link's target): a
+   * parent that an earlier member of this layer made a file, a device or a fifo. The applier
+   * keeps this layer's own entries (a whiteout never removes them), so that parent cannot be a
+   * directory when the member is applied.
    */
-  #notThroughSymlink(name: string, what: string, refuse: Refuse): void {
-    if (this.#symlinkHints.size === 0) return;
+  #parentsAreDirs(name: string, what: string, notDirRule: "PARENT_NOT_DIR" | "HARDLINK_TO_MISSING", refuse: Refuse): void {
+    if (this.#nonDirHints.size === 0) return;
     // One pass over the name: the hash of each parent is the running hash at its "/".
     let hash = FNV_OFFSET;
     for (let i = 0; i < name.length; i++) {
       const unit = name.charCodeAt(i);
-      if (unit === SLASH && this.#symlinkHints.has(hash >>> 0)) {
+      if (unit === SLASH && this.#nonDirHints.has(hash >>> 0)) {
         const parent = name.slice(0, i);
-        if (this.#seen.get(key(parent)) === "symlink") {
+        const kind = this.#seen.get(key(parent));
+        if (kind === "symlink") {
           throw refuse("THROUGH_SYMLINK", `${what}"${printable(name)}" goes through "${printable(parent)}", a symlink created earlier in this layer`);
+        }
+        if (kind === "other") {
+          throw refuse(notDirRule, `${what}"${printable(name)}" is under "${printable(parent)}", which an earlier member of this layer made a non-directory`);
         }
       }
       hash = Math.imul(hash ^ unit, FNV_PRIME);
@@ -230,10 +242,13 @@ export class EntryRules {
     if (target === "") throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets the image root");
     if (target === name) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets itself");
     if (baseOf(target).startsWith(WHITEOUT_PREFIX)) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets a whiteout");
-    this.#notThroughSymlink(target, "hardlink target ", refuse);
+    this.#parentsAreDirs(target, "hardlink target ", "HARDLINK_TO_MISSING", refuse);
 
     const seen = this.#seen.get(key(target));
-    if (seen === "dir") throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets directory "${printable(target)}"`);
+    // A directory of this layer, named or implied (a parent of a member, this link's own included).
+    if (seen === "dir" || (seen === undefined && this.#impliedDirs.has(key(target)))) {
+      throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets directory "${printable(target)}"`);
+    }
     if (seen !== undefined) return;
     if (this.#deletedHere(target)) {
       throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" was deleted earlier in this layer`);
@@ -241,6 +256,13 @@ export class EntryRules {
     this.#linkedAhead.add(key(target));
     this.summary.lowerLayerLinks++;
     this.#note(`hardlink "${printable(name)}" -> "${printable(target)}" refers to a lower layer`);
+  }
+
+  /** Records `name`'s parents as directories of this layer (the applier makes missing ones). */
+  #implyParents(name: string): void {
+    for (let parent = parentOf(name); parent !== "" && !this.#impliedDirs.has(key(parent)); parent = parentOf(parent)) {
+      this.#impliedDirs.add(key(parent));
+    }
   }
 
   /** Whether a path not (re)created in this layer is hidden by this layer's whiteouts. */

@@ -64,6 +64,8 @@ export class LayerApplier implements TarSink {
   private readonly reader = new TarReader(this);
   /** Paths this layer created or updated: opaque markers and whiteouts never remove them. */
   private readonly written = new Set<string>();
+  /** Symlinks this layer made (and has not replaced): writing through one is THROUGH_SYMLINK. */
+  private readonly ownSymlinks = new Set<string>();
   /** Ancestors of written paths: kept (and descended into) when pruning lower content. */
   private readonly ancestors = new Set<string>();
   /** Directory times, set at the end because adding children changes them. */
@@ -109,11 +111,15 @@ export class LayerApplier implements TarSink {
 
     if (base.startsWith(WHITEOUT_PREFIX)) {
       if (entry.type !== "file" || entry.size !== 0) throw new LayerRefused("BAD_WHITEOUT", entry.name, "a whiteout must be an empty regular file");
-      if (base === OPAQUE_MARKER) return this.opaque(dir);
+      if (base === OPAQUE_MARKER) {
+        this.notThroughOwnSymlink(dir, "");
+        return this.opaque(dir);
+      }
       const target = base.slice(WHITEOUT_PREFIX.length);
       if (target === "" || target === "." || target === ".." || target.startsWith(WHITEOUT_PREFIX)) {
         throw new LayerRefused("BAD_WHITEOUT", entry.name, `unsupported whiteout ${JSON.stringify(base)}`);
       }
+      this.notThroughOwnSymlink(dir, "");
       const parent = this.parent(dir, false);
       if (parent !== null) this.removeLower(parent, dir === "" ? target : `${dir}/${target}`, target);
       return;
@@ -126,6 +132,7 @@ export class LayerApplier implements TarSink {
       throw new LayerRefused("EMPTY_NAME", entry.name, "a non-directory entry cannot replace the root");
     }
     checkXattrs(entry);
+    this.notThroughOwnSymlink(dir, "");
     const parent = this.parent(dir, true)!;
     const mode = entry.mode;
     const atime = entry.atime ?? entry.mtime;
@@ -164,7 +171,12 @@ export class LayerApplier implements TarSink {
         const targetRel = normalizeEntryName(entry.linkname, entry.name, "HARDLINK_TARGET_INVALID");
         if (targetRel === "" || targetRel === rel) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to ${JSON.stringify(entry.linkname)}`);
         const [targetDir, targetBase] = splitPath(targetRel);
-        const missing = () => new LayerRefused("HARDLINK_TARGET", entry.name, `hard link target ${JSON.stringify(targetRel)} does not exist in the image or is a directory`);
+        if (targetBase.startsWith(WHITEOUT_PREFIX)) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to the whiteout ${JSON.stringify(targetRel)}`);
+        // The validator's rule names: a target that is not there is HARDLINK_TO_MISSING, one that
+        // cannot be linked (a directory) HARDLINK_TARGET_INVALID.
+        this.notThroughOwnSymlink(targetDir, "hard link target ");
+        const missing = () => new LayerRefused("HARDLINK_TO_MISSING", entry.name, `hard link target ${JSON.stringify(targetRel)} does not exist in the image`);
+        const directory = () => new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link target ${JSON.stringify(targetRel)} is a directory`);
         // The target's parents are resolved inside the root like any path; the target itself is
         // linked as it is (a symlink is linked, not followed). Metadata belongs to the inode.
         const targetParent = this.openParentUncached(targetDir);
@@ -172,7 +184,8 @@ export class LayerApplier implements TarSink {
         try {
           this.replace(parent, base, () => linkat(targetParent, targetBase, parent, base));
         } catch (err) {
-          if (["ENOENT", "EPERM", "ENOTDIR", "ELOOP"].includes(errno(err) ?? "")) throw missing();
+          if (errno(err) === "EPERM") throw directory();
+          if (["ENOENT", "ENOTDIR", "ELOOP"].includes(errno(err) ?? "")) throw missing();
           throw err;
         } finally {
           if (targetParent !== this.rootFd) closeSync(targetParent);
@@ -195,6 +208,8 @@ export class LayerApplier implements TarSink {
       }
     }
     this.markWritten(rel);
+    if (entry.type === "symlink") this.ownSymlinks.add(rel);
+    else this.ownSymlinks.delete(rel);
   }
 
   data(chunk: Buffer): void {
@@ -246,6 +261,22 @@ export class LayerApplier implements TarSink {
     this.invalidateParent(); // what is removed may be a directory or link the cached parent went through
     removeAt(parent, base);
     return create();
+  }
+
+  /**
+   * THROUGH_SYMLINK, the validator's rule: a path whose parents go through a symlink this layer
+   * made. Resolving inside the root would keep the write in the image anyway; a layer that means
+   * to write through a link it planted itself is refused by both guards, with one name.
+   */
+  private notThroughOwnSymlink(dir: string, what: string): void {
+    if (this.ownSymlinks.size === 0 || dir === "") return;
+    for (let i = dir.indexOf("/"); ; i = dir.indexOf("/", i + 1)) {
+      const prefix = i === -1 ? dir : dir.slice(0, i);
+      if (this.ownSymlinks.has(prefix)) {
+        throw new LayerRefused("THROUGH_SYMLINK", this.current, `${what}${JSON.stringify(this.current)} goes through ${JSON.stringify(prefix)}, a symlink made earlier in this layer`);
+      }
+      if (i === -1) return;
+    }
   }
 
   /** The parent directory `dir` resolved inside the root; created (0755) when `create`, else null if absent. */

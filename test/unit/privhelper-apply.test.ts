@@ -214,7 +214,7 @@ test("a file over a lower symlink to a host path replaces the link; the host fil
   }
   // A hard link cannot name a host file either.
   const hard = await box.apply([hardlink("stolen", hostFile)]);
-  assert.equal(hard.rule, "HARDLINK_TARGET", JSON.stringify(hard));
+  assert.equal(hard.rule, "HARDLINK_TO_MISSING", JSON.stringify(hard));
   assert.deepEqual(readdirSync(hostDir), ["precious"]);
   assert.equal(readFileSync(hostFile, "utf8"), "original");
 });
@@ -230,7 +230,7 @@ test("symlink loops: entries under one are refused (PARENT_NOT_DIR), whiteouts u
   const whiteouts = await box.apply([file("root/.wh..ssh", ""), file("a/x/.wh..wh..opq", ""), file("b/.wh.c", "")]);
   assert.ok(whiteouts.ok, JSON.stringify(whiteouts));
   const hard = await box.apply([hardlink("stolen", "a/x")]);
-  assert.equal(hard.rule, "HARDLINK_TARGET", JSON.stringify(hard));
+  assert.equal(hard.rule, "HARDLINK_TO_MISSING", JSON.stringify(hard));
   // A directory this layer dated, then made unreachable by a loop over its parent: no failure.
   assert.ok((await box.apply([dir("d/", { mtime: T1 }), dir("d/e/", { mtime: T1 }), symlink("d", "/d")])).ok);
   assert.deepEqual(readdirSync(box.root).sort(), ["a", "b", "d", "root"]);
@@ -628,7 +628,13 @@ test("without the chroot, symlinks planted by a layer never lead a write outside
     { name: "hardlink whose target goes through a link to outside", layers: [[symlink("t", ".."), hardlink("stolen", "t/sentinel")], [symlink("t2", base), hardlink("stolen2", "t2/sentinel")]] },
     { name: "fifo and device through a link", layers: [[symlink("f", ".."), { header: { name: "f/planted-fifo", type: "fifo", mode: 0o666 } }, { header: { name: "f/planted-dev", type: "character-device", devmajor: 1, devminor: 3, mode: 0o666 } }]] },
   ];
-  for (const c of cases) {
+  // Each case twice: as written (a layer writing through a link it planted itself is refused,
+  // THROUGH_SYMLINK, as the validator does), and with the links moved to a layer of their own, so
+  // that the write goes through a LOWER layer's link and the in-root resolution is what guards.
+  const lastLink = (layer: Entry[]) => layer.findLastIndex((e) => e.header.type === "symlink");
+  const split = (layers: Entry[][]) => layers.flatMap((l) => (lastLink(l) >= 0 && lastLink(l) < l.length - 1 ? [l.slice(0, lastLink(l) + 1), l.slice(lastLink(l) + 1)] : [l]));
+  const variants = cases.flatMap((c) => [{ ...c, inside: undefined }, { ...c, name: `${c.name} (links in a lower layer)`, layers: split(c.layers) }]);
+  for (const c of variants) {
     rmSync(root, { recursive: true, force: true });
     rmSync(sentinelDir, { recursive: true, force: true });
     mkdirSync(root);
