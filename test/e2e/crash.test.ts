@@ -133,6 +133,11 @@ before(async () => {
   assert.ok(process.env.IMGD_VM, "these tests run inside the VM: test/vm/run");
   sh("vm-reset");
   loopsAtStart = loopDevices();
+  // Kills here come every second or two, at random, for minutes: to the poison rule that looks
+  // exactly like a step that kills the agent each time it starts. This file tests that external
+  // kills never fail a run, so the agents it starts allow any number of quick interruptions; the
+  // poison rule itself is tested with its default in test/unit/fsm-crash.test.ts.
+  process.env.IMGD_FSM_MAX_QUICK_INTERRUPTIONS = "1000";
   // Restart both reading their kill point from a file (empty: none), to arm them while running.
   disarmAll();
   await kill9("agent");
