@@ -35,6 +35,7 @@ import {
   treeProblems,
   uploadImages,
   waitDead,
+  failureReason,
   type Service,
   type TestImage,
 } from "../helpers/crash-harness.ts";
@@ -260,23 +261,6 @@ async function waitFor(check: () => boolean, timeoutMs: number, what: string): P
     if (Date.now() > deadline) throw new Error(what);
     await sleep(100);
   }
-}
-
-/**
- * Why a run failed: "interruption" when the kill itself is the reason (the pre-issue-10 engine's
- * "agent stopped while this attempt was running", a poison verdict, a lost or unreachable
- * helper), otherwise the step's own error.
- */
-function failureReason(error: string): "interruption" | "step error" {
-  const interruption = [
-    /agent stopped while/i,
-    /interrupted \d+ times within/i,
-    /poison step/i,
-    /CONNECTION_LOST|connection closed by the helper|connection dropped/i,
-    /UNAVAILABLE|cannot connect to the helper/i,
-    /shutting down|shut down/i,
-  ];
-  return interruption.some((re) => re.test(error)) ? "interruption" : "step error";
 }
 
 /** Runs counted by outcome: "succeeded", "failed: interruption", "failed: step error", "running". */

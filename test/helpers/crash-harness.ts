@@ -287,6 +287,23 @@ export async function treeProblems(devicePath: string, expected: ManifestEntry[]
 
 // ---- invariants --------------------------------------------------------------------------------
 
+/**
+ * Why a run failed: "interruption" when the kill itself is the reason (the pre-issue-10 engine's
+ * "agent stopped while this attempt was running", a poison verdict, a lost or unreachable
+ * helper), otherwise the step's own error.
+ */
+export function failureReason(error: string): "interruption" | "step error" {
+  const interruption = [
+    /agent stopped while/i,
+    /interrupted \d+ times within/i,
+    /poison step/i,
+    /CONNECTION_LOST|connection closed by the helper|connection dropped/i,
+    /UNAVAILABLE|cannot connect to the helper/i,
+    /shutting down|shut down/i,
+  ];
+  return interruption.some((re) => re.test(error)) ? "interruption" : "step error";
+}
+
 /** Loop devices attached now (device and backing file). */
 export function loopDevices(): string[] {
   return sh("/usr/sbin/losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE").split("\n").map((l) => l.trim().replace(/\s+/g, " ")).filter(Boolean).sort();
