@@ -6,7 +6,7 @@
 #   command      the command's arguments, NUL-separated
 set -u
 . /run/imgd-vm/session.env
-export IMGD_VM_REPO IMGD_VM_BUCKET
+export IMGD_VM_REPO IMGD_VM_BUCKET IMGD_VM_BUCKET_MD5
 . "$IMGD_VM_REPO/test/vm/lib/services.sh"
 
 say() { printf 'vm-guest: %s\n' "$*"; }

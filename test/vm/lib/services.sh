@@ -30,7 +30,7 @@ start_s3_process() {
   exec node --openssl-legacy-provider "$IMGD_VM_REPO/test/fixtures/s3-server.ts" \
     --address "${VM_S3_ADDR%:*}" --port "${VM_S3_ADDR##*:}" \
     --data-dir /tmp/s3rver-data --request-log "$VM_S3_REQUEST_LOG" \
-    ${IMGD_VM_BUCKET:+--bucket-dir "$IMGD_VM_BUCKET"}
+    ${IMGD_VM_BUCKET:+--bucket-dir "$IMGD_VM_BUCKET"} ${IMGD_VM_BUCKET_MD5:+--md5-cache "$IMGD_VM_BUCKET_MD5"}
 }
 
 start_helper_process() {
