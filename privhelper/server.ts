@@ -130,11 +130,6 @@ export class HelperServer {
     return finished;
   }
 
-  /** Open connections (for tests and the log). */
-  get openConnections(): number {
-    return this.connections.size;
-  }
-
   log(line: LogLine): void {
     this.options.log(line);
   }
