@@ -6,9 +6,10 @@
 // chain. Builds the chain on first use (as root, from Debian's archive; cached in .vm/real/).
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, createReadStream, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { validateLayer } from "../../agent/layers/validate.ts";
 import { ensureRealChain, expectedManifest, layerPath, referenceApply, tarMembers, type RealChain } from "../fixtures/real-chain/chain.ts";
 import { layerChanges } from "../fixtures/real-chain/layer-diff.ts";
 import { diffManifests, manifestOf, type RealEntry, type ScanEntry } from "../fixtures/real-chain/manifest.ts";
@@ -89,6 +90,19 @@ test("GNU tar extraction of the layers in order (whiteouts applied first) gives 
     assert.deepEqual(broken.slice(1), ["/dev/null: missing (expected chardev)", "/usr/bin/su: mode expected 04755, got 0755"]);
   } finally {
     if (root) rmSync(root, { recursive: true, force: true });
+  }
+});
+
+test("the agent's layer validator accepts every layer of the real chain", async () => {
+  // Real root filesystems hold device nodes, PAX ids above 2^21 and binary xattrs (issue 8 and
+  // the layer contract): the validator must let them through, or no real image can be pulled.
+  const layers = new Set([...chain.images.values()].flat());
+  for (const layer of layers) {
+    const refusal = await validateLayer(createReadStream(layerPath(chain, layer))).then(
+      () => null,
+      (error: Error & { rule?: string; entry?: string }) => `${error.rule} at ${error.entry}: ${error.message}`,
+    );
+    assert.equal(refusal, null, `layer ${layer} refused`);
   }
 });
 
