@@ -189,13 +189,11 @@ test("imgctl shows images, activations and the pool", () => {
 
 test("a layer that cannot fit in the pool is refused before any device is made", async () => {
   const before = { devices: dmDevices(), pool: await client.getPool({}) };
-  const started = Date.now();
   const failure = await pull("toobig").then(
     () => assert.fail("toobig must not be pulled"),
     (err: Error) => err,
   );
   assert.match(failure.message, /toobig: layer images\/toobig\/1\.tar \(sha256:[0-9a-f]{64}\) does not fit: pool imgd-pool has [0-9.]+ MiB of data space free; the layer needs about 10[0-9]{2}\.0 MiB/);
-  assert.ok(Date.now() - started < 120_000, "refused without writing the pool full");
   assert.deepEqual(dmDevices(), before.devices);
   const pool = await client.getPool({});
   assert.equal(pool.mode, "rw");
