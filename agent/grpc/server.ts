@@ -15,7 +15,7 @@ import { createServer, type Server } from "nice-grpc";
 import { HealthDefinition, HealthServiceImpl, HealthState } from "nice-grpc-server-health";
 import { ServerReflection, ServerReflectionService } from "nice-grpc-server-reflection";
 import { ImageService, file_imgd_v1_imgd } from "../../client/gen/imgd/v1/imgd_pb.js";
-import { file_grpc_health_v1_health } from "../../client/gen/grpc/health/v1/health_pb.js";
+import { file_health_v1_health } from "../../client/gen/health/v1/health_pb.js";
 import { file_grpc_reflection_v1_reflection } from "../../client/gen/grpc/reflection/v1/reflection_pb.js";
 import { file_grpc_reflection_v1alpha_reflection } from "../../client/gen/grpc/reflection/v1alpha/reflection_pb.js";
 import { descriptorSet, niceDefinition } from "../../client/grpc-binding.ts";
@@ -46,7 +46,7 @@ export async function startGrpcServer(api: ApiListen, deps: ImageServiceDeps): P
   server.add(niceDefinition(ImageService), imageService(deps));
   const health = HealthState();
   server.add(HealthDefinition, HealthServiceImpl(health));
-  const files = descriptorSet([file_imgd_v1_imgd, file_grpc_health_v1_health, file_grpc_reflection_v1_reflection, file_grpc_reflection_v1alpha_reflection]);
+  const files = descriptorSet([file_imgd_v1_imgd, file_health_v1_health, file_grpc_reflection_v1_reflection, file_grpc_reflection_v1alpha_reflection]);
   const reflection = ServerReflection(files, SERVICE_NAMES);
   server.add(ServerReflectionService, reflection);
   server.add(ReflectionV1Alpha, reflection);
