@@ -1,7 +1,7 @@
 // Activating thin devices as /dev/mapper/<name>, removing them, and listing ours.
 import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
-import { dmCreate, dmDeviceNumber, dmListNames, dmRemove, dmTable, isBusy, parseThinTable } from "./dm.ts";
+import { dmAllTables, dmCreate, dmDeviceNumber, dmRemove, dmTable, isBusy, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { claimRole, ownDevice } from "./ownership.ts";
 import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
@@ -18,10 +18,9 @@ export async function poolDeviceNumber(config: HelperConfig): Promise<string> {
 export async function listDevices(config: HelperConfig): Promise<ThinDevice[]> {
   const pool = await poolDeviceNumber(config);
   const devices: ThinDevice[] = [];
-  for (const name of await dmListNames()) {
+  for (const [name, table] of await dmAllTables()) {
     if (!LAYER_NAME.test(name) && !ACTIVATION_NAME.test(name)) continue;
-    const table = await dmTable(name);
-    const thin = table === null ? null : parseThinTable(table);
+    const thin = parseThinTable(table);
     if (thin && thin.poolDevice === pool) devices.push({ name, thinId: thin.thinId });
   }
   return devices;

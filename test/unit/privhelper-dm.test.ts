@@ -1,7 +1,7 @@
 // Parsing of dmsetup output, against lines captured from the test VM's kernel (Debian 6.1).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { parsePoolTable, parseThinTable } from "../../privhelper/dm.ts";
+import { parseAllTables, parsePoolTable, parseThinTable } from "../../privhelper/dm.ts";
 import { parsePoolStatus } from "../../privhelper/pool.ts";
 
 test("thin-pool status: blocks converted to bytes, mode and no-space policy read", () => {
@@ -25,6 +25,16 @@ test("thin table: exactly one thin target, no external origin", () => {
   for (const other of ["0 16777216 thin 254:0 1 254:5", "0 100 linear 8:1 0", "0 16777216 thin 254:0 1\n16777216 8 thin 254:0 2", "", "0 16777216 thin /dev/mapper/imgd-pool 1"]) {
     assert.equal(parseThinTable(other), null, other);
   }
+});
+
+test("every table in one dmsetup call: one entry per device, further targets kept, none when there are no devices", () => {
+  const out = "imgd-pool: 0 2097152 thin-pool 7:1 7:0 2048 205 1 error_if_no_space\nimgd-layer-0123456789abcdef0123456789abcdef: 0 16777216 thin 253:0 4\nother: 0 8 linear 7:2 0\n8 8 linear 7:3 0\n";
+  const tables = parseAllTables(out);
+  assert.deepEqual([...tables.keys()], ["imgd-pool", "imgd-layer-0123456789abcdef0123456789abcdef", "other"]);
+  assert.equal(tables.get("imgd-layer-0123456789abcdef0123456789abcdef"), "0 16777216 thin 253:0 4");
+  assert.equal(tables.get("other"), "0 8 linear 7:2 0\n8 8 linear 7:3 0");
+  assert.equal(parseThinTable(tables.get("other")!), null, "two targets are not one thin device");
+  assert.equal(parseAllTables("No devices found\n").size, 0);
 });
 
 test("thin-pool table", () => {

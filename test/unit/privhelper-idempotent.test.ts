@@ -39,7 +39,9 @@ switch (args[0]) {
     if (args.includes("name")) { console.log(["imgd-pool", ...Object.keys(pool.devices)].join("\\n")); break; }
     if (!table(args.at(-1))) missing();
     console.log(args.at(-1) === "imgd-pool" ? "253:0" : "253:9"); break;
-  case "table": { const t = table(args[1]); if (!t) missing(); console.log(t); break; }
+  case "table":
+    if (args.length === 1) { for (const name of ["imgd-pool", ...Object.keys(pool.devices)]) console.log(name + ": " + table(name)); break; }
+    { const t = table(args[1]); if (!t) missing(); console.log(t); break; }
   case "create": pool.devices[args[1]] = args[3].replace("/dev/mapper/imgd-pool", "253:0"); save(); break; // the kernel shows major:minor
   case "remove": if (!pool.devices[args[1]]) missing(); delete pool.devices[args[1]]; save(); break;
   case "mknodes": case "suspend": case "resume": break;
