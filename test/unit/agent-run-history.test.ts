@@ -59,6 +59,6 @@ test("IMGD_RUN_HISTORY_MAX and IMGD_RUN_HISTORY_DAYS: defaults 1000 and 30, bad 
     (({ runHistoryMax, runHistoryDays }) => [runHistoryMax, runHistoryDays])(loadAgentConfig([], { IMGD_RUN_HISTORY_MAX: "50000", IMGD_RUN_HISTORY_DAYS: "7" })),
     [50000, 7],
   );
-  assert.throws(() => loadAgentConfig([], { IMGD_RUN_HISTORY_MAX: "0" }), /IMGD_RUN_HISTORY_MAX must be an integer from 1/);
+  assert.throws(() => loadAgentConfig([], { IMGD_RUN_HISTORY_MAX: "0" }), /IMGD_RUN_HISTORY_MAX="0": expected an integer from 1/);
   assert.throws(() => loadAgentConfig([], { IMGD_RUN_HISTORY_DAYS: "-1" }), /IMGD_RUN_HISTORY_DAYS/);
 });

@@ -202,10 +202,12 @@ test("client: reconnects after the helper restarts, times out, fails in-flight c
 
   // In flight while the helper goes away: rejected with CONNECTION_LOST.
   const inFlight = h.client.call("fs.mkfs", { name: LAYER });
-  await new Promise((resolve) => setTimeout(resolve, 20));
+  // Once the helper is working on it (it yields to the event loop before each request).
+  for (const deadline = Date.now() + 10_000; release === null && Date.now() < deadline; ) await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.ok(release, "the helper took the request");
   const stopped = h.server.stop(50);
   await assert.rejects(inFlight, (err: unknown) => err instanceof HelperError && err.code === "CONNECTION_LOST");
-  release!();
+  (release as () => void)();
   await stopped;
   // (CONNECTION_LOST if the idle connection's close had not been seen yet, else UNAVAILABLE)
   await assert.rejects(h.client.call("pool.status", {}), (err: unknown) => err instanceof HelperError && ["UNAVAILABLE", "CONNECTION_LOST"].includes(err.code));
