@@ -17,8 +17,7 @@ import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { createChannel, createClient } from "nice-grpc";
 import { HealthDefinition } from "nice-grpc-server-health";
-import { ServerReflectionService } from "nice-grpc-server-reflection";
-import reflectionMessages from "nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js";
+import { reflectionAsker } from "../helpers/reflection.ts";
 import { isObjectGet, type RecordedRequest, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
 
 let s3: TestS3;
@@ -231,17 +230,7 @@ test("a pull finalizer run again after a crash does not overwrite a newer pull's
 test("server reflection lists and describes the API, as grpcurl asks; health reports SERVING", async () => {
   const channel = createChannel(`127.0.0.1:${agent.port}`);
   try {
-    const reflection = createClient(ServerReflectionService, channel);
-    const { ServerReflectionRequest } = reflectionMessages;
-    const ask = async (fill: (r: InstanceType<typeof ServerReflectionRequest>) => void) => {
-      const request = new ServerReflectionRequest();
-      fill(request);
-      async function* one() {
-        yield request;
-      }
-      for await (const response of reflection.serverReflectionInfo(one())) return response;
-      throw new Error("no reflection response");
-    };
+    const ask = reflectionAsker(channel);
     const listed = await ask((r) => r.setListServices(""));
     assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));

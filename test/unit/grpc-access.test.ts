@@ -13,7 +13,7 @@ import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { createClient, type Channel } from "nice-grpc";
 import { HealthDefinition } from "nice-grpc-server-health";
 import { ServerReflectionService } from "nice-grpc-server-reflection";
-import reflectionMessages from "nice-grpc-server-reflection/lib/proto/grpc/reflection/v1/reflection_pb.js";
+import { reflectionAsker } from "../helpers/reflection.ts";
 import { Catalog } from "../../agent/catalog.ts";
 import { openDatabase } from "../../agent/db.ts";
 import type { ApiListen } from "../../agent/config.ts";
@@ -205,21 +205,11 @@ test("a TCP listen address without TLS and without the insecure-loopback setting
 test("reflection: v1 and v1alpha both list ImageService, health and reflection, and describe each", async () => {
   const server = await serve({ kind: "tcp", host: "127.0.0.1", port: 0, tls: undefined });
   const channel = agentChannel({ address: `127.0.0.1:${server.port}` }, {});
-  const { ServerReflectionRequest } = reflectionMessages;
   // v1alpha's messages are v1's on the wire: the same client, asking at the v1alpha path.
   const v1alpha = { serverReflectionInfo: { ...ServerReflectionService.serverReflectionInfo, path: "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" } } as unknown as typeof ServerReflectionService;
   try {
     for (const definition of [ServerReflectionService, v1alpha]) {
-      const reflection = createClient(definition, channel);
-      const ask = async (fill: (r: InstanceType<typeof ServerReflectionRequest>) => void) => {
-        const request = new ServerReflectionRequest();
-        fill(request);
-        async function* one() {
-          yield request;
-        }
-        for await (const response of reflection.serverReflectionInfo(one())) return response;
-        throw new Error("no reflection response");
-      };
+      const ask = reflectionAsker(channel, definition);
       const listed = (await ask((r) => r.setListServices(""))).getListServicesResponse()!.getServiceList().map((s) => s.getName());
       assert.deepEqual(listed.sort(), ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection", "imgd.v1.ImageService"]);
       for (const symbol of listed) {
