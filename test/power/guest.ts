@@ -9,7 +9,9 @@
 // image's exact tree, what the user deactivated stays deactivated), then, unless --final, starts
 // a workload of pulls, activations, deactivations and deletions and cuts the power (sysrq b: an
 // immediate reboot with no sync, so whatever the guest had not flushed is lost) at a random
-// moment. The journal records only what the API confirmed, each line fsynced before it counts.
+// moment. The journal records what the API confirmed, each line fsynced before it counts, and what
+// the user asked to remove before asking: a deactivation or deletion the cut interrupted was asked
+// for, so the agent may finish it on resume (it is durable) or not; either outcome is correct.
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -35,8 +37,12 @@ const say = (text: string) => console.log(`power[boot ${boot}]: ${text}`);
 
 type JournalLine =
   | { op: "activated"; id: string; image: string }
+  | { op: "deactivating"; id: string }
   | { op: "deactivated"; id: string }
-  | { op: "deleted"; image: string; deactivated: string[] };
+  | { op: "deleting"; image: string }
+  | { op: "deleted"; image: string; deactivated: string[] }
+  // A deletion the API refused: no longer pending (what it may have removed stays uncertain).
+  | { op: "delete-refused"; image: string };
 
 /** Appends one confirmed outcome and fsyncs it: after a cut, the journal holds nothing unconfirmed. */
 function record(line: JournalLine): void {
@@ -61,16 +67,31 @@ function journal(): JournalLine[] {
   });
 }
 
-/** Activations the user was told exist (and not told are gone), and those told are gone. */
-function userView(): { active: Map<string, string>; gone: Set<string> } {
+/**
+ * What the user was told: activations that exist (`active`), those that are gone (`gone`), and,
+ * among the active, those whose removal was asked for but not confirmed (`mayBeGone`).
+ */
+function userView(): { active: Map<string, string>; gone: Set<string>; mayBeGone: Set<string> } {
   const active = new Map<string, string>();
   const gone = new Set<string>();
+  const mayBeGone = new Set<string>();
+  const deleting = new Map<string, number>(); // image -> deletions asked for and not yet confirmed
+  const remove = (id: string) => (active.delete(id), mayBeGone.delete(id), gone.add(id));
   for (const line of journal()) {
-    if (line.op === "activated") active.set(line.id, line.image);
-    if (line.op === "deactivated") (active.delete(line.id), gone.add(line.id));
-    if (line.op === "deleted") for (const id of line.deactivated) (active.delete(id), gone.add(id));
+    if (line.op === "activated") {
+      active.set(line.id, line.image);
+      if (deleting.get(line.image)) mayBeGone.add(line.id);
+    }
+    if (line.op === "deactivating") mayBeGone.add(line.id);
+    if (line.op === "deactivated") remove(line.id);
+    if (line.op === "deleting") {
+      deleting.set(line.image, (deleting.get(line.image) ?? 0) + 1);
+      for (const [id, image] of active) if (image === line.image) mayBeGone.add(id);
+    }
+    if (line.op === "deleted" || line.op === "delete-refused") deleting.set(line.image, (deleting.get(line.image) ?? 1) - 1);
+    if (line.op === "deleted") for (const id of line.deactivated) remove(id);
   }
-  return { active, gone };
+  return { active, gone, mayBeGone };
 }
 
 async function check(agent: Agent): Promise<string[]> {
@@ -87,11 +108,19 @@ async function check(agent: Agent): Promise<string[]> {
   }
   // The pool's two loop devices are the only ones a clean state has.
   problems.push(...(await invariantProblems(agent, loopDevices())));
-  const { active, gone } = userView();
+  const { active, gone, mayBeGone } = userView();
   const { activations } = await agent.client.listActivations({});
   const present = new Map(activations.map((a) => [a.id, a]));
+  let finished = 0;
   for (const [id, image] of active) {
     const a = present.get(id);
+    if (!a && mayBeGone.has(id)) {
+      // Its removal was asked for before the cut and the agent finished it: from now on it is
+      // gone for good, and coming back would be a fault.
+      record({ op: "deactivated", id });
+      finished++;
+      continue;
+    }
     if (!a) {
       problems.push(`activation ${id} of ${image} was confirmed to the user but is gone`);
       continue;
@@ -100,7 +129,10 @@ async function check(agent: Agent): Promise<string[]> {
     if (differences.length > 0) problems.push(`activation ${id} of ${image} differs from the image:\n  ${differences.slice(0, 10).join("\n  ")}`);
   }
   for (const id of gone) if (present.has(id)) problems.push(`activation ${id} was deactivated by the user but is back`);
-  say(`checked ${runs.length} runs (${failed.length} failed), ${active.size} confirmed activations, ${gone.size} deactivated`);
+  say(
+    `checked ${runs.length} runs (${failed.length} failed), ${active.size - finished} confirmed activations, ` +
+      `${gone.size + finished} deactivated (${finished} of them finished after the cut)`,
+  );
   return problems;
 }
 
@@ -120,10 +152,15 @@ async function workload(agent: Agent): Promise<never> {
           const ids = [...userView().active.keys()];
           if (ids.length === 0) continue;
           const id = rng.pick(ids);
+          record({ op: "deactivating", id });
           await agent.client.deactivateImage({ activationId: id });
           record({ op: "deactivated", id });
         } else {
-          const { deactivated } = await agent.client.deleteImage({ image, force: true });
+          record({ op: "deleting", image });
+          const { deactivated } = await agent.client.deleteImage({ image, force: true }).catch((err: unknown) => {
+            record({ op: "delete-refused", image });
+            throw err;
+          });
           record({ op: "deleted", image, deactivated });
         }
       } catch (err) {
