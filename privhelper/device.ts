@@ -1,7 +1,7 @@
 // Activating thin devices as /dev/mapper/<name>, removing them, and listing ours.
 import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
-import { dmAllTables, dmCreate, dmDeviceNumber, dmRemove, dmTable, isBusy, parseThinTable } from "./dm.ts";
+import { dmAllTables, dmCreate, dmDeviceNumber, dmRemove, isBusy, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { claimRole, ownDevice } from "./ownership.ts";
 import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
@@ -14,11 +14,15 @@ export async function poolDeviceNumber(config: HelperConfig): Promise<string> {
   return number;
 }
 
-/** Devices with one of our names whose table is a thin target on our pool. */
-export async function listDevices(config: HelperConfig): Promise<ThinDevice[]> {
-  const pool = await poolDeviceNumber(config);
+/**
+ * Devices with one of our names whose table is a thin target on our pool. Callers that already
+ * know the pool's device number pass it (and the tables, when they read them): each dmsetup
+ * exec costs tens of milliseconds, hundreds under emulation.
+ */
+export async function listDevices(config: HelperConfig, pool?: string, tables?: Map<string, string>): Promise<ThinDevice[]> {
+  pool ??= await poolDeviceNumber(config);
   const devices: ThinDevice[] = [];
-  for (const [name, table] of await dmAllTables()) {
+  for (const [name, table] of tables ?? (await dmAllTables())) {
     if (!LAYER_NAME.test(name) && !ACTIVATION_NAME.test(name)) continue;
     const thin = parseThinTable(table);
     if (thin && thin.poolDevice === pool) devices.push({ name, thinId: thin.thinId });
@@ -30,13 +34,14 @@ export async function activateDevice(config: HelperConfig, name: string, thinId:
   const pool = await poolDeviceNumber(config);
   const sectors = config.thinBytes / 512;
   const path = `/dev/mapper/${name}`;
-  const existing = await dmTable(name);
+  const tables = await dmAllTables();
+  const existing = tables.get(name) ?? null;
   if (existing !== null) {
     const thin = parseThinTable(existing);
     if (thin && thin.poolDevice === pool && thin.thinId === thinId && thin.sectors === sectors) return { path };
     throw new HelperFailure("CONFLICT", `device ${name} already exists with a different table: ${existing}`);
   }
-  const holder = (await listDevices(config)).find((device) => device.thinId === thinId);
+  const holder = (await listDevices(config, pool, tables)).find((device) => device.thinId === thinId);
   // Two live devices on one thin id would write the same blocks through two caches.
   if (holder) throw new HelperFailure("BUSY", `thin id ${thinId} is already active as ${holder.name}`);
   await claimRole(config, name, thinId);

@@ -30,14 +30,14 @@ export async function createThin(config: HelperConfig, thinId: number): Promise<
 }
 
 export async function snapshotThin(config: HelperConfig, thinId: number, originId: number): Promise<void> {
-  await poolDeviceNumber(config);
+  const pool = await poolDeviceNumber(config);
   if (thinId === originId) throw new HelperFailure("CONFLICT", "a snapshot cannot have its own id as origin");
   // A copy of an activation's data stays an activation: never a layer for mkfs or the applier.
   const role = (await readOrigin(config, originId))?.role === "activation" ? "activation" : undefined;
   await createRecorded(config, thinId, originId, role, async () => {
     // An active origin must be suspended so its in-flight writes reach the pool before the
     // snapshot shares its blocks; otherwise the snapshot may see a torn filesystem.
-    const active = (await listDevices(config)).find((device) => device.thinId === originId);
+    const active = (await listDevices(config, pool)).find((device) => device.thinId === originId);
     if (active) await dmSuspend(active.name);
     try {
       await dmMessage(config.poolName, `create_snap ${thinId} ${originId}`);
@@ -74,8 +74,8 @@ async function createRecorded(config: HelperConfig, thinId: number, origin: numb
 
 /** Deleting an id that does not exist counts as success (the wanted end state holds). */
 export async function deleteThin(config: HelperConfig, thinId: number): Promise<void> {
-  await poolDeviceNumber(config);
-  const active = (await listDevices(config)).find((device) => device.thinId === thinId);
+  const pool = await poolDeviceNumber(config);
+  const active = (await listDevices(config, pool)).find((device) => device.thinId === thinId);
   if (active) throw new HelperFailure("BUSY", `thin id ${thinId} is active as ${active.name}; deactivate it first`);
   try {
     await dmMessage(config.poolName, `delete ${thinId}`);
