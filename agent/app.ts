@@ -19,10 +19,13 @@ import { reconcile } from "./reconcile.ts";
 import { startRunHistoryPruning } from "./run-history.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
+import { AgentMetrics, startMetricsServer } from "./metrics.ts";
 import { createS3Client } from "./s3/client.ts";
 
 export interface RunningAgent {
   port: number;
+  /** The /metrics port (IMGD_METRICS_LISTEN; 0 when not served). */
+  metricsPort: number;
   catalog: Catalog;
   stop(): Promise<void>;
 }
@@ -32,12 +35,18 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   const lock = lockStateDir(config.stateDir);
   const db = openDatabase(join(config.stateDir, "imgd.db"));
   const catalog = new Catalog(db);
-  const blobs = new BlobStore(config.stateDir);
+  // Always collected (cheap); served only when IMGD_METRICS_LISTEN is set.
+  const metrics = new AgentMetrics();
+  const blobs = new BlobStore(config.stateDir, { observeDownload: metrics.download });
   await blobs.init();
   const s3Config = config.s3;
   const layerLimits = config.layerLimits;
   const s3 = createS3Client(s3Config);
-  const helper = new HelperClient(config.helperSocket);
+  const helper = new HelperClient(config.helperSocket, { observer: metrics.helper });
+  metrics.readPoolWith((signal) => helper.call("pool.status", {}, { signal }));
+  // Served from the start: a wait for the helper shows in it (helper requests by outcome).
+  const metricsServer = config.metricsListen ? await startMetricsServer(metrics, config.metricsListen, log) : undefined;
+  if (metricsServer) log("info", "metrics served", { listen: config.values.IMGD_METRICS_LISTEN, port: metricsServer.port, path: "/metrics" });
   const fsmSettings = config.fsm;
   // One set of keyed locks: steps take them through the engine (so waiting is not work), GC,
   // delete and reconcile take the same keys directly.
@@ -47,6 +56,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
     queues: { download: config.downloadConcurrency, apply: config.applyConcurrency },
     locks,
     interruptions: fsmSettings.interruptions,
+    observer: metrics.engine,
   });
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
@@ -62,11 +72,13 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   await engine.resumeAll();
   const stopPruning = startRunHistoryPruning(engine, { maxRuns: config.runHistoryMax, maxAgeDays: config.runHistoryDays }, (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }));
 
-  const { server, port } = await startGrpcServer(config.api, { ...lifecycle, log });
+  const { server, port } = await startGrpcServer(config.api, { ...lifecycle, log }, { countRpc: (method, code, seconds) => metrics.rpc(method, code, seconds) });
+
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
 
   return {
     port,
+    metricsPort: metricsServer?.port ?? 0,
     catalog,
     async stop() {
       // Graceful close waits for every client connection to go away; a control plane keeping
@@ -78,6 +90,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
         server.forceShutdown();
       }
       log("info", "gRPC server closed");
+      await metricsServer?.close();
       stopPruning();
       // Steps get their abort signal; those still working are recorded as interrupted at once
       // (not as failed attempts), so a step that outlives the timeout is simply abandoned.

@@ -20,6 +20,8 @@ const group = text("group name or gid", /^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$/
 const bytes = int(1, Number.MAX_SAFE_INTEGER);
 
 export const DEFAULT_LISTEN = "unix:/run/imgd/agent/imgd.sock";
+/** host:port, the host a name, an IPv4 address or a bracketed IPv6 address. */
+const HOST_PORT = /^(\[[0-9a-fA-F:.]+\]|[^:\s/\[\]]+):[0-9]{1,5}$/;
 
 /** Every setting of the agent: name → type/range, default, meaning. Adding one is one line here. */
 export const AGENT_SETTINGS = {
@@ -32,6 +34,7 @@ export const AGENT_SETTINGS = {
   IMGD_TLS_CLIENT_CA: optional(path(), "TCP listen: CA (PEM) that signs the client certificates; a client without one is refused"),
   IMGD_LISTEN_INSECURE_LOOPBACK: setting(flag(), "0", "development only: plain TCP without TLS, on a loopback address (127.0.0.0/8, ::1) only"),
   IMGD_HELPER_SOCKET: setting(path(), "/run/imgd/privhelper.sock", "the root helper's socket"),
+  IMGD_METRICS_LISTEN: optional(text("host:port", HOST_PORT), "Prometheus metrics over plain HTTP at http://host:port/metrics (read-only, no authentication: a loopback address, or one only the scraper reaches)", { defaultText: "off" }),
   IMGD_LOG_LEVEL: setting(oneOf("debug", "info", "warn", "error"), "info", "least severe log level written"),
   IMGD_DOWNLOAD_CONCURRENCY: setting(int(1, 9999), "4", "layers downloaded at once"),
   IMGD_APPLY_CONCURRENCY: setting(int(1, 9999), "1", "layers applied at once"),
@@ -60,6 +63,8 @@ export interface AgentConfig {
   listen: string;
   api: ApiListen;
   helperSocket: string;
+  /** Where /metrics is served (IMGD_METRICS_LISTEN); undefined: not served. */
+  metricsListen: { host: string; port: number } | undefined;
   logLevel: "debug" | "info" | "warn" | "error";
   downloadConcurrency: number;
   applyConcurrency: number;
@@ -103,6 +108,7 @@ export function loadAgentConfig(argv: string[], env: NodeJS.ProcessEnv): AgentCo
     listen: v.IMGD_LISTEN,
     api: apiListen(v),
     helperSocket: v.IMGD_HELPER_SOCKET,
+    metricsListen: v.IMGD_METRICS_LISTEN === undefined ? undefined : hostPort("IMGD_METRICS_LISTEN", v.IMGD_METRICS_LISTEN),
     logLevel: v.IMGD_LOG_LEVEL,
     downloadConcurrency: v.IMGD_DOWNLOAD_CONCURRENCY,
     applyConcurrency: v.IMGD_APPLY_CONCURRENCY,
@@ -138,10 +144,7 @@ function apiListen(v: AgentSettings): ApiListen {
     if (given.length > 0) throw new SettingsError(`${given.map(([k]) => k).join(", ")}: TLS applies to a TCP IMGD_LISTEN only (the Unix socket is guarded by its group)`);
     return { kind: "unix", path: socketPath, group: v.IMGD_SOCKET_GROUP };
   }
-  const colon = v.IMGD_LISTEN.lastIndexOf(":");
-  const host = v.IMGD_LISTEN.slice(0, colon).replace(/^\[(.*)\]$/, "$1");
-  const port = Number(v.IMGD_LISTEN.slice(colon + 1));
-  if (port > 65535) throw new SettingsError(`IMGD_LISTEN=${v.IMGD_LISTEN}: port out of range`);
+  const { host, port } = hostPort("IMGD_LISTEN", v.IMGD_LISTEN);
   if (given.length === 3) {
     return { kind: "tcp", host, port, tls: { certFile: v.IMGD_TLS_CERT!, keyFile: v.IMGD_TLS_KEY!, clientCaFile: v.IMGD_TLS_CLIENT_CA! } };
   }
@@ -159,6 +162,15 @@ function apiListen(v: AgentSettings): ApiListen {
     throw new SettingsError(`IMGD_LISTEN_INSECURE_LOOPBACK=1 allows only a loopback address (127.0.0.0/8 or ::1), not ${JSON.stringify(host)}`);
   }
   return { kind: "tcp", host, port, tls: undefined };
+}
+
+/** Splits a host:port setting (brackets off an IPv6 host); the port must be 0..65535. */
+function hostPort(name: string, value: string): { host: string; port: number } {
+  const colon = value.lastIndexOf(":");
+  const host = value.slice(0, colon).replace(/^\[(.*)\]$/, "$1");
+  const port = Number(value.slice(colon + 1));
+  if (port > 65535) throw new SettingsError(`${name}=${value}: port out of range`);
+  return { host, port };
 }
 
 /** A literal loopback address: names are refused, what they resolve to can change. */

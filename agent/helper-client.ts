@@ -71,8 +71,16 @@ const RECONNECT_WAIT_MS = 30_000;
 const RECONNECT_FIRST_DELAY_MS = 100;
 const RECONNECT_MAX_DELAY_MS = 2_000;
 
+/**
+ * Told of every request to the helper when its answer (or failure) comes: the op, "ok" or the
+ * error's code, how long it took, and the result (the agent's metrics read pool figures and
+ * applied bytes from it).
+ */
+export type HelperCallObserver = <Op extends OpName>(op: Op, outcome: string, seconds: number, result: OpResult<Op> | undefined) => void;
+
 export type HelperClientOptions = {
   timeoutsMs?: Partial<Record<OpName, number>>;
+  observer?: HelperCallObserver;
   /** How long a call waits for an unreachable helper to listen again (0: fail at once). */
   reconnectWaitMs?: number;
 };
@@ -85,6 +93,7 @@ export type CallOptions = {
 export class HelperClient {
   private readonly timeouts: Partial<Record<OpName, number>>;
   private readonly reconnectWaitMs: number;
+  private readonly observer: HelperCallObserver | undefined;
   private readonly fast: Connection;
   private readonly slow: Connection;
   private nextId = 1;
@@ -93,6 +102,7 @@ export class HelperClient {
   constructor(socketPath: string, options: HelperClientOptions = {}) {
     this.timeouts = { ...TIMEOUTS_MS, ...options.timeoutsMs };
     this.reconnectWaitMs = options.reconnectWaitMs ?? RECONNECT_WAIT_MS;
+    this.observer = options.observer;
     this.fast = new Connection(socketPath);
     this.slow = new Connection(socketPath);
   }
@@ -105,10 +115,14 @@ export class HelperClient {
     let delay = RECONNECT_FIRST_DELAY_MS;
     for (;;) {
       signal?.throwIfAborted();
+      const began = performance.now();
       try {
-        const result = await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS, signal);
-        return result as OpResult<Op>;
+        const result = (await connection.request(this.nextId++, op, args, this.timeouts[op] ?? DEFAULT_TIMEOUT_MS, signal)) as OpResult<Op>;
+        this.observer?.(op, "ok", (performance.now() - began) / 1000, result);
+        return result;
       } catch (err) {
+        const outcome = err instanceof HelperError ? err.code : signal?.aborted ? "ABORTED" : "ERROR";
+        this.observer?.(op, outcome, (performance.now() - began) / 1000, undefined);
         // A request that never reached the helper is sent again; one the helper had is sent
         // again only when repeating it is harmless.
         const unreachable = err instanceof HelperError && err.code === "UNAVAILABLE";

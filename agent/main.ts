@@ -3,6 +3,8 @@
 // runs the FSMs and serves gRPC; every privileged step goes through the root helper's socket.
 import { versionLine } from "../client/version.ts";
 import { AGENT_USAGE, loadAgentConfig, parseAgentArgs, UsageError } from "./config.ts";
+import { formatLogLine } from "../privhelper/log.ts";
+import { notifyReady } from "../privhelper/sd-notify.ts";
 import { createLogger } from "./log.ts";
 
 async function main(): Promise<void> {
@@ -16,6 +18,8 @@ async function main(): Promise<void> {
   // Loaded only now: --version and a usage error answer without loading the whole agent.
   const { startAgent } = await import("./app.ts");
   const agent = await startAgent(config, log);
+  // Type=notify: systemd starts what depends on imgd only now that the API answers.
+  notifyReady(`serving ${config.listen}`);
   const stop = async (signal: string) => {
     log("info", "shutting down", { signal });
     // Every run is durable and resumes at the next start, so a stop that hangs may be cut short.
@@ -31,8 +35,14 @@ async function main(): Promise<void> {
   process.once("SIGINT", () => void stop("SIGINT"));
 }
 
+// A command line it does not understand is the caller's mistake: plain text and the usage, exit 2.
+// Anything else that stops the start is a fatal error, logged as a JSON line like the rest, exit 1.
 main().catch((err) => {
-  process.stderr.write(`imgd: ${err instanceof Error ? err.message : String(err)}\n`);
-  if (err instanceof UsageError) process.stderr.write(`${AGENT_USAGE}\n`);
-  process.exit(err instanceof UsageError ? 2 : 1);
+  const message = err instanceof Error ? err.message : String(err);
+  if (err instanceof UsageError) {
+    process.stderr.write(`imgd: ${message}\n${AGENT_USAGE}\n`);
+    process.exit(2);
+  }
+  process.stderr.write(formatLogLine("imgd", "error", "imgd failed to start", { error: message }));
+  process.exit(1);
 });

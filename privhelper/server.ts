@@ -12,11 +12,13 @@ import { createConnection, createServer, type Server, type Socket } from "node:n
 import { dirname } from "node:path";
 import { setImmediate as yieldToEventLoop } from "node:timers/promises";
 import { HelperFailure } from "./errors.ts";
+import type { LogLevel } from "./log.ts";
 import { peerOf, type Peer } from "./peer.ts";
 import { encodeResponse, MAX_LINE_BYTES, parseRequestLine, type Request, type Response } from "./protocol.ts";
 
 export type Handler = (request: Request) => Promise<unknown>;
-export type LogLine = Record<string, unknown>;
+/** One log line's fields; its level says how severe it is (main.ts writes it as JSON, privhelper/log.ts). */
+export type LogLine = { level: LogLevel; msg: string } & Record<string, unknown>;
 
 export type ServerLimits = {
   /** connections open at once, all clients together */
@@ -157,7 +159,7 @@ export class HelperServer {
     });
   }
 
-  private logRefusedConnection(line: LogLine): void {
+  private logRefusedConnection(line: Record<string, unknown>): void {
     const now = performance.now();
     if (now - this.refusedLog.lastAt < REFUSAL_LOG_INTERVAL_MS) {
       this.refusedLog.unlogged++;
@@ -166,7 +168,7 @@ export class HelperServer {
     const alsoRefused = this.refusedLog.unlogged;
     this.refusedLog.lastAt = now;
     this.refusedLog.unlogged = 0;
-    this.log({ ...line, ok: false, code: "TOO_MANY_CONNECTIONS", ...(alsoRefused > 0 ? { refusedSinceLastLine: alsoRefused } : {}) });
+    this.log({ level: "warn", msg: "connection refused", ...line, ok: false, code: "TOO_MANY_CONNECTIONS", ...(alsoRefused > 0 ? { refusedSinceLastLine: alsoRefused } : {}) });
   }
 
   /**
@@ -178,7 +180,7 @@ export class HelperServer {
     const who = peer === null ? {} : { uid: peer.uid, pid: peer.pid };
     const parsed = parseRequestLine(line);
     if (!parsed.ok) {
-      if (logRefusal()) this.log({ conn, ...who, id: parsed.id, ok: false, code: parsed.code, field: parsed.field, message: parsed.message, bytes: line.byteLength });
+      if (logRefusal()) this.log({ level: "warn", msg: "request refused", conn, ...who, id: parsed.id, ok: false, code: parsed.code, field: parsed.field, message: parsed.message, bytes: line.byteLength });
       return { response: { id: parsed.id, ok: false, error: { code: parsed.code, message: parsed.message } }, refused: true };
     }
     const { id, op, args } = parsed.request;
@@ -198,9 +200,10 @@ export class HelperServer {
       }
     }
     const ms = Math.round(performance.now() - started);
+    // A refused or failed operation is the caller's to handle (warn); INTERNAL is a helper bug.
     this.log(response.ok
-      ? { conn, ...who, id, op, args, ok: true, ms }
-      : { conn, ...who, id, op, args, ok: false, code: response.error.code, message: response.error.message, ms });
+      ? { level: "info", msg: "request done", conn, ...who, id, op, args, ok: true, ms }
+      : { level: response.error.code === "INTERNAL" ? "error" : "warn", msg: "request failed", conn, ...who, id, op, args, ok: false, code: response.error.code, message: response.error.message, ms });
     return { response, refused: false };
   }
 }
@@ -322,7 +325,7 @@ class Connection {
     this.clearTimers();
     const who = this.peer === null ? {} : { uid: this.peer.uid, pid: this.peer.pid };
     const unlogged = Math.max(0, this.refusals - this.limits.maxLoggedRefusalsPerConnection);
-    this.server.log({ conn: this.conn, ...who, ok: false, code, message: `${message}; connection closed`, ...(unlogged > 0 ? { refusalsNotLogged: unlogged } : {}) });
+    this.server.log({ level: "warn", msg: "connection cut off", conn: this.conn, ...who, ok: false, code, message: `${message}; connection closed`, ...(unlogged > 0 ? { refusalsNotLogged: unlogged } : {}) });
     this.socket.pause();
     // Whatever was already answered goes out if the client reads it; a client that does not is
     // not waited for.
@@ -334,7 +337,7 @@ class Connection {
     const unlogged = Math.max(0, this.refusals - this.limits.maxLoggedRefusalsPerConnection);
     if (!this.ended && unlogged > 0) {
       const who = this.peer === null ? {} : { uid: this.peer.uid, pid: this.peer.pid };
-      this.server.log({ conn: this.conn, ...who, msg: "connection closed", refusals: this.refusals, refusalsNotLogged: unlogged });
+      this.server.log({ level: "warn", msg: "connection closed", conn: this.conn, ...who, refusals: this.refusals, refusalsNotLogged: unlogged });
     }
     this.ended = true;
     this.pending = Buffer.alloc(0);

@@ -22,6 +22,9 @@ const TEMP_NAME = /^blob-[0-9a-f]{32}\.part$/;
 
 export type VerifyResult = "ok" | "missing" | "corrupt";
 
+/** Told how every layer download ends: ok or error, the bytes received (failed tries included), and how long it took. */
+export type DownloadObserver = (outcome: "ok" | "error", bytes: number, seconds: number) => void;
+
 export class BlobStore {
   readonly stateDir: string;
   /** `<stateDir>/blobs/sha256`: one file per blob, named by its hex digest. */
@@ -29,7 +32,10 @@ export class BlobStore {
   /** `<stateDir>/tmp`: downloads in progress. */
   readonly tmpDir: string;
 
-  constructor(stateDir: string) {
+  private readonly observeDownload: DownloadObserver | undefined;
+
+  constructor(stateDir: string, options: { observeDownload?: DownloadObserver } = {}) {
+    this.observeDownload = options.observeDownload;
     if (!isAbsolute(stateDir)) throw new Error(`blob store: state dir must be an absolute path, got ${JSON.stringify(stateDir)}`);
     this.stateDir = stateDir;
     this.blobDir = join(stateDir, "blobs", "sha256");
@@ -100,15 +106,26 @@ export class BlobStore {
     if (!Number.isSafeInteger(obj.size) || obj.size < 1) throw new TypeError(`blob store: layer ${obj.key} has an invalid size ${obj.size}`);
     const tempPath = join(this.tmpDir, `blob-${randomBytes(16).toString("hex")}.part`);
     let file: FileHandle | undefined = await open(tempPath, "wx+", FILE_MODE); // O_EXCL: never reuse or follow anything; read back to hash
+    const began = performance.now();
+    // Bytes received over every try: `done` counts from 0 again when the object changed mid-download.
+    let received = 0;
+    let last = 0;
+    const onProgress = (done: number, total: number) => {
+      received += done >= last ? done - last : done;
+      last = done;
+      opts.onProgress?.(done, total);
+    };
     try {
-      const fetched = await fetchLayerInto(client, cfg, obj, file, opts);
+      const fetched = await fetchLayerInto(client, cfg, obj, file, { ...opts, onProgress });
       await file.sync();
       await file.close();
       file = undefined;
       const digest = `sha256:${fetched.sha256Hex}`;
       await this.commit(tempPath, digest, fetched.size);
+      this.observeDownload?.("ok", received, (performance.now() - began) / 1000);
       return { digest, size: fetched.size, etag: fetched.etag, inspected: fetched.inspected };
     } catch (err) {
+      this.observeDownload?.("error", received, (performance.now() - began) / 1000);
       await file?.close().catch(() => {});
       await rm(tempPath, { force: true });
       throw err;

@@ -19,6 +19,7 @@ import { Semaphore } from "./semaphore.ts";
 import { RunStore, StaleRunError, toRecord, type RunRow } from "./store.ts";
 import { WorkTracker } from "./work-tracker.ts";
 import type {
+  EngineObserver,
   EngineOptions,
   InterruptionPolicy,
   LockProvider,
@@ -27,6 +28,7 @@ import type {
   LogFn,
   RunEvent,
   RunHistoryEvent,
+  RunEndReason,
   RunRecord,
   StepContext,
   StepFn,
@@ -34,6 +36,7 @@ import type {
 } from "./types.ts";
 
 export type {
+  EngineObserver,
   EngineOptions,
   Finalizer,
   InterruptionPolicy,
@@ -44,10 +47,12 @@ export type {
   RunEvent,
   RunHistoryEvent,
   RunRecord,
+  RunEndReason,
   RunStatus,
   StepContext,
   StepFn,
   StepOptions,
+  StepOutcome,
 } from "./types.ts";
 export type { RetryPolicy } from "./retry.ts";
 export { Semaphore, type SemaphoreSlot } from "./semaphore.ts";
@@ -107,6 +112,7 @@ const defaultLog: LogFn = (level, msg, fields) => {
 export class FsmEngine {
   readonly #store: RunStore;
   readonly #log: LogFn;
+  readonly #observer: EngineObserver | undefined;
   readonly #retry: RetryPolicy;
   readonly #queueLimits: Record<string, number>;
   readonly #defaultQueueLimit: number;
@@ -129,6 +135,7 @@ export class FsmEngine {
   constructor(db: Database.Database, options: EngineOptions = {}) {
     this.#store = new RunStore(db);
     this.#log = options.log ?? defaultLog;
+    this.#observer = options.observer;
     this.#retry = resolveRetryPolicy(options.retry);
     this.#queueLimits = { ...options.queues };
     this.#defaultQueueLimit = options.defaultQueueLimit ?? 2;
@@ -181,7 +188,7 @@ export class FsmEngine {
       const def = this.#defs.get(row.fsm);
       if (!def) {
         const error = `FSM "${row.fsm}" is not registered in this version of the agent; run abandoned`;
-        this.#store.finish(row.id, "failed", currentStep(row), error);
+        this.#finish("not_resumable", row, "failed", currentStep(row), error);
         this.#log("warn", "failed a run of an unknown FSM", { fsm: row.fsm, runId: row.id, resourceId: row.resource_id });
         continue;
       }
@@ -311,7 +318,7 @@ export class FsmEngine {
     if (missing.length > 0) {
       const error = `cannot resume: step(s) ${missing.map((s) => `"${s}"`).join(", ")} of FSM "${def.name}" no longer exist in this version of the agent`;
       this.#log("error", "run cannot resume", { fsm: def.name, runId: row.id, error });
-      return this.#store.finish(row.id, "failed", currentStep(row), error);
+      return this.#finish("not_resumable", row, "failed", currentStep(row), error);
     }
     const step = currentStep(row);
     this.#log("info", "resuming run", { fsm: def.name, runId: row.id, resourceId: row.resource_id, step });
@@ -323,7 +330,7 @@ export class FsmEngine {
     if (resumed.quick_interruptions >= maxQuick) {
       const error = `step "${step}" was interrupted ${resumed.quick_interruptions} times within ${quickWindowMs / 1000}s of starting: poison step? (the agent died each time soon after the step began; the run is ended to stop a crash loop)`;
       this.#log("error", "poison step: run failed", { fsm: def.name, runId: row.id, step, error });
-      return this.#store.finish(row.id, "failed", step, error);
+      return this.#finish("poison", row, "failed", step, error);
     }
     return resumed;
   }
@@ -341,16 +348,16 @@ export class FsmEngine {
       const index = row.step_index;
       if (index >= steps.length) {
         this.#log("info", "run succeeded", { fsm: def.name, runId, resourceId: row.resource_id });
-        return this.#store.finish(runId, "succeeded", steps[steps.length - 1]!);
+        return this.#finish("completed", row, "succeeded", steps[steps.length - 1]!);
       }
       const stepName = steps[index]!;
       const step = def.byName.get(stepName);
       if (!step) {
-        return this.#store.finish(runId, "failed", stepName, `step "${stepName}" of FSM "${def.name}" no longer exists in this version of the agent`);
+        return this.#finish("not_resumable", row, "failed", stepName, `step "${stepName}" of FSM "${def.name}" no longer exists in this version of the agent`);
       }
       if (row.attempt >= step.retry.maxAttempts) {
         // Only reachable after a crash between recording the last failed attempt and finishing.
-        return this.#store.finish(runId, "failed", stepName, row.error ?? `step "${stepName}" exhausted its ${step.retry.maxAttempts} attempts`);
+        return this.#finish("step_error", row, "failed", stepName, row.error ?? `step "${stepName}" exhausted its ${step.retry.maxAttempts} attempts`);
       }
       if (announced !== index) {
         announced = index;
@@ -390,6 +397,7 @@ export class FsmEngine {
       let failure: unknown;
       let succeeded = false;
       crashPoint(`fsm.${def.name}.${stepName}.before`);
+      const began = performance.now();
       try {
         await step.fn(ctx);
         succeeded = true;
@@ -399,6 +407,8 @@ export class FsmEngine {
         tracker.freeze();
         if (this.#live.get(runId) === live) this.#live.delete(runId);
       }
+      const outcome = succeeded ? "completed" : signal.aborted ? "stopped" : failure instanceof InterruptedError ? "interrupted" : "failed";
+      this.#observer?.stepEnded(def.name, stepName, outcome, (performance.now() - began) / 1000);
       if (this.#phase === "stopped") return undefined; // shutdown stopped waiting: write nothing more
 
       if (succeeded) {
@@ -407,7 +417,7 @@ export class FsmEngine {
           state = toJson(ctx.state, `step "${stepName}" left a state that`);
         } catch (err) {
           this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, formatError(err));
-          return this.#store.finish(runId, "failed", stepName, formatError(err));
+          return this.#finish("step_error", row, "failed", stepName, formatError(err));
         }
         this.#store.completeStep(runId, index, stepName, state);
         crashPoint(`fsm.${def.name}.${stepName}.committed`);
@@ -438,7 +448,7 @@ export class FsmEngine {
         this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error);
         const why = failure instanceof AbortError ? "aborted" : `gave up after ${failed} attempts`;
         this.#log("warn", `run failed: step ${why}`, { ...fields, error });
-        return this.#store.finish(runId, "failed", stepName, error);
+        return this.#finish(failure instanceof AbortError ? "aborted" : "step_error", row, "failed", stepName, error);
       }
       const delayMs = backoffDelayMs(step.retry, failed);
       this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error, delayMs);
@@ -447,6 +457,13 @@ export class FsmEngine {
       if (!(await sleep(delayMs, signal))) return undefined;
       row = this.#store.get(runId)!;
     }
+  }
+
+  /** Ends a run in SQLite (one place, so the observer hears of every end and why). */
+  #finish(reason: RunEndReason, row: RunRow, status: "succeeded" | "failed", step: string, error?: string): RunRow {
+    const finished = this.#store.finish(row.id, status, step, error);
+    this.#observer?.runFinished(row.fsm, status, reason);
+    return finished;
   }
 
   /** Finalizers (at least once: the durable finalized_at mark comes last), then notifications. */
@@ -483,7 +500,7 @@ export class FsmEngine {
     try {
       let row = this.#store.get(runId);
       if (row?.status === "running" && !(err instanceof StaleRunError)) {
-        row = this.#store.finish(runId, "failed", currentStep(row), `internal FSM engine error: ${error}`);
+        row = this.#finish("internal_error", row, "failed", currentStep(row), `internal FSM engine error: ${error}`);
       }
       if (row && row.status !== "running") {
         this.#notifyFinished(toRecord(row));

@@ -16,6 +16,23 @@ export interface EngineOptions {
   locks?: LockProvider;
   /** The poison rule (see README): when a run ends because its step keeps killing the process. */
   interruptions?: Partial<InterruptionPolicy>;
+  /** Told how every step attempt and every run ends (the agent's metrics). */
+  observer?: EngineObserver;
+}
+
+/** How a step attempt ended: done, failed (an attempt spent), interrupted (runs again), or stopped by shutdown. */
+export type StepOutcome = "completed" | "failed" | "interrupted" | "stopped";
+
+/**
+ * Why a run finished: its steps all completed; a step gave up after its attempts (step_error)
+ * or failed for good at once (aborted); a poison step (interrupted too often, too soon); a run
+ * this version cannot resume (not_resumable); or an engine error (internal_error).
+ */
+export type RunEndReason = "completed" | "step_error" | "aborted" | "poison" | "not_resumable" | "internal_error";
+
+export interface EngineObserver {
+  stepEnded(fsm: string, step: string, outcome: StepOutcome, seconds: number): void;
+  runFinished(fsm: string, status: "succeeded" | "failed", reason: RunEndReason): void;
 }
 
 export interface InterruptionPolicy {

@@ -22,6 +22,7 @@ import { descriptorSet, niceDefinition } from "../../client/grpc-binding.ts";
 import { resolveGroupId } from "../../privhelper/config.ts";
 import type { ApiListen } from "../config.ts";
 import { imageService, type ImageServiceDeps } from "./image-service.ts";
+import { rpcObserver, type RpcCounter } from "./rpc-observer.ts";
 
 export interface AgentServer {
   server: Server;
@@ -41,8 +42,9 @@ const ReflectionV1Alpha = {
 
 export const SERVICE_NAMES = [ImageService.typeName, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
-export async function startGrpcServer(api: ApiListen, deps: ImageServiceDeps): Promise<AgentServer> {
-  const server = createServer();
+export async function startGrpcServer(api: ApiListen, deps: ImageServiceDeps, options: { countRpc?: RpcCounter } = {}): Promise<AgentServer> {
+  // Every call, whatever its service, is logged and counted (rpc-observer.ts).
+  const server = createServer().use(rpcObserver(deps.log, options.countRpc));
   server.add(niceDefinition(ImageService), imageService(deps));
   const health = HealthState();
   server.add(HealthDefinition, HealthServiceImpl(health));

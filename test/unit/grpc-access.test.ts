@@ -196,7 +196,10 @@ test("a TCP listen address without TLS and without the insecure-loopback setting
     spawnSync(process.execPath, [join(repo, "agent/main.ts")], { encoding: "utf8", env: { PATH: process.env.PATH!, IMGD_STATE_DIR: join(base, "never"), ...env }, timeout: 60_000 });
   const plain = run({ IMGD_LISTEN: "0.0.0.0:50051" });
   assert.equal(plain.status, 1);
-  assert.match(plain.stderr, /^imgd: IMGD_LISTEN=0\.0\.0\.0:50051 is a TCP address .*IMGD_TLS_CERT, IMGD_TLS_KEY and IMGD_TLS_CLIENT_CA .*IMGD_LISTEN_INSECURE_LOOPBACK=1/);
+  // A fatal start-up error is one JSON log line, like every other line of the agent.
+  const fatal = JSON.parse(plain.stderr) as { level: string; component: string; msg: string; error: string };
+  assert.deepEqual([fatal.level, fatal.component, fatal.msg], ["error", "imgd", "imgd failed to start"]);
+  assert.match(fatal.error, /^IMGD_LISTEN=0\.0\.0\.0:50051 is a TCP address .*IMGD_TLS_CERT, IMGD_TLS_KEY and IMGD_TLS_CLIENT_CA .*IMGD_LISTEN_INSECURE_LOOPBACK=1/);
   const notLoopback = run({ IMGD_LISTEN: "0.0.0.0:50051", IMGD_LISTEN_INSECURE_LOOPBACK: "1" });
   assert.equal(notLoopback.status, 1);
   assert.match(notLoopback.stderr, /allows only a loopback address/);

@@ -83,6 +83,8 @@ test("typed round trip, errors become HelperError, every request is logged", opt
     ["fs.mkfs", false, "INTERNAL"], [undefined, false, "BAD_ARGS"],
   ]);
   assert.ok(h.logs.slice(0, 4).every((l) => typeof l.ms === "number" && l.args !== undefined));
+  // Every line has a level: done is info, a refusal or failure warn, a helper bug (INTERNAL) error.
+  assert.deepEqual(h.logs.map((l) => l.level), ["info", "info", "warn", "error", "warn"]);
 });
 
 test("socket is 0660 root:<group>, in a 0755 root directory", opts, async (t) => {
