@@ -14,6 +14,7 @@ import koffi from "koffi";
 import tar from "tar-stream";
 import { decompressed } from "../../privhelper/apply/decompress.ts";
 import { applyLayer, LayerRefused } from "../../privhelper/apply/oci-apply.ts";
+import { debianTool } from "../helpers/debian-tool.ts";
 
 const CHILD = fileURLToPath(new URL("../../privhelper/apply/child.ts", import.meta.url));
 const isRoot = process.getuid?.() === 0;
@@ -527,6 +528,9 @@ function sh(script: string): void {
 }
 
 test("real trees written by GNU tar (pax and gnu formats) apply exactly: devices, big ids, binary capabilities, long names, hardlinks, ns mtimes", opts, async (t) => {
+  // A fresh machine may lack them: the suite installs what it uses.
+  assert.ok(debianTool("setfattr", "attr"), "setfattr (Debian package attr) is needed");
+  assert.ok(debianTool("setcap", "libcap2-bin"), "setcap (Debian package libcap2-bin) is needed");
   const box = sandbox(t);
   const src = join(box.base, "src");
   const long = "l".repeat(120);
