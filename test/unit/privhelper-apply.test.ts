@@ -264,7 +264,7 @@ test("foreign xattrs, unknown whiteouts and broken tars are refused with the val
     [[file("d/.wh..wh.plnk", "")], "BAD_WHITEOUT"],
     [[file(".wh.", "")], "BAD_WHITEOUT"],
     [[file(".wh.x", "payload")], "BAD_WHITEOUT"],
-    [[file("s", "", { pax: { "GNU.sparse.major": "1" } })], "SPARSE_FILE"],
+    [[file("s", "", { pax: { "GNU.sparse.major": "1" } })], "BAD_SPARSE_MAP"],
     [[file("x", "", { pax: { mtime: "yesterday" } })], "BAD_PAX"],
     [[file("x", "", { pax: { uid: "4294967295" } })], "BAD_OWNER"],
     [[symlink("s", "")], "SYMLINK_TARGET_INVALID"],
