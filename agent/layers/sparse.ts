@@ -103,8 +103,10 @@ export type PaxSparse =
  * Reads a member's GNU.sparse.* records (key without the prefix, value, in order); null when it
  * has none. For 0.0 and 0.1 the map is checked here; for 1.0 it is in the data (MapText).
  */
-export function paxSparse(records: ReadonlyArray<readonly [string, string]>, entry: string): PaxSparse | null {
+export function paxSparse(records: ReadonlyArray<readonly [string, string]>, headerName: string): PaxSparse | null {
   if (records.length === 0) return null;
+  // Refusals name the member by its real name, as the rest of the rules will.
+  const entry = records.findLast(([key]) => key === "name")?.[1] ?? headerName;
   const single = new Map<string, string>();
   const pairs: Array<readonly [string, string]> = [];
   for (const [key, value] of records) {

@@ -65,8 +65,10 @@ export type PaxSparseInfo =
   | { name: string | null; map: SparseMap; mapInData: true };
 
 /** A member's GNU.sparse.* records (prefix removed, in header order) as a sparse map; null if none. */
-export function paxSparseInfo(records: [string, string][], entry: string): PaxSparseInfo | null {
+export function paxSparseInfo(records: [string, string][], headerName: string): PaxSparseInfo | null {
   if (records.length === 0) return null;
+  let entry = headerName; // refusals name the member by its real name
+  for (const [key, value] of records) if (key === "name") entry = value;
   const last: Record<string, string> = {};
   const repeated: [string, string][] = [];
   for (const [key, value] of records) {

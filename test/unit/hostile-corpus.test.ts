@@ -173,3 +173,37 @@ for (const [name, want] of [["char-device", { path: "dev/mem", char: true, rdev:
     assert.deepEqual(readdirSync(base).sort(), ["1.tar", "root"]);
   });
 }
+
+// Hostile sparse maps are refused by BOTH guards, by the same rule and naming the same entry: the
+// validator refuses them first, but the applier is a guard by itself.
+for (const c of cases.filter((x) => x.expect.outcome === "refused" && x.expect.stage === "validate" && x.expect.rule === "BAD_SPARSE_MAP")) {
+  test(`applier (chrooted) refuses ${c.name} as the validator does`, applierOpts, async (t) => {
+    const expect = c.expect as Extract<CorpusCase["expect"], { stage: "validate" }>;
+    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-sparse-"));
+    t.after(() => rmSync(base, { recursive: true, force: true }));
+    const root = join(base, "root");
+    mkdirSync(root);
+    const blob = join(base, "1.tar");
+    writeFileSync(blob, c.layers[0]!);
+    const report = await applyWithChild(root, blob, digestOf(c.layers[0]!));
+    assert.deepEqual({ code: report.code, rule: report.rule, entry: report.entry }, { code: "LAYER_REFUSED", rule: expect.rule, entry: expect.entry }, report.message);
+    assert.deepEqual(readdirSync(root), [], "nothing of the refused member is left");
+  });
+}
+
+// The sparse cases keep their holes: each file's allocated blocks are far below its length.
+for (const c of cases.filter((x) => x.name.startsWith("sparse-") && x.expect.outcome === "applied")) {
+  test(`applier (chrooted): ${c.name} keeps the holes`, applierOpts, async (t) => {
+    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-holes-"));
+    t.after(() => rmSync(base, { recursive: true, force: true }));
+    const root = join(base, "root");
+    mkdirSync(root);
+    const blob = join(base, "1.tar");
+    writeFileSync(blob, c.layers[0]!);
+    assert.equal((await applyWithChild(root, blob, digestOf(c.layers[0]!))).ok, true);
+    const allocated = (path: string) => lstatSync(join(root, path)).blocks * 512;
+    assert.equal(allocated("var/empty"), 0, "an all-hole file has no block");
+    assert.ok(allocated("var/db") <= 3 * 4096, `var/db: ${allocated("var/db")} bytes allocated for 3 regions of 20,004 bytes`);
+    assert.ok(allocated("var/log") <= 4096, `var/log: ${allocated("var/log")} bytes allocated`);
+  });
+}
