@@ -3,15 +3,25 @@
 // write mid-apply) or, worse, running its metadata out of space, which can leave a pool that
 // needs repair. The estimate is deliberately generous; the kernel remains the hard limit.
 import type { PoolStatus } from "../../privhelper/protocol.ts";
+import type { LayerSummary } from "../layers/validate.ts";
 
 export interface LayerSize {
-  /** Bytes of file content the layer writes. */
+  /** Bytes of file content the layer writes (for sparse files, with a block per data region). */
   fileBytes: number;
   /** Entries (each costs at least an inode and often a block). */
   entries: number;
 }
 
 const FS_BLOCK = 4096;
+
+/**
+ * What a validated layer writes: its files' stored bytes (a sparse file's holes are never
+ * written, however large its real size), plus a filesystem block for each sparse data region,
+ * which may start and end inside partly written blocks.
+ */
+export function layerSizeOf(summary: Pick<LayerSummary, "fileBytes" | "entries" | "sparseRegions">): LayerSize {
+  return { fileBytes: summary.fileBytes + summary.sparseRegions * FS_BLOCK, entries: summary.entries };
+}
 const MiB = 1024 * 1024;
 /** Journal, directory and bitmap blocks copied on write when a snapshot is modified. */
 const FIXED_OVERHEAD = 16 * MiB;

@@ -26,7 +26,7 @@ import { listImageLayers } from "../s3/image-source.ts";
 import { chainIds, layerDeviceName } from "./chain.ts";
 import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
-import { spaceProblem } from "./pool-space.ts";
+import { layerSizeOf, spaceProblem } from "./pool-space.ts";
 
 export interface PullRequest {
   image: string;
@@ -166,7 +166,7 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
       if (err instanceof LayerValidationError) throw refused(ctx, layer, err);
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${layer.key}`);
     }
-    catalog.recordBlob(layer, digest, { fileBytes: summary.fileBytes, entries: summary.entries });
+    catalog.recordBlob(layer, digest, layerSizeOf(summary));
     return digest;
   });
 }

@@ -32,8 +32,11 @@ export interface LayerSummary {
   whiteouts: number;
   /** `.wh..wh..opq` members. */
   opaqueDirs: number;
-  /** Bytes of regular-file content. */
+  /** Bytes of regular-file content written (a sparse file's data regions, not its holes). */
   fileBytes: number;
+  /** GNU sparse files, and the data regions of their maps (each may cost a partly written block). */
+  sparseFiles: number;
+  sparseRegions: number;
   /** Bytes of the tar (after decompression, for a compressed object). */
   tarBytes: number;
   /** How the object was stored, told by its magic bytes. */
@@ -70,6 +73,8 @@ export class EntryRules {
     whiteouts: 0,
     opaqueDirs: 0,
     fileBytes: 0,
+    sparseFiles: 0,
+    sparseRegions: 0,
     tarBytes: 0,
     compression: "none",
     objectBytes: 0,
@@ -105,9 +110,6 @@ export class EntryRules {
       throw refuse("TOO_MANY_ENTRIES", `layer has more than ${this.#limits.maxEntries} entries`);
     }
     const type = member.type;
-    if (member.typeflag === "S" || member.paxKeys.some((k) => k.startsWith("GNU.sparse."))) {
-      throw refuse("SPARSE_FILE", "GNU sparse files are not supported");
-    }
     if (type === null) throw refuse("UNKNOWN_TYPE", `entry type flag ${JSON.stringify(member.typeflag)} is not supported`);
 
     const name = normalizeEntryName(member.name, this.#limits);
@@ -125,9 +127,12 @@ export class EntryRules {
       this.#parentsAreDirs(name, "", "PARENT_NOT_DIR", refuse);
       return;
     }
+    if (member.sparse && type !== "file") throw refuse("BAD_SPARSE_MAP", `a ${type} entry cannot be a sparse file`);
     if (type === "file") {
-      if (member.size > this.#limits.maxEntryBytes) {
-        throw refuse("ENTRY_TOO_LARGE", `file of ${member.size} bytes is larger than ${this.#limits.maxEntryBytes}`);
+      // A sparse file's limit is its length, holes included: that is what a reader of it sees.
+      const length = member.sparse?.realSize ?? member.size;
+      if (length > this.#limits.maxEntryBytes) {
+        throw refuse("ENTRY_TOO_LARGE", `${member.sparse ? "sparse " : ""}file of ${length} bytes is larger than ${this.#limits.maxEntryBytes}`);
       }
     } else if (member.size !== 0) {
       throw refuse("NONZERO_SIZE", `a ${type} entry carries ${member.size} bytes of content`);
@@ -139,7 +144,12 @@ export class EntryRules {
     switch (type) {
       case "file":
         this.summary.files++;
+        // What is written: a sparse file's holes are never stored, in the tar or in the image.
         this.summary.fileBytes += member.size;
+        if (member.sparse) {
+          this.summary.sparseFiles++;
+          this.summary.sparseRegions += member.sparse.regions;
+        }
         break;
       case "directory":
         if (name === "") this.summary.hasRootEntry = true;
@@ -201,6 +211,7 @@ export class EntryRules {
 
   #whiteout(name: string, base: string, member: TarMember, refuse: Refuse): void {
     if (member.type !== "file") throw refuse("BAD_WHITEOUT", `a whiteout must be a regular file entry, not ${member.type}`);
+    if (member.sparse) throw refuse("BAD_WHITEOUT", "a whiteout cannot be a sparse file");
     if (member.size !== 0) throw refuse("BAD_WHITEOUT", `a whiteout carries ${member.size} bytes of content`);
     const parent = parentOf(name);
     if (base === OPAQUE_MARKER) {

@@ -28,7 +28,7 @@ export type LayerRule =
   | "BAD_OWNER"
   | "BAD_PAX"
   | "BAD_XATTR"
-  | "SPARSE_FILE"
+  | "BAD_SPARSE_MAP"
   | "SYMLINK_TARGET_INVALID"
   | "THROUGH_SYMLINK"
   | "PARENT_NOT_DIR"

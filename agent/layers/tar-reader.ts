@@ -23,7 +23,11 @@
 // - PAX records are parsed as bytes ("<len> <key>=<value>\n"; key UTF-8, value raw bytes): path,
 //   linkpath, size, uid and gid replace the header fields; size, uid, gid, mtime, atime and ctime
 //   must be plain numbers (BAD_PAX); global ('g') headers may carry only comments.
+// - GNU sparse files (sparse.ts: old GNU 'S' with its extension blocks, PAX 0.0, 0.1 and 1.0) are
+//   read with their map before the member is reported: the map is part of the member's header,
+//   even when (1.0) it is stored at the start of its data. BAD_SPARSE_MAP for a bad one.
 import { LayerValidationError, printable, WHOLE_ARCHIVE } from "./errors.ts";
+import { MapText, oldGnuField, paxSparse, RegionCheck, type SparseFile } from "./sparse.ts";
 
 const BLOCK = 512;
 
@@ -38,7 +42,8 @@ export interface TarMember {
   type: MemberType | null;
   /** The raw name: PAX path, else GNU long name, else ustar prefix/name. */
   name: string;
-  /** Bytes of data that follow the header (before padding). */
+  /** Bytes of the file's content stored in the archive (for a sparse file, its data regions,
+   *  without a 1.0 map; `sparse.realSize` is its length). */
   size: number;
   uid: number;
   gid: number;
@@ -48,8 +53,8 @@ export interface TarMember {
   devminor: number;
   /** Extended attributes from `SCHILY.xattr.<name>` PAX records, values as raw bytes. */
   xattrs: Map<string, Buffer>;
-  /** Keys of the other PAX records (GNU.sparse.*, comment...), for the member rules. */
-  paxKeys: string[];
+  /** A GNU sparse file (type 'S' or GNU.sparse.* records); null for any other member. */
+  sparse: SparseFile | null;
 }
 
 const TYPES: Record<string, MemberType> = {
@@ -64,6 +69,10 @@ const TYPES: Record<string, MemberType> = {
   "6": "fifo",
 };
 
+/** Type flags a PAX sparse member may have: a regular file. */
+const REGULAR_FILE_FLAGS = new Set(["0", "\0", "7"]);
+const SPARSE_PREFIX = "GNU.sparse.";
+
 /** Global PAX keys that change nothing about the members. */
 const HARMLESS_GLOBAL_KEYS = new Set(["comment", "charset"]);
 
@@ -71,6 +80,10 @@ type State =
   | { kind: "header" }
   | { kind: "metadata"; typeflag: string; need: number; padding: number }
   | { kind: "skip"; remaining: number }
+  /** Old GNU sparse extension blocks (21 map entries each) after the member's header. */
+  | { kind: "sparse-extension"; member: TarMember; check: RegionCheck }
+  /** A PAX 1.0 sparse map at the start of the member's data (`size`: the data's length). */
+  | { kind: "sparse-map"; member: TarMember; map: MapText; size: number }
   | { kind: "second-zero-block"; seen: number }
   | { kind: "after-end" };
 
@@ -110,14 +123,26 @@ export class TarReader {
       const state = this.#state;
       const offset = this.total + at;
       switch (state.kind) {
-        case "header": {
+        case "header":
+        case "sparse-extension": {
           const n = Math.min(BLOCK - this.#blockFill, chunk.length - at);
           this.#block.set(chunk.subarray(at, at + n), this.#blockFill);
           this.#blockFill += n;
           at += n;
           if (this.#blockFill === BLOCK) {
             this.#blockFill = 0;
-            this.#header(offset + n - BLOCK);
+            if (state.kind === "header") this.#header(offset + n - BLOCK);
+            else this.#sparseExtension(state.member, state.check);
+          }
+          break;
+        }
+        case "sparse-map": {
+          at = state.map.feed(chunk, at, chunk.length);
+          if (state.map.done) {
+            // The map's blocks are not the file's content: what follows them is.
+            state.member.size = state.size - state.map.consumed;
+            state.member.sparse = state.map.check.finish(state.member.size);
+            this.#emit(state.member, roundUpToBlock(state.size) - state.map.consumed);
           }
           break;
         }
@@ -171,7 +196,8 @@ export class TarReader {
     if (this.total < BLOCK) throw refuse("NOT_A_TAR", `object is ${this.total} bytes, shorter than one tar header`);
     let why: string;
     if (state.kind === "second-zero-block") why = "the end-of-archive marker has one zero block, not two";
-    else if (state.kind === "skip") why = "the object ends inside an entry's data";
+    else if (state.kind === "skip" || state.kind === "sparse-map") why = "the object ends inside an entry's data";
+    else if (state.kind === "sparse-extension") why = "the object ends inside a sparse file's extension headers";
     else if (state.kind === "header" && this.#blockFill === 0 && this.#metadataFrom === -1) why = "the archive ends without an end-of-archive marker";
     else why = "the archive ends inside a header, or after a metadata header that no member follows";
     throw refuse("TRUNCATED", `${why} (at byte ${this.total})`);
@@ -223,7 +249,7 @@ export class TarReader {
     else if (typeflag === "L") this.#longName = data;
     else if (typeflag === "K") this.#longLink = data;
     else {
-      for (const key of parsePax(data, WHOLE_ARCHIVE).keys()) {
+      for (const [key] of parsePax(data, WHOLE_ARCHIVE)) {
         if (!HARMLESS_GLOBAL_KEYS.has(key)) throw refuse("BAD_PAX", `global PAX header sets "${printable(key)}": only comments are supported in global headers`);
       }
     }
@@ -240,12 +266,20 @@ export class TarReader {
     let uid = readNumber(block, 108, 8);
     let gid = readNumber(block, 116, 8);
     const xattrs = new Map<string, Buffer>();
-    const paxKeys: string[] = [];
 
     const records = new Map<string, Buffer>();
-    for (const data of this.#pax) for (const [key, value] of parsePax(data, name)) records.set(key, value);
+    // In header order, repeats kept: sparse 0.0 repeats GNU.sparse.offset/numbytes.
+    const sparseRecords: Array<[string, string]> = [];
+    for (const data of this.#pax) {
+      for (const [key, value] of parsePax(data, name)) {
+        if (key.startsWith(SPARSE_PREFIX)) sparseRecords.push([key.slice(SPARSE_PREFIX.length), value.toString("utf8")]);
+        else records.set(key, value);
+      }
+    }
     const path = records.get("path");
     if (path && path.length > 0) name = path.toString("utf8");
+    const paxSparseFile = paxSparse(sparseRecords, name);
+    if (paxSparseFile?.name != null) name = paxSparseFile.name;
 
     for (const [key, value] of records) {
       const text = () => value.toString("utf8");
@@ -270,19 +304,20 @@ export class TarReader {
           paxNumber(key, text(), name, /^-?[0-9]+(\.[0-9]+)?$/);
           break;
         default:
+          // Other records (comment, charset...) change nothing about the member.
           if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), value);
-          else paxKeys.push(key);
       }
     }
     // Pre-POSIX writers marked directories by a trailing slash on a regular file.
     if ((typeflag === "0" || typeflag === "\0") && name.endsWith("/")) type = "directory";
 
+    if (typeflag === "S") type = "file";
     this.#pax = [];
     this.#longName = null;
     this.#longLink = null;
     this.#metadataBytes = 0;
     this.#metadataFrom = -1;
-    this.#onMember({
+    const member: TarMember = {
       offset,
       typeflag,
       type,
@@ -294,11 +329,67 @@ export class TarReader {
       devmajor: readNumber(block, 329, 8),
       devminor: readNumber(block, 337, 8),
       xattrs,
-      paxKeys,
-    });
+      sparse: null,
+    };
+    const sparseRefusal = (message: string) => new LayerValidationError("BAD_SPARSE_MAP", printable(name), message);
+    if (typeflag === "S") {
+      if (paxSparseFile) throw sparseRefusal("an old GNU sparse member (type S) also carries GNU.sparse.* PAX records");
+      const check = new RegionCheck(oldGnuField(block, 483, 12), name);
+      if (this.#oldGnuEntries(block, 386, 4, 482, check, name)) this.#state = { kind: "sparse-extension", member, check };
+      else this.#finishOldGnu(member, check);
+      return;
+    }
+    if (paxSparseFile) {
+      if (!REGULAR_FILE_FLAGS.has(typeflag)) throw sparseRefusal(`GNU.sparse.* records on a member of type ${JSON.stringify(typeflag)}: only a regular file can be sparse`);
+      if (paxSparseFile.version === "0.x") {
+        member.sparse = paxSparseFile.check.finish(size);
+        this.#emit(member, roundUpToBlock(size));
+      } else {
+        const map = new MapText(paxSparseFile.realSize, size, name);
+        // The map's real size and the member's stored bytes are known once the map is read.
+        this.#state = { kind: "sparse-map", member, map, size };
+      }
+      return;
+    }
     // Only regular files carry data (the member rules refuse a size on anything else).
-    const skip = type === "file" ? roundUpToBlock(size) : 0;
+    this.#emit(member, type === "file" ? roundUpToBlock(size) : 0);
+  }
+
+  /** Reports a member and skips `skip` bytes of its data and padding. */
+  #emit(member: TarMember, skip: number): void {
+    this.#onMember(member);
     this.#state = skip > 0 ? { kind: "skip", remaining: skip } : { kind: "header" };
+  }
+
+  /**
+   * Old GNU sparse map entries (offset, numbytes: 12 bytes each) at `from`, `count` of them, then
+   * the "isextended" byte at `extendedAt`. An all-zero entry ends the map; nothing may follow it
+   * (GNU tar would stop there and read any extension blocks as data). True when an extension
+   * block follows.
+   */
+  #oldGnuEntries(block: Buffer, from: number, count: number, extendedAt: number, check: RegionCheck, name: string): boolean {
+    const refusal = (message: string) => new LayerValidationError("BAD_SPARSE_MAP", printable(name), message);
+    const extended = block[extendedAt]!;
+    if (extended > 1) throw refusal(`old GNU sparse "isextended" byte is ${extended}, not 0 or 1`);
+    for (let i = 0; i < count; i++) {
+      const at = from + 24 * i;
+      if (firstNonZero(block, at, at + 24) === -1) {
+        if (firstNonZero(block, at, from + 24 * count) !== -1 || extended) throw refusal("old GNU sparse map goes on after an empty entry");
+        return false;
+      }
+      check.add(oldGnuField(block, at, 12), oldGnuField(block, at + 12, 12));
+    }
+    return extended === 1;
+  }
+
+  #sparseExtension(member: TarMember, check: RegionCheck): void {
+    if (this.#oldGnuEntries(this.#block, 0, 21, 504, check, member.name)) return; // another block follows
+    this.#finishOldGnu(member, check);
+  }
+
+  #finishOldGnu(member: TarMember, check: RegionCheck): void {
+    member.sparse = check.finish(member.size);
+    this.#emit(member, roundUpToBlock(member.size));
   }
 }
 
@@ -364,11 +455,12 @@ function paxNumber(key: string, text: string, name: string, format: RegExp): num
 /**
  * PAX extended header records, "<length> <key>=<value>\n" each, parsed as BYTES: the key is UTF-8
  * text, the value the raw bytes between "=" and the final newline (binary xattr values stay
- * intact). A malformed record is BAD_PAX. NUL bytes after the last record (padding) are allowed.
+ * intact), in header order with repeated keys kept (sparse 0.0 repeats its offsets). A malformed
+ * record is BAD_PAX. NUL bytes after the last record (padding) are allowed.
  */
-export function parsePax(data: Buffer, name: string): Map<string, Buffer> {
+export function parsePax(data: Buffer, name: string): Array<[string, Buffer]> {
   const malformed = (at: number) => refuse("BAD_PAX", `malformed PAX record at byte ${at} of its header`, name === WHOLE_ARCHIVE ? name : printable(name));
-  const records = new Map<string, Buffer>();
+  const records: Array<[string, Buffer]> = [];
   let at = 0;
   while (at < data.length && data[at] !== 0) {
     const space = data.indexOf(0x20, at);
@@ -377,7 +469,7 @@ export function parsePax(data: Buffer, name: string): Map<string, Buffer> {
     const end = at + Number(lengthText);
     const equals = data.indexOf(0x3d, space + 1);
     if (end > data.length || data[end - 1] !== 0x0a || equals === -1 || equals >= end - 1 || equals === space + 1) throw malformed(at);
-    records.set(data.toString("utf8", space + 1, equals), Buffer.from(data.subarray(equals + 1, end - 1)));
+    records.push([data.toString("utf8", space + 1, equals), Buffer.from(data.subarray(equals + 1, end - 1))]);
     at = end;
   }
   if (firstNonZero(data, at, data.length) !== -1) throw malformed(at);

@@ -13,7 +13,8 @@
 //   tar inside is checked (compression.ts); xz and bzip2 are NOT_A_TAR, named in the message.
 // - Device nodes are accepted (created inside the image, as containerd and moby do as root; every
 //   host mount of an image is nodev). Contiguous files ('7') are regular files; GNU sparse files
-//   are SPARSE_FILE; any other type flag is UNKNOWN_TYPE.
+//   (old GNU 'S', PAX 0.0, 0.1 and 1.0: sparse.ts) are regular files whose map must be sound
+//   (BAD_SPARSE_MAP); any other type flag is UNKNOWN_TYPE.
 // - The root entry ("./" as `tar -C dir .` writes) is accepted when it is a directory.
 // - What cannot be checked here is left to the apply step: that a hardlink target from a lower
 //   layer exists, and where a path through a LOWER layer's symlink leads (the applier resolves

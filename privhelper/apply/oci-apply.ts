@@ -9,7 +9,7 @@
 //     is at its path, it never writes through it.
 // In production the child also chroots into the image's filesystem: the kernel's second fence.
 // Synchronous system calls on purpose: one thing at a time, straight from the read buffer.
-import { closeSync, constants, fchmodSync, fchownSync, writeSync } from "node:fs";
+import { closeSync, constants, fchmodSync, fchownSync, ftruncateSync, writeSync } from "node:fs";
 import { crashParentPoint, crashPoint } from "../crash-points.ts";
 import {
   AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, fchmodat, fchownat, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat,
@@ -110,7 +110,7 @@ export class LayerApplier implements TarSink {
     const [dir, base] = splitPath(rel);
 
     if (base.startsWith(WHITEOUT_PREFIX)) {
-      if (entry.type !== "file" || entry.size !== 0) throw new LayerRefused("BAD_WHITEOUT", entry.name, "a whiteout must be an empty regular file");
+      if (entry.type !== "file" || entry.sparse || entry.size !== 0) throw new LayerRefused("BAD_WHITEOUT", entry.name, "a whiteout must be an empty regular file");
       if (base === OPAQUE_MARKER) {
         this.notThroughOwnSymlink(dir, "");
         return this.opaque(dir);
@@ -124,7 +124,6 @@ export class LayerApplier implements TarSink {
       if (parent !== null) this.removeLower(parent, dir === "" ? target : `${dir}/${target}`, target);
       return;
     }
-    if (entry.sparse) throw new LayerRefused("SPARSE_FILE", entry.name, "PAX sparse files are not supported");
     if (entry.size !== 0 && entry.type !== "file") throw new LayerRefused("NONZERO_SIZE", entry.name, `a ${entry.type} entry with ${entry.size} bytes of content`);
     if (rel === "") {
       // The root entry ("./"): the image root's ownership and mode are not the layer's to set.
@@ -212,10 +211,12 @@ export class LayerApplier implements TarSink {
     else this.ownSymlinks.delete(rel);
   }
 
-  data(chunk: Buffer): void {
+  /** Content of the file being written; a sparse file's data regions come with their position. */
+  data(chunk: Buffer, position?: number): void {
     const fd = this.file!.fd;
     for (let offset = 0; offset < chunk.length; ) {
-      const written = writeSync(fd, chunk, offset, chunk.length - offset);
+      // pwrite at a sparse region's offset: what lies between regions is never written (a hole).
+      const written = writeSync(fd, chunk, offset, chunk.length - offset, position === undefined ? null : position + offset);
       if (written <= 0) throw Object.assign(new Error("short write"), { code: "EIO" });
       offset += written;
     }
@@ -228,6 +229,7 @@ export class LayerApplier implements TarSink {
       this.file = null;
       try {
         const { fd, entry } = file;
+        if (entry.sparse) setLength(fd, entry);
         fchownSync(fd, entry.uid, entry.gid);
         fchmodSync(fd, entry.mode); // after chown, which clears setuid/setgid
         for (const [name, value] of entry.xattrs) fsetxattr(fd, name, value);
@@ -429,6 +431,20 @@ function removeAt(parent: number, name: string | Buffer): void {
     closeSync(fd);
   }
   unlinkat(parent, name, AT_REMOVEDIR);
+}
+
+/**
+ * A sparse file's length, holes included (a hole at the end is no region, and an all-hole file
+ * has no data at all). The per-file size limit is the agent's (the validator's ENTRY_TOO_LARGE);
+ * here the filesystem's own bound is the only one, refused by the same rule.
+ */
+function setLength(fd: number, entry: TarEntry): void {
+  try {
+    ftruncateSync(fd, entry.sparse!.realSize);
+  } catch (err) {
+    if (errno(err) === "EFBIG" || errno(err) === "EINVAL") throw new LayerRefused("ENTRY_TOO_LARGE", entry.name, `the filesystem cannot hold a file of ${entry.sparse!.realSize} bytes`);
+    throw err;
+  }
 }
 
 function checkXattrs(entry: TarEntry): void {

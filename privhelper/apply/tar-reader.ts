@@ -5,9 +5,13 @@
 // Written by hand because tar-stream, the only well-kept reader, decodes PAX values as UTF-8 (a
 // binary security.capability loses bytes) and is asynchronous per entry (a promise and several
 // callbacks for each of a root filesystem's 30,000 members); the format itself is small.
-// Reads ustar, GNU ('L'/'K' long names, base-256 numbers) and PAX ('x' and 'g') headers.
+// Reads ustar, GNU ('L'/'K' long names, base-256 numbers) and PAX ('x' and 'g') headers, and GNU
+// sparse members (sparse.ts): their map is read and checked before the member is passed on (for
+// PAX 1.0 it is at the start of the data), and their content goes to the sink with the file offset
+// of each data region.
 // Structural refusals use the validator's rule names (agent/layers/README.md).
 import { LayerRefused } from "./refusal.ts";
+import { addRegion, badMap, checkStored, MapReader, oldGnuNumber, paxSparseInfo, type SparseMap } from "./sparse.ts";
 
 export type EntryType = "file" | "hardlink" | "symlink" | "char" | "block" | "directory" | "fifo";
 
@@ -27,13 +31,14 @@ export type TarEntry = {
   devminor: number;
   /** SCHILY.xattr.* records: name -> raw value bytes. */
   xattrs: Map<string, Buffer>;
-  /** A GNU.sparse.* record was present. */
-  sparse: boolean;
+  /** A GNU sparse file: its length, holes included (`size` is then the bytes of its data regions). */
+  sparse: { realSize: number } | null;
 };
 
 export interface TarSink {
   entry(entry: TarEntry): void;
-  data(chunk: Buffer): void;
+  /** Content in order; `position` (a sparse file's data) is where in the file it belongs. */
+  data(chunk: Buffer, position?: number): void;
   entryEnd(): void;
 }
 
@@ -43,7 +48,11 @@ const BLOCK = 512;
 const MAX_META_BYTES = 1024 * 1024;
 const MAX_ID = 0xfffffffe;
 
-type State = "header" | "meta" | "body" | "padding" | "end";
+/** Type flags a PAX sparse member may carry: a regular file. */
+const REGULAR_FILE_FLAGS = ["0", "\0", "7"];
+const SPARSE_PREFIX = "GNU.sparse.";
+
+type State = "header" | "meta" | "body" | "padding" | "end" | "sparse-extension" | "sparse-map";
 
 export class TarReader {
   private readonly sink: TarSink;
@@ -61,7 +70,15 @@ export class TarReader {
   private longName: string | null = null;
   private longLink: string | null = null;
   private pax: Map<string, Buffer> | null = null;
+  /** The GNU.sparse.* records of the next member, prefix removed, in order (0.0 repeats keys). */
+  private paxSparse: [string, string][] = [];
   private readonly globalPax = new Map<string, Buffer>();
+  /** A sparse member whose map is still being read (extension blocks, or a 1.0 map in the data). */
+  private pending: { entry: TarEntry; map: SparseMap; reader: MapReader | null } | null = null;
+  /** The sparse member being written: its regions, the one being filled, and how far. */
+  private regions: SparseMap["regions"] | null = null;
+  private region = 0;
+  private regionFill = 0;
   private current = "";
   /** Zero bytes after the first zero block. */
   private zeroBytes = 0;
@@ -75,9 +92,11 @@ export class TarReader {
     let at = 0;
     while (at < chunk.length) {
       switch (this.state) {
-        case "header": {
+        case "header":
+        case "sparse-extension": {
+          const onBlock = this.state === "header" ? (block: Buffer) => this.onHeader(block) : (block: Buffer) => this.onSparseExtension(block);
           if (this.headerFill === 0 && chunk.length - at >= BLOCK) {
-            this.onHeader(chunk.subarray(at, at + BLOCK));
+            onBlock(chunk.subarray(at, at + BLOCK));
             at += BLOCK;
           } else {
             const take = Math.min(BLOCK - this.headerFill, chunk.length - at);
@@ -86,14 +105,38 @@ export class TarReader {
             at += take;
             if (this.headerFill === BLOCK) {
               this.headerFill = 0;
-              this.onHeader(this.header);
+              onBlock(this.header);
             }
           }
           break;
         }
+        case "sparse-map": {
+          const pending = this.pending!;
+          at = pending.reader!.take(chunk, at);
+          if (pending.reader!.complete) {
+            // The map's blocks are not the file's: what remains of the data is.
+            const stored = pending.entry.size - pending.reader!.taken;
+            checkStored(pending.map, stored, pending.entry.name);
+            this.pending = null;
+            this.emit({ ...pending.entry, size: stored }, pending.map, pad(pending.entry.size));
+          }
+          break;
+        }
         case "body": {
-          const take = Math.min(this.remaining, chunk.length - at);
-          this.sink.data(chunk.subarray(at, at + take));
+          let take = Math.min(this.remaining, chunk.length - at);
+          if (this.regions) {
+            // The regions' sizes add up to the stored bytes: while bytes remain, a region has room.
+            while (this.regionFill === this.regions[this.region]!.size) {
+              this.region++;
+              this.regionFill = 0;
+            }
+            const region = this.regions[this.region]!;
+            take = Math.min(take, region.size - this.regionFill);
+            this.sink.data(chunk.subarray(at, at + take), region.offset + this.regionFill);
+            this.regionFill += take;
+          } else {
+            this.sink.data(chunk.subarray(at, at + take));
+          }
           at += take;
           this.remaining -= take;
           if (this.remaining === 0) this.endBody();
@@ -173,21 +216,29 @@ export class TarReader {
     }
 
     const pax = this.pax;
-    const name = (pax?.has("path") ? text(pax.get("path")!) : this.longName) ?? nameOf(block, ustar);
+    let name = (pax?.has("path") ? text(pax.get("path")!) : this.longName) ?? nameOf(block, ustar);
     this.current = name;
     const linkname = (pax?.has("linkpath") ? text(pax.get("linkpath")!) : this.longLink) ?? cString(block, 157, 100);
+    const sparseRecords = this.paxSparse;
+    this.paxSparse = [];
+    const paxSparse = paxSparseInfo(sparseRecords, name);
+    if (paxSparse?.name != null) {
+      if (paxSparse.name.includes("\uFFFD")) throw new LayerRefused("BAD_ENCODING", paxSparse.name, "a name or link target that is not UTF-8");
+      name = paxSparse.name;
+      this.current = name;
+    }
+    if (paxSparse && typeflag === "S") throw badMap(name, "an old GNU sparse member (type S) with GNU.sparse.* PAX records too");
+    if (paxSparse && !REGULAR_FILE_FLAGS.includes(typeflag)) throw badMap(name, `GNU.sparse.* records on a member of type ${JSON.stringify(typeflag)}`);
     const type = entryType(typeflag, name);
     const field = (offset: number, length: number, what: string) => {
       const value = numeric(block, offset, length, what);
       if (value === null) throw new LayerRefused("BAD_PAX", name, `unreadable ${what} field`);
       return value;
     };
-    let sparse = typeflag === "S";
     const xattrs = new Map<string, Buffer>();
     const effective = pax ?? this.globalPax;
     for (const [key, value] of effective) {
-      if (key.startsWith("GNU.sparse.")) sparse = true;
-      else if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), value);
+      if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), value);
     }
     const entry: TarEntry = {
       name,
@@ -202,18 +253,71 @@ export class TarReader {
       devmajor: type === "char" || type === "block" ? field(329, 8, "devmajor") : 0,
       devminor: type === "char" || type === "block" ? field(337, 8, "devminor") : 0,
       xattrs,
-      sparse,
+      sparse: null,
     };
     this.pax = null;
     this.longName = null;
     this.longLink = null;
     this.pendingMeta = 0;
+    if (typeflag === "S") {
+      const map: SparseMap = { realSize: oldGnuNumber(block, 483, 12) ?? -1, regions: [] };
+      if (map.realSize < 0) throw badMap(name, "unreadable old GNU sparse real size");
+      if (this.oldGnuEntries(block, 386, 4, 482, map, name)) {
+        this.pending = { entry, map, reader: null };
+        this.state = "sparse-extension";
+        return;
+      }
+      checkStored(map, size, name);
+      return this.emit(entry, map, pad(size));
+    }
+    if (paxSparse?.mapInData) {
+      this.pending = { entry, map: paxSparse.map, reader: new MapReader(paxSparse.map, size, name) };
+      this.state = "sparse-map";
+      return;
+    }
+    if (paxSparse) checkStored(paxSparse.map, size, name);
+    this.emit(entry, paxSparse?.map ?? null, pad(size));
+  }
+
+  /** Passes a member on; its `size` bytes of content follow, then `padding`. */
+  private emit(entry: TarEntry, map: SparseMap | null, padding: number): void {
+    if (map) entry.sparse = { realSize: map.realSize };
+    this.regions = map?.regions ?? null;
+    this.region = 0;
+    this.regionFill = 0;
     this.entries++;
     this.sink.entry(entry);
-    this.remaining = size;
-    this.padding = pad(size);
-    if (size === 0) this.endBody();
+    this.remaining = entry.size;
+    this.padding = padding;
+    if (entry.size === 0) this.endBody();
     else this.state = "body";
+  }
+
+  /**
+   * Old GNU sparse map entries (12-byte offset and size) at `from`, `count` of them, and the
+   * "isextended" byte: an entry of zeros ends the map, and then the rest of the block must be
+   * zeros too, with no extension announced. True when an extension block follows.
+   */
+  private oldGnuEntries(block: Buffer, from: number, count: number, extendedAt: number, map: SparseMap, entry: string): boolean {
+    const extended = block[extendedAt];
+    if (extended !== 0 && extended !== 1) throw badMap(entry, `old GNU sparse isextended byte ${extended}`);
+    for (let i = 0; i < count; i++) {
+      const at = from + 24 * i;
+      if (isZeroRange(block, at, at + 24)) {
+        if (!isZeroRange(block, at, from + 24 * count) || extended === 1) throw badMap(entry, "old GNU sparse entries after the map's end");
+        return false;
+      }
+      addRegion(map, oldGnuNumber(block, at, 12), oldGnuNumber(block, at + 12, 12), entry);
+    }
+    return extended === 1;
+  }
+
+  private onSparseExtension(block: Buffer): void {
+    const { entry, map } = this.pending!;
+    if (this.oldGnuEntries(block, 0, 21, 504, map, entry.name)) return;
+    this.pending = null;
+    checkStored(map, entry.size, entry.name);
+    this.emit(entry, map, pad(entry.size));
   }
 
   private endBody(): void {
@@ -227,7 +331,15 @@ export class TarReader {
     if (this.metaType === "L") this.longName = cString(data, 0, data.length);
     else if (this.metaType === "K") this.longLink = cString(data, 0, data.length);
     else {
-      const records = parsePax(data);
+      const all = parsePax(data);
+      const records = new Map<string, Buffer>();
+      const sparse: [string, string][] = [];
+      for (const [key, value] of all) {
+        if (!key.startsWith(SPARSE_PREFIX)) records.set(key, value);
+        else if (this.metaType === "g") throw new LayerRefused("BAD_PAX", ARCHIVE, `a global PAX header sets ${key}`);
+        else sparse.push([key.slice(SPARSE_PREFIX.length), value.toString("utf8")]);
+      }
+      if (this.metaType === "x") this.paxSparse = sparse;
       if (this.metaType === "g") {
         // Defaults for every later member (a member's own record wins); a name or size is one
         // member's own, never a default.
@@ -248,6 +360,7 @@ const pad = (size: number) => (BLOCK - (size % BLOCK)) % BLOCK;
 
 const ZERO_BLOCK = Buffer.alloc(BLOCK);
 const isZero = (block: Buffer) => block.equals(ZERO_BLOCK);
+const isZeroRange = (block: Buffer, from: number, to: number) => block.subarray(from, to).every((byte) => byte === 0);
 
 function checksumOk(block: Buffer): boolean {
   const stored = numeric(block, 148, 8, "checksum");
@@ -304,21 +417,20 @@ function text(bytes: Buffer, start = 0, end = bytes.length): string {
 
 function entryType(flag: string, name: string): EntryType {
   switch (flag) {
-    case "0": case "\0": case "7": return "file";
+    case "0": case "\0": case "7": case "S": return "file";
     case "1": return "hardlink";
     case "2": return "symlink";
     case "3": return "char";
     case "4": return "block";
     case "5": return "directory";
     case "6": return "fifo";
-    case "S": throw new LayerRefused("SPARSE_FILE", name, "GNU sparse files (type S) are not supported");
     default: throw new LayerRefused("UNKNOWN_TYPE", name, `unsupported entry type ${JSON.stringify(flag)}`);
   }
 }
 
-/** PAX records "<len> <key>=<value>\n": the key is UTF-8 text, the value raw bytes. */
-function parsePax(data: Buffer): Map<string, Buffer> {
-  const records = new Map<string, Buffer>();
+/** PAX records "<len> <key>=<value>\n", in order: the key is UTF-8 text, the value raw bytes. */
+function parsePax(data: Buffer): [string, Buffer][] {
+  const records: [string, Buffer][] = [];
   for (let at = 0; at < data.length; ) {
     const space = data.indexOf(0x20, at);
     const lengthText = space === -1 ? "" : data.toString("latin1", at, space);
@@ -330,7 +442,7 @@ function parsePax(data: Buffer): Map<string, Buffer> {
     const record = data.subarray(space + 1, at + length - 1);
     const equals = record.indexOf(0x3d);
     if (equals <= 0) throw new LayerRefused("BAD_PAX", ARCHIVE, "malformed PAX record (no key)");
-    records.set(record.toString("utf8", 0, equals), record.subarray(equals + 1)); // `data` is our own copy
+    records.push([record.toString("utf8", 0, equals), record.subarray(equals + 1)]); // `data` is our own copy
     at += length;
   }
   return records;

@@ -93,3 +93,14 @@ test("diffManifests explains each difference on one line", () => {
     "/su: uid expected 0, got 1",
   ]);
 });
+
+test("walkTree records content, not allocation: a sparse file and a dense copy of it are the same entry", async () => {
+  const [sparse, dense] = [tempDir(), tempDir()];
+  writeFileSync(join(sparse, "f"), "head");
+  execFileSync("truncate", ["-s", "1M", join(sparse, "f")]);
+  writeFileSync(join(dense, "f"), Buffer.concat([Buffer.from("head"), Buffer.alloc(1024 * 1024 - 4)]));
+  for (const dir of [sparse, dense]) utimesSync(join(dir, "f"), T, T);
+  const [a, b] = [await walkTree(sparse), await walkTree(dense)];
+  assert.equal(a[0]!.size, 1024 * 1024);
+  assert.deepEqual(diffManifests(a, b), []);
+});

@@ -35,7 +35,7 @@ test("the corpus covers every kind of outcome and the issue's families of cases"
     assert.ok(cases.filter((c) => c.name.startsWith(family)).length >= 2, `${family} cases`);
   }
   const rules = new Set(cases.flatMap((c) => (c.expect.outcome === "refused" && c.expect.stage === "validate" ? [c.expect.rule] : [])));
-  for (const rule of ["DOTDOT", "ABSOLUTE_PATH", "EMPTY_NAME", "BAD_ENCODING", "PATH_TOO_LONG", "TOO_DEEP", "UNKNOWN_TYPE", "SPARSE_FILE", "HEADER_TOO_LARGE", "NOT_A_TAR", "TRUNCATED", "TRAILING_GARBAGE", "DECOMPRESSION_LIMIT", "TOO_MANY_ENTRIES", "BAD_WHITEOUT", "THROUGH_SYMLINK", "BAD_XATTR", "BAD_PAX", "SPARSE_FILE", "HARDLINK_TARGET_INVALID", "HARDLINK_TO_MISSING"] as const) {
+  for (const rule of ["DOTDOT", "ABSOLUTE_PATH", "EMPTY_NAME", "BAD_ENCODING", "PATH_TOO_LONG", "TOO_DEEP", "UNKNOWN_TYPE", "BAD_SPARSE_MAP", "HEADER_TOO_LARGE", "NOT_A_TAR", "TRUNCATED", "TRAILING_GARBAGE", "DECOMPRESSION_LIMIT", "TOO_MANY_ENTRIES", "BAD_WHITEOUT", "THROUGH_SYMLINK", "BAD_XATTR", "BAD_PAX", "HARDLINK_TARGET_INVALID", "HARDLINK_TO_MISSING"] as const) {
     assert.ok(rules.has(rule), `a case refused by ${rule}`);
   }
 });
@@ -171,5 +171,39 @@ for (const [name, want] of [["char-device", { path: "dev/mem", char: true, rdev:
     const node = lstatSync(join(root, want.path));
     assert.deepEqual([node.isCharacterDevice(), node.isBlockDevice(), node.rdev, node.mode & 0o7777, node.uid, node.gid], [want.char, !want.char, want.rdev, 0o666, 0, 0]);
     assert.deepEqual(readdirSync(base).sort(), ["1.tar", "root"]);
+  });
+}
+
+// Hostile sparse maps are refused by BOTH guards, by the same rule and naming the same entry: the
+// validator refuses them first, but the applier is a guard by itself.
+for (const c of cases.filter((x) => x.expect.outcome === "refused" && x.expect.stage === "validate" && x.expect.rule === "BAD_SPARSE_MAP")) {
+  test(`applier (chrooted) refuses ${c.name} as the validator does`, applierOpts, async (t) => {
+    const expect = c.expect as Extract<CorpusCase["expect"], { stage: "validate" }>;
+    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-sparse-"));
+    t.after(() => rmSync(base, { recursive: true, force: true }));
+    const root = join(base, "root");
+    mkdirSync(root);
+    const blob = join(base, "1.tar");
+    writeFileSync(blob, c.layers[0]!);
+    const report = await applyWithChild(root, blob, digestOf(c.layers[0]!));
+    assert.deepEqual({ code: report.code, rule: report.rule, entry: report.entry }, { code: "LAYER_REFUSED", rule: expect.rule, entry: expect.entry }, report.message);
+    assert.deepEqual(readdirSync(root), [], "nothing of the refused member is left");
+  });
+}
+
+// The sparse cases keep their holes: each file's allocated blocks are far below its length.
+for (const c of cases.filter((x) => x.name.startsWith("sparse-") && x.expect.outcome === "applied")) {
+  test(`applier (chrooted): ${c.name} keeps the holes`, applierOpts, async (t) => {
+    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-holes-"));
+    t.after(() => rmSync(base, { recursive: true, force: true }));
+    const root = join(base, "root");
+    mkdirSync(root);
+    const blob = join(base, "1.tar");
+    writeFileSync(blob, c.layers[0]!);
+    assert.equal((await applyWithChild(root, blob, digestOf(c.layers[0]!))).ok, true);
+    const allocated = (path: string) => lstatSync(join(root, path)).blocks * 512;
+    assert.equal(allocated("var/empty"), 0, "an all-hole file has no block");
+    assert.ok(allocated("var/db") <= 3 * 4096, `var/db: ${allocated("var/db")} bytes allocated for 3 regions of 20,004 bytes`);
+    assert.ok(allocated("var/log") <= 4096, `var/log: ${allocated("var/log")} bytes allocated`);
   });
 }

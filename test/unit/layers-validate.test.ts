@@ -6,6 +6,13 @@ import fc from "fast-check";
 import { extract } from "tar-stream";
 import { LayerValidationError, normalizeEntryName, validateLayer, type LayerLimits, type LayerRule } from "../../agent/layers/validate.ts";
 import { END_OF_ARCHIVE, packTar, padded, paxRecords, rawHeader, rawTar, type PackEntry } from "../fixtures/tar-bytes.ts";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { layerSizeOf } from "../../agent/images/pool-space.ts";
+import { MAX_SPARSE_REGIONS } from "../../agent/layers/sparse.ts";
+import { gnuSparseArchives, SPARSE_FILES } from "../fixtures/gnu-sparse.ts";
+import { SPARSE_FORMATS, sparseFile, sparseMember } from "../fixtures/tar-bytes.ts";
 
 /** Feeds `bytes` in chunks of `chunk` bytes (whole by default). */
 function validate(bytes: Buffer, limits: Partial<LayerLimits> = {}, chunk = bytes.length || 1) {
@@ -59,6 +66,8 @@ test("a typical layer is accepted and summarized", async () => {
     devices: 0,
     whiteouts: 1,
     opaqueDirs: 1,
+    sparseFiles: 0,
+    sparseRegions: 0,
     fileBytes: "perl binary".length + "setuid".length + "long names go through PAX".length + "with xattrs".length,
     tarBytes: tar.length,
     compression: "none",
@@ -155,7 +164,7 @@ test("device nodes are accepted (as debootstrap's /dev has them); unknown entry 
   // A contiguous file ('7') is a regular file.
   assert.equal((await validate(await packTar([{ header: { name: "c", type: "contiguous-file" }, body: "x" }]))).fileBytes, 1);
   for (const flag of ["V", "D", "M", "8", "9", "A", "\x7f"]) await refused(rawTar([[{ name: "x", typeflag: flag }]]), "UNKNOWN_TYPE");
-  await refused(rawTar([[{ name: "x", typeflag: "S" }]]), "SPARSE_FILE");
+  await refused(rawTar([[{ name: "x", typeflag: "S" }]]), "BAD_SPARSE_MAP"); // no real size, no map
   await refused(rawTar([[{ name: "d", typeflag: "3" }, "content"]]), "NONZERO_SIZE");
 });
 
@@ -270,7 +279,7 @@ test("PAX records: ids up to 4294967294 win over the header, numbers must be num
   await refused(await packTar([file("f", "x", { pax: { size: "1abc" } })]), "BAD_PAX");
   await refused(await packTar([file("f", "x", { pax: { mtime: "soon" } })]), "BAD_PAX");
   assert.equal((await validate(await packTar([file("f", "x", { pax: { mtime: "1700000000.123456789" } })]))).files, 1);
-  await refused(await packTar([file("f", "x", { pax: { "GNU.sparse.major": "1", "GNU.sparse.minor": "0" } })]), "SPARSE_FILE");
+  await refused(await packTar([file("f", "x", { pax: { "GNU.sparse.major": "1", "GNU.sparse.minor": "0" } })]), "BAD_SPARSE_MAP"); // 1.0 without its real size
   for (const name of ["trusted.overlay.opaque", "security.selinux", "system.posix_acl_access", "user."]) {
     await refused(await packTar([file("f", "x", { pax: { [`SCHILY.xattr.${name}`]: "y" } })]), "BAD_XATTR");
   }
@@ -551,4 +560,80 @@ test("property: normalized names are relative, canonical and free of .. componen
 test("padding helper sanity", () => {
   assert.equal(padded("x").length, 512);
   assert.equal(padded(Buffer.alloc(512)).length, 512);
+});
+
+test("GNU tar's sparse archives (old GNU, PAX 0.0, 0.1, 1.0) are accepted: real sizes for the limit, stored bytes for what is written", async (t) => {
+  const base = mkdtempSync(join(tmpdir(), "imgd-sparse-"));
+  t.after(() => rmSync(base, { recursive: true, force: true }));
+  const { src, tars } = gnuSparseArchives(base);
+  const files = SPARSE_FILES.filter((n) => !n.endsWith(".link"));
+  // GNU tar stores each file's data as SEEK_DATA/SEEK_HOLE find it, in whole filesystem blocks:
+  // hole-at-end's 17 bytes are one block, data-at-end two, many-regions 50, punched 2 MiB less the
+  // 1 MiB hole, all-hole nothing. (st_blocks may count an extent-tree block more: at most that.)
+  const stored = 4096 + 2 * 4096 + 50 * 4096 + 1024 * 1024;
+  const allocated = files.reduce((sum, n) => sum + statSync(join(src, n)).blocks * 512, 0);
+  assert.ok(stored <= allocated, `${stored} stored, ${allocated} allocated`);
+  const largest = Math.max(...files.map((n) => statSync(join(src, n)).size));
+  for (const format of SPARSE_FORMATS) {
+    for (const chunk of [tars[format].length, 777]) {
+      const summary = await validate(tars[format], {}, chunk);
+      assert.deepEqual(
+        { files: summary.files, hardlinks: summary.hardlinks, sparseFiles: summary.sparseFiles, fileBytes: summary.fileBytes },
+        { files: files.length, hardlinks: 1, sparseFiles: files.length, fileBytes: stored },
+        `${format}, chunks of ${chunk}`,
+      );
+      // 50 regions for many-regions, and at least one (its last, empty one) for every other file.
+      assert.ok(summary.sparseRegions >= 50 + files.length, `${format}: ${summary.sparseRegions} regions`);
+    }
+    // The per-file limit is on the real size: a 3 MiB file of holes stores nothing and is still too large.
+    const error = await refused(tars[format], "ENTRY_TOO_LARGE", { maxEntryBytes: largest - 1 });
+    assert.match(error.message, /sparse file of \d+ bytes/);
+    assert.equal((await validate(tars[format], { maxEntryBytes: largest })).files, files.length);
+  }
+});
+
+test("sparse maps: hostile ones are BAD_SPARSE_MAP in every format; the region bound is exact", async () => {
+  const d = Buffer.from("data");
+  const end = (member: Buffer) => Buffer.concat([member, END_OF_ARCHIVE]);
+  for (const format of SPARSE_FORMATS) {
+    const bad: [string, Parameters<typeof sparseMember>[1]][] = [
+      ["out of order", { name: "s", realSize: 100, map: [[50, 2], [0, 2]], data: d }],
+      ["overlapping", { name: "s", realSize: 100, map: [[0, 3], [2, 1]], data: d }],
+      ["past the real size", { name: "s", realSize: 100, map: [[98, 4]], data: d }],
+      ["offset + size overflowing", { name: "s", realSize: Number.MAX_SAFE_INTEGER, map: [[Number.MAX_SAFE_INTEGER - 1, 4]], data: d }],
+      ["sizes not the stored bytes", { name: "s", realSize: 100, map: [[0, 5]], data: d }],
+      ["a number that is not one", { name: "s", realSize: 100, map: [[format === "gnu" ? "0x10" : "1e3", 4]], data: d }],
+      ["a real size that is not a number", { name: "s", realSize: format === "gnu" ? "-1" : "12abc", map: [[0, 4]], data: d }],
+    ];
+    for (const [what, spec] of bad) {
+      const error = await refused(end(sparseMember(format, spec)), "BAD_SPARSE_MAP");
+      assert.equal(error.entry, "s", `${format}, ${what}: names the real name`);
+    }
+    // Adjacent regions, an empty region at the end, and exactly MAX_SPARSE_REGIONS regions are fine.
+    assert.equal((await validate(end(sparseFile(format, "s", 10, [[0, Buffer.from("ab")], [2, Buffer.from("cd")], [10, Buffer.alloc(0)]])))).fileBytes, 4);
+    const most = Array.from({ length: MAX_SPARSE_REGIONS }, (_, i) => [2 * i, Buffer.from("r")] as const);
+    const tooMany = [...most, [2 * MAX_SPARSE_REGIONS, Buffer.from("r")] as const];
+    if (format === "0.0") {
+      // Two PAX records per region: 0.0 maps reach the 1 MiB header bound first (about 18,000 regions).
+      await refused(end(sparseFile(format, "s", 2 * MAX_SPARSE_REGIONS, most)), "HEADER_TOO_LARGE");
+      assert.match((await refused(end(sparseMember(format, { name: "s", realSize: 10, map: [], count: MAX_SPARSE_REGIONS + 1, data: Buffer.alloc(0) })), "BAD_SPARSE_MAP")).message, /more than 65536 regions/);
+      continue;
+    }
+    const summary = await validate(end(sparseFile(format, "s", 2 * MAX_SPARSE_REGIONS, most)), {}, 4096);
+    assert.deepEqual([summary.sparseRegions, summary.fileBytes], [MAX_SPARSE_REGIONS, MAX_SPARSE_REGIONS]);
+    assert.match((await refused(end(sparseFile(format, "s", 2 * MAX_SPARSE_REGIONS + 1, tooMany)), "BAD_SPARSE_MAP")).message, /more than 65536 regions/);
+  }
+  // Mixed or unknown records, sparse records on a non-file, a sparse whiteout.
+  const pax = (records: [string, string][], header: Parameters<typeof rawHeader>[0] = { name: "s" }, body = "") =>
+    rawTar([[{ name: "PaxHeaders/s", typeflag: "x" }, paxRecords(records)], [header, body]]);
+  await refused(pax([["GNU.sparse.major", "1"], ["GNU.sparse.minor", "0"], ["GNU.sparse.realsize", "4"], ["GNU.sparse.size", "4"]]), "BAD_SPARSE_MAP");
+  await refused(pax([["GNU.sparse.size", "4"], ["GNU.sparse.numblocks", "0"], ["GNU.sparse.colour", "red"]]), "BAD_SPARSE_MAP");
+  await refused(pax([["GNU.sparse.size", "0"], ["GNU.sparse.numblocks", "0"]], { name: "d/", typeflag: "5" }), "BAD_SPARSE_MAP");
+  await refused(end(sparseFile("1.0", ".wh.gone", 100, [[100, Buffer.alloc(0)]])), "BAD_WHITEOUT");
+  await refused(Buffer.concat([sparseFile("gnu", "s", 10, [[0, d]]).subarray(0, 512), END_OF_ARCHIVE]), "TRUNCATED");
+});
+
+test("the pool estimate counts a sparse file's stored bytes and a block per region, never its holes", () => {
+  assert.deepEqual(layerSizeOf({ fileBytes: 8192, entries: 3, sparseRegions: 4 }), { fileBytes: 8192 + 4 * 4096, entries: 3 });
+  assert.deepEqual(layerSizeOf({ fileBytes: 10, entries: 1, sparseRegions: 0 }), { fileBytes: 10, entries: 1 });
 });

@@ -14,7 +14,10 @@ import koffi from "koffi";
 import tar from "tar-stream";
 import { decompressed } from "../../privhelper/apply/decompress.ts";
 import { applyLayer, LayerRefused } from "../../privhelper/apply/oci-apply.ts";
+import { MAX_REGIONS } from "../../privhelper/apply/sparse.ts";
 import { debianTool } from "../helpers/debian-tool.ts";
+import { contentOf, gnuSparseArchives, SPARSE_FILES } from "../fixtures/gnu-sparse.ts";
+import { END_OF_ARCHIVE, SPARSE_FORMATS, sparseFile, sparseMember } from "../fixtures/tar-bytes.ts";
 
 const CHILD = fileURLToPath(new URL("../../privhelper/apply/child.ts", import.meta.url));
 const isRoot = process.getuid?.() === 0;
@@ -265,7 +268,7 @@ test("foreign xattrs, unknown whiteouts and broken tars are refused with the val
     [[file("d/.wh..wh.plnk", "")], "BAD_WHITEOUT"],
     [[file(".wh.", "")], "BAD_WHITEOUT"],
     [[file(".wh.x", "payload")], "BAD_WHITEOUT"],
-    [[file("s", "", { pax: { "GNU.sparse.major": "1" } })], "SPARSE_FILE"],
+    [[file("s", "", { pax: { "GNU.sparse.major": "1" } })], "BAD_SPARSE_MAP"],
     [[file("x", "", { pax: { mtime: "yesterday" } })], "BAD_PAX"],
     [[file("x", "", { pax: { uid: "4294967295" } })], "BAD_OWNER"],
     [[symlink("s", "")], "SYMLINK_TARGET_INVALID"],
@@ -707,4 +710,70 @@ test("the tar reader gives the same tree whatever the chunk sizes it is fed (hea
   }
   assert.ok(trees[0]!.some((line) => line.startsWith("etc/conf file:") && line.includes(" 300000:0 1600000000500000000 ")), trees[0]!.join("\n"));
   for (const tree of trees.slice(1)) assert.deepEqual(tree, trees[0]);
+});
+
+test("GNU tar's sparse archives apply exactly, holes kept: old GNU, PAX 0.0, 0.1 and 1.0 (chrooted child)", opts, async (t) => {
+  const box = sandbox(t);
+  const { src, tars } = gnuSparseArchives(box.base);
+  for (const format of SPARSE_FORMATS) {
+    const root = join(box.base, `root-${format.replace(".", "")}`);
+    mkdirSync(root);
+    const blob = join(box.base, `${format}.tar`);
+    writeFileSync(blob, tars[format]);
+    const digest = `sha256:${createHash("sha256").update(tars[format]).digest("hex")}`;
+    const { report } = await runChild(["--root", root, "--blob", blob, "--digest", digest]);
+    assert.equal(report.ok, true, `${format}: ${JSON.stringify(report)}`);
+    for (const name of SPARSE_FILES) {
+      const [original, applied] = [statSync(join(src, name)), statSync(join(root, name))];
+      assert.equal(applied.size, original.size, `${format} ${name}: length`);
+      assert.ok(contentOf(root, name).equals(contentOf(src, name)), `${format} ${name}: content`);
+      // Holes stay holes: no more blocks than the original holds (its extent-tree block aside).
+      assert.ok(applied.blocks <= original.blocks + 8, `${format} ${name}: ${applied.blocks} blocks, the original ${original.blocks}`);
+      assert.ok(applied.blocks * 512 <= applied.size / 2, `${format} ${name}: ${applied.blocks * 512} bytes allocated for ${applied.size}`);
+      assert.deepEqual([applied.mode & 0o7777, Math.floor(applied.mtimeMs / 1000)], [original.mode & 0o7777, Math.floor(original.mtimeMs / 1000)], `${format} ${name}: mode, mtime`);
+    }
+    assert.equal(statSync(join(root, "all-hole")).blocks, 0);
+    assert.equal(statSync(join(root, "many-regions")).ino, statSync(join(root, "many-regions.link")).ino, `${format}: the hardlink shares the sparse file's inode`);
+  }
+});
+
+test("sparse members in any chunking: regions land at their offsets, a map split across reads", opts, async (t) => {
+  const box = sandbox(t);
+  const regions = [[0, Buffer.from("first")], [4096, Buffer.alloc(5000, 0x62)], [70_000, Buffer.from("last")]] as const;
+  const expected = Buffer.alloc(70_004);
+  for (const [offset, bytes] of regions) bytes.copy(expected, offset);
+  for (const format of SPARSE_FORMATS) {
+    const tar = Buffer.concat([sparseFile(format, "f", 70_004, regions), END_OF_ARCHIVE]);
+    for (const chunk of [1, 511, 4096]) {
+      const root = mkdtempSync(join(box.base, "chunks-"));
+      await applyLayer(root, Array.from({ length: Math.ceil(tar.length / chunk) }, (_, i) => tar.subarray(i * chunk, (i + 1) * chunk)));
+      assert.ok(readFileSync(join(root, "f")).equals(expected), `${format}, chunks of ${chunk}`);
+    }
+  }
+});
+
+test("hostile sparse maps are refused by the validator's rule, before anything is written", opts, async (t) => {
+  const box = sandbox(t);
+  const d = Buffer.from("data");
+  for (const format of SPARSE_FORMATS) {
+    const cases: [string, Parameters<typeof sparseMember>[1]][] = [
+      ["out of order", { name: "s", realSize: 100, map: [[50, 2], [0, 2]], data: d }],
+      ["overlapping", { name: "s", realSize: 100, map: [[0, 3], [2, 1]], data: d }],
+      ["past the real size", { name: "s", realSize: 100, map: [[98, 4]], data: d }],
+      ["overflowing", { name: "s", realSize: Number.MAX_SAFE_INTEGER, map: [[Number.MAX_SAFE_INTEGER - 1, 4]], data: d }],
+      ["sizes not the stored bytes", { name: "s", realSize: 100, map: [[0, 5]], data: d }],
+      ["a malformed number", { name: "s", realSize: 100, map: [[format === "gnu" ? "0x10" : "1e3", 4]], data: d }],
+      ["too many regions", { name: "s", realSize: 10, map: [[0, 4]], count: MAX_REGIONS + 1, data: d }],
+    ];
+    if (format === "gnu") cases.pop(); // old GNU has no count: its bound is on the entries (the corpus's case)
+    for (const [what, spec] of cases) {
+      const root = mkdtempSync(join(box.base, "hostile-"));
+      await assert.rejects(applyLayer(root, [Buffer.concat([sparseMember(format, spec), END_OF_ARCHIVE])]), (err: unknown) => {
+        assert.ok(err instanceof LayerRefused, String(err));
+        assert.deepEqual([err.rule, err.entry], ["BAD_SPARSE_MAP", "s"], `${format}, ${what}: ${err.message}`);
+        return true;
+      });
+      assert.deepEqual(readdirSync(root), [], `${format}, ${what}: nothing written`);
+    }
+  }
 });
