@@ -117,12 +117,15 @@ function statusLine(image: string, m: PullImageResponse, timeline: Timeline): st
 }
 
 function layerLine(l: LayerProgress, count: number, timeline: Timeline): string {
-  const head = `  ${`${l.position}/${count}`.padStart(5)} ${(l.digest ? shortDigest(l.digest) : "").padEnd(19)} ${PHASE_NAMES[l.phase].padEnd(11)}`;
+  // A layer downloaded in full waits for its turn to be applied.
+  const downloaded = l.phase === LayerPhase.DOWNLOADING && l.bytesDone === l.bytesTotal;
+  const phase = downloaded ? "downloaded" : PHASE_NAMES[l.phase];
+  const head = `  ${`${l.position}/${count}`.padStart(5)} ${(l.digest ? shortDigest(l.digest) : "").padEnd(19)} ${phase.padEnd(11)}`;
   switch (l.phase) {
     case LayerPhase.DOWNLOADING: {
+      if (downloaded) return `${head} ${size(l.bytesTotal).padStart(21)}`;
       const rate = Number(l.bytesDone) / Math.max(timeline.inPhase(l), 0.001);
-      const rateText = l.bytesDone === l.bytesTotal ? "downloaded" : `${size(rate)}/s`;
-      return `${head} ${`${size(l.bytesDone)} / ${size(l.bytesTotal)}`.padStart(21)}  ${percent(l.bytesDone, l.bytesTotal).padStart(4)}  ${rateText}`;
+      return `${head} ${`${size(l.bytesDone)} / ${size(l.bytesTotal)}`.padStart(21)}  ${percent(l.bytesDone, l.bytesTotal).padStart(4)}  ${size(rate)}/s`;
     }
     case LayerPhase.APPLYING:
       return `${head} ${size(l.bytesTotal).padStart(21)}  ${timeline.inPhase(l).toFixed(1)} s`;
