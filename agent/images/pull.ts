@@ -113,8 +113,9 @@ async function listLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
 
 /**
  * The run's progress, planned from what is already here: a layer whose blob is stored needs no
- * download; one whose device (and every device before it) exists needs nothing. A run resumed
- * after a restart plans again from its checkpoint.
+ * download; one whose blob is stored and whose device exists (its chain id needs the digests of
+ * every layer up to it) needs nothing. A run resumed after a restart plans again from its
+ * checkpoint (what it built before is then "reused").
  */
 async function trackProgress(deps: PullDeps, ctx: Ctx, fresh = false): Promise<RunProgress> {
   const existing = fresh ? undefined : deps.progress.get(ctx.runId);
