@@ -13,6 +13,7 @@ import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
 import { registerDeleteFsm } from "./images/delete.ts";
 import { registerPullFsm } from "./images/pull.ts";
+import { PullProgressBoard } from "./images/pull-progress.ts";
 import { DownloadGate } from "./images/download-gate.ts";
 import { lockStateDir } from "./instance-lock.ts";
 import { reconcile } from "./reconcile.ts";
@@ -61,7 +62,8 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
   const downloads = new DownloadGate();
-  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits, downloads });
+  const progress = new PullProgressBoard();
+  const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits, downloads, progress });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper, locks });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
@@ -72,7 +74,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   await engine.resumeAll();
   const stopPruning = startRunHistoryPruning(engine, { maxRuns: config.runHistoryMax, maxAgeDays: config.runHistoryDays }, (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }));
 
-  const { server, port } = await startGrpcServer(config.api, { ...lifecycle, log }, { countRpc: (method, code, seconds) => metrics.rpc(method, code, seconds) });
+  const { server, port } = await startGrpcServer(config.api, { ...lifecycle, progress, log }, { countRpc: (method, code, seconds) => metrics.rpc(method, code, seconds) });
 
   log("info", "imgd serving", { listen: config.listen, port, stateDir: config.stateDir, bucket: s3Config.bucket, endpoint: s3Config.endpoint ?? "aws" });
 

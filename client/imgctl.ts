@@ -3,9 +3,32 @@
 import { parseArgs } from "node:util";
 import { ClientError } from "nice-grpc";
 import { versionLine, version } from "./version.ts";
-import { connectImgd, DEFAULT_ADDR, ImageState, RunStatus, type Activation, type Image, type ImgdClient } from "./sdk.ts";
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import {
+  connectImgd,
+  DEFAULT_ADDR,
+  ImageState,
+  RunStatus,
+  ActivateImageResponseSchema,
+  CollectGarbageResponseSchema,
+  DeactivateImageResponseSchema,
+  DeleteImageResponseSchema,
+  DoctorResponseSchema,
+  GetImageResponseSchema,
+  GetPoolResponseSchema,
+  ListActivationsResponseSchema,
+  ListImagesResponseSchema,
+  ListRunsResponseSchema,
+  PullImageResponseSchema,
+  type Activation,
+  type Image,
+  type ImgdClient,
+  type PullImageResponse,
+} from "./sdk.ts";
+import { jsonLine } from "./proto-json.ts";
+import { logView, quietView, terminalView, type PullView } from "./pull-output.ts";
 
-const USAGE = `usage: imgctl [--addr unix:/PATH|HOST:PORT] [--tls-ca F --tls-cert F --tls-key F] [--json] COMMAND
+const USAGE = `usage: imgctl [--addr unix:/PATH|HOST:PORT] [--tls-ca F --tls-cert F --tls-key F] [--json | --quiet] COMMAND
 commands:
   version               print imgctl's version (and git commit)
   pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
@@ -26,6 +49,9 @@ commands:
   doctor --adopt-pool | --wipe-pool   decide about thin ids this agent's database never
                         allocated (FOREIGN_THIN_ID; never repaired otherwise): keep them
                         reserved, or delete them from the pool; then repair the rest
+--json prints each answer as proto3 JSON (as grpcurl does), one message per line (pull: one
+line per stream message); --quiet prints nothing but errors (the exit code says how it went).
+pull draws its progress in place on a terminal, and writes one line per layer change otherwise.
 The agent address defaults to $IMGD_ADDR or ${DEFAULT_ADDR} (the agent's Unix socket);
 TLS files default to $IMGD_CLIENT_TLS_CA, $IMGD_CLIENT_TLS_CERT, $IMGD_CLIENT_TLS_KEY.
 Exit codes: 0 done, 1 failed, 2 usage error.`;
@@ -37,6 +63,7 @@ async function main(argv: string[]): Promise<number> {
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
       json: { type: "boolean", default: false },
+      quiet: { type: "boolean", short: "q", default: false },
       fsm: { type: "string" },
       id: { type: "string" },
       limit: { type: "string" },
@@ -51,6 +78,7 @@ async function main(argv: string[]): Promise<number> {
     console.log(USAGE);
     return command || values.help ? 0 : 2;
   }
+  if (values.json && values.quiet) throw new UsageError("--json and --quiet exclude each other");
   if (command === "version") {
     const v = version();
     if (values.json) console.log(JSON.stringify(v));
@@ -60,19 +88,25 @@ async function main(argv: string[]): Promise<number> {
   const tlsGiven = values["tls-ca"] !== undefined || values["tls-cert"] !== undefined || values["tls-key"] !== undefined;
   const tls = tlsGiven ? { caFile: values["tls-ca"], certFile: values["tls-cert"], keyFile: values["tls-key"] } : undefined;
   const { client, channel } = connectImgd(values.addr, tls ? { tls } : {});
-  const out = (human: () => void, data: unknown) => (values.json ? console.log(JSON.stringify(data, bigints, 2)) : human());
+  // The answer as proto3 JSON, or for people (or nothing with --quiet).
+  const out = <Desc extends DescMessage>(human: () => void, schema: Desc, message: MessageShape<Desc>) => {
+    if (values.json) console.log(jsonLine(schema, message));
+    else if (!values.quiet) human();
+  };
   try {
     switch (command) {
       case "pull":
-        return await pull(client, one(args, "IMAGE"), values.json);
+        return await pull(client, one(args, "IMAGE"), values.json ? "json" : values.quiet ? "quiet" : process.stdout.isTTY ? "terminal" : "log");
       case "activate": {
-        const { activation } = await client.activateImage({ image: one(args, "IMAGE") });
-        out(() => console.log(`activated ${activation!.image}: ${activation!.id} ${activation!.devicePath}`), activation);
+        const answer = await client.activateImage({ image: one(args, "IMAGE") });
+        const activation = answer.activation!;
+        out(() => console.log(`activated ${activation.image}: ${activation.id} ${activation.devicePath}`), ActivateImageResponseSchema, answer);
         return 0;
       }
       case "deactivate": {
-        const { activation } = await client.deactivateImage({ activationId: one(args, "ID") });
-        out(() => console.log(`deactivated ${activation!.image}: ${activation!.id} (${activation!.devicePath} removed)`), activation);
+        const answer = await client.deactivateImage({ activationId: one(args, "ID") });
+        const activation = answer.activation!;
+        out(() => console.log(`deactivated ${activation.image}: ${activation.id} (${activation.devicePath} removed)`), DeactivateImageResponseSchema, answer);
         return 0;
       }
       case "delete": {
@@ -81,7 +115,7 @@ async function main(argv: string[]): Promise<number> {
         out(() => {
           for (const id of result.deactivated) console.log(`deactivated ${id}`);
           console.log(`deleted ${image}: ${result.removedDevices.length} device(s) removed${result.removedDevices.length ? ` (${result.removedDevices.join(", ")})` : ""}`);
-        }, result);
+        }, DeleteImageResponseSchema, result);
         return 0;
       }
       case "gc": {
@@ -90,22 +124,22 @@ async function main(argv: string[]): Promise<number> {
           console.log(`removed ${result.removedDevices.length} device(s), ${result.removedBlobs.length} blob(s) (${mib(result.freedBlobBytes)}), ${result.removedTempFiles} temp file(s)`);
           for (const name of result.removedDevices) console.log(`  device ${name}`);
           for (const digest of result.removedBlobs) console.log(`  blob ${digest}`);
-        }, result);
+        }, CollectGarbageResponseSchema, result);
         return 0;
       }
       case "images": {
-        const { images } = await client.listImages({});
-        out(() => printImages(images), images);
+        const answer = await client.listImages({});
+        out(() => printImages(answer.images), ListImagesResponseSchema, answer);
         return 0;
       }
       case "image": {
-        const { image } = await client.getImage({ image: one(args, "IMAGE") });
-        out(() => printImage(image!), image);
+        const answer = await client.getImage({ image: one(args, "IMAGE") });
+        out(() => printImage(answer.image!), GetImageResponseSchema, answer);
         return 0;
       }
       case "activations": {
-        const { activations } = await client.listActivations({ image: args[0] ?? "" });
-        out(() => printActivations(activations), activations);
+        const answer = await client.listActivations({ image: args[0] ?? "" });
+        out(() => printActivations(answer.activations), ListActivationsResponseSchema, answer);
         return 0;
       }
       case "pool": {
@@ -114,16 +148,16 @@ async function main(argv: string[]): Promise<number> {
           console.log(`pool ${pool.name} (${pool.mode}${pool.errorIfNoSpace ? ", error_if_no_space" : ""}, block ${mib(pool.blockSizeBytes)})`);
           console.log(`  data      ${mib(pool.dataUsedBytes)} / ${mib(pool.dataTotalBytes)} used (${pct(pool.dataUsedBytes, pool.dataTotalBytes)})`);
           console.log(`  metadata  ${mib(pool.metadataUsedBytes)} / ${mib(pool.metadataTotalBytes)} used (${pct(pool.metadataUsedBytes, pool.metadataTotalBytes)})`);
-        }, pool);
+        }, GetPoolResponseSchema, pool);
         return 0;
       }
       case "runs": {
-        const { runs } = await client.listRuns({ fsm: values.fsm ?? "", resourceId: values.id ?? "", limit: nonNegativeInt("--limit", values.limit ?? "0") });
+        const answer = await client.listRuns({ fsm: values.fsm ?? "", resourceId: values.id ?? "", limit: nonNegativeInt("--limit", values.limit ?? "0") });
         out(() => {
-          for (const r of runs) {
+          for (const r of answer.runs) {
             console.log(`${r.id}  ${r.fsm.padEnd(8)} ${r.resourceId.padEnd(28)} ${RunStatus[r.status].toLowerCase().padEnd(9)} ${r.state.padEnd(12)} attempts=${r.attempts}${r.error ? `  error: ${r.error}` : ""}`);
           }
-        }, runs);
+        }, ListRunsResponseSchema, answer);
         return 0;
       }
       case "doctor": {
@@ -137,7 +171,7 @@ async function main(argv: string[]): Promise<number> {
           }
           const repaired = values.repair || values["adopt-pool"] || values["wipe-pool"];
           if (report.clean) console.log(repaired && report.findings.length > 0 ? "clean after repair" : "clean");
-        }, report);
+        }, DoctorResponseSchema, report);
         return report.clean ? 0 : 1;
       }
       default:
@@ -149,23 +183,26 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-async function pull(client: ImgdClient, image: string, json: boolean): Promise<number> {
-  let last = "";
-  for await (const p of client.pullImage({ image })) {
-    if (json) {
-      console.log(JSON.stringify(p, bigints));
-      continue;
+/** Follows the pull's stream; a failed pull ends it with an error (exit 1, printed by main). */
+async function pull(client: ImgdClient, image: string, mode: "json" | "quiet" | "terminal" | "log"): Promise<number> {
+  const json: PullView = { update: (m) => console.log(jsonLine(PullImageResponseSchema, m)), finish() {} };
+  const views = {
+    json: () => json,
+    quiet: quietView,
+    terminal: () => terminalView(image, process.stdout),
+    log: () => logView(image, (line) => console.log(line)),
+  };
+  const view = views[mode]();
+  let last: PullImageResponse | undefined;
+  try {
+    for await (const message of client.pullImage({ image })) {
+      last = message;
+      view.update(message);
     }
-    const line =
-      p.status === RunStatus.RUNNING
-        ? `${p.joined ? "(joined) " : ""}${p.state}${p.layer ? ` layer ${p.layer}/${p.layerCount}` : ""}`
-        : "";
-    if (line && line !== last) console.log(`pull ${image}: ${line}${p.bytesTotal ? ` ${mib(p.bytesTotal)}` : ""}`);
-    last = line || last;
-    if (p.status === RunStatus.SUCCEEDED) console.log(`pull ${image}: ready (thin id ${p.image?.thinId}, ${p.image?.layers.length} layers, ${mib(p.image?.size ?? 0n)})`);
-    if (p.status === RunStatus.FAILED) console.error(`pull ${image}: failed: ${p.error}`);
+  } finally {
+    view.finish(last);
   }
-  return 0;
+  return last?.status === RunStatus.SUCCEEDED ? 0 : 1;
 }
 
 function printImages(images: Image[]): void {
@@ -208,7 +245,6 @@ function parseCommandLine<O extends NonNullable<Parameters<typeof parseArgs>[0]>
 }
 const mib = (n: bigint | number) => `${(Number(n) / 1048576).toFixed(1)} MiB`;
 const pct = (a: bigint, b: bigint) => (b === 0n ? "0%" : `${((Number(a) / Number(b)) * 100).toFixed(1)}%`);
-const bigints = (_k: string, v: unknown) => (typeof v === "bigint" ? Number(v) : v);
 
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),

@@ -4,6 +4,7 @@ import { ulid } from "ulid";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import {
   ImageState,
+  LayerPhase,
   RunStatus,
   type ActivateImageRequest,
   type DeactivateImageRequest,
@@ -32,6 +33,7 @@ import type { DeleteFsm } from "../images/delete.ts";
 import { collectGarbage } from "../images/gc.ts";
 import type { DownloadGate } from "../images/download-gate.ts";
 import type { PullFsm } from "../images/pull.ts";
+import type { PullProgress, PullProgressBoard } from "../images/pull-progress.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
 
@@ -49,6 +51,7 @@ export interface ImageServiceDeps {
   blobs: BlobStore;
   locks: KeyedLock;
   downloads: DownloadGate;
+  progress: PullProgressBoard;
   log: Logger;
   tmpDir: string;
 }
@@ -89,35 +92,33 @@ export function imageService(deps: ImageServiceDeps) {
     async *pullImage(request: PullImageRequest, context: CallContext): AsyncGenerator<ProgressMsg> {
       const name = imageName(request.image);
       if (isReady(name)) {
-        yield { state: "ready", status: RunStatus.SUCCEEDED, image: imageMessage(name) };
+        const image = imageMessage(name)!;
+        const layers = image.layers!.map((l) => ({ position: l.position, digest: l.digest, phase: LayerPhase.REUSED, bytesDone: l.size, bytesTotal: l.size }));
+        yield { state: "ready", status: RunStatus.SUCCEEDED, image, layers };
         return;
       }
       const { runId, joined } = pull.start(name, { image: name }, { layers: [], chainIds: [] });
-      yield { runId, state: pull.get(runId)?.step ?? "", status: RunStatus.RUNNING, joined };
+      // The run's progress as it is now (a joined stream starts where the run is), then as the
+      // run reports it: the pull already throttles its updates, so each one is sent.
+      let progress = deps.progress.get(runId)?.snapshot();
       let step = pull.get(runId)?.step ?? "";
+      const message = (status: RunStatus, image?: ImageMsg): ProgressMsg => ({ runId, state: step, status, joined, image, ...(progress ? progressFields(progress) : {}) });
+      yield message(RunStatus.RUNNING);
       for await (const event of followRun(pull, runId, context.signal)) {
         if (event.type === "step") {
           step = event.step;
-          yield { runId, state: step, status: RunStatus.RUNNING, joined };
+          yield message(RunStatus.RUNNING);
         } else if (event.type === "progress") {
-          const p = event.progress as { layer?: number; layerCount?: number; bytesDone?: number; bytesTotal?: number };
-          yield {
-            runId,
-            state: event.step,
-            status: RunStatus.RUNNING,
-            joined,
-            layer: p.layer ?? 0,
-            layerCount: p.layerCount ?? 0,
-            bytesDone: BigInt(p.bytesDone ?? 0),
-            bytesTotal: BigInt(p.bytesTotal ?? 0),
-          };
+          progress = event.progress as PullProgress;
+          yield message(RunStatus.RUNNING);
         } else if (event.type === "finished") {
           const run = event.run;
+          step = run.step;
           if (run.status === "succeeded") {
-            yield { runId, state: run.step, status: RunStatus.SUCCEEDED, joined, image: imageMessage(name) };
+            yield message(RunStatus.SUCCEEDED, imageMessage(name));
             return;
           }
-          yield { runId, state: run.step, status: RunStatus.FAILED, joined, image: imageMessage(name), error: run.error ?? "" };
+          // Reported once: as the stream's status.
           throw new ServerError(Status.ABORTED, `pull of ${name} failed: ${run.error}`);
         }
       }
@@ -241,6 +242,22 @@ export function imageService(deps: ImageServiceDeps) {
       const remaining = after.findings.filter((f) => !seen.has(`${f.kind} ${f.subject}`)).map((f) => findingMessage(f));
       return { clean: after.clean, poolThinIds: after.poolThinIds, catalogThinIds: after.catalogThinIds, findings: [...outcomes.map((o) => findingMessage(o.finding, o)), ...remaining] };
     },
+  };
+}
+
+const LAYER_PHASES = {
+  pending: LayerPhase.PENDING,
+  reused: LayerPhase.REUSED,
+  downloading: LayerPhase.DOWNLOADING,
+  applying: LayerPhase.APPLYING,
+  done: LayerPhase.DONE,
+} as const;
+
+function progressFields(p: PullProgress): Pick<ProgressMsg, "bytesDone" | "bytesTotal" | "layers"> {
+  return {
+    bytesDone: BigInt(p.bytesDone),
+    bytesTotal: BigInt(p.bytesTotal),
+    layers: p.layers.map((l) => ({ position: l.position, digest: l.digest, phase: LAYER_PHASES[l.phase], bytesDone: BigInt(l.bytesDone), bytesTotal: BigInt(l.bytesTotal) })),
   };
 }
 

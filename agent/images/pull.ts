@@ -27,6 +27,7 @@ import { chainIds, layerDeviceName } from "./chain.ts";
 import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
 import { layerSizeOf, spaceProblem } from "./pool-space.ts";
+import type { PlannedLayer, PullProgressBoard, RunProgress } from "./pull-progress.ts";
 
 export interface PullRequest {
   image: string;
@@ -56,6 +57,8 @@ export interface PullDeps {
   /** The validator's limits, from the agent's settings (IMGD_LAYER_MAX_*); defaults when absent. */
   layerLimits?: Partial<LayerLimits>;
   downloads: DownloadGate;
+  /** Per-layer progress of the running pulls, which the PullImage streams read. */
+  progress: PullProgressBoard;
 }
 
 export type PullFsm = Fsm<PullRequest, PullState>;
@@ -83,6 +86,7 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     .end({
       finalizers: [
         async (run) => {
+          deps.progress.close(run.id);
           if (run.status !== "failed") return;
           // Only this run's row: a finalizer run again after a crash leaves a newer pull's outcome.
           await deps.locks.run(imageLock(run.request.image), async () => void catalog.markImageFailed(run.request.image, run.error ?? "pull failed", run.id));
@@ -92,7 +96,8 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
     });
 }
 
-async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promise<void> {
+async function listLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
+  const { s3, s3Config, catalog } = deps;
   let objects;
   try {
     objects = await listImageLayers(s3, s3Config, ctx.request.image);
@@ -103,6 +108,35 @@ async function listLayers({ s3, s3Config, catalog }: PullDeps, ctx: Ctx): Promis
   ctx.state.chainIds = [];
   // Only now that S3 listed the image does it get a row (under the lock a deletion takes).
   await ctx.withLock(imageLock(ctx.request.image), async () => catalog.beginPull(ctx.request.image, ctx.runId, ctx.state.layers));
+  await trackProgress(deps, ctx, true);
+}
+
+/**
+ * The run's progress, planned from what is already here: a layer whose blob is stored needs no
+ * download; one whose blob is stored and whose device exists (its chain id needs the digests of
+ * every layer up to it) needs nothing. A run resumed after a restart plans again from its
+ * checkpoint (what it built before is then "reused").
+ */
+async function trackProgress(deps: PullDeps, ctx: Ctx, fresh = false): Promise<RunProgress> {
+  const existing = fresh ? undefined : deps.progress.get(ctx.runId);
+  if (existing) {
+    existing.attach(ctx.progress); // this step's events now
+    return existing;
+  }
+  const plan: PlannedLayer[] = [];
+  const digests: string[] = [];
+  for (const layer of ctx.state.layers) {
+    const digest = layer.digest ?? deps.catalog.knownBlobFor(layer);
+    const stored = digest !== undefined && (await deps.blobs.has(digest)) !== undefined;
+    // Chain ids need every digest before this one.
+    if (digest !== undefined && digests.length === plan.length) digests.push(digest);
+    const chainId = digests.length === plan.length + 1 ? chainIds(digests).at(-1)! : undefined;
+    const reused = stored && chainId !== undefined && deps.catalog.getDevice(chainId)?.state === "ready";
+    plan.push({ position: layer.position, size: layer.size, digest, stored, reused });
+  }
+  const run = deps.progress.open(ctx.runId, plan);
+  run.attach(ctx.progress);
+  return run;
 }
 
 async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
@@ -115,23 +149,17 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
       throw refused(ctx, layer, err);
     }
   }
-  const total = ctx.state.layers.reduce((sum, l) => sum + l.size, 0);
-  // Called for every chunk written: keep a running total rather than summing all layers again.
-  const done = new Map<number, number>();
-  let bytesDone = 0;
-  const report = (layer: PulledLayer, bytes: number) => {
-    bytesDone += bytes - (done.get(layer.position) ?? 0);
-    done.set(layer.position, bytes);
-    ctx.progress({ layer: layer.position, layerCount: ctx.state.layers.length, bytesDone, bytesTotal: total });
-  };
+  const progress = await trackProgress(deps, ctx);
   await Promise.all(
     ctx.state.layers.map(async (layer) => {
-      if (layer.digest && (await deps.blobs.has(layer.digest))) return report(layer, layer.size);
+      if (layer.digest && (await deps.blobs.has(layer.digest))) return progress.stored(layer.position, layer.digest, layer.size);
       // Through the gate GC's sweep of unrecorded files takes: the blob is renamed into the store
       // before it is recorded.
-      layer.digest = await ctx.withQueue("download", () => deps.downloads.download(() => fetchLayer(deps, ctx, layer, (bytes) => report(layer, bytes))));
+      layer.digest = await ctx.withQueue("download", () =>
+        deps.downloads.download(() => fetchLayer(deps, ctx, layer, (bytes) => progress.downloading(layer.position, bytes))),
+      );
       deps.catalog.setLayerDigest(ctx.request.image, layer.position, layer.digest);
-      report(layer, layer.size);
+      progress.stored(layer.position, layer.digest, layer.size);
     }),
   );
 }
@@ -183,20 +211,32 @@ async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
     return l.digest;
   });
   const chain = chainIds(digests);
+  const progress = await trackProgress(deps, ctx);
   for (let i = 0; i < chain.length; i++) {
     const layer = ctx.state.layers[i];
-    ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: 0, bytesTotal: layer.size });
-    await ctx.withLock(chainLock(chain[i]), () => ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key));
+    const built = await ctx.withLock(chainLock(chain[i]), () =>
+      ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key, () => progress.applying(layer.position)),
+    );
     catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
-    ctx.progress({ layer: layer.position, layerCount: chain.length, bytesDone: layer.size, bytesTotal: layer.size });
+    if (built) progress.applied(layer.position);
+    else progress.reused(layer.position);
   }
   ctx.state.chainIds = chain;
 }
 
-async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, parentChainId: string | null, digest: string, key: string): Promise<void> {
+/** Builds the layer's device unless it exists; true when it was built (onBuild: just before). */
+async function ensureLayerDevice(
+  deps: PullDeps,
+  ctx: Ctx,
+  chainId: string,
+  parentChainId: string | null,
+  digest: string,
+  key: string,
+  onBuild: () => void,
+): Promise<boolean> {
   const { catalog, helper } = deps;
   const existing = catalog.getDevice(chainId);
-  if (existing?.state === "ready") return;
+  if (existing?.state === "ready") return false;
   // A device left "allocated" by a crash may be half-applied: never trust it, rebuild it.
   if (existing) await discardDevice(deps, existing);
 
@@ -205,6 +245,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   // One apply at a time (by default): the space check below must not be raced by another apply.
   await ctx.withQueue("apply", async () => {
     await checkPoolSpace(deps, ctx, digest, key, parent === null);
+    onBuild();
     const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
     crashPoint("pull.thin-id-allocated");
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
@@ -238,6 +279,7 @@ async function ensureLayerDevice(deps: PullDeps, ctx: Ctx, chainId: string, pare
   });
   crashPoint("pull.device-built");
   catalog.markDeviceReady(chainId);
+  return true;
 }
 
 /** Refuses a layer the pool cannot hold, before any device is made for it. */

@@ -166,7 +166,8 @@ async function activateAndCheck(image: TestImage) {
 }
 
 async function ensurePulled(image: TestImage): Promise<void> {
-  for await (const u of agent.client.pullImage({ image: image.name })) if (u.status === RunStatus.FAILED) assert.fail(u.error);
+  // A failed pull ends the stream with its error.
+  for await (const _ of agent.client.pullImage({ image: image.name }));
 }
 
 /** Swallows the error of a call cut short by the kill. */

@@ -52,7 +52,7 @@ for (const image of readRealChainImages()) {
     const started = performance.now();
     let last;
     for await (const update of client.pullImage({ image })) last = update;
-    assert.equal(last?.status, RunStatus.SUCCEEDED, last?.error);
+    assert.equal(last?.status, RunStatus.SUCCEEDED);
     const pulledMs = performance.now() - started;
     const { image: info } = await client.getImage({ image });
     assert.equal(info!.state, ImageState.READY);

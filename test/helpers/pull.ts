@@ -13,18 +13,18 @@ export async function pullUpdates(client: ImgdClient, image: string): Promise<Pu
 /** Pulls and asserts that the pull succeeded; resolves to the image. */
 export async function pullReady(client: ImgdClient, image: string): Promise<Image> {
   const last = (await pullUpdates(client, image)).at(-1);
-  assert.equal(last?.status, RunStatus.SUCCEEDED, last?.error ?? `pull ${image}: no update`);
+  assert.equal(last?.status, RunStatus.SUCCEEDED, `pull ${image}: the stream ended without SUCCEEDED`);
   return last.image!;
 }
 
 export type PullOutcome = { ok: true } | { ok: false; error: string };
 
-/** Pulls without throwing: ok, or the error (the final update's, or the stream's). */
+/** Pulls without throwing: ok, or the error (the stream's status). */
 export async function pullOutcome(client: ImgdClient, image: string): Promise<PullOutcome> {
   try {
     const last = (await pullUpdates(client, image)).at(-1);
     if (last?.status === RunStatus.SUCCEEDED) return { ok: true };
-    return { ok: false, error: last?.error ?? "(no final update)" };
+    return { ok: false, error: `the stream ended without SUCCEEDED (last state ${last?.state ?? "none"})` };
   } catch (err) {
     return { ok: false, error: (err as Error).message };
   }

@@ -10,7 +10,7 @@ import type { RunningAgent } from "../../agent/app.ts";
 import { layerDeviceName } from "../../agent/images/chain.ts";
 import { ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
-import { pullReady } from "../helpers/pull.ts";
+import { pullOutcome, pullReady } from "../helpers/pull.ts";
 import { tarOf, TestAgent } from "../helpers/test-agent.ts";
 
 let helper: FakeHelper;
@@ -171,17 +171,13 @@ test("a pull that starts while a deletion of the same image runs never claims su
     (err: Error) => ({ ok: false as const, err }),
   );
   while (!helper.calls.slice(calls).some((c) => c.op === "device.deactivate")) await new Promise((r) => setTimeout(r, 5));
-  const pulling = (async () => {
-    let last;
-    for await (const u of client.pullImage({ image: "golang" })) last = u;
-    return last!;
-  })();
+  const pulling = pullOutcome(client, "golang");
   await new Promise((r) => setTimeout(r, 1500));
   helper.holdApply(undefined);
   open();
   const [outcome, deleted] = await Promise.all([pulling, deleting]);
   const image = await client.getImage({ image: "golang" }).then((r) => r.image, () => undefined);
-  if (outcome.status === RunStatus.SUCCEEDED) {
+  if (outcome.ok) {
     assert.equal(image?.state, ImageState.READY, "a pull that succeeded left a ready image");
     assert.equal(deleted.ok, false, "and the deletion did not happen");
   } else {

@@ -68,7 +68,7 @@ const blobCount = () => readdirSync(join(stateDir, "blobs/sha256")).length;
 
 test("pull builds a chain of devices holding the layers in order", async () => {
   const last = (await pull("golang")).at(-1)!;
-  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  assert.equal(last.status, RunStatus.SUCCEEDED);
   const { image } = await client.getImage({ image: "golang" });
   assert.equal(image!.state, ImageState.READY);
   assert.deepEqual(helper.thins.get(image!.thinId)!.layers, image!.layers.map((l) => l.digest));
@@ -80,7 +80,7 @@ test("a second image downloads and builds only what it does not share", async ()
   const gets = objectGets().length;
   const thins = helper.thins.size;
   const last = (await pull("node")).at(-1)!;
-  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  assert.equal(last.status, RunStatus.SUCCEEDED);
   assert.deepEqual(objectGets().slice(gets).sort(), ["/imgd-test/images/node/4.tar", "/imgd-test/images/node/5.tar"]);
   assert.equal(helper.thins.size, thins + 2);
   assert.equal(blobCount(), 7);
@@ -133,7 +133,7 @@ test("a transient helper failure during apply is retried; the half-made device i
   await s3.put("images/retry/1.tar", await tarOf({ a: "1\n" }));
   helper.failNext("layer.apply", "COMMAND_FAILED", "mount: transient");
   const last = (await pull("retry")).at(-1)!;
-  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  assert.equal(last.status, RunStatus.SUCCEEDED);
   const { image } = await client.getImage({ image: "retry" });
   const orphans = [...helper.thins.keys()].filter((id) => !agent.catalog.listDevices().some((d) => d.thinId === id) && !agent.catalog.listActivations().some((a) => a.thinId === id));
   assert.deepEqual(orphans, [], "every thin id in the pool is known to the catalog");
@@ -345,8 +345,8 @@ test("two images needing the same missing layer fetch it once and apply it once"
   ]);
   const [requests, calls] = [proxy.requests.length, helper.calls.length];
   const [a, b] = await Promise.all([pull("twin-a"), pull("twin-b")]);
-  assert.equal(a.at(-1)!.status, RunStatus.SUCCEEDED, a.at(-1)!.error);
-  assert.equal(b.at(-1)!.status, RunStatus.SUCCEEDED, b.at(-1)!.error);
+  assert.equal(a.at(-1)!.status, RunStatus.SUCCEEDED);
+  assert.equal(b.at(-1)!.status, RunStatus.SUCCEEDED);
   const firstLayers = proxy.requests.slice(requests).filter(forKeys("images/twin-a/1.tar", "images/twin-b/1.tar"));
   assert.equal(firstLayers.filter(isObjectGet).length, 1, "the common layer is downloaded once, under one of its keys");
   const [imgA, imgB] = [(await client.getImage({ image: "twin-a" })).image!, (await client.getImage({ image: "twin-b" })).image!];
@@ -395,7 +395,7 @@ test("S3 faults in a pull are retried inside the download and resumed by Range: 
   const from = proxy.requests.length;
   const last = (await pull("flaky")).at(-1)!;
   proxy.tamper = () => undefined;
-  assert.equal(last.status, RunStatus.SUCCEEDED, last.error);
+  assert.equal(last.status, RunStatus.SUCCEEDED);
   const gets = proxy.requests.slice(from).filter((r) => isObjectGet(r) && key(r));
   assert.deepEqual(gets.map((r) => `${r.status} ${r.headers.range ?? "-"}`), ["503 -", "200 -", `206 bytes=20000-${body.length - 1}`]);
   const db = new Database(join(stateDir, "imgd.db"), { readonly: true });

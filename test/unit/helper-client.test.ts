@@ -121,7 +121,7 @@ test("five helper restarts during one unpack: the pull succeeds, no failed attem
 
   let last;
   for await (const update of client.pullImage({ image: "restarts" })) last = update;
-  assert.equal(last!.status, RunStatus.SUCCEEDED, last!.error);
+  assert.equal(last!.status, RunStatus.SUCCEEDED);
   await restarted;
   assert.equal(helper.restarts - before, 5);
 
