@@ -32,10 +32,10 @@ after(() => close());
 const sh = (cmd: string, ...args: string[]) => execFileSync(cmd, args, { encoding: "utf8" });
 const blobs = () => (existsSync(blobDir) ? readdirSync(blobDir).sort() : []);
 const dmDevices = () => sh("/usr/sbin/dmsetup", "ls").split("\n").filter((l) => l.startsWith("imgd-")).map((l) => l.split(/\s/)[0]).sort();
-/** Keys of the object GETs the S3 server has answered so far ("GET <key>?x-id=GetObject" lines; listings have no key). */
+/** Keys of the object GETs the S3 server has answered so far ("GET <key> STATUS BYTES" lines; listings have no key). */
 const s3Gets = () =>
   s3Log && existsSync(s3Log)
-    ? readFileSync(s3Log, "utf8").split("\n").filter((l) => /^GET [^?]/.test(l)).map((l) => l.slice(4).split("?")[0])
+    ? readFileSync(s3Log, "utf8").split("\n").filter((l) => /^GET [^?]/.test(l)).map((l) => l.split(" ")[1]!.split("?")[0])
     : [];
 
 const pull = (image: string) => pullUpdates(client, image);

@@ -8,7 +8,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmdirSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { connectImgd, ImageState, RunStatus, type ImgdClient } from "../../client/sdk.ts";
 import { expectedManifest, readRealChain, type RealChain } from "../fixtures/real-chain/chain.ts";
@@ -34,13 +34,36 @@ before(() => {
 after(() => close?.());
 
 const sh = (cmd: string, ...args: string[]) => execFileSync(cmd, args, { encoding: "utf8" });
+const MiB = 1048576;
 
-/** Mounts the activation read-only (no journal replay, nodev, nosuid), reads its manifest, unmounts. */
-async function manifestOfDevice(device: string): Promise<RealEntry[]> {
+/** Bytes of object bodies the S3 server has sent so far ("GET <key> STATUS BYTES" lines of its request log). */
+function s3BytesServed(): number {
+  const log = process.env.IMGD_TEST_S3_LOG;
+  if (!log || !existsSync(log)) return 0;
+  let bytes = 0;
+  for (const line of readFileSync(log, "utf8").split("\n")) {
+    const [method, key, , size] = line.split(" ");
+    if (method === "GET" && key && !key.startsWith("?") && /^[0-9]+$/.test(size ?? "")) bytes += Number(size);
+  }
+  return bytes;
+}
+
+// Sparse files of the recipe (small.recipe's app step): their holes must stay holes.
+const SPARSE_FILES = ["var/lib/imgd-sparse/hole-at-end", "var/lib/imgd-sparse/data-at-end"];
+
+/**
+ * Mounts the activation read-only (no journal replay, nodev, nosuid), reads its manifest and the
+ * blocks its sparse files hold, unmounts.
+ */
+async function readDevice(device: string): Promise<{ manifest: RealEntry[]; sparse: { path: string; size: number; allocated: number }[] }> {
   const dir = mkdtempSync("/tmp/imgd-real-");
   sh("/usr/bin/mount", "-o", "ro,noload,nodev,nosuid", device, dir);
   try {
-    return await manifestOf(dir);
+    const sparse = SPARSE_FILES.filter((path) => existsSync(join(dir, path))).map((path) => {
+      const st = statSync(join(dir, path));
+      return { path, size: st.size, allocated: st.blocks * 512 };
+    });
+    return { manifest: await manifestOf(dir), sparse };
   } finally {
     sh("/usr/bin/umount", dir);
     rmdirSync(dir);
@@ -50,17 +73,29 @@ async function manifestOfDevice(device: string): Promise<RealEntry[]> {
 for (const image of readRealChainImages()) {
   test(`${image}: pulled and activated, the activation equals the real root filesystem entry for entry`, async () => {
     const started = performance.now();
+    const servedBefore = s3BytesServed();
+    const poolBefore = (await client.getPool({})).dataUsedBytes;
     let last;
     for await (const update of client.pullImage({ image })) last = update;
     assert.equal(last?.status, RunStatus.SUCCEEDED);
     const pulledMs = performance.now() - started;
+    const fetched = s3BytesServed() - servedBefore;
+    const poolGrew = Number((await client.getPool({})).dataUsedBytes - poolBefore);
     const { image: info } = await client.getImage({ image });
     assert.equal(info!.state, ImageState.READY);
     assert.equal(info!.layers.length, chain.images.get(image)!.length);
     const { activation } = await client.activateImage({ image });
     const expected = expectedManifest(chain, image);
-    const differences = diffManifests(expected, await manifestOfDevice(activation!.devicePath));
-    console.log(`${image}: pulled in ${(pulledMs / 1000).toFixed(1)} s, ${expected.length} entries compared, ${differences.length} differences`);
+    const { manifest, sparse } = await readDevice(activation!.devicePath);
+    const differences = diffManifests(expected, manifest);
+    console.log(
+      `${image}: pulled in ${(pulledMs / 1000).toFixed(1)} s, ${(fetched / MiB).toFixed(1)} MiB fetched from S3, ` +
+        `pool data +${(poolGrew / MiB).toFixed(1)} MiB, ${expected.length} entries compared, ${differences.length} differences`,
+    );
+    for (const file of sparse) {
+      console.log(`${image}: ${file.path}: ${file.size} bytes, ${file.allocated} allocated`);
+      assert.ok(file.allocated <= 64 * 1024, `${image}: ${file.path} lost its holes: ${file.allocated} of ${file.size} bytes allocated`);
+    }
     assert.deepEqual(differences.slice(0, 20), [], `${image}: ${differences.length} entries differ from the real tree; the first 20:\n${differences.slice(0, 20).join("\n")}`);
   });
 }
