@@ -20,6 +20,7 @@ import { RunStore, StaleRunError, toRecord, type RunRow } from "./store.ts";
 import { WorkTracker } from "./work-tracker.ts";
 import type {
   EngineOptions,
+  ErrorDetail,
   InterruptionPolicy,
   LockProvider,
   Finalizer,
@@ -107,6 +108,7 @@ const defaultLog: LogFn = (level, msg, fields) => {
 export class FsmEngine {
   readonly #store: RunStore;
   readonly #log: LogFn;
+  readonly #describeError: (err: unknown) => ErrorDetail | undefined;
   readonly #retry: RetryPolicy;
   readonly #queueLimits: Record<string, number>;
   readonly #defaultQueueLimit: number;
@@ -129,6 +131,7 @@ export class FsmEngine {
   constructor(db: Database.Database, options: EngineOptions = {}) {
     this.#store = new RunStore(db);
     this.#log = options.log ?? defaultLog;
+    this.#describeError = options.describeError ?? (() => undefined);
     this.#retry = resolveRetryPolicy(options.retry);
     this.#queueLimits = { ...options.queues };
     this.#defaultQueueLimit = options.defaultQueueLimit ?? 2;
@@ -438,7 +441,7 @@ export class FsmEngine {
         this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error);
         const why = failure instanceof AbortError ? "aborted" : `gave up after ${failed} attempts`;
         this.#log("warn", `run failed: step ${why}`, { ...fields, error });
-        return this.#store.finish(runId, "failed", stepName, error);
+        return this.#store.finish(runId, "failed", stepName, error, this.#describeError(failure));
       }
       const delayMs = backoffDelayMs(step.retry, failed);
       this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error, delayMs);

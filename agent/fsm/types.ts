@@ -16,6 +16,17 @@ export interface EngineOptions {
   locks?: LockProvider;
   /** The poison rule (see README): when a run ends because its step keeps killing the process. */
   interruptions?: Partial<InterruptionPolicy>;
+  /**
+   * What a run's final failure is, kept with the run (RunRecord.errorDetail) so its callers get a
+   * typed reason even after a restart. Undefined: only the message is kept.
+   */
+  describeError?: (err: unknown) => ErrorDetail | undefined;
+}
+
+/** A failure in a form callers branch on: a stable reason and string metadata. */
+export interface ErrorDetail {
+  reason: string;
+  metadata: Record<string, string>;
 }
 
 export interface InterruptionPolicy {
@@ -96,6 +107,8 @@ export interface RunRecord<R, W> {
   state: W;
   /** Failed: the final error. Running: the last failed attempt's error, if the step is retrying. */
   error?: string;
+  /** Failed: what the final error is (EngineOptions.describeError), when that said. */
+  errorDetail?: ErrorDetail;
   /** Failed attempts of the current (or last) step (interruptions are not failed attempts). */
   attempts: number;
   /** Times a step of this run was interrupted (process death, stop, lost helper connection). */
@@ -140,4 +153,6 @@ export interface ListFilter {
   resourceId?: string;
   status?: RunStatus;
   limit?: number;
+  /** Only runs with an id below this one (newest first: the next page after it). */
+  beforeId?: string;
 }

@@ -22,6 +22,7 @@ import { descriptorSet, niceDefinition } from "../../client/grpc-binding.ts";
 import { resolveGroupId } from "../../privhelper/config.ts";
 import type { ApiListen } from "../config.ts";
 import { imageService, type ImageServiceDeps } from "./image-service.ts";
+import { errorMiddleware } from "./errors.ts";
 
 export interface AgentServer {
   server: Server;
@@ -42,7 +43,8 @@ const ReflectionV1Alpha = {
 export const SERVICE_NAMES = [ImageService.typeName, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 export async function startGrpcServer(api: ApiListen, deps: ImageServiceDeps): Promise<AgentServer> {
-  const server = createServer();
+  // Every error leaves with its status code and ErrorInfo from the one table (errors.ts).
+  const server = createServer().use(errorMiddleware);
   server.add(niceDefinition(ImageService), imageService(deps));
   const health = HealthState();
   server.add(HealthDefinition, HealthServiceImpl(health));

@@ -8,7 +8,7 @@ import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { RunningAgent } from "../../agent/app.ts";
 import { layerDeviceName } from "../../agent/images/chain.ts";
-import { ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { RunKind, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullReady } from "../helpers/pull.ts";
 import { tarOf, TestAgent } from "../helpers/test-agent.ts";
@@ -70,7 +70,7 @@ test("delete is refused while activated; with force it deactivates first; shared
   for (const position of [1, 2, 3, 4]) assert.ok(helper.thins.has(thinOf(node, position)), `shared layer ${position} kept`);
   assert.deepEqual(helper.thins.get(python.thinId)!.layers, python.layers.map((l) => l.digest), "python is intact");
   assert.equal((await client.getImage({ image: "python" })).image!.state, ImageState.READY);
-  const runs = (await client.listRuns({ fsm: "delete", resourceId: "node" })).runs;
+  const runs = (await client.listRuns({ fsm: RunKind.DELETE, resourceId: "node" })).runs;
   assert.deepEqual(runs.map((r) => [r.status, r.state]), [[RunStatus.SUCCEEDED, "remove-devices"]]);
   assert.equal((await client.doctor({})).clean, true);
 });

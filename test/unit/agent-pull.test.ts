@@ -9,7 +9,7 @@ import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
-import { RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { RunKind, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullUpdates } from "../helpers/pull.ts";
 import { TestAgent, tarOf } from "../helpers/test-agent.ts";
@@ -147,7 +147,7 @@ test("a layer the applier refuses ends the run at once (never retried), naming t
   const applies = helper.calls.filter((c) => c.op === "layer.apply").length;
   const failure = await pull("loop").then(() => assert.fail("the pull should fail"), (err: Error) => err);
   assert.match(failure.message, /rule PARENT_NOT_DIR/);
-  const { runs } = await client.listRuns({ fsm: "pull", resourceId: "loop", limit: 1 });
+  const { runs } = await client.listRuns({ fsm: RunKind.PULL, resourceId: "loop", pageSize: 1 });
   assert.equal(runs[0]!.status, RunStatus.FAILED);
   assert.equal(runs[0]!.attempts, 1, runs[0]!.error);
   assert.equal(helper.calls.filter((c) => c.op === "layer.apply").length, applies + 1, "one apply, no retry");
@@ -204,7 +204,7 @@ test("after a restart the agent answers from SQLite and still knows every device
   const requests = proxy.requests.length;
   assert.equal((await pull("node")).length, 1);
   assert.equal(proxy.requests.length, requests);
-  const runs = (await client.listRuns({ fsm: "pull" })).runs;
+  const runs = (await client.listRuns({ fsm: RunKind.PULL })).runs;
   assert.ok(runs.some((r) => r.resourceId === "broken" && r.status === RunStatus.FAILED && /NOT_A_TAR/.test(r.error)), "failed outcomes are durable");
 });
 
@@ -257,7 +257,7 @@ test("deactivation removes the device and the snapshot, and only those", async (
   await assert.rejects(client.deactivateImage({ activationId: drop!.id }), /NOT_FOUND|not known/);
   await assert.rejects(client.deactivateImage({ activationId: "../../etc" }), /INVALID_ARGUMENT|activation id/);
   await assert.rejects(client.deactivateImage({ activationId: "" }), /INVALID_ARGUMENT|activation id/);
-  const runs = (await client.listRuns({ fsm: "deactivate", resourceId: drop!.id })).runs;
+  const runs = (await client.listRuns({ fsm: RunKind.DEACTIVATE, resourceId: drop!.id })).runs;
   assert.deepEqual(runs.map((r) => r.status), [RunStatus.SUCCEEDED]);
 });
 

@@ -11,7 +11,7 @@ import { loadAgentConfig } from "../../agent/config.ts";
 import { Catalog } from "../../agent/catalog.ts";
 import { openDatabase } from "../../agent/db.ts";
 import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
-import { connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { RepairResult, FindingKind, connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullReady } from "../helpers/pull.ts";
 import { TestAgent } from "../helpers/test-agent.ts";
@@ -161,7 +161,7 @@ test("a lost device an activation still uses is not dropped: the repair says why
   helper.thins.delete(golang.thinId);
   try {
     const report = await client.doctor({ repair: true });
-    const lost = report.findings.find((f) => f.kind === "MISSING_THIN_ID")!;
+    const lost = report.findings.find((f) => f.kind === FindingKind.MISSING_THIN_ID)!;
     assert.equal(lost.result, "skipped");
     assert.match(lost.note, new RegExp(`activations ${activation!.id} use it: deactivate them first`));
     assert.equal(report.clean, false);
@@ -240,11 +240,11 @@ test("an agent started on an empty database against a pool that holds devices de
       const report = await c.client.doctor({ repair: true });
       assert.equal(report.clean, false);
       assert.deepEqual([...new Set(report.findings.map((f) => f.kind))], ["FOREIGN_THIN_ID"]);
-      assert.ok(report.findings.every((f) => f.result === "skipped" && /operator/.test(f.note)), JSON.stringify(report.findings));
+      assert.ok(report.findings.every((f) => f.result === RepairResult.SKIPPED && /operator/.test(f.note)), JSON.stringify(report.findings));
       assert.equal(helper.thins.size, pool.size, "an on-demand repair deletes nothing either");
       // The operator keeps them: reserved, never handed out; this agent's own ids come after them.
       const adopted = await c.client.doctor({ adoptPool: true });
-      assert.ok(adopted.findings.every((f) => f.kind === "FOREIGN_THIN_ID" && f.result === "repaired"));
+      assert.ok(adopted.findings.every((f) => f.kind === FindingKind.FOREIGN_THIN_ID && f.result === RepairResult.REPAIRED));
       assert.equal(adopted.clean, true);
       assert.equal((await c.client.doctor({})).clean, true, "not reported again");
       assert.deepEqual([...helper.thins.keys()].sort(), [...pool.keys()].sort(), "and still nothing deleted");
