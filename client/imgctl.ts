@@ -3,7 +3,6 @@
 import { parseArgs } from "node:util";
 import { ClientError, Status } from "nice-grpc";
 import { toJson, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { versionLine, version } from "./version.ts";
 import {
   ActivationSchema,
@@ -247,11 +246,9 @@ function printActivations(activations: Activation[]): void {
   if (activations.length === 0) return console.log("no activations");
   for (const a of activations) {
     const labels = Object.entries(a.labels).map(([k, v]) => `${k}=${v}`).join(",");
-    console.log(`${a.id}  ${a.name.padEnd(30)} ${a.image.padEnd(16)} thin ${String(a.thinId).padEnd(5)} ${a.devicePath}  ${when(a.createdAt)}${labels ? `  ${labels}` : ""}`);
+    console.log(`${a.id}  ${a.name.padEnd(16)} ${a.image.padEnd(16)} thin ${String(a.thinId).padEnd(5)} ${a.devicePath}${labels ? `  ${labels}` : ""}`);
   }
 }
-
-const when = (t: Timestamp | undefined) => (t ? timestampDate(t).toISOString() : "");
 
 /** The API's JSON form of a message (proto3 JSON, as grpcurl prints it). */
 const json = <D extends DescMessage>(schema: D, message: MessageShape<D>) => toJson(schema, message);
