@@ -9,7 +9,7 @@ import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
-import { RunKind, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { FindingKind, RunKind, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullUpdates } from "../helpers/pull.ts";
 import { TestAgent, tarOf } from "../helpers/test-agent.ts";
@@ -300,8 +300,8 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
   try {
     const report = await client.doctor({});
     assert.equal(report.clean, false);
-    const byKind = Object.fromEntries(report.findings.map((f) => [f.kind, f]));
-    assert.deepEqual(report.findings.map((f) => f.kind).sort(), ["MISSING_THIN_ID", "STRAY_DEVICE", "UNKNOWN_THIN_ID"]);
+    const byKind = Object.fromEntries(report.findings.map((f) => [FindingKind[f.kind], f]));
+    assert.deepEqual(report.findings.map((f) => FindingKind[f.kind]).sort(), ["MISSING_THIN_ID", "STRAY_DEVICE", "UNKNOWN_THIN_ID"]);
     assert.equal(byKind.UNKNOWN_THIN_ID!.subject, `thin id ${planted}`);
     assert.match(byKind.UNKNOWN_THIN_ID!.repair, new RegExp(`remove device ${stray}, then delete thin id ${planted} from the pool`));
     assert.equal(byKind.STRAY_DEVICE!.subject, stray);
