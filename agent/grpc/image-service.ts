@@ -157,7 +157,7 @@ export function imageService(deps: ImageServiceDeps) {
       // activation by its name later, done or rolled back.
       const outcome = runId === undefined ? undefined : await activate.wait(runId);
       const context = { image, activation: activationId, ...(name ? { name } : {}) };
-      if (outcome && outcome.status !== "succeeded") throw runError(outcome, `activation ${name ?? activationId} of ${image}`, context);
+      if (outcome && outcome.status !== "succeeded") throw runError(outcome, `activation ${name ? `${name} ` : ""}of ${image}`, context);
       const row = catalog.listNamedActivations({ id: activationId })[0];
       if (!row) throw new AgentError("INTERNAL", `activation ${activationId} finished but has no record`, context);
       return { activation: activationMessage(row) };

@@ -235,7 +235,7 @@ test("server reflection lists and describes the API, as grpcurl asks; health rep
     assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
     const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
-    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor", "DeleteImage", "CollectGarbage"]);
+    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor", "DeleteImage", "CollectGarbage", "GetVersion"]);
     const health = createClient(HealthDefinition, channel);
     assert.equal((await health.check({ service: "imgd.v1.ImageService" })).status, 1 /* SERVING */);
   } finally {
