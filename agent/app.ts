@@ -8,6 +8,7 @@ import type { AgentConfig } from "./config.ts";
 import { openDatabase } from "./db.ts";
 import { FsmEngine } from "./fsm/engine.ts";
 import { startGrpcServer } from "./grpc/server.ts";
+import { describeError } from "./grpc/errors.ts";
 import { HelperClient } from "./helper-client.ts";
 import { registerActivateFsm } from "./images/activate.ts";
 import { registerDeactivateFsm } from "./images/deactivate.ts";
@@ -58,6 +59,7 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
     locks,
     interruptions: fsmSettings.interruptions,
     observer: metrics.engine,
+    describeError, // a failed run keeps its API error reason (agent/grpc/errors.ts)
   });
 
   await waitForPool(helper, log, options.poolWaitAttempts ?? 60);

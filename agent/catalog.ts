@@ -106,6 +106,21 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
   )
   INSERT INTO free_thin_ids (thin_id, freed_at) SELECT i, datetime('now') FROM n WHERE i NOT IN (SELECT thin_id FROM thin_ids);
   `,
+  // Activation names (ActivateImage's client-chosen name, unique on the host) and labels (JSON).
+  // Apart from the activations table: the name is reserved when the API call arrives, before
+  // the run makes the activation's row (which needs the image pulled and a thin id), so a retry
+  // or a resumed run finds it. Activations made before get the name the agent picks.
+  `
+  CREATE TABLE activation_names (
+    name TEXT PRIMARY KEY,
+    activation_id TEXT NOT NULL UNIQUE,
+    image TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+    reserved_at TEXT NOT NULL
+  );
+  INSERT INTO activation_names (name, activation_id, image, labels, reserved_at)
+    SELECT 'act-' || lower(id), id, image, '{}', created_at FROM activations;
+  `,
 ];
 
 /** dm-thin device ids are 24 bits. */
@@ -139,6 +154,20 @@ export interface DeviceRow {
   name: string;
   state: "allocated" | "ready";
   createdAt: string;
+}
+
+/** An activation's name and labels, reserved before its row exists (and dropped with it). */
+export interface ActivationNameRow {
+  name: string;
+  activationId: string;
+  image: string;
+  labels: Record<string, string>;
+}
+
+/** An activation with its name and labels, as the API lists it. */
+export interface NamedActivationRow extends ActivationRow {
+  activationName: string;
+  labels: Record<string, string>;
 }
 
 export interface ActivationRow {
@@ -208,8 +237,11 @@ export class Catalog {
     return row as ImageRow | undefined;
   }
 
-  listImages(): ImageRow[] {
-    return this.db.prepare("SELECT name, state, chain_id AS chainId, error, updated_at AS updatedAt FROM images ORDER BY name").all() as ImageRow[];
+  /** By name; `after` and `limit` page through them. */
+  listImages(page: { after?: string; limit?: number } = {}): ImageRow[] {
+    return this.db
+      .prepare("SELECT name, state, chain_id AS chainId, error, updated_at AS updatedAt FROM images WHERE name > @after ORDER BY name LIMIT @limit")
+      .all({ after: page.after ?? "", limit: page.limit ?? -1 }) as ImageRow[];
   }
 
   imageLayers(name: string): ImageLayerRow[] {
@@ -408,14 +440,54 @@ export class Catalog {
     this.db.prepare("UPDATE activations SET state = 'deactivating' WHERE id = ?").run(id);
   }
 
-  /** Forgets an activation whose snapshot the pool confirmed deleted (its thin id is reused). */
+  /** Forgets an activation whose snapshot the pool confirmed deleted (its thin id is reused), and its name. */
   deleteActivation(id: string): void {
     this.db.transaction(() => {
+      this.releaseActivationName(id);
       const row = this.getActivation(id);
       if (!row) return;
       this.db.prepare("DELETE FROM activations WHERE id = ?").run(id);
       this.freeThinId(row.thinId);
     })();
+  }
+
+  /** Active activations with their names, by id (ids are ULIDs: creation order); paged by `after`. */
+  listNamedActivations(filter: { id?: string; image?: string; after?: string; limit?: number } = {}): NamedActivationRow[] {
+    const rows = this.db
+      .prepare(
+        `SELECT a.id, a.image, a.chain_id AS chainId, a.thin_id AS thinId, a.name, a.state, a.created_at AS createdAt,
+                n.name AS activationName, n.labels AS labels
+         FROM activations a JOIN activation_names n ON n.activation_id = a.id
+         WHERE a.state = 'active' AND (@id IS NULL OR a.id = @id) AND (@image IS NULL OR a.image = @image) AND a.id > @after ORDER BY a.id LIMIT @limit`,
+      )
+      .all({ id: filter.id ?? null, image: filter.image ?? null, after: filter.after ?? "", limit: filter.limit ?? -1 }) as (ActivationRow & { activationName: string; labels: string })[];
+    return rows.map((r) => ({ ...r, labels: JSON.parse(r.labels) as Record<string, string> }));
+  }
+
+  // --- activation names --------------------------------------------------------------------
+
+  /** Reserves `name` for activation `activationId` of `image`; the name must be free. */
+  reserveActivationName(r: { name: string; activationId: string; image: string; labels: Record<string, string> }): void {
+    this.db.prepare("INSERT INTO activation_names (name, activation_id, image, labels, reserved_at) VALUES (?, ?, ?, ?, ?)").run(r.name, r.activationId, r.image, JSON.stringify(r.labels), now());
+  }
+
+  getActivationName(name: string): ActivationNameRow | undefined {
+    return this.#nameRow(this.db.prepare(`${NAME_SELECT} WHERE name = ?`).get(name));
+  }
+
+  activationNameOf(activationId: string): ActivationNameRow | undefined {
+    return this.#nameRow(this.db.prepare(`${NAME_SELECT} WHERE activation_id = ?`).get(activationId));
+  }
+
+  /** Frees the name of an activation that is gone, or was never made (its run failed). */
+  releaseActivationName(activationId: string): void {
+    this.db.prepare("DELETE FROM activation_names WHERE activation_id = ?").run(activationId);
+  }
+
+  #nameRow(row: unknown): ActivationNameRow | undefined {
+    if (!row) return undefined;
+    const r = row as Omit<ActivationNameRow, "labels"> & { labels: string };
+    return { ...r, labels: JSON.parse(r.labels) as Record<string, string> };
   }
 
   // --- thin ids ----------------------------------------------------------------------------
@@ -497,4 +569,5 @@ export class Catalog {
 
 const DEVICE_SELECT =
   "SELECT chain_id AS chainId, thin_id AS thinId, parent_chain_id AS parentChainId, layer_digest AS layerDigest, name, state, created_at AS createdAt FROM devices";
+const NAME_SELECT = "SELECT name, activation_id AS activationId, image, labels FROM activation_names";
 const ACTIVATION_SELECT = "SELECT id, image, chain_id AS chainId, thin_id AS thinId, name, state, created_at AS createdAt FROM activations";

@@ -1,13 +1,19 @@
 #!/usr/bin/env node
 // imgctl: command-line client of the imgd agent.
 import { parseArgs } from "node:util";
-import { ClientError } from "nice-grpc";
+import { ClientError, Status } from "nice-grpc";
+import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { versionLine, version } from "./version.ts";
-import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import {
   connectImgd,
   DEFAULT_ADDR,
+  FindingKind,
   ImageState,
+  ImgdError,
+  PoolMode,
+  RepairResult,
+  RunKind,
+  RunSchema,
   RunStatus,
   ActivateImageResponseSchema,
   CollectGarbageResponseSchema,
@@ -32,8 +38,12 @@ const USAGE = `usage: imgctl [--addr unix:/PATH|HOST:PORT] [--tls-ca F --tls-cer
 commands:
   version               print imgctl's version (and git commit)
   pull IMAGE            download and unpack IMAGE (a folder of layers in the bucket)
-  activate IMAGE        create and activate a thin snapshot of IMAGE (pulls it first if needed)
-  deactivate ID         remove an activation's device and snapshot
+  activate [--name NAME] [--label KEY=VALUE]... IMAGE
+                        create and activate a thin snapshot of IMAGE (pulls it first if
+                        needed); with --name, running it again returns the same activation
+  deactivate ID | --name NAME [--allow-missing]
+                        remove an activation's device and snapshot (--allow-missing: one
+                        that does not exist is not an error)
   delete [--force] IMAGE  forget IMAGE and remove its devices no other image uses; refused
                         while it has activations unless --force (which deactivates them)
   gc                    remove layer devices, blobs and temp files nothing references
@@ -41,7 +51,8 @@ commands:
   image IMAGE           show one image and its layers
   activations [IMAGE]   list activations
   pool                  show thin pool usage
-  runs [--fsm F] [--id ID] [--limit N]   FSM run history
+  runs [--fsm pull|activate|deactivate|delete] [--id ID] [--limit N]
+                        FSM run history, newest first (default 100 runs)
   doctor [--repair]     compare the agent's database with the thin pool and its temp files,
                         and say what a repair would do (read only); --repair carries the
                         repairs out (safe while the agent works); exit 0 when clean
@@ -54,7 +65,12 @@ line per stream message); --quiet prints nothing but errors (the exit code says 
 pull draws its progress in place on a terminal, and writes one line per layer change otherwise.
 The agent address defaults to $IMGD_ADDR or ${DEFAULT_ADDR} (the agent's Unix socket);
 TLS files default to $IMGD_CLIENT_TLS_CA, $IMGD_CLIENT_TLS_CERT, $IMGD_CLIENT_TLS_KEY.
-Exit codes: 0 done, 1 failed, 2 usage error.`;
+A failed call prints "error: REASON: message" (REASON from the agent's google.rpc.ErrorInfo, or
+the gRPC status name) on stderr and exits by its status:
+  0 done          1 failed (ABORTED, INTERNAL, ...; doctor: not clean)
+  2 usage error or INVALID_ARGUMENT           3 NOT_FOUND
+  4 FAILED_PRECONDITION or ALREADY_EXISTS (conflicts with the current state)
+  5 RESOURCE_EXHAUSTED (pool full)            6 UNAVAILABLE or DEADLINE_EXCEEDED (try again)`;
 
 async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseCommandLine(argv, {
@@ -67,6 +83,9 @@ async function main(argv: string[]): Promise<number> {
       fsm: { type: "string" },
       id: { type: "string" },
       limit: { type: "string" },
+      name: { type: "string" },
+      label: { type: "string", multiple: true },
+      "allow-missing": { type: "boolean", default: false },
       repair: { type: "boolean", default: false },
       "adopt-pool": { type: "boolean", default: false },
       "wipe-pool": { type: "boolean", default: false },
@@ -98,15 +117,22 @@ async function main(argv: string[]): Promise<number> {
       case "pull":
         return await pull(client, one(args, "IMAGE"), values.json ? "json" : values.quiet ? "quiet" : process.stdout.isTTY ? "terminal" : "log");
       case "activate": {
-        const answer = await client.activateImage({ image: one(args, "IMAGE") });
+        const labels = Object.fromEntries((values.label ?? []).map(label));
+        const answer = await client.activateImage({ image: one(args, "IMAGE"), name: values.name ?? "", labels });
         const activation = answer.activation!;
-        out(() => console.log(`activated ${activation.image}: ${activation.id} ${activation.devicePath}`), ActivateImageResponseSchema, answer);
+        out(() => console.log(`activated ${activation.image}: ${activation.name} ${activation.id} ${activation.devicePath}`), ActivateImageResponseSchema, answer);
         return 0;
       }
       case "deactivate": {
-        const answer = await client.deactivateImage({ activationId: one(args, "ID") });
-        const activation = answer.activation!;
-        out(() => console.log(`deactivated ${activation.image}: ${activation.id} (${activation.devicePath} removed)`), DeactivateImageResponseSchema, answer);
+        if (values.name !== undefined && args.length > 0) throw new UsageError("give an activation ID or --name NAME, not both");
+        const target = values.name !== undefined ? { name: values.name } : { activationId: one(args, "ID") };
+        const answer = await client.deactivateImage({ ...target, allowMissing: values["allow-missing"] });
+        const activation = answer.activation;
+        out(
+          () => console.log(activation ? `deactivated ${activation.image}: ${activation.name} ${activation.id} (${activation.devicePath} removed)` : `no such activation: nothing to do`),
+          DeactivateImageResponseSchema,
+          answer,
+        );
         return 0;
       }
       case "delete": {
@@ -128,8 +154,14 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "images": {
-        const answer = await client.listImages({});
-        out(() => printImages(answer.images), ListImagesResponseSchema, answer);
+        const images: Image[] = [];
+        let pageToken = "";
+        do {
+          const page = await client.listImages({ pageToken });
+          images.push(...page.images);
+          pageToken = page.nextPageToken;
+        } while (pageToken);
+        out(() => printImages(images), ListImagesResponseSchema, create(ListImagesResponseSchema, { images }));
         return 0;
       }
       case "image": {
@@ -138,26 +170,42 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "activations": {
-        const answer = await client.listActivations({ image: args[0] ?? "" });
-        out(() => printActivations(answer.activations), ListActivationsResponseSchema, answer);
+        const activations: Activation[] = [];
+        let pageToken = "";
+        do {
+          const page = await client.listActivations({ image: args[0] ?? "", pageToken });
+          activations.push(...page.activations);
+          pageToken = page.nextPageToken;
+        } while (pageToken);
+        // All pages as one answer: --json prints what one call with a large enough page would.
+        out(() => printActivations(activations), ListActivationsResponseSchema, create(ListActivationsResponseSchema, { activations }));
         return 0;
       }
       case "pool": {
         const pool = await client.getPool({});
         out(() => {
-          console.log(`pool ${pool.name} (${pool.mode}${pool.errorIfNoSpace ? ", error_if_no_space" : ""}, block ${mib(pool.blockSizeBytes)})`);
+          console.log(`pool ${pool.name} (${POOL_MODE_WORDS[pool.mode]}${pool.errorIfNoSpace ? ", error_if_no_space" : ""}, block ${mib(pool.blockSizeBytes)})`);
           console.log(`  data      ${mib(pool.dataUsedBytes)} / ${mib(pool.dataTotalBytes)} used (${pct(pool.dataUsedBytes, pool.dataTotalBytes)})`);
           console.log(`  metadata  ${mib(pool.metadataUsedBytes)} / ${mib(pool.metadataTotalBytes)} used (${pct(pool.metadataUsedBytes, pool.metadataTotalBytes)})`);
         }, GetPoolResponseSchema, pool);
         return 0;
       }
       case "runs": {
-        const answer = await client.listRuns({ fsm: values.fsm ?? "", resourceId: values.id ?? "", limit: nonNegativeInt("--limit", values.limit ?? "0") });
+        const fsm = values.fsm === undefined ? RunKind.UNSPECIFIED : runKind(values.fsm);
+        const limit = nonNegativeInt("--limit", values.limit ?? "100");
+        const runs: MessageShape<typeof RunSchema>[] = [];
+        let pageToken = "";
+        while (runs.length < limit) {
+          const page = await client.listRuns({ fsm, resourceId: values.id ?? "", pageSize: Math.min(limit - runs.length, 1000), pageToken });
+          runs.push(...page.runs);
+          pageToken = page.nextPageToken;
+          if (!pageToken) break;
+        }
         out(() => {
-          for (const r of answer.runs) {
-            console.log(`${r.id}  ${r.fsm.padEnd(8)} ${r.resourceId.padEnd(28)} ${RunStatus[r.status].toLowerCase().padEnd(9)} ${r.state.padEnd(12)} attempts=${r.attempts}${r.error ? `  error: ${r.error}` : ""}`);
+          for (const r of runs) {
+            console.log(`${r.id}  ${RunKind[r.fsm].toLowerCase().padEnd(10)} ${r.resourceId.padEnd(28)} ${RunStatus[r.status].toLowerCase().padEnd(9)} ${r.state.padEnd(12)} attempts=${r.attempts}${r.error ? `  error: ${r.error}` : ""}`);
           }
-        }, ListRunsResponseSchema, answer);
+        }, ListRunsResponseSchema, create(ListRunsResponseSchema, { runs }));
         return 0;
       }
       case "doctor": {
@@ -165,9 +213,9 @@ async function main(argv: string[]): Promise<number> {
         out(() => {
           console.log(`thin ids: ${report.poolThinIds} in the pool, ${report.catalogThinIds} in the catalog`);
           for (const f of report.findings) {
-            console.log(`${f.kind} ${f.subject}: ${f.detail}`);
+            console.log(`${FindingKind[f.kind]} ${f.subject}: ${f.detail}`);
             console.log(`  repair: ${f.repair}`);
-            if (f.result) console.log(`  ${f.result}: ${f.note}`);
+            if (f.result !== RepairResult.UNSPECIFIED) console.log(`  ${RepairResult[f.result].toLowerCase()}: ${f.note}`);
           }
           const repaired = values.repair || values["adopt-pool"] || values["wipe-pool"];
           if (report.clean) console.log(repaired && report.findings.length > 0 ? "clean after repair" : "clean");
@@ -220,7 +268,52 @@ function printImage(i: Image): void {
 
 function printActivations(activations: Activation[]): void {
   if (activations.length === 0) return console.log("no activations");
-  for (const a of activations) console.log(`${a.id}  ${a.image.padEnd(16)} thin ${String(a.thinId).padEnd(5)} ${a.devicePath}`);
+  for (const a of activations) {
+    const labels = Object.entries(a.labels).map(([k, v]) => `${k}=${v}`).join(",");
+    console.log(`${a.id}  ${a.name.padEnd(16)} ${a.image.padEnd(16)} thin ${String(a.thinId).padEnd(5)} ${a.devicePath}${labels ? `  ${labels}` : ""}`);
+  }
+}
+
+function label(text: string): [string, string] {
+  const eq = text.indexOf("=");
+  if (eq <= 0) throw new UsageError(`--label expects KEY=VALUE, got ${JSON.stringify(text)}`);
+  return [text.slice(0, eq), text.slice(eq + 1)];
+}
+
+function runKind(text: string): RunKind {
+  const kinds: Record<string, RunKind> = { pull: RunKind.PULL, activate: RunKind.ACTIVATE, deactivate: RunKind.DEACTIVATE, delete: RunKind.DELETE };
+  const kind = kinds[text];
+  if (kind === undefined) throw new UsageError(`--fsm expects pull, activate, deactivate or delete, got ${JSON.stringify(text)}`);
+  return kind;
+}
+
+/** The kernel's words for the pool's mode, as dmsetup status shows them. */
+const POOL_MODE_WORDS: Record<PoolMode, string> = {
+  [PoolMode.UNSPECIFIED]: "unknown mode",
+  [PoolMode.READ_WRITE]: "rw",
+  [PoolMode.READ_ONLY]: "ro",
+  [PoolMode.OUT_OF_DATA_SPACE]: "out_of_data_space",
+  [PoolMode.FAILED]: "fail",
+};
+
+/** imgctl's exit code for a failed call, by status class (documented in USAGE and the README). */
+function exitCodeFor(code: Status): number {
+  switch (code) {
+    case Status.INVALID_ARGUMENT:
+      return 2;
+    case Status.NOT_FOUND:
+      return 3;
+    case Status.FAILED_PRECONDITION:
+    case Status.ALREADY_EXISTS:
+      return 4;
+    case Status.RESOURCE_EXHAUSTED:
+      return 5;
+    case Status.UNAVAILABLE:
+    case Status.DEADLINE_EXCEEDED:
+      return 6;
+    default:
+      return 1;
+  }
 }
 
 function one(args: string[], name: string): string {
@@ -249,8 +342,12 @@ const pct = (a: bigint, b: bigint) => (b === 0n ? "0%" : `${((Number(a) / Number
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err) => {
-    if (err instanceof ClientError) console.error(`imgctl: ${err.details} (${err.code})`);
-    else console.error(`imgctl: ${err instanceof Error ? err.message : String(err)}`);
+    if (err instanceof ClientError) {
+      const reason = err instanceof ImgdError ? err.reason : Status[err.code];
+      console.error(`error: ${reason}: ${err.details}`);
+      process.exit(exitCodeFor(err.code));
+    }
+    console.error(`imgctl: ${err instanceof Error ? err.message : String(err)}`);
     if (err instanceof UsageError) console.error(USAGE.split("\n")[0]);
     process.exit(err instanceof UsageError ? 2 : 1);
   },

@@ -17,7 +17,12 @@ export function version(): { version: string; commit: string } {
   return { version, commit };
 }
 
-export function versionLine(program: string): string {
+/** "0.1.0 (1a2b3c4d5e6f)", or "0.1.0" without a commit: what GetVersion answers. */
+export function versionString(): string {
   const v = version();
-  return `${program} ${v.version}${v.commit ? ` (${v.commit})` : ""}`;
+  return `${v.version}${v.commit ? ` (${v.commit})` : ""}`;
+}
+
+export function versionLine(program: string): string {
+  return `${program} ${versionString()}`;
 }

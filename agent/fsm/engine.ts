@@ -21,6 +21,7 @@ import { WorkTracker } from "./work-tracker.ts";
 import type {
   EngineObserver,
   EngineOptions,
+  ErrorDetail,
   InterruptionPolicy,
   LockProvider,
   Finalizer,
@@ -113,6 +114,7 @@ export class FsmEngine {
   readonly #store: RunStore;
   readonly #log: LogFn;
   readonly #observer: EngineObserver | undefined;
+  readonly #describeError: (err: unknown) => ErrorDetail | undefined;
   readonly #retry: RetryPolicy;
   readonly #queueLimits: Record<string, number>;
   readonly #defaultQueueLimit: number;
@@ -136,6 +138,7 @@ export class FsmEngine {
     this.#store = new RunStore(db);
     this.#log = options.log ?? defaultLog;
     this.#observer = options.observer;
+    this.#describeError = options.describeError ?? (() => undefined);
     this.#retry = resolveRetryPolicy(options.retry);
     this.#queueLimits = { ...options.queues };
     this.#defaultQueueLimit = options.defaultQueueLimit ?? 2;
@@ -448,7 +451,7 @@ export class FsmEngine {
         this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error);
         const why = failure instanceof AbortError ? "aborted" : `gave up after ${failed} attempts`;
         this.#log("warn", `run failed: step ${why}`, { ...fields, error });
-        return this.#finish(failure instanceof AbortError ? "aborted" : "step_error", row, "failed", stepName, error);
+        return this.#finish(failure instanceof AbortError ? "aborted" : "step_error", row, "failed", stepName, error, this.#describeError(failure));
       }
       const delayMs = backoffDelayMs(step.retry, failed);
       this.#store.recordFailedAttempt(runId, index, stepName, row.attempt, error, delayMs);
@@ -460,8 +463,8 @@ export class FsmEngine {
   }
 
   /** Ends a run in SQLite (one place, so the observer hears of every end and why). */
-  #finish(reason: RunEndReason, row: RunRow, status: "succeeded" | "failed", step: string, error?: string): RunRow {
-    const finished = this.#store.finish(row.id, status, step, error);
+  #finish(reason: RunEndReason, row: RunRow, status: "succeeded" | "failed", step: string, error?: string, detail?: ErrorDetail): RunRow {
+    const finished = this.#store.finish(row.id, status, step, error, detail);
     this.#observer?.runFinished(row.fsm, status, reason);
     return finished;
   }

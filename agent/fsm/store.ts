@@ -3,7 +3,7 @@
 // can never overwrite a newer outcome.
 import type Database from "better-sqlite3";
 import { migrate } from "../db.ts";
-import type { RunHistoryEvent, RunRecord, RunStatus } from "./types.ts";
+import type { ErrorDetail, RunHistoryEvent, RunRecord, RunStatus } from "./types.ts";
 
 export const FSM_MIGRATIONS: readonly string[] = [
   `CREATE TABLE fsm_runs (
@@ -62,6 +62,8 @@ export const FSM_MIGRATIONS: readonly string[] = [
    DROP TABLE fsm_events;
    ALTER TABLE fsm_events_v2 RENAME TO fsm_events;
    CREATE INDEX fsm_events_by_run ON fsm_events (run_id, seq);`,
+  // What the final error is (ErrorDetail as JSON), for typed API errors.
+  `ALTER TABLE fsm_runs ADD COLUMN error_detail TEXT;`,
 ];
 
 export interface RunRow {
@@ -74,6 +76,7 @@ export interface RunRow {
   request: string;
   state: string;
   error: string | null;
+  error_detail: string | null;
   attempt: number;
   /** 1 while a step works (not while it waits): a process death then is an interruption. */
   in_attempt: number;
@@ -131,6 +134,7 @@ export function toRecord<R, W>(row: RunRow): RunRecord<R, W> {
     updatedAt: row.updated_at,
   };
   if (row.error !== null) record.error = row.error;
+  if (row.error_detail !== null) record.errorDetail = JSON.parse(row.error_detail) as ErrorDetail;
   if (row.finished_at !== null) record.finishedAt = row.finished_at;
   if (row.last_interrupted_at !== null) record.lastInterruptedAt = row.last_interrupted_at;
   if (row.waiting_for !== null && row.status === "running") record.waitingFor = row.waiting_for;
@@ -317,15 +321,15 @@ export class RunStore {
     }).immediate();
   }
 
-  finish(runId: string, status: "succeeded" | "failed", step: string, error?: string): RunRow {
+  finish(runId: string, status: "succeeded" | "failed", step: string, error?: string, detail?: ErrorDetail): RunRow {
     return this.#db.transaction((): RunRow => {
       const at = now();
       this.#update(
         runId,
         `finish (${status})`,
-        `UPDATE fsm_runs SET status = @status, error = @error, in_attempt = 0, waiting_for = NULL, updated_at = @at, finished_at = @at
+        `UPDATE fsm_runs SET status = @status, error = @error, error_detail = @detail, in_attempt = 0, waiting_for = NULL, updated_at = @at, finished_at = @at
          WHERE id = @id AND status = 'running'`,
-        { status, error: error ?? null, at },
+        { status, error: error ?? null, detail: detail ? JSON.stringify(detail) : null, at },
       );
       this.#addEvent({ runId, type: "finish", step, status, ...(error === undefined ? {} : { error }), at });
       return this.get(runId)!;
@@ -348,14 +352,15 @@ export class RunStore {
       .all(fsm) as RunRow[];
   }
 
-  list(fsm: string, filter: { resourceId?: string; status?: RunStatus; limit?: number }): RunRow[] {
+  list(fsm: string, filter: { resourceId?: string; status?: RunStatus; limit?: number; beforeId?: string }): RunRow[] {
     const where = ["fsm = @fsm"];
     if (filter.resourceId !== undefined) where.push("resource_id = @resourceId");
+    if (filter.beforeId !== undefined) where.push("id < @beforeId");
     if (filter.status !== undefined) where.push("status = @status");
     const limit = filter.limit === undefined ? -1 : filter.limit;
     return this.#db
       .prepare(`SELECT * FROM fsm_runs WHERE ${where.join(" AND ")} ORDER BY id DESC LIMIT @limit`)
-      .all({ fsm, resourceId: filter.resourceId ?? null, status: filter.status ?? null, limit }) as RunRow[];
+      .all({ fsm, resourceId: filter.resourceId ?? null, status: filter.status ?? null, beforeId: filter.beforeId ?? null, limit }) as RunRow[];
   }
 
   history(runId: string): RunHistoryEvent[] {

@@ -18,6 +18,17 @@ export interface EngineOptions {
   interruptions?: Partial<InterruptionPolicy>;
   /** Told how every step attempt and every run ends (the agent's metrics). */
   observer?: EngineObserver;
+  /**
+   * What a run's final failure is, kept with the run (RunRecord.errorDetail) so its callers get a
+   * typed reason even after a restart. Undefined: only the message is kept.
+   */
+  describeError?: (err: unknown) => ErrorDetail | undefined;
+}
+
+/** A failure in a form callers branch on: a stable reason and string metadata. */
+export interface ErrorDetail {
+  reason: string;
+  metadata: Record<string, string>;
 }
 
 /** How a step attempt ended: done, failed (an attempt spent), interrupted (runs again), or stopped by shutdown. */
@@ -113,6 +124,8 @@ export interface RunRecord<R, W> {
   state: W;
   /** Failed: the final error. Running: the last failed attempt's error, if the step is retrying. */
   error?: string;
+  /** Failed: what the final error is (EngineOptions.describeError), when that said. */
+  errorDetail?: ErrorDetail;
   /** Failed attempts of the current (or last) step (interruptions are not failed attempts). */
   attempts: number;
   /** Times a step of this run was interrupted (process death, stop, lost helper connection). */
@@ -157,4 +170,6 @@ export interface ListFilter {
   resourceId?: string;
   status?: RunStatus;
   limit?: number;
+  /** Only runs with an id below this one (newest first: the next page after it). */
+  beforeId?: string;
 }

@@ -1,11 +1,18 @@
 // imgd.v1.ImageService: validates every request, then answers from the catalog or drives the FSMs.
-import { ServerError, Status, type CallContext } from "nice-grpc";
+import type { CallContext } from "nice-grpc";
 import { ulid } from "ulid";
 import type { MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
+  FindingKind,
+  ImageService,
   ImageState,
   LayerPhase,
+  PoolMode,
+  RepairResult,
+  RunKind,
   RunStatus,
+  type ListImagesRequest,
   type ActivateImageRequest,
   type DeactivateImageRequest,
   type GetImageRequest,
@@ -19,7 +26,8 @@ import {
   type PullImageResponseSchema,
   type RunSchema,
 } from "../../client/gen/imgd/v1/imgd_pb.js";
-import type { ActivationRow, Catalog } from "../catalog.ts";
+import type { Catalog, NamedActivationRow } from "../catalog.ts";
+import { versionString } from "../../client/version.ts";
 import { runDoctor, type Finding } from "../doctor.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import type { Logger } from "../log.ts";
@@ -36,6 +44,8 @@ import type { PullFsm } from "../images/pull.ts";
 import type { PullProgress, PullProgressBoard } from "../images/pull-progress.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
+import { AgentError, invalidArgument, runError } from "./errors.ts";
+import { makePageToken, page, pageSize, readPageToken } from "./paging.ts";
 
 type ImageMsg = MessageInitShape<typeof ImageSchema>;
 type ActivationMsg = MessageInitShape<typeof ActivationSchema>;
@@ -77,7 +87,7 @@ export function imageService(deps: ImageServiceDeps) {
       chainId: row.chainId ?? "",
       size: BigInt(layers.reduce((sum, l) => sum + l.size, 0)),
       error: row.error ?? "",
-      updatedAt: row.updatedAt,
+      updatedAt: timestamp(row.updatedAt),
     };
   };
 
@@ -118,8 +128,8 @@ export function imageService(deps: ImageServiceDeps) {
             yield message(RunStatus.SUCCEEDED, imageMessage(name));
             return;
           }
-          // Reported once: as the stream's status.
-          throw new ServerError(Status.ABORTED, `pull of ${name} failed: ${run.error}`);
+          // Once, as the stream's status (with its ErrorInfo), not also in a last message.
+          throw runError(run, `pull of ${name}`, { image: name });
         }
       }
     },
@@ -127,50 +137,61 @@ export function imageService(deps: ImageServiceDeps) {
     async getImage(request: GetImageRequest) {
       const name = imageName(request.image);
       const image = imageMessage(name);
-      if (!image) throw new ServerError(Status.NOT_FOUND, `image ${name} is not known here; pull it first`);
+      if (!image) throw new AgentError("IMAGE_NOT_FOUND", `image ${name} is not known here; pull it first`, { image: name });
       return { image };
     },
 
-    async listImages() {
-      return { images: catalog.listImages().map((row) => imageMessage(row.name)!) };
+    async listImages(request: ListImagesRequest) {
+      const size = pageSize(request.pageSize);
+      const after = readPageToken(request.pageToken, "images", {}, isImageName);
+      const rows = catalog.listImages({ after, limit: size + 1 });
+      const { items, nextPageToken } = page(rows, size, (last) => makePageToken("images", {}, last.name));
+      return { images: items.map((row) => imageMessage(row.name)!), nextPageToken };
     },
 
     async activateImage(request: ActivateImageRequest) {
-      const name = imageName(request.image);
-      const activationId = ulid();
-      const { runId } = activate.start(activationId, { image: name, activationId }, {});
-      const outcome = await activate.wait(runId);
-      if (outcome.status !== "succeeded") {
-        // Failed at ensure-image: the image is not available (its pull failed, or failed before
-        // and its S3 folder has not changed since): a precondition, not an aborted activation.
-        const code = outcome.step === "ensure-image" ? Status.FAILED_PRECONDITION : Status.ABORTED;
-        throw new ServerError(code, `activation of ${name} failed: ${outcome.error}`);
-      }
-      const row = catalog.getActivation(activationId);
-      if (!row) throw new ServerError(Status.INTERNAL, `activation ${activationId} finished but has no record`);
+      const image = imageName(request.image);
+      const name = request.name === "" ? undefined : activationName(request.name);
+      const labels = activationLabels(request.labels);
+      const { activationId, runId } = startActivation(image, name, labels);
+      // The run does not depend on this call: a caller gone (deadline, cancel) finds the
+      // activation by its name later, done or rolled back.
+      const outcome = runId === undefined ? undefined : await activate.wait(runId);
+      const context = { image, activation: activationId, ...(name ? { name } : {}) };
+      if (outcome && outcome.status !== "succeeded") throw runError(outcome, `activation ${name ? `${name} ` : ""}of ${image}`, context);
+      const row = catalog.listNamedActivations({ id: activationId })[0];
+      if (!row) throw new AgentError("INTERNAL", `activation ${activationId} finished but has no record`, context);
       return { activation: activationMessage(row) };
     },
 
     async deactivateImage(request: DeactivateImageRequest) {
-      if (!ACTIVATION_ID.test(request.activationId)) {
-        throw new ServerError(Status.INVALID_ARGUMENT, `activation id must be the 26-character id ActivateImage returned, got ${JSON.stringify(request.activationId.slice(0, 64))}`);
+      const activationId = activationToDeactivate(request);
+      if (activationId === undefined) return {}; // allow_missing, and there is none
+      const row = catalog.getActivation(activationId);
+      const named = catalog.listNamedActivations({ id: activationId })[0];
+      // Still being made (its name is reserved, its run is going): not yet.
+      if (activate.list({ resourceId: activationId, status: "running", limit: 1 }).length > 0) {
+        throw new AgentError("ACTIVATION_BUSY", `activation ${activationId} is still being created; deactivate it once ActivateImage has answered`, { activation: activationId });
       }
-      const row = catalog.getActivation(request.activationId);
-      if (!row) throw new ServerError(Status.NOT_FOUND, `activation ${request.activationId} is not known`);
-      // A half-made activation whose run has ended (failed, and its undo too) may be removed;
-      // one whose run is still going may not.
-      if (row.state !== "active" && activate.list({ resourceId: row.id, status: "running" }).length > 0) {
-        throw new ServerError(Status.FAILED_PRECONDITION, `activation ${row.id} is still being created`);
+      if (!row) {
+        if (request.allowMissing) return {};
+        throw new AgentError("ACTIVATION_NOT_FOUND", `activation ${request.name || request.activationId} is not known`, { activation: activationId });
       }
+      // A half-made activation whose run has ended (failed, and its undo too) may be removed too.
       const { runId } = deactivate.start(row.id, { activationId: row.id }, {});
       const outcome = await deactivate.wait(runId);
-      if (outcome.status !== "succeeded") throw new ServerError(Status.ABORTED, `deactivation of ${row.id} failed: ${outcome.error}`);
-      return { activation: activationMessage(row) };
+      if (outcome.status !== "succeeded") throw runError(outcome, `deactivation of ${row.id}`, { activation: row.id, image: row.image });
+      return named ? { activation: activationMessage(named) } : {};
     },
 
     async listActivations(request: ListActivationsRequest) {
       const image = request.image === "" ? undefined : imageName(request.image);
-      return { activations: catalog.listActivations(image).filter((a) => a.state === "active").map(activationMessage) };
+      const size = pageSize(request.pageSize);
+      const filters = { image: image ?? "" };
+      const after = readPageToken(request.pageToken, "activations", filters, (id) => ACTIVATION_ID.test(id));
+      const rows = catalog.listNamedActivations({ image, after, limit: size + 1 });
+      const { items, nextPageToken } = page(rows, size, (last) => makePageToken("activations", filters, last.id));
+      return { activations: items.map(activationMessage), nextPageToken };
     },
 
     async getPool() {
@@ -181,46 +202,53 @@ export function imageService(deps: ImageServiceDeps) {
         dataTotalBytes: BigInt(pool.dataTotalBytes),
         metadataUsedBytes: BigInt(pool.metaUsedBytes),
         metadataTotalBytes: BigInt(pool.metaTotalBytes),
-        mode: pool.mode,
+        mode: POOL_MODES[pool.mode] ?? PoolMode.UNSPECIFIED,
         blockSizeBytes: BigInt(pool.blockSizeBytes),
         errorIfNoSpace: pool.errorIfNoSpace,
       };
     },
 
     async listRuns(request: ListRunsRequest) {
-      const limit = request.limit === 0 ? 100 : Math.min(request.limit, 1000);
-      const filter = { resourceId: request.resourceId || undefined, limit };
+      const size = pageSize(request.pageSize);
+      if (!(request.fsm in RunKind)) throw invalidArgument("fsm", `unknown run kind ${request.fsm}`);
+      if (request.resourceId.length > 256) throw invalidArgument("resource_id", "resource_id is longer than 256 characters");
+      const filters = { fsm: String(request.fsm), resource_id: request.resourceId };
+      const beforeId = readPageToken(request.pageToken, "runs", filters, (id) => RUN_ID.test(id));
+      const filter = { resourceId: request.resourceId || undefined, limit: size + 1, ...(beforeId ? { beforeId } : {}) };
       const fsms = { pull, activate, deactivate, delete: remove } as const;
-      if (request.fsm !== "" && !(request.fsm in fsms)) throw new ServerError(Status.INVALID_ARGUMENT, `unknown fsm ${JSON.stringify(request.fsm)}: expected pull, activate, deactivate or delete`);
       const runs: RunRecord<unknown, unknown>[] = [];
       for (const [fsmName, fsm] of Object.entries(fsms)) {
-        if (request.fsm === "" || request.fsm === fsmName) runs.push(...(fsm.list(filter) as RunRecord<unknown, unknown>[]));
+        if (request.fsm === RunKind.UNSPECIFIED || RUN_KINDS[fsmName] === request.fsm) runs.push(...(fsm.list(filter) as RunRecord<unknown, unknown>[]));
       }
+      // Run ids are ULIDs from one monotonic source: newest first across the FSMs.
       runs.sort((a, b) => (a.id < b.id ? 1 : -1));
-      return { runs: runs.slice(0, limit).map(runMessage) };
+      const { items, nextPageToken } = page(runs.slice(0, size + 1), size, (last) => makePageToken("runs", filters, last.id));
+      return { runs: items.map(runMessage), nextPageToken };
     },
 
     async deleteImage(request: DeleteImageRequest) {
       const name = imageName(request.image);
+      const meta = { image: name };
       if (!catalog.getImage(name) && remove.list({ resourceId: name, status: "running", limit: 1 }).length === 0) {
-        throw new ServerError(Status.NOT_FOUND, `image ${name} is not known here`);
+        throw new AgentError("IMAGE_NOT_FOUND", `image ${name} is not known here`, meta);
       }
       if (pull.list({ resourceId: name, status: "running", limit: 1 }).length > 0) {
-        throw new ServerError(Status.FAILED_PRECONDITION, `image ${name} is being pulled; delete it once the pull has finished`);
+        throw new AgentError("IMAGE_BUSY", `image ${name} is being pulled; delete it once the pull has finished`, meta);
       }
       if (activate.list({ status: "running", limit: 100_000 }).some((run) => (run.request as { image: string }).image === name)) {
-        throw new ServerError(Status.FAILED_PRECONDITION, `image ${name} is being activated; delete it once the activation has finished`);
+        throw new AgentError("IMAGE_BUSY", `image ${name} is being activated; delete it once the activation has finished`, meta);
       }
       const activations = catalog.listActivations(name);
       if (activations.length > 0 && !request.force) {
-        throw new ServerError(
-          Status.FAILED_PRECONDITION,
+        throw new AgentError(
+          "IMAGE_HAS_ACTIVATIONS",
           `image ${name} has ${activations.length} activation(s) (${activations.map((a) => a.id).join(", ")}): deactivate them first, or delete with force`,
+          meta,
         );
       }
       const { runId } = remove.start(name, { image: name, force: request.force }, { deactivated: [], chainIds: [], removedDevices: [] });
       const outcome = await remove.wait(runId);
-      if (outcome.status !== "succeeded") throw new ServerError(Status.ABORTED, `deletion of ${name} failed: ${outcome.error}`);
+      if (outcome.status !== "succeeded") throw runError(outcome, `deletion of ${name}`, meta);
       return { deactivated: outcome.state.deactivated, removedDevices: outcome.state.removedDevices };
     },
 
@@ -230,7 +258,7 @@ export function imageService(deps: ImageServiceDeps) {
     },
 
     async doctor(request: DoctorRequest) {
-      if (request.adoptPool && request.wipePool) throw new ServerError(Status.INVALID_ARGUMENT, "adopt_pool and wipe_pool exclude each other: keep the unknown thin ids, or delete them");
+      if (request.adoptPool && request.wipePool) throw invalidArgument("wipe_pool", "adopt_pool and wipe_pool exclude each other: keep the unknown thin ids, or delete them");
       const foreign = request.adoptPool ? "adopt" : request.wipePool ? "wipe" : undefined;
       if (!request.repair && !foreign) {
         const report = await runDoctor(deps);
@@ -242,6 +270,69 @@ export function imageService(deps: ImageServiceDeps) {
       const remaining = after.findings.filter((f) => !seen.has(`${f.kind} ${f.subject}`)).map((f) => findingMessage(f));
       return { clean: after.clean, poolThinIds: after.poolThinIds, catalogThinIds: after.catalogThinIds, findings: [...outcomes.map((o) => findingMessage(o.finding, o)), ...remaining] };
     },
+
+    async getVersion() {
+      return { version: versionString(), api: API_PACKAGE };
+    },
+  };
+
+  /**
+   * The activation a request names: an existing one (same name, same image: retry-safe), or a
+   * new run, its name reserved in the transaction that starts it (so a retry, or the run resumed
+   * after a restart, finds it). JavaScript runs this synchronously: concurrent calls with one name
+   * cannot both reserve it.
+   */
+  function startActivation(image: string, name: string | undefined, labels: Record<string, string>): { activationId: string; runId?: string } {
+    return catalog.db.transaction(() => {
+      const held = name === undefined ? undefined : catalog.getActivationName(name);
+      if (held) {
+        if (held.image !== image) {
+          throw new AgentError("ACTIVATION_NAME_TAKEN", `activation name ${name} is taken by activation ${held.activationId} of image ${held.image}`, { name: name!, activation: held.activationId, image: held.image });
+        }
+        const running = activate.list({ resourceId: held.activationId, status: "running", limit: 1 })[0];
+        if (running) return { activationId: held.activationId, runId: running.id };
+        const row = catalog.getActivation(held.activationId);
+        if (row?.state === "active") return { activationId: held.activationId };
+        if (row?.state === "deactivating") {
+          throw new AgentError("ACTIVATION_BUSY", `activation ${name} (${held.activationId}) is being deactivated; try again once it is gone`, { name: name!, activation: held.activationId, image });
+        }
+        // Its run ended without an activation (and its undo could not free the name): it is free.
+        catalog.releaseActivationName(held.activationId);
+      }
+      const activationId = ulid();
+      catalog.reserveActivationName({ name: name ?? `act-${activationId.toLowerCase()}`, activationId, image, labels });
+      const { runId } = activate.start(activationId, { image, activationId }, {});
+      return { activationId, runId };
+    })();
+  }
+
+  /** The activation id a DeactivateImage request names; undefined: none, and allow_missing. */
+  function activationToDeactivate(request: DeactivateImageRequest): string | undefined {
+    if ((request.activationId === "") === (request.name === "")) throw invalidArgument("activation_id", "give exactly one of activation_id and name");
+    if (request.activationId !== "") {
+      if (!ACTIVATION_ID.test(request.activationId)) {
+        throw invalidArgument("activation_id", `activation id must be the 26-character id ActivateImage returned, got ${JSON.stringify(request.activationId.slice(0, 64))}`);
+      }
+      return request.activationId;
+    }
+    const held = catalog.getActivationName(activationName(request.name, "name"));
+    if (held) return held.activationId;
+    if (request.allowMissing) return undefined;
+    throw new AgentError("ACTIVATION_NOT_FOUND", `no activation is named ${request.name}`, { name: request.name });
+  }
+}
+
+export const API_PACKAGE = ImageService.typeName.replace(/\.[^.]+$/, "");
+
+function findingMessage(f: Finding, outcome?: RepairOutcome) {
+  const results = { repaired: RepairResult.REPAIRED, skipped: RepairResult.SKIPPED, failed: RepairResult.FAILED } as const;
+  return {
+    kind: FindingKind[f.kind],
+    subject: f.subject,
+    detail: f.detail,
+    repair: f.repair,
+    result: outcome ? results[outcome.result] : RepairResult.UNSPECIFIED,
+    note: outcome?.note ?? "",
   };
 }
 
@@ -261,24 +352,55 @@ function progressFields(p: PullProgress): Pick<ProgressMsg, "bytesDone" | "bytes
   };
 }
 
-function findingMessage(f: Finding, outcome?: RepairOutcome) {
-  return { kind: f.kind, subject: f.subject, detail: f.detail, repair: f.repair, result: outcome?.result ?? "", note: outcome?.note ?? "" };
-}
-
-/** Activation ids are ULIDs (Crockford base 32, upper case). */
+/** Activation and run ids are ULIDs (Crockford base 32, upper case). */
 const ACTIVATION_ID = /^[0-9A-HJKMNP-TV-Z]{26}$/;
+const RUN_ID = ACTIVATION_ID;
+const ACTIVATION_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+const LABEL_KEY = /^[a-z][a-z0-9_.-]{0,62}$/;
+const MAX_LABELS = 64;
+const MAX_LABEL_VALUE_BYTES = 256;
+
+const RUN_KINDS: Record<string, RunKind> = { pull: RunKind.PULL, activate: RunKind.ACTIVATE, deactivate: RunKind.DEACTIVATE, delete: RunKind.DELETE };
+/** The kernel's words (dm-thin status) for the pool's mode. */
+const POOL_MODES: Record<string, PoolMode> = { rw: PoolMode.READ_WRITE, ro: PoolMode.READ_ONLY, out_of_data_space: PoolMode.OUT_OF_DATA_SPACE, fail: PoolMode.FAILED };
+
+function isImageName(raw: string): boolean {
+  try {
+    validateImageName(raw);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 function imageName(raw: string): string {
   try {
     validateImageName(raw);
     return raw;
   } catch (err) {
-    throw new ServerError(Status.INVALID_ARGUMENT, err instanceof Error ? err.message : String(err));
+    throw invalidArgument("image", err instanceof Error ? err.message : String(err));
   }
 }
 
-function activationMessage(row: ActivationRow): ActivationMsg {
-  return { id: row.id, image: row.image, thinId: row.thinId, devicePath: `/dev/mapper/${row.name}`, createdAt: row.createdAt };
+function activationName(raw: string, field = "name"): string {
+  if (!ACTIVATION_NAME.test(raw)) throw invalidArgument(field, `activation name must match ${ACTIVATION_NAME.source}, got ${JSON.stringify(raw.slice(0, 80))}`);
+  return raw;
+}
+
+function activationLabels(labels: Record<string, string>): Record<string, string> {
+  const entries = Object.entries(labels);
+  if (entries.length > MAX_LABELS) throw invalidArgument("labels", `at most ${MAX_LABELS} labels, got ${entries.length}`);
+  for (const [key, value] of entries) {
+    if (!LABEL_KEY.test(key)) throw invalidArgument("labels", `label key must match ${LABEL_KEY.source}, got ${JSON.stringify(key.slice(0, 80))}`);
+    if (Buffer.byteLength(value) > MAX_LABEL_VALUE_BYTES) throw invalidArgument("labels", `label ${key}: value is longer than ${MAX_LABEL_VALUE_BYTES} bytes`);
+  }
+  return Object.fromEntries(entries.sort(([a], [b]) => (a < b ? -1 : 1)));
+}
+
+const timestamp = (iso: string) => timestampFromDate(new Date(iso));
+
+function activationMessage(row: NamedActivationRow): ActivationMsg {
+  return { id: row.id, image: row.image, thinId: row.thinId, devicePath: `/dev/mapper/${row.name}`, createdAt: timestamp(row.createdAt), name: row.activationName, labels: row.labels };
 }
 
 function runMessage(run: RunRecord<unknown, unknown>): MessageInitShape<typeof RunSchema> {
@@ -286,13 +408,13 @@ function runMessage(run: RunRecord<unknown, unknown>): MessageInitShape<typeof R
   const status = statuses[run.status];
   return {
     id: run.id,
-    fsm: run.fsm,
+    fsm: RUN_KINDS[run.fsm] ?? RunKind.UNSPECIFIED,
     resourceId: run.resourceId,
     state: run.step,
     status,
     error: run.error ?? "",
     attempts: run.attempts,
-    startedAt: run.startedAt,
-    finishedAt: run.finishedAt ?? "",
+    startedAt: timestamp(run.startedAt),
+    ...(run.finishedAt ? { finishedAt: timestamp(run.finishedAt) } : {}),
   };
 }

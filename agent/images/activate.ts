@@ -8,7 +8,12 @@
 //               snapshot of the image's device: the image's device itself is never written.
 // activate      maps the snapshot as /dev/mapper/imgd-act-<id>.
 // A failed activation is undone (device removed, snapshot deleted, row dropped), so no row
-// claims a device that does not exist.
+// claims a device that does not exist, and its name is freed.
+//
+// Names (retry safety): the API reserves the activation's name (catalog activation_names) in the
+// same transaction that starts this run, before any step: a retry of the same request, a
+// cancelled or timed-out caller, and a run resumed after a restart all find the activation by its
+// name while it is made, and after. The name goes with the row (deactivation, undo, repair).
 import type { ActivationRow, Catalog } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
@@ -21,6 +26,8 @@ import { listImageLayers } from "../s3/image-source.ts";
 import { isPermanentS3Error } from "../s3/errors.ts";
 import { activationDeviceName } from "./chain.ts";
 import { classifyStepError } from "./errors.ts";
+import { AgentError, type Reason } from "../grpc/errors.ts";
+import type { RunRecord } from "../fsm/engine.ts";
 import type { PullFsm } from "./pull.ts";
 
 export interface ActivateRequest {
@@ -77,6 +84,8 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
           if (run.status !== "failed") return;
           const row = catalog.getActivation(run.request.activationId);
           if (row) await undoActivation(deps, row);
+          // Never made (failed before its snapshot): nothing holds the name any more.
+          else catalog.releaseActivationName(run.request.activationId);
         },
       ],
     });
@@ -90,7 +99,7 @@ async function ensureImage(deps: ActivateDeps, ctx: Ctx): Promise<void> {
     const { runId } = pull.start(ctx.request.image, { image: ctx.request.image }, { layers: [], chainIds: [] });
     // Waiting for the pull is not work: a kill meanwhile costs this run nothing.
     const outcome = await ctx.waitFor(`pull of ${ctx.request.image}`, () => pull.wait(runId));
-    if (outcome.status !== "succeeded") throw abort(`image ${ctx.request.image} could not be pulled: ${outcome.error}`);
+    if (outcome.status !== "succeeded") throw abort(`image ${ctx.request.image} could not be pulled: ${outcome.error}`, pullFailure(outcome, ctx.request.image));
   }
   const ready = catalog.getImage(ctx.request.image);
   if (ready?.state !== "ready" || !ready.chainId) throw abort(`image ${ctx.request.image} is not ready`);
@@ -102,7 +111,7 @@ async function ensureImage(deps: ActivateDeps, ctx: Ctx): Promise<void> {
  * same keys, ETags and sizes would fail the same way (and fetch the same bytes again). Throws the
  * failure, unchanged, when the listing is the same (or still cannot be listed).
  */
-async function refuseUnchangedFailure({ catalog, s3, s3Config }: ActivateDeps, image: string, failure: string): Promise<void> {
+async function refuseUnchangedFailure({ catalog, s3, s3Config, pull }: ActivateDeps, image: string, failure: string): Promise<void> {
   const failed = catalog.imageLayers(image).map((l) => `${l.position} ${l.key} ${l.etag} ${l.size}`);
   let now: string[];
   try {
@@ -112,8 +121,16 @@ async function refuseUnchangedFailure({ catalog, s3, s3Config }: ActivateDeps, i
     throw abort(`image ${image} failed to pull and still cannot be listed (${err.message}); its last pull failed with: ${failure}`, err);
   }
   if (failed.length > 0 && now.join("\n") === failed.join("\n")) {
-    throw abort(`image ${image} is not pulled again: its last pull failed and its S3 folder has not changed since (PullImage retries it): ${failure}`);
+    const lastPull = pull.list({ resourceId: image, status: "failed", limit: 1 })[0];
+    const message = `image ${image} is not pulled again: its last pull failed and its S3 folder has not changed since (PullImage retries it): ${failure}`;
+    throw abort(message, lastPull ? pullFailure(lastPull, image) : undefined);
   }
+}
+
+/** The failed pull's typed reason, as the activation's (an image not found is NOT_FOUND here too). */
+function pullFailure(pull: RunRecord<unknown, unknown>, image: string): AgentError {
+  const reason = (pull.errorDetail?.reason ?? "RUN_FAILED") as Reason;
+  return new AgentError(reason, `pull of ${image} failed: ${pull.error ?? "no reason recorded"}`, { ...pull.errorDetail?.metadata, image, run_id: pull.id, step: pull.step });
 }
 
 /** The activation's row, allocated on first use; a resumed run finds the one it made. */

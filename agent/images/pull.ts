@@ -28,6 +28,7 @@ import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
 import { layerSizeOf, spaceProblem } from "./pool-space.ts";
 import type { PlannedLayer, PullProgressBoard, RunProgress } from "./pull-progress.ts";
+import { AgentError } from "../grpc/errors.ts";
 
 export interface PullRequest {
   image: string;
@@ -201,7 +202,8 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
 
 /** The run's error for a layer the validator refused (while downloading: its digest is not known yet). */
 function refused(ctx: Ctx, layer: PulledLayer, err: LayerValidationError): Error {
-  return abort(`image ${ctx.request.image}: layer ${layer.key} (${layer.size} bytes, ETag ${layer.etag}) refused: entry ${err.entry}: ${err.rule}: ${err.message}`, err);
+  const message = `image ${ctx.request.image}: layer ${layer.key} (${layer.size} bytes, ETag ${layer.etag}) refused: entry ${err.entry}: ${err.rule}: ${err.message}`;
+  return abort(message, new AgentError("LAYER_REFUSED", message, { image: ctx.request.image, layer: layer.key, entry: err.entry, rule: err.rule }, { cause: err }));
 }
 
 async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
@@ -272,7 +274,13 @@ async function ensureLayerDevice(
       // Out of space mid-apply: not retried. A retry would only meet the space check, whose
       // "pool is out_of_data_space" would replace the real reason as the run's error.
       if (err instanceof HelperError && err.code === "NO_SPACE") {
-        throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) failed: ${err.code}: ${err.message}`, err);
+        const message = `image ${ctx.request.image}: layer ${key} (${digest}) failed: ${err.code}: ${err.message}`;
+        throw abort(message, new AgentError("POOL_FULL", message, { image: ctx.request.image, layer: key }, { cause: err }));
+      }
+      if (err instanceof HelperError && err.code === "LAYER_REFUSED") {
+        // The helper's own checks while applying (the agent's validator passed the layer).
+        const message = `image ${ctx.request.image}: layer ${key} (${digest}) refused: ${err.code}: ${err.message}`;
+        throw abort(message, new AgentError("LAYER_REFUSED", message, { image: ctx.request.image, layer: key, rule: "HELPER_REFUSED" }, { cause: err }));
       }
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
@@ -287,7 +295,10 @@ async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, di
   const content = catalog.blobContent(digest) ?? { fileBytes: (await blobs.has(digest))?.size ?? 0, entries: 0 };
   const pool = await helper.call("pool.status", {}, { signal: ctx.signal });
   const problem = spaceProblem(content, pool, freshFilesystem);
-  if (problem) throw abort(`image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`);
+  if (problem) {
+    const message = `image ${ctx.request.image}: layer ${key} (${digest}) does not fit: ${problem}`;
+    throw abort(message, new AgentError("POOL_FULL", message, { image: ctx.request.image, layer: key }));
+  }
 }
 
 /**

@@ -337,7 +337,7 @@ test("randomized crash loop: kill -9 at random moments during a workload", { ski
   await Promise.all([workload(), killer()]);
   await Promise.all(inFlight);
   await agent.waitAllRunsEnd();
-  const { runs } = await agent.client.listRuns({ limit: 1000 });
+  const { runs } = await agent.client.listRuns({ pageSize: 1000 });
   const failed = runs.filter((r) => r.status === RunStatus.FAILED);
   const outcomes = countOutcomes(runs);
   console.log(

@@ -10,7 +10,7 @@ import { createHash } from "node:crypto";
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
-import { connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { connectImgd, ImageState, PoolMode, type ImgdClient } from "../../client/sdk.ts";
 import { pullOutcome } from "../helpers/pull.ts";
 import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
 import { estimatedDataBytes } from "../../agent/images/pool-space.ts";
@@ -88,11 +88,13 @@ async function pullOk(image: string): Promise<void> {
 
 // ---- the pool and what is left behind ------------------------------------------------------
 
+/** The kernel's words for the pool's mode (the API's PoolMode). */
+const POOL_MODE_WORDS: Record<PoolMode, string> = { [PoolMode.UNSPECIFIED]: "?", [PoolMode.READ_WRITE]: "rw", [PoolMode.READ_ONLY]: "ro", [PoolMode.OUT_OF_DATA_SPACE]: "out_of_data_space", [PoolMode.FAILED]: "fail" };
 type Pool = { used: number; total: number; free: number; metaUsed: number; metaTotal: number; mode: string; block: number; blockSizeBytes: number };
 async function pool(): Promise<Pool> {
   const p = await client.getPool({});
   const [used, total] = [Number(p.dataUsedBytes), Number(p.dataTotalBytes)];
-  return { used, total, free: total - used, metaUsed: Number(p.metadataUsedBytes), metaTotal: Number(p.metadataTotalBytes), mode: p.mode, block: Number(p.blockSizeBytes), blockSizeBytes: Number(p.blockSizeBytes) };
+  return { used, total, free: total - used, metaUsed: Number(p.metadataUsedBytes), metaTotal: Number(p.metadataTotalBytes), mode: POOL_MODE_WORDS[p.mode], block: Number(p.blockSizeBytes), blockSizeBytes: Number(p.blockSizeBytes) };
 }
 const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
 

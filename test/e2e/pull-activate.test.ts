@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmdirSync, writeFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
-import { connectImgd, ImageState, LayerPhase, RunStatus, type ImgdClient, type Image } from "../../client/sdk.ts";
+import { connectImgd, ImageState, ImgdError, LayerPhase, PoolMode, RunStatus, type ImgdClient, type Image } from "../../client/sdk.ts";
 import { pullUpdates } from "../helpers/pull.ts";
 import { diffManifests, walkTree, type ManifestEntry } from "../fixtures/tree.ts";
 
@@ -189,6 +189,19 @@ test("deactivation removes the device from the kernel; the image and other activ
   await assert.rejects(client.deactivateImage({ activationId: drop.id }), /not known/);
 });
 
+test("a named activation is retry-safe on the real pool: one device, found again by its name, deactivated by it", async () => {
+  const before = dmDevices().length;
+  const labels = { owner: "e2e" };
+  const first = (await client.activateImage({ image: "golang", name: "e2e-retry", labels })).activation!;
+  const again = (await client.activateImage({ image: "golang", name: "e2e-retry", labels })).activation!;
+  assert.deepEqual([again.id, again.name, again.labels], [first.id, "e2e-retry", labels]);
+  assert.equal(dmDevices().length, before + 1, "one device for the name");
+  await assert.rejects(client.activateImage({ image: "node", name: "e2e-retry" }), (err: Error) => err instanceof ImgdError && err.reason === "ACTIVATION_NAME_TAKEN");
+  assert.equal((await client.deactivateImage({ name: "e2e-retry" })).activation!.id, first.id);
+  assert.equal(dmDevices().length, before);
+  assert.equal((await client.deactivateImage({ name: "e2e-retry", allowMissing: true })).activation, undefined);
+});
+
 test("imgctl shows images, activations and the pool", () => {
   const images = sh("imgctl", "images");
   for (const name of ["golang", "node", "python"]) assert.match(images, new RegExp(`^${name}\\s+ready`, "m"));
@@ -202,10 +215,12 @@ test("a layer that cannot fit in the pool is refused before any device is made",
     () => assert.fail("toobig must not be pulled"),
     (err: Error) => err,
   );
+  assert.ok(failure instanceof ImgdError && failure.reason === "POOL_FULL", `RESOURCE_EXHAUSTED/POOL_FULL: ${String(failure)}`);
+  assert.deepEqual([failure.metadata.image, failure.metadata.layer], ["toobig", "images/toobig/1.tar"]);
   assert.match(failure.message, /toobig: layer images\/toobig\/1\.tar \(sha256:[0-9a-f]{64}\) does not fit: pool imgd-pool has [0-9.]+ MiB of data space free; the layer needs about 10[0-9]{2}\.0 MiB/);
   assert.deepEqual(dmDevices(), before.devices);
   const pool = await client.getPool({});
-  assert.equal(pool.mode, "rw");
+  assert.equal(pool.mode, PoolMode.READ_WRITE);
   assert.equal(pool.dataUsedBytes, before.pool.dataUsedBytes, "nothing was written");
   const { image } = await client.getImage({ image: "toobig" });
   assert.equal(image!.state, ImageState.FAILED);

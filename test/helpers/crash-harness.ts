@@ -8,7 +8,7 @@ import { createConnection } from "node:net";
 import { join } from "node:path";
 import BetterSqlite3 from "better-sqlite3";
 import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
-import { connectImgd, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { FindingKind, RunKind, connectImgd, RunStatus, type ImgdClient } from "../../client/sdk.ts";
 import { buildTar } from "../fixtures/tar-build.ts";
 import { imageManifest, type LayerEntry } from "../fixtures/layer-model.ts";
 import { pseudoRandomBytes } from "../fixtures/prng.ts";
@@ -191,7 +191,7 @@ export class Agent {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       try {
-        const { runs } = await this.client.listRuns({ fsm, resourceId, limit: 1 });
+        const { runs } = await this.client.listRuns({ fsm: RunKind[fsm.toUpperCase() as keyof typeof RunKind], resourceId, pageSize: 1 });
         if (runs[0] && runs[0].status !== RunStatus.RUNNING) return runs[0];
       } catch (err) {
         if (Date.now() > deadline) throw err;
@@ -205,10 +205,10 @@ export class Agent {
   async waitAllRunsEnd(timeoutMs = 300_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const { runs } = await this.client.listRuns({ limit: 1000 });
+      const { runs } = await this.client.listRuns({ pageSize: 1000 });
       const running = runs.filter((r) => r.status === RunStatus.RUNNING);
       if (running.length === 0) return;
-      if (Date.now() > deadline) throw new Error(`runs still running after ${timeoutMs} ms: ${running.map((r) => `${r.fsm}/${r.resourceId}@${r.state}`).join(", ")}`);
+      if (Date.now() > deadline) throw new Error(`runs still running after ${timeoutMs} ms: ${running.map((r) => `${RunKind[r.fsm]}/${r.resourceId}@${r.state}`).join(", ")}`);
       await sleep(300);
     }
   }
@@ -362,7 +362,7 @@ export function readCatalog(): CatalogSnapshot {
 export async function invariantProblems(agent: Agent, loopsAtStart: string[]): Promise<string[]> {
   const problems: string[] = [];
   const doctor = await agent.client.doctor({});
-  for (const f of doctor.findings) problems.push(`doctor: ${f.kind} ${f.subject}: ${f.detail}`);
+  for (const f of doctor.findings) problems.push(`doctor: ${FindingKind[f.kind]} ${f.subject}: ${f.detail}`);
   if (!doctor.clean && doctor.findings.length === 0) problems.push("doctor: not clean without findings");
 
   const catalog = readCatalog();

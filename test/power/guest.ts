@@ -97,7 +97,7 @@ function userView(): { active: Map<string, string>; gone: Set<string>; mayBeGone
 async function check(agent: Agent): Promise<string[]> {
   await agent.waitAllRunsEnd(600_000);
   const problems: string[] = [];
-  const { runs } = await agent.client.listRuns({ limit: 1000 });
+  const { runs } = await agent.client.listRuns({ pageSize: 1000 });
   const failed = runs.filter((r) => r.status === RunStatus.FAILED);
   // A run may fail by its own step's error (a deletion that met a pull, say); never because the
   // power went.

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
-import { connectImgd, ImageState, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { RunKind, connectImgd, ImageState, RunStatus, type ImgdClient } from "../../client/sdk.ts";
 import { packTar, rawTar } from "../fixtures/tar-bytes.ts";
 import { startFakeHelper, type FakeHelper } from "../helpers/fake-helper.ts";
 import { startS3rver, startTamperProxy, isObjectGet, type TamperProxy, type TestS3 } from "../helpers/s3rver.ts";
@@ -123,7 +123,7 @@ test("an object listed larger than IMGD_LAYER_MAX_BYTES (from the config file) i
 test("ActivateImage does not pull a failed image again unless its S3 folder changed; PullImage retries it", async () => {
   await s3.put("images/failing/1.tar", "no tar at all");
   assert.match(await pullError("failing"), /NOT_A_TAR/);
-  const pullRuns = async () => (await client.listRuns({ fsm: "pull", resourceId: "failing" })).runs;
+  const pullRuns = async () => (await client.listRuns({ fsm: RunKind.PULL, resourceId: "failing" })).runs;
   assert.equal((await pullRuns()).length, 1);
 
   // Unchanged bucket: the failure comes back at once, after one listing and no download.

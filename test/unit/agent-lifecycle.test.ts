@@ -8,7 +8,7 @@ import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { RunningAgent } from "../../agent/app.ts";
 import { layerDeviceName } from "../../agent/images/chain.ts";
-import { ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { FindingKind, RunKind, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullOutcome, pullReady } from "../helpers/pull.ts";
 import { tarOf, TestAgent } from "../helpers/test-agent.ts";
@@ -54,8 +54,8 @@ test("delete is refused while activated; with force it deactivates first; shared
   assert.equal((await client.getImage({ image: "node" })).image!.state, ImageState.READY, "nothing changed");
   assert.equal(helper.active.get(actName), activation!.thinId);
   const cli = await imgctl("delete", "node");
-  assert.equal(cli.status, 1);
-  assert.match(cli.stderr, /deactivate them first, or delete with force/);
+  assert.equal(cli.status, 4, "FAILED_PRECONDITION's exit code");
+  assert.match(cli.stderr, /^error: IMAGE_HAS_ACTIVATIONS: .*deactivate them first, or delete with force/m);
 
   const result = await client.deleteImage({ image: "node", force: true });
   assert.deepEqual(result.deactivated, [activation!.id]);
@@ -70,7 +70,7 @@ test("delete is refused while activated; with force it deactivates first; shared
   for (const position of [1, 2, 3, 4]) assert.ok(helper.thins.has(thinOf(node, position)), `shared layer ${position} kept`);
   assert.deepEqual(helper.thins.get(python.thinId)!.layers, python.layers.map((l) => l.digest), "python is intact");
   assert.equal((await client.getImage({ image: "python" })).image!.state, ImageState.READY);
-  const runs = (await client.listRuns({ fsm: "delete", resourceId: "node" })).runs;
+  const runs = (await client.listRuns({ fsm: RunKind.DELETE, resourceId: "node" })).runs;
   assert.deepEqual(runs.map((r) => [r.status, r.state]), [[RunStatus.SUCCEEDED, "remove-devices"]]);
   assert.equal((await client.doctor({})).clean, true);
 });
@@ -146,7 +146,7 @@ test("a deactivation that fails after removing the device stays deactivated: rep
   assert.equal(helper.active.has(name), false, "the device was removed");
   assert.deepEqual((await client.listActivations({ image: "golang" })).activations, [], "not listed as active");
   const look = await client.doctor({});
-  assert.deepEqual(look.findings.map((f) => f.kind), ["UNFINISHED_DEACTIVATION"], "doctor says what is left, not MISSING_DEVICE");
+  assert.deepEqual(look.findings.map((f) => FindingKind[f.kind]), ["UNFINISHED_DEACTIVATION"], "doctor says what is left, not MISSING_DEVICE");
   const repaired = await client.doctor({ repair: true });
   assert.equal(repaired.clean, true, JSON.stringify(repaired.findings));
   assert.equal(helper.active.has(name), false, "the user's deactivation is not undone");

@@ -9,7 +9,7 @@ import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { startAgent, type RunningAgent } from "../../agent/app.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
-import { RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { FindingKind, RunKind, RunStatus, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullUpdates } from "../helpers/pull.ts";
 import { TestAgent, tarOf } from "../helpers/test-agent.ts";
@@ -147,7 +147,7 @@ test("a layer the applier refuses ends the run at once (never retried), naming t
   const applies = helper.calls.filter((c) => c.op === "layer.apply").length;
   const failure = await pull("loop").then(() => assert.fail("the pull should fail"), (err: Error) => err);
   assert.match(failure.message, /rule PARENT_NOT_DIR/);
-  const { runs } = await client.listRuns({ fsm: "pull", resourceId: "loop", limit: 1 });
+  const { runs } = await client.listRuns({ fsm: RunKind.PULL, resourceId: "loop", pageSize: 1 });
   assert.equal(runs[0]!.status, RunStatus.FAILED);
   assert.equal(runs[0]!.attempts, 1, runs[0]!.error);
   assert.equal(helper.calls.filter((c) => c.op === "layer.apply").length, applies + 1, "one apply, no retry");
@@ -204,7 +204,7 @@ test("after a restart the agent answers from SQLite and still knows every device
   const requests = proxy.requests.length;
   assert.equal((await pull("node")).length, 1);
   assert.equal(proxy.requests.length, requests);
-  const runs = (await client.listRuns({ fsm: "pull" })).runs;
+  const runs = (await client.listRuns({ fsm: RunKind.PULL })).runs;
   assert.ok(runs.some((r) => r.resourceId === "broken" && r.status === RunStatus.FAILED && /NOT_A_TAR/.test(r.error)), "failed outcomes are durable");
 });
 
@@ -235,7 +235,7 @@ test("server reflection lists and describes the API, as grpcurl asks; health rep
     assert.deepEqual(listed.getListServicesResponse()!.getServiceList().map((s) => s.getName()), ["imgd.v1.ImageService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]);
     const described = await ask((r) => r.setFileContainingSymbol("imgd.v1.ImageService"));
     const [file] = described.getFileDescriptorResponse()!.getFileDescriptorProtoList_asU8().map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
-    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor", "DeleteImage", "CollectGarbage"]);
+    assert.deepEqual(file.service[0].method.map((m) => m.name), ["PullImage", "GetImage", "ListImages", "ActivateImage", "DeactivateImage", "ListActivations", "GetPool", "ListRuns", "Doctor", "DeleteImage", "CollectGarbage", "GetVersion"]);
     const health = createClient(HealthDefinition, channel);
     assert.equal((await health.check({ service: "imgd.v1.ImageService" })).status, 1 /* SERVING */);
   } finally {
@@ -257,7 +257,7 @@ test("deactivation removes the device and the snapshot, and only those", async (
   await assert.rejects(client.deactivateImage({ activationId: drop!.id }), /NOT_FOUND|not known/);
   await assert.rejects(client.deactivateImage({ activationId: "../../etc" }), /INVALID_ARGUMENT|activation id/);
   await assert.rejects(client.deactivateImage({ activationId: "" }), /INVALID_ARGUMENT|activation id/);
-  const runs = (await client.listRuns({ fsm: "deactivate", resourceId: drop!.id })).runs;
+  const runs = (await client.listRuns({ fsm: RunKind.DEACTIVATE, resourceId: drop!.id })).runs;
   assert.deepEqual(runs.map((r) => r.status), [RunStatus.SUCCEEDED]);
 });
 
@@ -300,8 +300,8 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
   try {
     const report = await client.doctor({});
     assert.equal(report.clean, false);
-    const byKind = Object.fromEntries(report.findings.map((f) => [f.kind, f]));
-    assert.deepEqual(report.findings.map((f) => f.kind).sort(), ["MISSING_THIN_ID", "STRAY_DEVICE", "UNKNOWN_THIN_ID"]);
+    const byKind = Object.fromEntries(report.findings.map((f) => [FindingKind[f.kind], f]));
+    assert.deepEqual(report.findings.map((f) => FindingKind[f.kind]).sort(), ["MISSING_THIN_ID", "STRAY_DEVICE", "UNKNOWN_THIN_ID"]);
     assert.equal(byKind.UNKNOWN_THIN_ID!.subject, `thin id ${planted}`);
     assert.match(byKind.UNKNOWN_THIN_ID!.repair, new RegExp(`remove device ${stray}, then delete thin id ${planted} from the pool`));
     assert.equal(byKind.STRAY_DEVICE!.subject, stray);

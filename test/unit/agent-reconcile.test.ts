@@ -11,10 +11,13 @@ import { loadAgentConfig } from "../../agent/config.ts";
 import { Catalog } from "../../agent/catalog.ts";
 import { openDatabase } from "../../agent/db.ts";
 import { chainIds, layerDeviceName } from "../../agent/images/chain.ts";
-import { connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
+import { RepairResult, FindingKind, connectImgd, ImageState, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullReady } from "../helpers/pull.ts";
 import { TestAgent } from "../helpers/test-agent.ts";
+
+/** The API's RepairResult as the words these tests compare ("" when not repaired). */
+const resultWord = (r: RepairResult) => (r === RepairResult.UNSPECIFIED ? "" : RepairResult[r].toLowerCase());
 
 let helper: FakeHelper;
 let agent: RunningAgent;
@@ -117,7 +120,7 @@ test("startup reconciliation repairs every kind of leak a crash or a person leav
   ]);
   assert.ok(logs.some((l) => l.level === "error" && /1 thin id\(s\) this catalog never allocated \(9000\); nothing was deleted/.test(l.msg)));
   const report = await client.doctor({});
-  assert.deepEqual(report.findings.map((f) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 9000"]]);
+  assert.deepEqual(report.findings.map((f) => [FindingKind[f.kind], f.subject]), [["FOREIGN_THIN_ID", "thin id 9000"]]);
   helper.thins.delete(9000);
   assert.equal((await client.doctor({})).clean, true);
   assert.equal((await client.getImage({ image: "golang" })).image!.state, ImageState.READY);
@@ -133,12 +136,12 @@ test("doctor shows the repair without doing it; repair=true drops a lost device 
 
   const calls = helper.calls.length;
   const look = await client.doctor({});
-  assert.deepEqual(look.findings.map((f) => [f.kind, f.subject, f.result]), [["MISSING_THIN_ID", layer4.name, ""]]);
+  assert.deepEqual(look.findings.map((f) => [FindingKind[f.kind], f.subject, resultWord(f.result)]), [["MISSING_THIN_ID", layer4.name, ""]]);
   assert.match(look.findings[0]!.repair, /and the devices built on it, mark the images using them failed/);
   assert.deepEqual([...new Set(helper.calls.slice(calls).map((c) => c.op))].sort(), ["device.list", "thin.list"], "doctor without repair only reads");
 
   const fixed = await client.doctor({ repair: true });
-  assert.deepEqual(fixed.findings.map((f) => [f.kind, f.result]), [["MISSING_THIN_ID", "repaired"]]);
+  assert.deepEqual(fixed.findings.map((f) => [FindingKind[f.kind], resultWord(f.result)]), [["MISSING_THIN_ID", "repaired"]]);
   assert.equal(fixed.clean, true);
   assert.equal(agent.catalog.getDevice(layer4.chainId), undefined);
   assert.equal(agent.catalog.getDevice(layer5.chainId), undefined, "the device above it is dropped too");
@@ -161,8 +164,8 @@ test("a lost device an activation still uses is not dropped: the repair says why
   helper.thins.delete(golang.thinId);
   try {
     const report = await client.doctor({ repair: true });
-    const lost = report.findings.find((f) => f.kind === "MISSING_THIN_ID")!;
-    assert.equal(lost.result, "skipped");
+    const lost = report.findings.find((f) => f.kind === FindingKind.MISSING_THIN_ID)!;
+    assert.equal(lost.result, RepairResult.SKIPPED);
     assert.match(lost.note, new RegExp(`activations ${activation!.id} use it: deactivate them first`));
     assert.equal(report.clean, false);
     assert.ok(agent.catalog.getDevice(golang.chainId), "kept");
@@ -193,7 +196,7 @@ test("repair on demand beside a running pull leaves the pull's half-built device
   }
   await pulling;
   const after = await client.doctor({ repair: true });
-  assert.deepEqual(after.findings.map((f) => [f.kind, f.result]), [["STRAY_TEMP_FILE", "repaired"]]);
+  assert.deepEqual(after.findings.map((f) => [FindingKind[f.kind], resultWord(f.result)]), [["STRAY_TEMP_FILE", "repaired"]]);
   assert.equal(existsSync(join(stateDir, "tmp", "maybe-a-download.part")), false);
   assert.equal(after.clean, true);
 });
@@ -204,7 +207,7 @@ test("an activation whose snapshot vanished from the pool is forgotten (and its 
   const name = activation!.devicePath.replace("/dev/mapper/", "");
   helper.thins.delete(activation!.thinId);
   const report = await client.doctor({ repair: true });
-  assert.deepEqual(report.findings.map((f) => [f.kind, f.subject, f.result]), [["MISSING_THIN_ID", `activation ${activation!.id}`, "repaired"]]);
+  assert.deepEqual(report.findings.map((f) => [FindingKind[f.kind], f.subject, resultWord(f.result)]), [["MISSING_THIN_ID", `activation ${activation!.id}`, "repaired"]]);
   assert.equal(report.clean, true);
   assert.equal(agent.catalog.getActivation(activation!.id), undefined);
   assert.equal(helper.active.has(name), false);
@@ -239,12 +242,12 @@ test("an agent started on an empty database against a pool that holds devices de
     try {
       const report = await c.client.doctor({ repair: true });
       assert.equal(report.clean, false);
-      assert.deepEqual([...new Set(report.findings.map((f) => f.kind))], ["FOREIGN_THIN_ID"]);
-      assert.ok(report.findings.every((f) => f.result === "skipped" && /operator/.test(f.note)), JSON.stringify(report.findings));
+      assert.deepEqual([...new Set(report.findings.map((f) => FindingKind[f.kind]))], ["FOREIGN_THIN_ID"]);
+      assert.ok(report.findings.every((f) => f.result === RepairResult.SKIPPED && /operator/.test(f.note)), JSON.stringify(report.findings));
       assert.equal(helper.thins.size, pool.size, "an on-demand repair deletes nothing either");
       // The operator keeps them: reserved, never handed out; this agent's own ids come after them.
       const adopted = await c.client.doctor({ adoptPool: true });
-      assert.ok(adopted.findings.every((f) => f.kind === "FOREIGN_THIN_ID" && f.result === "repaired"));
+      assert.ok(adopted.findings.every((f) => f.kind === FindingKind.FOREIGN_THIN_ID && f.result === RepairResult.REPAIRED));
       assert.equal(adopted.clean, true);
       assert.equal((await c.client.doctor({})).clean, true, "not reported again");
       assert.deepEqual([...helper.thins.keys()].sort(), [...pool.keys()].sort(), "and still nothing deleted");
@@ -269,17 +272,17 @@ test("the operator's decision: --wipe-pool deletes foreign ids (and their device
   helper.thins.set(7778, { origin: null, layers: [], formatted: true });
   await assert.rejects(client.doctor({ adoptPool: true, wipePool: true }), /INVALID_ARGUMENT.*exclude each other/);
   const look = await client.doctor({});
-  assert.deepEqual(look.findings.map((f) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 7777"], ["FOREIGN_THIN_ID", "thin id 7778"]], "the device mapping 7777 is part of that finding");
+  assert.deepEqual(look.findings.map((f) => [FindingKind[f.kind], f.subject]), [["FOREIGN_THIN_ID", "thin id 7777"], ["FOREIGN_THIN_ID", "thin id 7778"]], "the device mapping 7777 is part of that finding");
   const kept = 7778;
   helper.thins.delete(7778); // decide about 7777 alone first
   const wiped = await client.doctor({ wipePool: true });
-  assert.deepEqual(wiped.findings.map((f) => [f.kind, f.result]), [["FOREIGN_THIN_ID", "repaired"]]);
+  assert.deepEqual(wiped.findings.map((f) => [FindingKind[f.kind], resultWord(f.result)]), [["FOREIGN_THIN_ID", "repaired"]]);
   assert.equal(helper.thins.has(7777), false);
   assert.equal(helper.active.has("imgd-act-00000000000000000000007777"), false, "its device removed first");
   for (const id of mine.keys()) assert.ok(helper.thins.has(id), `the catalog's own id ${id} kept`);
   helper.thins.set(kept, { origin: null, layers: [], formatted: true });
   const adopted = await client.doctor({ adoptPool: true });
-  assert.deepEqual(adopted.findings.map((f) => [f.kind, f.result]), [["FOREIGN_THIN_ID", "repaired"]]);
+  assert.deepEqual(adopted.findings.map((f) => [FindingKind[f.kind], resultWord(f.result)]), [["FOREIGN_THIN_ID", "repaired"]]);
   assert.equal(helper.thins.has(kept), true);
   assert.equal((await client.doctor({ repair: true })).clean, true);
   assert.equal(helper.thins.has(kept), true, "an adopted id is never repaired away");

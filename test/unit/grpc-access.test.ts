@@ -122,7 +122,7 @@ test("as the agent really runs (not root): the socket in the directory made for 
     assert.deepEqual([statSync(join(runDir, "agent")).mode & 0o777, statSync(join(runDir, "agent")).gid], [0o750, gid]);
     const { client, channel } = connectImgd(`unix:${path}`);
     try {
-      await client.listRuns({ limit: 1 }).catch((err: Error) => assert.doesNotMatch(err.message, /EACCES|UNAVAILABLE/)); // reached the service (its deps are empty here)
+      await client.listRuns({ pageSize: 1 }).catch((err: Error) => assert.doesNotMatch(err.message, /EACCES|UNAVAILABLE/)); // reached the service (its deps are empty here)
     } finally {
       channel.close();
     }
