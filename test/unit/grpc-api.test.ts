@@ -275,7 +275,9 @@ test("imgctl prints error: REASON: message and exits by status class", async () 
   assert.equal(made.status, 0, made.stderr);
   assert.match(made.stdout, /^activated alpha: cli-1 [0-9A-Z]{26} \/dev\/mapper\/imgd-act-/m);
   const json = await imgctl("--json", "activations", "alpha");
-  assert.deepEqual(JSON.parse(json.stdout).map((a: { name: string; labels: unknown }) => [a.name, a.labels]), [["cli-1", { env: "test" }]]);
+  // The answer as one proto3 JSON line (every page in one ListActivationsResponse).
+  const { activations } = JSON.parse(json.stdout) as { activations: { name: string; labels: unknown }[] };
+  assert.deepEqual(activations.map((a) => [a.name, a.labels]), [["cli-1", { env: "test" }]]);
   assert.equal((await imgctl("deactivate", "--name", "cli-1")).status, 0);
   const again = await imgctl("deactivate", "--name", "cli-1", "--allow-missing");
   assert.equal(again.status, 0, again.stderr);

@@ -213,7 +213,7 @@ test("imgctl --json prints each stream message as one proto3 JSON line; --quiet 
   const quiet = await imgctl("--quiet", "pull", "epsilon");
   assert.deepEqual([quiet.code, quiet.stdout], [0, ""]);
   const failed = await imgctl("--quiet", "pull", "broken");
-  assert.equal(failed.code, 1);
+  assert.equal(failed.code, 4, "a refused layer is FAILED_PRECONDITION: exit 4");
   assert.equal(failed.stdout, "");
   assert.match(failed.stderr, /broken/);
   assert.equal((await imgctl("--json", "--quiet", "images")).code, 2, "the two exclude each other");
