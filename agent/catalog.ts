@@ -106,6 +106,17 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
   )
   INSERT INTO free_thin_ids (thin_id, freed_at) SELECT i, datetime('now') FROM n WHERE i NOT IN (SELECT thin_id FROM thin_ids);
   `,
+  // The identity of the pool this catalog describes (the helper's pool-id), recorded the first
+  // time the agent uses a pool: a database restored elsewhere, or a pool recreated under this
+  // one, is then told apart from a catalog that merely lost rows (doctor's POOL_MISMATCH).
+  `
+  CREATE TABLE pool_identity (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    pool_id TEXT NOT NULL,
+    pool_name TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+  );
+  `,
 ];
 
 /** dm-thin device ids are 24 bits. */
@@ -139,6 +150,13 @@ export interface DeviceRow {
   name: string;
   state: "allocated" | "ready";
   createdAt: string;
+}
+
+/** The pool this catalog describes (pool-identity.ts compares it with the helper's). */
+export interface PoolIdentityRow {
+  id: string;
+  name: string;
+  recordedAt: string;
 }
 
 export interface ActivationRow {
@@ -416,6 +434,23 @@ export class Catalog {
       this.db.prepare("DELETE FROM activations WHERE id = ?").run(id);
       this.freeThinId(row.thinId);
     })();
+  }
+
+  // --- the pool ----------------------------------------------------------------------------
+
+  /** The identity of the pool this catalog describes; undefined until the agent first used one. */
+  poolIdentity(): PoolIdentityRow | undefined {
+    return this.db.prepare("SELECT pool_id AS id, pool_name AS name, recorded_at AS recordedAt FROM pool_identity").get() as PoolIdentityRow | undefined;
+  }
+
+  /** Records (or, by the operator's decision, replaces) the identity of the pool this catalog describes. */
+  recordPoolIdentity(id: string, name: string): void {
+    this.db
+      .prepare(
+        `INSERT INTO pool_identity (only_row, pool_id, pool_name, recorded_at) VALUES (1, ?, ?, ?)
+         ON CONFLICT(only_row) DO UPDATE SET pool_id = excluded.pool_id, pool_name = excluded.pool_name, recorded_at = excluded.recorded_at`,
+      )
+      .run(id, name, now());
   }
 
   // --- thin ids ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import type { DeleteFsm } from "../images/delete.ts";
 import { collectGarbage } from "../images/gc.ts";
 import type { DownloadGate } from "../images/download-gate.ts";
 import type { PullFsm } from "../images/pull.ts";
+import type { PoolGate } from "../pool-identity.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
 
@@ -51,6 +52,8 @@ export interface ImageServiceDeps {
   downloads: DownloadGate;
   log: Logger;
   tmpDir: string;
+  /** Whether the catalog describes the helper's pool (doctor updates it; server.ts guards by it). */
+  poolGate: PoolGate;
 }
 
 export function imageService(deps: ImageServiceDeps) {

@@ -22,6 +22,7 @@ import { descriptorSet, niceDefinition } from "../../client/grpc-binding.ts";
 import { resolveGroupId } from "../../privhelper/config.ts";
 import type { ApiListen } from "../config.ts";
 import { imageService, type ImageServiceDeps } from "./image-service.ts";
+import { poolGuard } from "./pool-guard.ts";
 import { rpcObserver, type RpcCounter } from "./rpc-observer.ts";
 
 export interface AgentServer {
@@ -43,8 +44,9 @@ const ReflectionV1Alpha = {
 export const SERVICE_NAMES = [ImageService.typeName, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 export async function startGrpcServer(api: ApiListen, deps: ImageServiceDeps, options: { countRpc?: RpcCounter } = {}): Promise<AgentServer> {
-  // Every call, whatever its service, is logged and counted (rpc-observer.ts).
-  const server = createServer().use(rpcObserver(deps.log, options.countRpc));
+  // Every call, whatever its service, is logged and counted (rpc-observer.ts); calls that would
+  // change a pool the catalog does not describe are refused (pool-guard.ts).
+  const server = createServer().use(rpcObserver(deps.log, options.countRpc)).use(poolGuard(deps.poolGate));
   server.add(niceDefinition(ImageService), imageService(deps));
   const health = HealthState();
   server.add(HealthDefinition, HealthServiceImpl(health));
