@@ -15,7 +15,7 @@ import { registerDeleteFsm } from "./images/delete.ts";
 import { registerPullFsm } from "./images/pull.ts";
 import { DownloadGate } from "./images/download-gate.ts";
 import { lockStateDir } from "./instance-lock.ts";
-import { matchPool, mismatchAdvice, PoolGate } from "./pool-identity.ts";
+import { matchPool, PoolGate } from "./pool-identity.ts";
 import { reconcile } from "./reconcile.ts";
 import { startRunHistoryPruning } from "./run-history.ts";
 import { KeyedLock } from "./keyed-lock.ts";
@@ -66,7 +66,10 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
   // (no repair, no mutating RPC, no resumed run) until an operator decides.
   const poolGate = new PoolGate();
   poolGate.observe(matchPool(catalog, pool));
-  if (poolGate.mismatch) log("error", `this database does not describe the thin pool: ${mismatchAdvice(poolGate.mismatch)}`, { sys: "reconcile" });
+  if (poolGate.mismatch) {
+    const { id, recorded } = poolGate.mismatch;
+    log("error", "POOL_MISMATCH: this database describes another thin pool; the pool is left untouched until an operator decides (imgctl doctor)", { poolId: id, recordedPoolId: recorded.id });
+  }
   const downloads = new DownloadGate();
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits, downloads });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });

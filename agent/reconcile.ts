@@ -58,7 +58,7 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
     if (before.pool.state === "mismatch" && deps.foreign === undefined) {
       // Every finding is measured against a pool this catalog does not describe: deleting,
       // re-activating or forgetting anything on that basis would destroy the wrong things.
-      deps.log("error", `reconcile: repaired nothing: ${mismatchAdvice(before.pool)}`, { poolId: before.pool.id, recordedPoolId: before.pool.recorded.id, findings: findings.length });
+      deps.log("error", `reconcile: refused every repair: ${mismatchAdvice(before.pool)}`, { poolId: before.pool.id, recordedPoolId: before.pool.recorded.id, findings: findings.length });
       const outcomes = findings.map((finding): RepairOutcome => ({
         finding,
         result: "skipped",
