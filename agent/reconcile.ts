@@ -55,19 +55,12 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
   return deps.locks.run(MAINTENANCE_LOCK, async () => {
     const before = await runDoctor(deps);
     const findings = [...before.findings].sort((a, b) => ORDER.indexOf(a.action.type) - ORDER.indexOf(b.action.type));
+    // While the catalog describes another pool, every finding is measured against the wrong
+    // pool: deleting, re-activating or forgetting anything on that basis would destroy the wrong
+    // things. Nothing is repaired but the operator's decision to take this pool (ordered first).
+    let otherPool = before.pool.state === "mismatch";
     if (before.pool.state === "mismatch" && deps.foreign === undefined) {
-      // Every finding is measured against a pool this catalog does not describe: deleting,
-      // re-activating or forgetting anything on that basis would destroy the wrong things.
       deps.log("error", `reconcile: refused every repair: ${mismatchAdvice(before.pool)}`, { poolId: before.pool.id, recordedPoolId: before.pool.recorded.id, findings: findings.length });
-      const outcomes = findings.map((finding): RepairOutcome => ({
-        finding,
-        result: "skipped",
-        note:
-          finding.kind === "POOL_MISMATCH"
-            ? "refused: an operator must decide (imgctl doctor --adopt-pool or --wipe-pool)"
-            : "refused: this database describes another pool (POOL_MISMATCH); nothing is repaired until an operator decides",
-      }));
-      return { outcomes, after: await runDoctor(deps) };
     }
     // The first use of a pool by this catalog: taken as its own when it holds nothing the
     // catalog cannot account for, or when the operator decided about what it does hold.
@@ -78,18 +71,23 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
     const outcomes: RepairOutcome[] = [];
     for (const finding of findings) {
       let outcome: RepairOutcome;
-      try {
-        const note = await repair(deps, finding.action);
-        outcome = { finding, result: note === undefined ? "repaired" : "skipped", note: note ?? finding.repair };
-      } catch (err) {
-        outcome = { finding, result: "failed", note: formatError(err) };
+      if (otherPool && finding.action.type !== "record-pool-identity") {
+        outcome = { finding, result: "skipped", note: "refused: this database describes another pool (POOL_MISMATCH); nothing is repaired until an operator decides" };
+      } else {
+        try {
+          const note = await repair(deps, finding.action);
+          outcome = { finding, result: note === undefined ? "repaired" : "skipped", note: note ?? finding.repair };
+        } catch (err) {
+          outcome = { finding, result: "failed", note: formatError(err) };
+        }
+        if (finding.action.type === "record-pool-identity" && outcome.result === "repaired") otherPool = false;
       }
       const level = outcome.result === "failed" ? "error" : outcome.result === "skipped" ? "info" : "warn";
       deps.log(level, `reconcile: ${outcome.result} ${finding.kind} ${finding.subject}`, { detail: finding.detail, note: outcome.note });
       outcomes.push(outcome);
     }
     const foreign = findings.flatMap((f) => (f.action.type === "refuse-foreign" ? [f.action.thinId] : []));
-    if (foreign.length > 0 && deps.foreign === undefined) {
+    if (foreign.length > 0 && deps.foreign === undefined && !otherPool) {
       deps.log(
         "error",
         `reconcile: the pool holds ${foreign.length} thin id(s) this catalog never allocated (${foreign.slice(0, 20).join(", ")}${foreign.length > 20 ? ", ..." : ""}); ` +

@@ -9,6 +9,10 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startAgent } from "../../agent/app.ts";
+import type { HelperClient } from "../../agent/helper-client.ts";
+import { DownloadGate } from "../../agent/images/download-gate.ts";
+import { KeyedLock } from "../../agent/keyed-lock.ts";
+import { reconcile } from "../../agent/reconcile.ts";
 import { Catalog } from "../../agent/catalog.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
 import { openDatabase } from "../../agent/db.ts";
@@ -183,4 +187,33 @@ test("a fresh catalog on a pool holding ids it never allocated does not take the
   // missing (the same pool, so the usual repairs apply: it re-pulls what it lost).
   await harness.start();
   assert.equal(harness.agent.catalog.poolIdentity()?.id, helper.poolId);
+});
+
+test("a decision about a pool that was replaced again since doctor looked takes nothing and repairs nothing", async () => {
+  // reconcile() alone on a real catalog; the helper's reads are stubbed, its pool identity
+  // changes between doctor's look and the repair's re-check.
+  const catalog = new Catalog(openDatabase(":memory:"));
+  catalog.recordPoolIdentity("a".repeat(32), "imgd-pool");
+  const chain = "sha256:" + "1".repeat(64);
+  const device = catalog.allocateDevice({ chainId: chain, parentChainId: null, layerDigest: chain, name: "imgd-layer-" + "1".repeat(32) });
+  catalog.markDeviceReady(chain);
+  const ids = ["b".repeat(32), "c".repeat(32)];
+  const changes: string[] = [];
+  const helper = {
+    call: async (op: string) => {
+      if (op === "pool.status") return { name: "imgd-pool", id: ids.length > 1 ? ids.shift() : ids[0] };
+      if (op === "thin.list") return { thinIds: [] }; // the device's thin id is missing: MISSING_THIN_ID
+      if (op === "device.list") return { devices: [] };
+      changes.push(op);
+      return {};
+    },
+  } as unknown as HelperClient;
+  const fsm = { list: () => [] as never };
+  const { outcomes } = await reconcile({ catalog, helper, pull: fsm, activate: fsm, deactivate: fsm, locks: new KeyedLock(), downloads: new DownloadGate(), log: () => {}, foreign: "adopt" });
+  assert.deepEqual(outcomes.map((o) => [o.finding.kind, o.result]), [["POOL_MISMATCH", "skipped"], ["MISSING_THIN_ID", "skipped"]]);
+  assert.match(outcomes[0]!.note, /identity changed since doctor looked/);
+  assert.match(outcomes[1]!.note, /describes another pool/);
+  assert.equal(catalog.poolIdentity()?.id, "a".repeat(32));
+  assert.equal(catalog.getDevice(chain)?.thinId, device.thinId, "the device row is not forgotten");
+  assert.deepEqual(changes, []);
 });
