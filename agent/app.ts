@@ -17,12 +17,14 @@ import { registerPullFsm } from "./images/pull.ts";
 import { PullProgressBoard } from "./images/pull-progress.ts";
 import { DownloadGate } from "./images/download-gate.ts";
 import { lockStateDir } from "./instance-lock.ts";
+import { matchPool, PoolGate } from "./pool-identity.ts";
 import { reconcile } from "./reconcile.ts";
 import { startRunHistoryPruning } from "./run-history.ts";
 import { KeyedLock } from "./keyed-lock.ts";
 import type { Logger } from "./log.ts";
 import { AgentMetrics, startMetricsServer } from "./metrics.ts";
 import { createS3Client } from "./s3/client.ts";
+import type { PoolStatus } from "../privhelper/protocol.ts";
 
 export interface RunningAgent {
   port: number;
@@ -62,18 +64,36 @@ export async function startAgent(config: AgentConfig, log: Logger, options: { po
     describeError, // a failed run keeps its API error reason (agent/grpc/errors.ts)
   });
 
-  await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
+  const pool = await waitForPool(helper, log, options.poolWaitAttempts ?? 60);
+  // Does this catalog describe this pool? If it describes another one, nothing changes the pool
+  // (no repair, no mutating RPC, no resumed run) until an operator decides.
+  const poolGate = new PoolGate();
+  poolGate.observe(matchPool(catalog, pool));
+  if (poolGate.mismatch) {
+    const { id, recorded } = poolGate.mismatch;
+    log("error", "POOL_MISMATCH: this database describes another thin pool; the pool is left untouched until an operator decides (imgctl doctor)", { poolId: id, recordedPoolId: recorded.id });
+  }
   const downloads = new DownloadGate();
   const progress = new PullProgressBoard();
   const pull = registerPullFsm({ engine, catalog, blobs, s3, s3Config, helper, locks, layerLimits, downloads, progress });
   const activate = registerActivateFsm({ engine, catalog, helper, pull, log, s3, s3Config });
   const deactivate = registerDeactivateFsm({ engine, catalog, helper, locks });
   const remove = registerDeleteFsm({ engine, catalog, helper, locks, pull, deactivate, log });
-  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, downloads, tmpDir: blobs.tmpDir };
+  const lifecycle = { catalog, helper, blobs, pull, activate, deactivate, remove, locks, downloads, tmpDir: blobs.tmpDir, poolGate };
   // Before any run resumes: what a crash (or a power loss, or someone else) left in the pool is
   // repaired while nothing else moves. Subjects of unfinished runs are left to those runs.
   await reconcileAtStart({ ...lifecycle, log: (level, msg, fields) => log(level, msg, { sys: "reconcile", ...fields }) });
-  await engine.resumeAll();
+  if (!poolGate.mismatch) await engine.resumeAll();
+  else {
+    // A resumed run would create, snapshot or delete thin ids in a pool it knows nothing of.
+    log("warn", "unfinished runs wait for the operator's decision about the pool (imgctl doctor --adopt-pool or --wipe-pool)", { sys: "fsm" });
+    poolGate.whenAllowed(() => {
+      engine.resumeAll().then(
+        () => log("info", "the pool was accepted: unfinished runs resumed", { sys: "fsm" }),
+        (err: unknown) => log("error", "could not resume unfinished runs", { sys: "fsm", error: err instanceof Error ? err.message : String(err) }),
+      );
+    });
+  }
   const stopPruning = startRunHistoryPruning(engine, { maxRuns: config.runHistoryMax, maxAgeDays: config.runHistoryDays }, (level, msg, fields) => log(level, msg, { sys: "fsm", ...fields }));
 
   const { server, port } = await startGrpcServer(config.api, { ...lifecycle, progress, log }, { countRpc: (method, code, seconds) => metrics.rpc(method, code, seconds) });
@@ -127,12 +147,12 @@ async function reconcileAtStart(deps: Parameters<typeof reconcile>[0]): Promise<
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
 
 /** The helper may start after the agent (or restart): wait for it and make sure the pool exists. */
-async function waitForPool(helper: HelperClient, log: Logger, attempts: number): Promise<void> {
+async function waitForPool(helper: HelperClient, log: Logger, attempts: number): Promise<PoolStatus> {
   for (let attempt = 1; ; attempt++) {
     try {
       const pool = await helper.call("pool.ensure", {});
       log("info", "thin pool ready", { ...pool });
-      return;
+      return pool;
     } catch (err) {
       const reason = err instanceof Error ? err.message : String(err);
       if (attempt >= attempts) throw new Error(`the root helper did not provide the thin pool: ${reason}`);

@@ -121,6 +121,17 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
   INSERT INTO activation_names (name, activation_id, image, labels, reserved_at)
     SELECT 'act-' || lower(id), id, image, '{}', created_at FROM activations;
   `,
+  // The identity of the pool this catalog describes (the helper's pool-id), recorded the first
+  // time the agent uses a pool: a database restored elsewhere, or a pool recreated under this
+  // one, is then told apart from a catalog that merely lost rows (doctor's POOL_MISMATCH).
+  `
+  CREATE TABLE pool_identity (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    pool_id TEXT NOT NULL,
+    pool_name TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+  );
+  `,
 ];
 
 /** dm-thin device ids are 24 bits. */
@@ -168,6 +179,13 @@ export interface ActivationNameRow {
 export interface NamedActivationRow extends ActivationRow {
   activationName: string;
   labels: Record<string, string>;
+}
+
+/** The pool this catalog describes (pool-identity.ts compares it with the helper's). */
+export interface PoolIdentityRow {
+  id: string;
+  name: string;
+  recordedAt: string;
 }
 
 export interface ActivationRow {
@@ -488,6 +506,23 @@ export class Catalog {
     if (!row) return undefined;
     const r = row as Omit<ActivationNameRow, "labels"> & { labels: string };
     return { ...r, labels: JSON.parse(r.labels) as Record<string, string> };
+  }
+
+  // --- the pool ----------------------------------------------------------------------------
+
+  /** The identity of the pool this catalog describes; undefined until the agent first used one. */
+  poolIdentity(): PoolIdentityRow | undefined {
+    return this.db.prepare("SELECT pool_id AS id, pool_name AS name, recorded_at AS recordedAt FROM pool_identity").get() as PoolIdentityRow | undefined;
+  }
+
+  /** Records (or, by the operator's decision, replaces) the identity of the pool this catalog describes. */
+  recordPoolIdentity(id: string, name: string): void {
+    this.db
+      .prepare(
+        `INSERT INTO pool_identity (only_row, pool_id, pool_name, recorded_at) VALUES (1, ?, ?, ?)
+         ON CONFLICT(only_row) DO UPDATE SET pool_id = excluded.pool_id, pool_name = excluded.pool_name, recorded_at = excluded.recorded_at`,
+      )
+      .run(id, name, now());
   }
 
   // --- thin ids ----------------------------------------------------------------------------

@@ -5,15 +5,19 @@
 // The pool and the devices are read FIRST, then the catalog: rows are written before the pool
 // is changed (a thin id is allocated before it is created), so a run that moves on meanwhile
 // cannot make a pool id look unknown. Subjects that a running FSM run is working on are skipped:
-// their rows and devices are legitimately in between.
+// their rows and devices are legitimately in between. First of all, the pool's identity is
+// compared with the one the catalog recorded (pool-identity.ts): a catalog that describes another
+// pool is reported as POOL_MISMATCH, and then no other finding may be repaired.
 import type { ActivationRow, Catalog, DeviceRow } from "./catalog.ts";
 import type { HelperClient } from "./helper-client.ts";
 import type { Fsm } from "./fsm/engine.ts";
 import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { chainIds } from "./images/chain.ts";
+import { matchPool, mismatchAdvice, type PoolGate, type PoolMatch } from "./pool-identity.ts";
 
 export type FindingKind =
+  | "POOL_MISMATCH"
   | "UNKNOWN_THIN_ID"
   | "FOREIGN_THIN_ID"
   | "MISSING_THIN_ID"
@@ -26,6 +30,8 @@ export type FindingKind =
 
 /** What reconcile.ts does for a finding; it re-checks the finding under the right lock first. */
 export type RepairAction =
+  /** Only on the operator's decision (adopt or wipe): the catalog takes this pool as its own. */
+  | { type: "record-pool-identity"; poolId: string; name: string }
   | { type: "delete-thin"; thinId: number; holder?: string }
   /** Nothing is done: only an operator may decide about ids this catalog never allocated. */
   | { type: "refuse-foreign"; thinId: number; holder?: string }
@@ -46,6 +52,8 @@ export interface Finding {
 
 export interface DoctorReport {
   clean: boolean;
+  /** The catalog's recorded pool versus the helper's. */
+  pool: PoolMatch;
   poolThinIds: number;
   catalogThinIds: number;
   findings: Finding[];
@@ -60,9 +68,13 @@ export interface DoctorDeps {
   deactivate: Pick<Fsm<any, any>, "list">;
   /** The agent's temp download directory (<state>/tmp); omitted: temp files are not checked. */
   tmpDir?: string;
+  /** Told what this pass found about the pool's identity (the agent's gate on mutations). */
+  poolGate?: PoolGate;
 }
 
-export async function runDoctor({ catalog, helper, pull, activate, deactivate, tmpDir }: DoctorDeps): Promise<DoctorReport> {
+export async function runDoctor({ catalog, helper, pull, activate, deactivate, tmpDir, poolGate }: DoctorDeps): Promise<DoctorReport> {
+  const pool = matchPool(catalog, await helper.call("pool.status", {}));
+  poolGate?.observe(pool);
   const { thinIds } = await helper.call("thin.list", {});
   const { devices: live } = await helper.call("device.list", {});
   const devices = catalog.listDevices();
@@ -81,6 +93,19 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
   const liveByName = new Map(live.map((d) => [d.name, d.thinId]));
   const findings: Finding[] = [];
 
+  if (pool.state === "mismatch") {
+    findings.push({
+      kind: "POOL_MISMATCH",
+      subject: `pool ${pool.name}`,
+      detail: `${mismatchAdvice(pool)}. Until then no finding below is repaired.`,
+      repair: "none by itself: an operator decides (imgctl doctor --adopt-pool or --wipe-pool records this pool's identity as the database's)",
+      action: { type: "record-pool-identity", poolId: pool.id, name: pool.name },
+    });
+  }
+  // An empty or pre-identity catalog: it takes the pool as its own only when the pool holds
+  // nothing it does not know (reconcile.ts), so foreign ids say the pool is new to it.
+  const unseen = pool.state === "unrecorded" ? `; this catalog has never seen this pool (${pool.name}, identity ${pool.id})` : "";
+
   // (a) thin ids: pool versus catalog. An id without a row is this catalog's own lost id (a
   // crash, a lost row) only if the catalog allocated it and never saw it deleted; any other id
   // (an empty, wrong or restored database, someone else's device) is not the agent's to delete.
@@ -96,7 +121,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
         subject: `thin id ${thinId}`,
         detail:
           `thin id ${thinId} exists in the pool${holder ? ` (active as ${holder.name})` : ""} but this catalog never allocated it ` +
-          `(its ids go up to ${catalog.thinIdHighWater()}): the database may be empty, wrong or restored from a backup`,
+          `(its ids go up to ${catalog.thinIdHighWater()})${unseen}: the database may be empty, wrong or restored from a backup`,
         repair: "none by itself: an operator decides (the right database; or imgctl doctor --adopt-pool to keep it reserved, --wipe-pool to delete it)",
         action: { type: "refuse-foreign", thinId, holder: holder?.name },
       });
@@ -221,7 +246,7 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
     }
   }
 
-  return { clean: findings.length === 0, poolThinIds: thinIds.length, catalogThinIds: owners.size, findings };
+  return { clean: findings.length === 0, pool, poolThinIds: thinIds.length, catalogThinIds: owners.size, findings };
 }
 
 /**

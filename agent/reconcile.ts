@@ -7,6 +7,8 @@
 // longer holds. Subjects of running FSM runs are left to their runs (a resumed pull discards its
 // own half-made device; see pull.ts ensureLayerDevice). Every helper op used here is idempotent,
 // so a repair cut short by a crash is simply done again by the next pass.
+// Nothing at all is repaired while the catalog describes another pool (POOL_MISMATCH), unless
+// the operator decided (adopt or wipe): then the catalog first takes this pool as its own.
 import { rm } from "node:fs/promises";
 import type { Catalog } from "./catalog.ts";
 import { chainsBeingBuilt, runDoctor, type DoctorDeps, type DoctorReport, type Finding, type RepairAction } from "./doctor.ts";
@@ -16,14 +18,17 @@ import type { KeyedLock } from "./keyed-lock.ts";
 import type { DownloadGate } from "./images/download-gate.ts";
 import type { Logger } from "./log.ts";
 import { activationLock, chainLock, MAINTENANCE_LOCK } from "./lock-keys.ts";
+import { matchPool, mismatchAdvice } from "./pool-identity.ts";
 
 export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
   downloads: DownloadGate;
   log: Logger;
   /**
-   * The operator's decision about thin ids the catalog never allocated (FOREIGN_THIN_ID):
-   * "adopt" keeps them reserved, "wipe" deletes them. Without one, they are left alone.
+   * The operator's decision about a pool the catalog does not describe (POOL_MISMATCH: either
+   * decision records this pool's identity as the catalog's) and about thin ids the catalog never
+   * allocated (FOREIGN_THIN_ID): "adopt" keeps them reserved, "wipe" deletes them. Without one,
+   * they are left alone.
    */
   foreign?: "adopt" | "wipe";
 }
@@ -44,27 +49,45 @@ export interface ReconcileReport {
 
 // Removals first (so a device that holds a thin id is gone before the id is deleted), then the
 // re-activation of activations that lost their device, then files.
-const ORDER: RepairAction["type"][] = ["refuse-foreign", "remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
+const ORDER: RepairAction["type"][] = ["record-pool-identity", "refuse-foreign", "remove-device", "drop-activation", "discard-device", "drop-device-chain", "delete-thin", "reactivate", "remove-temp"];
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
   return deps.locks.run(MAINTENANCE_LOCK, async () => {
     const before = await runDoctor(deps);
     const findings = [...before.findings].sort((a, b) => ORDER.indexOf(a.action.type) - ORDER.indexOf(b.action.type));
+    // While the catalog describes another pool, every finding is measured against the wrong
+    // pool: deleting, re-activating or forgetting anything on that basis would destroy the wrong
+    // things. Nothing is repaired but the operator's decision to take this pool (ordered first).
+    let otherPool = before.pool.state === "mismatch";
+    if (before.pool.state === "mismatch" && deps.foreign === undefined) {
+      deps.log("error", `reconcile: refused every repair: ${mismatchAdvice(before.pool)}`, { poolId: before.pool.id, recordedPoolId: before.pool.recorded.id, findings: findings.length });
+    }
+    // The first use of a pool by this catalog: taken as its own when it holds nothing the
+    // catalog cannot account for, or when the operator decided about what it does hold.
+    if (before.pool.state === "unrecorded" && (deps.foreign !== undefined || !findings.some((f) => f.kind === "FOREIGN_THIN_ID"))) {
+      deps.catalog.recordPoolIdentity(before.pool.id, before.pool.name);
+      deps.log("info", "reconcile: recorded the pool's identity in the catalog", { pool: before.pool.name, poolId: before.pool.id });
+    }
     const outcomes: RepairOutcome[] = [];
     for (const finding of findings) {
       let outcome: RepairOutcome;
-      try {
-        const note = await repair(deps, finding.action);
-        outcome = { finding, result: note === undefined ? "repaired" : "skipped", note: note ?? finding.repair };
-      } catch (err) {
-        outcome = { finding, result: "failed", note: formatError(err) };
+      if (otherPool && finding.action.type !== "record-pool-identity") {
+        outcome = { finding, result: "skipped", note: "refused: this database describes another pool (POOL_MISMATCH); nothing is repaired until an operator decides" };
+      } else {
+        try {
+          const note = await repair(deps, finding.action);
+          outcome = { finding, result: note === undefined ? "repaired" : "skipped", note: note ?? finding.repair };
+        } catch (err) {
+          outcome = { finding, result: "failed", note: formatError(err) };
+        }
+        if (finding.action.type === "record-pool-identity" && outcome.result === "repaired") otherPool = false;
       }
       const level = outcome.result === "failed" ? "error" : outcome.result === "skipped" ? "info" : "warn";
       deps.log(level, `reconcile: ${outcome.result} ${finding.kind} ${finding.subject}`, { detail: finding.detail, note: outcome.note });
       outcomes.push(outcome);
     }
     const foreign = findings.flatMap((f) => (f.action.type === "refuse-foreign" ? [f.action.thinId] : []));
-    if (foreign.length > 0 && deps.foreign === undefined) {
+    if (foreign.length > 0 && deps.foreign === undefined && !otherPool) {
       deps.log(
         "error",
         `reconcile: the pool holds ${foreign.length} thin id(s) this catalog never allocated (${foreign.slice(0, 20).join(", ")}${foreign.length > 20 ? ", ..." : ""}); ` +
@@ -73,6 +96,7 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
         { thinIds: foreign, highWater: deps.catalog.thinIdHighWater() },
       );
     }
+    // This look also tells the agent's gate the outcome (an adopted pool allows changes again).
     return { outcomes, after: await runDoctor(deps) };
   });
 }
@@ -81,6 +105,17 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileReport> {
 async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string | undefined> {
   const { catalog, helper, locks } = deps;
   switch (action.type) {
+    case "record-pool-identity": {
+      if (deps.foreign === undefined) return "refused: an operator must decide (imgctl doctor --adopt-pool or --wipe-pool)";
+      // Re-checked: the decision is about the pool doctor saw, not one that replaced it since.
+      const now = matchPool(catalog, await helper.call("pool.status", {}));
+      if (now.state === "same") return "the catalog already describes this pool";
+      if (now.state === "unidentified" || now.id !== action.poolId) return `the pool's identity changed since doctor looked (now ${now.state === "unidentified" ? "none" : now.id})`;
+      const previous = catalog.poolIdentity();
+      catalog.recordPoolIdentity(action.poolId, action.name);
+      deps.log("warn", "reconcile: the operator made this pool the catalog's", { pool: action.name, poolId: action.poolId, previousPoolId: previous?.id, decision: deps.foreign });
+      return undefined;
+    }
     case "refuse-foreign": {
       if (deps.foreign === undefined) {
         return `refused: thin id ${action.thinId} was never allocated by this catalog; an operator must decide (imgctl doctor --adopt-pool or --wipe-pool), the agent deletes nothing it cannot account for`;

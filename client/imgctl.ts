@@ -57,7 +57,9 @@ commands:
                         and say what a repair would do (read only); --repair carries the
                         repairs out (safe while the agent works); exit 0 when clean
                         (after the repairs), 1 when something disagrees
-  doctor --adopt-pool | --wipe-pool   decide about thin ids this agent's database never
+  doctor --adopt-pool | --wipe-pool   decide about a pool this agent's database does not
+                        describe (POOL_MISMATCH: nothing is changed until then; either
+                        takes the pool as the database's) and about thin ids it never
                         allocated (FOREIGN_THIN_ID; never repaired otherwise): keep them
                         reserved, or delete them from the pool; then repair the rest
 --json prints each answer as proto3 JSON (as grpcurl does), one message per line (pull: one

@@ -1,10 +1,12 @@
 // The thin pool: reporting its usage and creating it (backing files, loop devices, dm table).
 import { chmod, lstat, mkdir, rename, rm } from "node:fs/promises";
+import type { Stats } from "node:fs";
 import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
 import { dmCreate, dmReload, dmRemove, dmStatus, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
-import type { PoolStatus } from "./protocol.ts";
+import { ensurePoolId, readPoolId, writeNewPoolId } from "./pool-identity.ts";
+import type { PoolStatus, PoolUsage } from "./protocol.ts";
 import { run } from "./run.ts";
 
 const META_BLOCK_BYTES = 4096;
@@ -15,7 +17,7 @@ const META_BLOCK_BYTES = 4096;
  *  rw|ro|out_of_data_space [no_]discard_passdown error|queue_if_no_space needs_check|- ..."
  * A failed pool reports "Fail" (or "Error") instead of the counters.
  */
-export function parsePoolStatus(name: string, status: string, blockSectors: number): PoolStatus {
+export function parsePoolStatus(name: string, status: string, blockSectors: number): PoolUsage {
   const words = status.trim().split(/\s+/);
   if (words.length < 4 || words[0] !== "0" || words[2] !== "thin-pool") {
     throw new HelperFailure("POOL_INVALID", `${name}: unexpected status ${JSON.stringify(status)}`);
@@ -49,13 +51,19 @@ export async function poolStatus(config: HelperConfig): Promise<PoolStatus> {
   if (!parsed) throw new HelperFailure("POOL_INVALID", `device ${config.poolName} exists but is not a thin pool: ${table}`);
   const status = await dmStatus(config.poolName);
   if (status === null) throw new HelperFailure("POOL_MISSING", `thin pool ${config.poolName} disappeared`);
-  return parsePoolStatus(config.poolName, status, parsed.blockSectors);
+  return { ...parsePoolStatus(config.poolName, status, parsed.blockSectors), id: await readPoolId(config) };
 }
 
+/** Creates the pool if it does not exist; either way it leaves with an identity. */
 export async function poolEnsure(config: HelperConfig): Promise<PoolStatus> {
   const table = await dmTable(config.poolName);
-  if (table === null) await createPool(config);
-  else await failWritesWhenFull(config.poolName, table);
+  if (table === null) {
+    await createPool(config);
+  } else {
+    await failWritesWhenFull(config.poolName, table);
+    // A pool made by an older helper (or by hand) gets its identity now.
+    await ensurePoolId(config);
+  }
   return poolStatus(config);
 }
 
@@ -76,13 +84,18 @@ async function failWritesWhenFull(name: string, table: string): Promise<void> {
 async function createPool(config: HelperConfig): Promise<void> {
   const dir = join(config.stateDir, "pool");
   await mkdir(dir, { recursive: true, mode: 0o700 });
-  // Existing files are kept: the metadata file is the pool's only record of its thin devices.
-  await ensureBackingFile(join(dir, "meta"), config.poolMetaBytes);
+  // Existing files are kept: the metadata file is the pool's only record of its thin devices,
+  // and the identity goes with it. A new metadata file is a new, empty pool: its new identity is
+  // written (fsynced) first, so no crash can leave it under the identity of the pool it replaces.
+  const metaFile = join(dir, "meta");
+  if ((await lstatOrNull(metaFile)) === null) await writeNewPoolId(config);
+  else await ensurePoolId(config);
+  await ensureBackingFile(metaFile, config.poolMetaBytes);
   await ensureBackingFile(join(dir, "data"), config.poolDataBytes);
 
   const attached: string[] = [];
   try {
-    const meta = await loopDeviceFor(join(dir, "meta"), attached);
+    const meta = await loopDeviceFor(metaFile, attached);
     const data = await loopDeviceFor(join(dir, "data"), attached);
     const dataSectors = config.poolDataBytes / 512;
     const dataBlocks = dataSectors / config.poolBlockSectors;
@@ -103,10 +116,7 @@ async function createPool(config: HelperConfig): Promise<void> {
 
 /** Creates a fully allocated file of `bytes` (fallocate: zeros, no holes), or checks an existing one. */
 async function ensureBackingFile(path: string, bytes: number): Promise<void> {
-  const existing = await lstat(path).catch((err: NodeJS.ErrnoException) => {
-    if (err.code === "ENOENT") return null;
-    throw err;
-  });
+  const existing = await lstatOrNull(path);
   if (existing) {
     if (!existing.isFile()) throw new HelperFailure("POOL_INVALID", `${path} is not a regular file`);
     if (existing.size !== bytes) {
@@ -137,4 +147,11 @@ async function loopDeviceFor(file: string, attached: string[]): Promise<string> 
   if (!/^\/dev\/loop[0-9]+$/.test(created)) throw new HelperFailure("COMMAND_FAILED", `losetup printed ${JSON.stringify(created)}`);
   attached.push(created);
   return created;
+}
+
+async function lstatOrNull(path: string): Promise<Stats | null> {
+  return lstat(path).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === "ENOENT") return null;
+    throw err;
+  });
 }

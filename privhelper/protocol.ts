@@ -9,6 +9,8 @@ export const MAX_THIN_ID = 2 ** 24 - 1;
 export const LAYER_NAME = /^imgd-layer-[0-9a-f]{32}$/;
 export const ACTIVATION_NAME = /^imgd-act-[0-9a-z]{26}$/;
 export const DIGEST = /^sha256:[0-9a-f]{64}$/;
+/** A pool's identity (pool-identity.ts): 128 random bits, lowercase hex. */
+export const POOL_ID = /^[0-9a-f]{32}$/;
 
 const thinId = z.int().min(0).max(MAX_THIN_ID);
 // Names become dmsetup arguments and path components: only these two exact shapes exist.
@@ -36,7 +38,8 @@ export type OpName = keyof typeof OP_ARGS;
 export const OP_NAMES = Object.keys(OP_ARGS) as OpName[];
 export type OpArgs<Op extends OpName> = z.infer<(typeof OP_ARGS)[Op]>;
 
-export type PoolStatus = {
+/** What the kernel reports of the pool (parsed from `dmsetup status`). */
+export type PoolUsage = {
   name: string;
   dataUsedBytes: number;
   dataTotalBytes: number;
@@ -46,6 +49,13 @@ export type PoolStatus = {
   mode: string;
   blockSizeBytes: number;
   errorIfNoSpace: boolean;
+};
+export type PoolStatus = PoolUsage & {
+  /**
+   * The pool's identity (POOL_ID), given when its metadata was created; null only from
+   * pool.status on a pool made by an older helper (pool.ensure gives it one).
+   */
+  id: string | null;
 };
 export type Empty = Record<string, never>;
 

@@ -8,9 +8,10 @@
 // of an activation), so an activation's data can never be handed to mkfs or the layer applier.
 // One small file per id: $IMGD_HELPER_STATE_DIR/thin-origins/<id>,
 // content {"origin":N|null} or {"origin":N|null,"role":"layer"|"activation"}.
-import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
+import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
+import { syncDir, writeFileDurably } from "./durable-file.ts";
 
 export type Role = "layer" | "activation";
 export type OriginRecord = { origin: number | null; role?: Role };
@@ -36,19 +37,7 @@ export async function readOrigin(config: HelperConfig, thinId: number): Promise<
 }
 
 export async function writeOrigin(config: HelperConfig, thinId: number, origin: number | null, role?: Role): Promise<void> {
-  const folder = dir(config);
-  await mkdir(folder, { recursive: true, mode: 0o700 });
-  const path = join(folder, String(thinId));
-  const temp = `${path}.tmp`;
-  const file = await open(temp, "w", 0o600);
-  try {
-    await file.writeFile(JSON.stringify(role === undefined ? { origin } : { origin, role }) + "\n");
-    await file.sync();
-  } finally {
-    await file.close();
-  }
-  await rename(temp, path);
-  await syncDir(folder);
+  await writeFileDurably(join(dir(config), String(thinId)), JSON.stringify(role === undefined ? { origin } : { origin, role }) + "\n");
 }
 
 export async function removeOrigin(config: HelperConfig, thinId: number): Promise<void> {
@@ -57,13 +46,4 @@ export async function removeOrigin(config: HelperConfig, thinId: number): Promis
   await syncDir(folder).catch((err: NodeJS.ErrnoException) => {
     if (err.code !== "ENOENT") throw err;
   });
-}
-
-async function syncDir(path: string): Promise<void> {
-  const handle = await open(path, "r");
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
 }

@@ -33,6 +33,8 @@ export const REASONS = {
   /** The image's S3 folder is not an image (keys other than <n>.tar). */
   IMAGE_INVALID: Status.FAILED_PRECONDITION,
   LAYER_REFUSED: Status.FAILED_PRECONDITION,
+  /** The catalog describes another pool (doctor's POOL_MISMATCH): changes wait for the operator. */
+  POOL_MISMATCH: Status.FAILED_PRECONDITION,
   POOL_FULL: Status.RESOURCE_EXHAUSTED,
   S3_UNAVAILABLE: Status.UNAVAILABLE,
   HELPER_UNAVAILABLE: Status.UNAVAILABLE,

@@ -42,6 +42,7 @@ import { collectGarbage } from "../images/gc.ts";
 import type { DownloadGate } from "../images/download-gate.ts";
 import type { PullFsm } from "../images/pull.ts";
 import type { PullProgress, PullProgressBoard } from "../images/pull-progress.ts";
+import type { PoolGate } from "../pool-identity.ts";
 import { validateImageName } from "../s3/image-source.ts";
 import { followRun } from "./run-stream.ts";
 import { AgentError, invalidArgument, runError } from "./errors.ts";
@@ -64,6 +65,8 @@ export interface ImageServiceDeps {
   progress: PullProgressBoard;
   log: Logger;
   tmpDir: string;
+  /** Whether the catalog describes the helper's pool (doctor updates it; server.ts guards by it). */
+  poolGate: PoolGate;
 }
 
 export function imageService(deps: ImageServiceDeps) {

@@ -23,6 +23,7 @@ import { resolveGroupId } from "../../privhelper/config.ts";
 import type { ApiListen } from "../config.ts";
 import { imageService, type ImageServiceDeps } from "./image-service.ts";
 import { errorMiddleware } from "./errors.ts";
+import { poolGuard } from "./pool-guard.ts";
 import { rpcObserver, type RpcCounter } from "./rpc-observer.ts";
 
 export interface AgentServer {
@@ -45,8 +46,9 @@ export const SERVICE_NAMES = [ImageService.typeName, "grpc.health.v1.Health", "g
 
 export async function startGrpcServer(api: ApiListen, deps: ImageServiceDeps, options: { countRpc?: RpcCounter } = {}): Promise<AgentServer> {
   // Every call, whatever its service, is logged and counted (rpc-observer.ts) with the status
-  // it leaves with: every error gets its code and ErrorInfo from the one table (errors.ts) first.
-  const server = createServer().use(rpcObserver(deps.log, options.countRpc)).use(errorMiddleware);
+  // it leaves with: every error gets its code and ErrorInfo from the one table (errors.ts);
+  // calls that would change a pool the catalog does not describe are refused (pool-guard.ts).
+  const server = createServer().use(rpcObserver(deps.log, options.countRpc)).use(errorMiddleware).use(poolGuard(deps.poolGate));
   server.add(niceDefinition(ImageService), imageService(deps));
   const health = HealthState();
   server.add(HealthDefinition, HealthServiceImpl(health));

@@ -2,7 +2,7 @@
 // with a clear reason instead of filling the pool (which error_if_no_space turns into a failed
 // write mid-apply) or, worse, running its metadata out of space, which can leave a pool that
 // needs repair. The estimate is deliberately generous; the kernel remains the hard limit.
-import type { PoolStatus } from "../../privhelper/protocol.ts";
+import type { PoolUsage } from "../../privhelper/protocol.ts";
 import type { LayerSummary } from "../layers/validate.ts";
 
 export interface LayerSize {
@@ -38,13 +38,13 @@ const METADATA_RESERVE = 0.1;
 const METADATA_PER_BLOCK = 64;
 
 /** freshFilesystem: the layer is the first of its chain, applied to a new device after mkfs. */
-export function estimatedDataBytes(layer: LayerSize, pool: Pick<PoolStatus, "blockSizeBytes">, freshFilesystem = false): number {
+export function estimatedDataBytes(layer: LayerSize, pool: Pick<PoolUsage, "blockSizeBytes">, freshFilesystem = false): number {
   const fs = layer.fileBytes + layer.entries * FS_BLOCK + FIXED_OVERHEAD + (freshFilesystem ? FRESH_FILESYSTEM_OVERHEAD : 0);
   return Math.ceil(fs / pool.blockSizeBytes) * pool.blockSizeBytes;
 }
 
 /** Why the layer cannot be applied to the pool now, or undefined when it fits. */
-export function spaceProblem(layer: LayerSize, pool: PoolStatus, freshFilesystem = false): string | undefined {
+export function spaceProblem(layer: LayerSize, pool: PoolUsage, freshFilesystem = false): string | undefined {
   const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
   if (pool.mode !== "rw") return `pool ${pool.name} is ${pool.mode}, not writable`;
   const needData = estimatedDataBytes(layer, pool, freshFilesystem);

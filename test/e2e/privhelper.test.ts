@@ -125,10 +125,13 @@ after(async () => {
 test("pool.ensure creates the pool from config; pool.status reads it", opts, async () => {
   await refused(client.call("pool.status", {}), "POOL_MISSING");
   const pool = await client.call("pool.ensure", {});
-  assert.deepEqual({ ...pool, metaUsedBytes: 0 }, {
+  assert.deepEqual({ ...pool, metaUsedBytes: 0, id: "" }, {
     name: POOL, dataUsedBytes: 0, dataTotalBytes: 256 * MiB, metaUsedBytes: 0, metaTotalBytes: MiB,
-    mode: "rw", blockSizeBytes: MiB, errorIfNoSpace: true,
+    mode: "rw", blockSizeBytes: MiB, errorIfNoSpace: true, id: "",
   });
+  // Its identity (privhelper/pool-identity.ts), on disk beside the origin records.
+  assert.match(pool.id ?? "", /^[0-9a-f]{32}$/);
+  assert.equal(readFileSync(join(STATE, "pool-id"), "utf8"), `${pool.id}\n`);
   assert.equal(statSync(join(STATE, "pool/data")).size, 256 * MiB);
   assert.equal(statSync(join(STATE, "pool/meta")).mode & 0o777, 0o600);
   assert.match(dmsetup("table", POOL), /^0 524288 thin-pool \d+:\d+ \d+:\d+ 2048 \d+ 1 error_if_no_space/);
@@ -248,7 +251,9 @@ test("restart and 'reboot': the pool is found again, or rebuilt from its files w
   await stopHelper();
   teardownKernelState(); // what a reboot does: no dm devices, no loop devices
   await startHelper();
-  assert.equal((await client.call("pool.ensure", {})).dataUsedBytes, before.dataUsedBytes);
+  const rebuilt = await client.call("pool.ensure", {});
+  assert.equal(rebuilt.dataUsedBytes, before.dataUsedBytes);
+  assert.equal(rebuilt.id, before.id, "the same metadata is the same pool: its identity is kept");
   await client.call("device.activate", { name: ACT, thinId: 3 });
   await withMounted(`/dev/mapper/${ACT}`, (path) => assert.equal(readFileSync(join(path, "etc/os-release"), "utf8"), "ID=vmtest\n"));
   await client.call("device.deactivate", { name: ACT });

@@ -3,6 +3,7 @@
 // by the real privhelper/protocol.ts, and models the pool as thin ids with origins: each thin
 // device carries the list of layer digests applied to it, inherited by its snapshots, so a test
 // can check what an image's device would contain.
+import { randomBytes } from "node:crypto";
 import { createServer, type Server } from "node:net";
 import { existsSync, rmSync } from "node:fs";
 import { mkdtempSync } from "node:fs";
@@ -21,6 +22,12 @@ export interface FakeHelper {
   thins: Map<number, FakeThin>;
   active: Map<string, number>;
   calls: { op: OpName; args: unknown }[];
+  /**
+   * The pool's identity, as the real helper keeps it (privhelper/pool-identity.ts): set it to
+   * another value to stand for another pool (or a recreated one), to null for a pool an older
+   * helper made (pool.ensure then gives it one, pool.status reports null).
+   */
+  poolId: string | null;
   /** Makes the next call of `op` fail with this code (and message). */
   failNext(op: OpName, code: string, message?: string): void;
   /** Makes every layer.apply wait for this promise (to hold runs mid-step). */
@@ -46,6 +53,7 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
   const restartOps = new Map<OpName, { downMs: number; done: () => void }[]>();
   const sockets = new Set<import("node:net").Socket>();
   let restarts = 0;
+  let poolId: string | null = randomBytes(16).toString("hex");
   let server: Server;
   const listen = () => new Promise<void>((resolve) => server.listen(socketPath, resolve));
   const restart = async (downMs: number) => {
@@ -67,6 +75,7 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     mode: "rw",
     blockSizeBytes: 1048576,
     errorIfNoSpace: true,
+    id: poolId,
   });
 
   const fail = (code: string, message: string) => Object.assign(new Error(message), { code });
@@ -95,7 +104,9 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
     }
     switch (request.op) {
       case "pool.status":
+        return pool();
       case "pool.ensure":
+        poolId ??= randomBytes(16).toString("hex");
         return pool();
       // Idempotent as the real helper: an existing id with the same origin is success.
       case "thin.create": {
@@ -200,6 +211,12 @@ export async function startFakeHelper(blobDir: string): Promise<FakeHelper> {
       }),
     get restarts() {
       return restarts;
+    },
+    get poolId() {
+      return poolId;
+    },
+    set poolId(id: string | null) {
+      poolId = id;
     },
     close: () => new Promise<void>((resolve) => server.close(() => resolve())),
   };

@@ -316,7 +316,7 @@ test("doctor: clean after all of the above; then reports exactly a planted unkno
     assert.equal(json.status, 1);
     assert.equal(JSON.parse(json.stdout).findings.length, 3);
     const ops = new Set(helper.calls.slice(calls).map((c) => c.op));
-    assert.deepEqual([...ops].sort(), ["device.list", "thin.list"], "doctor only reads");
+    assert.deepEqual([...ops].sort(), ["device.list", "pool.status", "thin.list"], "doctor only reads");
   } finally {
     helper.active.delete(stray);
     helper.thins.delete(planted);
