@@ -16,7 +16,7 @@ import { reconcile } from "../../agent/reconcile.ts";
 import { Catalog } from "../../agent/catalog.ts";
 import { loadAgentConfig } from "../../agent/config.ts";
 import { openDatabase } from "../../agent/db.ts";
-import { connectImgd, FindingKind, ImageState, RepairResult, RunKind, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { connectImgd, FindingKind, ImageState, ImgdError, RepairResult, RunKind, RunStatus, type ImgdClient } from "../../client/sdk.ts";
 import type { OpName } from "../../privhelper/protocol.ts";
 import { pullOutcome, pullReady } from "../helpers/pull.ts";
 import { TestAgent } from "../helpers/test-agent.ts";
@@ -122,6 +122,7 @@ test("a database that describes another pool repairs nothing, refuses every muta
   await assert.rejects(client.deactivateImage({ activationId: activation!.id }), refused);
   await assert.rejects(client.deleteImage({ image: "golang", force: true }), refused);
   await assert.rejects(client.collectGarbage({}), refused);
+  await assert.rejects(client.activateImage({ image: "golang" }), (err: unknown) => err instanceof ImgdError && err.reason === "POOL_MISMATCH");
 
   const look = await doctorNamed(client, {});
   assert.equal(look.findings[0]?.kind, "POOL_MISMATCH");
