@@ -280,6 +280,8 @@ export class EntryRules {
     }
     if (target === "") throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets the image root");
     if (target === name) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets itself");
+    // The link replaces what is at its own path: a directory holding its target goes first.
+    if (target.startsWith(`${name}/`)) throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets "${printable(target)}", under its own path (which it replaces)`);
     if (baseOf(target).startsWith(WHITEOUT_PREFIX)) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets a whiteout");
     const since = this.#parentsAreDirs(target, "hardlink target ", "HARDLINK_TO_MISSING", refuse);
 

@@ -168,6 +168,8 @@ export class LayerApplier implements TarSink {
       case "hardlink": {
         const targetRel = normalizeEntryName(entry.linkname, entry.name, "HARDLINK_TARGET_INVALID");
         if (targetRel === "" || targetRel === rel) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to ${JSON.stringify(entry.linkname)}`);
+        // The link replaces what is at its own path: a directory holding its target goes first.
+        if (targetRel.startsWith(`${rel}/`)) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to ${JSON.stringify(targetRel)}, under its own path`);
         const [targetDir, targetBase] = splitPath(targetRel);
         if (targetBase.startsWith(WHITEOUT_PREFIX)) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to the whiteout ${JSON.stringify(targetRel)}`);
         // The validator's rule names: a target that is not there is HARDLINK_TO_MISSING, one that
