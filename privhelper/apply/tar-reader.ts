@@ -173,8 +173,11 @@ export class TarReader {
   /** The input ended: the archive must have ended properly. */
   end(): void {
     if (this.state === "end") {
-      if (this.zeroBytes % BLOCK !== 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "tar length is not a multiple of 512");
+      // In the validator's order: a header no member follows, a second zero block missing (or
+      // cut short), then whole blocks.
+      if (this.pendingMeta > 0) throw new LayerRefused("TRUNCATED", ARCHIVE, "the archive ends after an extended header that no member follows");
       if (this.zeroBytes < BLOCK) throw new LayerRefused("TRUNCATED", ARCHIVE, "one zero block instead of the two that end an archive");
+      if (this.zeroBytes % BLOCK !== 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "tar length is not a multiple of 512");
       return;
     }
     if (this.state === "header" && this.pendingMeta === 0 && this.entries === 0) {
@@ -185,7 +188,8 @@ export class TarReader {
 
   private onHeader(block: Buffer): void {
     if (isZero(block)) {
-      if (this.pendingMeta > 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "a zero block between an extended header and its member");
+      // Also right after an extended header: then only zeros may follow (TRAILING_GARBAGE for a
+      // member after the zero block), and end() says the header had no member (TRUNCATED).
       this.state = "end";
       return;
     }

@@ -280,6 +280,15 @@ const FOUND: Array<{ why: string; members: RawMember[]; outcome: { rule: string;
     members: [[{ name: "pax_global_header", typeflag: "g" }, paxRecords([["uid", "5"]])], [{ name: "f" }, "x"]],
     outcome: { rule: "BAD_PAX", entry: WHOLE_ARCHIVE },
   },
+  // Structure: how an archive ends (checked by hand, not drawn by the property).
+  { why: "an extended header that no member follows, then the end marker", members: [pax([["comment", "c"]])], outcome: { rule: "TRUNCATED", entry: WHOLE_ARCHIVE } },
+];
+
+/** The archive of `members`, cut short or lengthened at its end by `endDelta` bytes. */
+const STRUCTURE: Array<{ why: string; members: RawMember[]; endDelta: number; outcome: { rule: string; entry: string } }> = [
+  { why: "one zero block and part of a second", members: [[{ name: "f" }, "x"]], endDelta: -100, outcome: { rule: "TRUNCATED", entry: WHOLE_ARCHIVE } },
+  { why: "an extended header, then one zero block", members: [pax([["comment", "c"]])], endDelta: -512, outcome: { rule: "TRUNCATED", entry: WHOLE_ARCHIVE } },
+  { why: "zeros after the end marker, not whole blocks", members: [[{ name: "f" }, "x"]], endDelta: 100, outcome: { rule: "TRAILING_GARBAGE", entry: WHOLE_ARCHIVE } },
 ];
 
 test("layers the property found the guards disagreeing on: both give the same outcome now", async () => {
@@ -289,6 +298,13 @@ test("layers the property found the guards disagreeing on: both give the same ou
     for (const [guard, got] of [["validator", await validatorOutcome(tar)], ["applier", await applierOutcome(tar)]] as const) {
       const seen = got.ok ? "ok" : { rule: got.rule, entry: got.entry };
       assert.deepEqual(seen, outcome, `${why}: the ${guard} ${got.ok ? "accepted it" : `said ${got.rule} at ${got.entry}: ${got.message}`}`);
+    }
+  }
+  for (const { why, members, endDelta, outcome } of STRUCTURE) {
+    const whole = rawTar(members);
+    const tar = endDelta < 0 ? whole.subarray(0, endDelta) : Buffer.concat([whole, Buffer.alloc(endDelta)]);
+    for (const [guard, got] of [["validator", await validatorOutcome(tar)], ["applier", await applierOutcome(tar)]] as const) {
+      assert.deepEqual(got.ok ? "ok" : { rule: got.rule, entry: got.entry }, outcome, `${why}: the ${guard} ${got.ok ? "accepted it" : `said ${got.rule}: ${got.message}`}`);
     }
   }
 });

@@ -277,6 +277,9 @@ test("PAX: one extended header per member, no empty path or linkpath, numbers an
     [rawTar([x([["uid", "4294967295"]]), [{ name: "f" }, "x"]]), "BAD_OWNER", "f"],
     [rawTar([x([["path", "p"]]), [{ name: "f" }, "x"], [{ name: "q", typeflag: "1", linkname: "p" }]]), "", ""], // renamed, then linked
     [rawTar([[{ name: "pax_global_header", typeflag: "g" }, paxRecords([["uid", "5"]])], [{ name: "f" }, "x"]]), "BAD_PAX", "(archive)"],
+    // An extended header no member follows: TRUNCATED (the validator's), even with the end marker.
+    [rawTar([x([["comment", "c"]])]), "TRUNCATED", "(archive)"],
+    [rawTar([[{ name: "f" }, "x"]]).subarray(0, -100), "TRUNCATED", "(archive)"], // part of the second zero block
   ];
   for (const [tar, rule, entry] of cases) {
     const report = await box.apply(tar);
