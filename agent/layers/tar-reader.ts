@@ -22,7 +22,8 @@
 // - at most `maxHeaderBytes` of metadata headers before one member (HEADER_TOO_LARGE);
 // - PAX records are parsed as bytes ("<len> <key>=<value>\n"; key UTF-8, value raw bytes): path,
 //   linkpath, size, uid and gid replace the header fields; size, uid, gid, mtime, atime and ctime
-//   must be plain numbers (BAD_PAX); global ('g') headers may carry only comments.
+//   must be plain numbers below 2^53 (BAD_PAX); global ('g') headers may carry only comments; one
+//   'x' header per member, and no empty path or linkpath (readers disagree on both: BAD_PAX).
 // - GNU sparse files (sparse.ts: old GNU 'S' with its extension blocks, PAX 0.0, 0.1 and 1.0) are
 //   read with their map before the member is reported: the map is part of the member's header,
 //   even when (1.0) it is stored at the start of its data. BAD_SPARSE_MAP for a bad one.

@@ -9,7 +9,9 @@
 // sparse members (sparse.ts): their map is read and checked before the member is passed on (for
 // PAX 1.0 it is at the start of the data), and their content goes to the sink with the file offset
 // of each data region.
-// Structural refusals use the validator's rule names (agent/layers/README.md).
+// Structural refusals use the validator's rule names (agent/layers/README.md), and its PAX rules:
+// one 'x' header per member, no empty path or linkpath, numbers below 2^53, global headers with
+// comments only.
 import { LayerRefused } from "./refusal.ts";
 import { addRegion, badMap, checkStored, MapReader, oldGnuNumber, paxSparseInfo, type SparseMap } from "./sparse.ts";
 
