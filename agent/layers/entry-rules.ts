@@ -60,6 +60,15 @@ const OPAQUE_MARKER = ".wh..wh..opq";
 const WHITEOUT_PREFIX = ".wh.";
 
 type SeenKind = "dir" | "symlink" | "other";
+/**
+ * What this layer put at a path, as the applier's tree holds it: its kind, the number of the
+ * member that put it there (`at`; a directory's parents are put there by the member that implies
+ * them), and for a directory from which member on its content is this layer's alone (`since`: a
+ * directory made where no directory of this layer stood is new and empty). A record under a path
+ * that a later member replaced (a non-directory over a directory, maybe a new directory after it)
+ * went with it: it is live only when made at or after every parent's `since`.
+ */
+type Seen = { kind: SeenKind; at: number; since: number };
 
 export class EntryRules {
   readonly summary: LayerSummary = {
@@ -84,8 +93,11 @@ export class EntryRules {
   };
 
   readonly #limits: EntryLimits;
-  /** Members seen so far in this layer (hashed name -> kind). */
-  readonly #seen = new Map<string, SeenKind>();
+  /** What this layer put at each path, named or implied as a parent (hashed name -> record). */
+  readonly #seen = new Map<string, Seen>();
+  /** Directories of this layer that a later non-directory replaced: records under them may be
+   *  stale, so parents are checked in full (rare: no image build writes a path twice). */
+  #replacedDirs = 0;
   /** Cheap hashes of the names of this layer's symlinks and other non-directories (to test every
    *  parent of every member quickly); a hit is confirmed in #seen. */
   readonly #nonDirHints = new Set<number>();
@@ -93,8 +105,6 @@ export class EntryRules {
   readonly #whitedOut = new Set<string>();
   /** Directories whose lower content this layer hides (.wh..wh..opq), hashed. */
   readonly #opaque = new Set<string>();
-  /** Directories this layer's members imply (their parents, made when missing), hashed. */
-  readonly #impliedDirs = new Set<string>();
   /** Targets of hardlinks to paths not (yet) seen in this layer, hashed. */
   readonly #linkedAhead = new Set<string>();
 
@@ -127,6 +137,7 @@ export class EntryRules {
       this.#parentsAreDirs(name, "", "PARENT_NOT_DIR", refuse);
       return;
     }
+    const index = this.summary.entries;
     if (member.sparse && type !== "file") throw refuse("BAD_SPARSE_MAP", `a ${type} entry cannot be a sparse file`);
     if (type === "file") {
       // A sparse file's limit is its length, holes included: that is what a reader of it sees.
@@ -138,8 +149,9 @@ export class EntryRules {
       throw refuse("NONZERO_SIZE", `a ${type} entry carries ${member.size} bytes of content`);
     }
     for (const [xattr, value] of member.xattrs) checkXattr(xattr, value, type, refuse);
-    this.#parentsAreDirs(name, "", "PARENT_NOT_DIR", refuse);
-    this.#implyParents(name);
+    const parentsSince = this.#parentsAreDirs(name, "", "PARENT_NOT_DIR", refuse);
+    this.#implyParents(name, index);
+    let kind: SeenKind = type === "directory" ? "dir" : type === "symlink" ? "symlink" : "other";
 
     switch (type) {
       case "file":
@@ -160,7 +172,8 @@ export class EntryRules {
         this.summary.symlinks++;
         break;
       case "link":
-        this.#hardlinkTarget(name, member.linkname, refuse);
+        // A hard link to a symlink is that symlink (linkat does not follow it).
+        if (this.#hardlinkTarget(name, member.linkname, refuse) === "symlink") kind = "symlink";
         this.summary.hardlinks++;
         break;
       case "fifo":
@@ -174,8 +187,16 @@ export class EntryRules {
         break;
     }
     if (name === "") return;
-    this.#seen.set(key(name), type === "directory" ? "dir" : type === "symlink" ? "symlink" : "other");
-    if (type !== "directory") this.#nonDirHints.add(cheapHash(name));
+    const hashed = key(name);
+    const before = live(this.#seen.get(hashed), parentsSince);
+    if (kind === "dir") {
+      // A directory over a directory keeps its content; over anything else it starts empty.
+      this.#seen.set(hashed, { kind, at: index, since: before?.kind === "dir" ? before.since : index });
+      return;
+    }
+    if (before?.kind === "dir") this.#replacedDirs++;
+    this.#seen.set(hashed, { kind, at: index, since: index });
+    this.#nonDirHints.add(cheapHash(name));
   }
 
   /**
@@ -188,25 +209,31 @@ export class EntryRules {
    * parent that an earlier member of this layer made a file, a device or a fifo. The applier
    * keeps this layer's own entries (a whiteout never removes them), so that parent cannot be a
    * directory when the member is applied.
+   * Only what still stands counts: a symlink under a directory that a later member replaced is
+   * gone. Returns the parents' `since` (see Seen): records under `name` older than it are gone.
    */
-  #parentsAreDirs(name: string, what: string, notDirRule: "PARENT_NOT_DIR" | "HARDLINK_TO_MISSING", refuse: Refuse): void {
-    if (this.#nonDirHints.size === 0) return;
-    // One pass over the name: the hash of each parent is the running hash at its "/".
+  #parentsAreDirs(name: string, what: string, notDirRule: "PARENT_NOT_DIR" | "HARDLINK_TO_MISSING", refuse: Refuse): number {
+    let since = -1;
+    if (this.#nonDirHints.size === 0) return since;
+    // One pass over the name: the hash of each parent is the running hash at its "/". Only a
+    // path that once held a non-directory can make records under it stale (see Seen).
     let hash = FNV_OFFSET;
     for (let i = 0; i < name.length; i++) {
       const unit = name.charCodeAt(i);
       if (unit === SLASH && this.#nonDirHints.has(hash >>> 0)) {
         const parent = name.slice(0, i);
-        const kind = this.#seen.get(key(parent));
-        if (kind === "symlink") {
+        const seen = live(this.#seen.get(key(parent)), since);
+        if (seen?.kind === "symlink") {
           throw refuse("THROUGH_SYMLINK", `${what}"${printable(name)}" goes through "${printable(parent)}", a symlink created earlier in this layer`);
         }
-        if (kind === "other") {
+        if (seen?.kind === "other") {
           throw refuse(notDirRule, `${what}"${printable(name)}" is under "${printable(parent)}", which an earlier member of this layer made a non-directory`);
         }
+        if (seen) since = Math.max(since, seen.since);
       }
       hash = Math.imul(hash ^ unit, FNV_PRIME);
     }
+    return since;
   }
 
   #whiteout(name: string, base: string, member: TarMember, refuse: Refuse): void {
@@ -241,7 +268,8 @@ export class EntryRules {
     }
   }
 
-  #hardlinkTarget(name: string, rawTarget: string, refuse: Refuse): void {
+  /** Checks a hardlink's target; returns what it is in this layer (undefined: a lower layer's). */
+  #hardlinkTarget(name: string, rawTarget: string, refuse: Refuse): SeenKind | undefined {
     if (!rawTarget) throw refuse("HARDLINK_TARGET_INVALID", "hardlink has an empty target");
     let target: string;
     try {
@@ -252,27 +280,45 @@ export class EntryRules {
     }
     if (target === "") throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets the image root");
     if (target === name) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets itself");
+    // The link replaces what is at its own path: a directory holding its target goes first.
+    if (target.startsWith(`${name}/`)) throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets "${printable(target)}", under its own path (which it replaces)`);
     if (baseOf(target).startsWith(WHITEOUT_PREFIX)) throw refuse("HARDLINK_TARGET_INVALID", "hardlink targets a whiteout");
-    this.#parentsAreDirs(target, "hardlink target ", "HARDLINK_TO_MISSING", refuse);
+    const since = this.#parentsAreDirs(target, "hardlink target ", "HARDLINK_TO_MISSING", refuse);
 
-    const seen = this.#seen.get(key(target));
+    const seen = live(this.#seen.get(key(target)), since);
     // A directory of this layer, named or implied (a parent of a member, this link's own included).
-    if (seen === "dir" || (seen === undefined && this.#impliedDirs.has(key(target)))) {
-      throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets directory "${printable(target)}"`);
-    }
-    if (seen !== undefined) return;
+    if (seen?.kind === "dir") throw refuse("HARDLINK_TARGET_INVALID", `hardlink targets directory "${printable(target)}"`);
+    if (seen) return seen.kind;
     if (this.#deletedHere(target)) {
       throw refuse("HARDLINK_TO_MISSING", `hardlink target "${printable(target)}" was deleted earlier in this layer`);
     }
     this.#linkedAhead.add(key(target));
     this.summary.lowerLayerLinks++;
     this.#note(`hardlink "${printable(name)}" -> "${printable(target)}" refers to a lower layer`);
+    return undefined;
   }
 
-  /** Records `name`'s parents as directories of this layer (the applier makes missing ones). */
-  #implyParents(name: string): void {
-    for (let parent = parentOf(name); parent !== "" && !this.#impliedDirs.has(key(parent)); parent = parentOf(parent)) {
-      this.#impliedDirs.add(key(parent));
+  /**
+   * Records `name`'s parents as directories of this layer (the applier makes missing ones), new
+   * and empty where none of this layer stands (#parentsAreDirs has refused non-directories).
+   */
+  #implyParents(name: string, index: number): void {
+    const fresh: Seen = { kind: "dir", at: index, since: index };
+    if (this.#replacedDirs === 0) {
+      // Every record is live: the parents above one of this layer's directories are too.
+      for (let parent = parentOf(name); parent !== "" && !this.#seen.has(key(parent)); parent = parentOf(parent)) this.#seen.set(key(parent), fresh);
+      return;
+    }
+    let since = -1;
+    for (let slash = name.indexOf("/"); slash !== -1; slash = name.indexOf("/", slash + 1)) {
+      const hashed = key(name.slice(0, slash));
+      const seen = live(this.#seen.get(hashed), since);
+      if (seen) {
+        since = Math.max(since, seen.since);
+      } else {
+        this.#seen.set(hashed, fresh);
+        since = index;
+      }
     }
   }
 
@@ -294,6 +340,11 @@ export class EntryRules {
 }
 
 type Refuse = (rule: LayerRule, message: string) => LayerValidationError;
+
+/** A record that still stands under parents whose content is new since member `since` (see Seen). */
+function live(seen: Seen | undefined, since: number): Seen | undefined {
+  return seen !== undefined && seen.at >= since ? seen : undefined;
+}
 
 function key(name: string): string {
   return createHash("sha256").update(name).digest().toString("latin1", 0, 12);

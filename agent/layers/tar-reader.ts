@@ -22,7 +22,8 @@
 // - at most `maxHeaderBytes` of metadata headers before one member (HEADER_TOO_LARGE);
 // - PAX records are parsed as bytes ("<len> <key>=<value>\n"; key UTF-8, value raw bytes): path,
 //   linkpath, size, uid and gid replace the header fields; size, uid, gid, mtime, atime and ctime
-//   must be plain numbers (BAD_PAX); global ('g') headers may carry only comments.
+//   must be plain numbers below 2^53 (BAD_PAX); global ('g') headers may carry only comments; one
+//   'x' header per member, and no empty path or linkpath (readers disagree on both: BAD_PAX).
 // - GNU sparse files (sparse.ts: old GNU 'S' with its extension blocks, PAX 0.0, 0.1 and 1.0) are
 //   read with their map before the member is reported: the map is part of the member's header,
 //   even when (1.0) it is stored at the start of its data. BAD_SPARSE_MAP for a bad one.
@@ -100,8 +101,8 @@ export class TarReader {
   /** Data of the metadata header being read. */
   #metadata: Buffer[] = [];
   #metadataFill = 0;
-  /** Metadata gathered for the next member. */
-  #pax: Buffer[] = [];
+  /** Metadata gathered for the next member: its PAX extended header ('x'), GNU long names. */
+  #pax: Buffer | null = null;
   #longName: Buffer | null = null;
   #longLink: Buffer | null = null;
   #metadataBytes = 0;
@@ -232,6 +233,9 @@ export class TarReader {
       if (this.#metadataBytes > this.#maxHeaderBytes) {
         throw refuse("HEADER_TOO_LARGE", `${this.#metadataBytes} bytes of metadata headers from byte ${this.#metadataFrom} on, before one member (limit ${this.#maxHeaderBytes})`);
       }
+      // Readers disagree on a second one (GNU tar and Go keep the last, libarchive refuses it):
+      // no writer emits two, so it is refused rather than read one way.
+      if (typeflag === "x" && this.#pax !== null) throw refuse("BAD_PAX", `a second PAX extended header at byte ${offset} before one member`);
       this.#metadata = [];
       this.#metadataFill = 0;
       const padding = roundUpToBlock(size) - size;
@@ -245,7 +249,7 @@ export class TarReader {
   #endMetadata(typeflag: string, padding: number): void {
     const data = Buffer.concat(this.#metadata);
     this.#metadata = [];
-    if (typeflag === "x") this.#pax.push(data);
+    if (typeflag === "x") this.#pax = data;
     else if (typeflag === "L") this.#longName = data;
     else if (typeflag === "K") this.#longLink = data;
     else {
@@ -270,14 +274,16 @@ export class TarReader {
     const records = new Map<string, Buffer>();
     // In header order, repeats kept: sparse 0.0 repeats GNU.sparse.offset/numbytes.
     const sparseRecords: Array<[string, string]> = [];
-    for (const data of this.#pax) {
-      for (const [key, value] of parsePax(data, name)) {
-        if (key.startsWith(SPARSE_PREFIX)) sparseRecords.push([key.slice(SPARSE_PREFIX.length), value.toString("utf8")]);
-        else records.set(key, value);
-      }
+    for (const [key, value] of this.#pax === null ? [] : parsePax(this.#pax, name)) {
+      if (key.startsWith(SPARSE_PREFIX)) sparseRecords.push([key.slice(SPARSE_PREFIX.length), value.toString("utf8")]);
+      else records.set(key, value);
+    }
+    for (const key of ["path", "linkpath"]) {
+      // POSIX says an empty value deletes the field (the name?); Go keeps the ustar one: refused.
+      if (records.get(key)?.length === 0) throw refuse("BAD_PAX", `PAX ${key} record with an empty value`, printable(name));
     }
     const path = records.get("path");
-    if (path && path.length > 0) name = path.toString("utf8");
+    if (path) name = path.toString("utf8");
     const paxSparseFile = paxSparse(sparseRecords, name);
     if (paxSparseFile?.name != null) name = paxSparseFile.name;
 
@@ -287,21 +293,21 @@ export class TarReader {
         case "path":
           break;
         case "linkpath":
-          if (value.length > 0) linkname = text();
+          linkname = text();
           break;
         case "size":
-          size = paxNumber(key, text(), name, /^[0-9]+$/);
+          size = paxNumber(key, text(), name, /^([0-9]+)$/);
           break;
         case "uid":
-          uid = paxNumber(key, text(), name, /^[0-9]+$/);
+          uid = paxNumber(key, text(), name, /^([0-9]+)$/);
           break;
         case "gid":
-          gid = paxNumber(key, text(), name, /^[0-9]+$/);
+          gid = paxNumber(key, text(), name, /^([0-9]+)$/);
           break;
         case "mtime":
         case "atime":
         case "ctime":
-          paxNumber(key, text(), name, /^-?[0-9]+(\.[0-9]+)?$/);
+          paxNumber(key, text(), name, /^-?([0-9]+)(\.[0-9]+)?$/);
           break;
         default:
           // Other records (comment, charset...) change nothing about the member.
@@ -312,7 +318,7 @@ export class TarReader {
     if ((typeflag === "0" || typeflag === "\0") && name.endsWith("/")) type = "directory";
 
     if (typeflag === "S") type = "file";
-    this.#pax = [];
+    this.#pax = null;
     this.#longName = null;
     this.#longLink = null;
     this.#metadataBytes = 0;
@@ -447,8 +453,10 @@ function readNumber(block: Buffer, offset: number, length: number): number {
   return /^[0-7]+$/.test(text) ? parseInt(text, 8) : NaN;
 }
 
+/** A PAX number in `format`, whose first group (the whole number, or a time's seconds) is a safe integer. */
 function paxNumber(key: string, text: string, name: string, format: RegExp): number {
-  if (!format.test(text)) throw refuse("BAD_PAX", `PAX ${key} record "${printable(text)}" is not a number`, printable(name));
+  const match = format.exec(text);
+  if (!match || !Number.isSafeInteger(Number(match[1]))) throw refuse("BAD_PAX", `PAX ${key} record "${printable(text)}" is not a number`, printable(name));
   return Number(text);
 }
 

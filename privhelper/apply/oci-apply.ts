@@ -108,28 +108,27 @@ export class LayerApplier implements TarSink {
     this.current = entry.name;
     const rel = normalizeEntryName(entry.name, entry.name);
     const [dir, base] = splitPath(rel);
+    // The root entry ("./") is a directory: the image root's owner and mode are not the layer's.
+    if (rel === "" && entry.type !== "directory") throw new LayerRefused("EMPTY_NAME", entry.name, "a non-directory entry cannot replace the root");
+    checkOwner(entry);
 
     if (base.startsWith(WHITEOUT_PREFIX)) {
       if (entry.type !== "file" || entry.sparse || entry.size !== 0) throw new LayerRefused("BAD_WHITEOUT", entry.name, "a whiteout must be an empty regular file");
       if (base === OPAQUE_MARKER) {
-        this.notThroughOwnSymlink(dir, "");
+        this.whiteoutParent(dir);
         return this.opaque(dir);
       }
       const target = base.slice(WHITEOUT_PREFIX.length);
       if (target === "" || target === "." || target === ".." || target.startsWith(WHITEOUT_PREFIX)) {
         throw new LayerRefused("BAD_WHITEOUT", entry.name, `unsupported whiteout ${JSON.stringify(base)}`);
       }
-      this.notThroughOwnSymlink(dir, "");
+      this.whiteoutParent(dir);
       const parent = this.parent(dir, false);
       if (parent !== null) this.removeLower(parent, dir === "" ? target : `${dir}/${target}`, target);
       return;
     }
     if (entry.size !== 0 && entry.type !== "file") throw new LayerRefused("NONZERO_SIZE", entry.name, `a ${entry.type} entry with ${entry.size} bytes of content`);
-    if (rel === "") {
-      // The root entry ("./"): the image root's ownership and mode are not the layer's to set.
-      if (entry.type === "directory") return;
-      throw new LayerRefused("EMPTY_NAME", entry.name, "a non-directory entry cannot replace the root");
-    }
+    if (rel === "") return;
     checkXattrs(entry);
     this.notThroughOwnSymlink(dir, "");
     const parent = this.parent(dir, true)!;
@@ -138,14 +137,14 @@ export class LayerApplier implements TarSink {
 
     switch (entry.type) {
       case "file": {
-        const fd = this.replace(parent, base, () => openat(parent, base, NEW_FILE, 0o600));
+        const fd = this.replace(parent, rel, () => openat(parent, base, NEW_FILE, 0o600));
         this.file = { fd, entry };
         break; // content, metadata and close in data() and end()
       }
       case "directory": {
         let fd = openDirectoryOrNull(parent, base);
         if (fd === null) {
-          this.replace(parent, base, () => mkdirat(parent, base, 0o700));
+          this.replace(parent, rel, () => mkdirat(parent, base, 0o700));
           fd = openat(parent, base, DIRECTORY);
         }
         try {
@@ -161,7 +160,7 @@ export class LayerApplier implements TarSink {
       case "symlink": {
         if (entry.linkname === "" || entry.linkname.includes("\0")) throw new LayerRefused("SYMLINK_TARGET_INVALID", entry.name, "empty or NUL symlink target");
         // The link text is stored as is: it is only ever resolved inside the image.
-        this.replace(parent, base, () => symlinkat(entry.linkname, parent, base));
+        this.replace(parent, rel, () => symlinkat(entry.linkname, parent, base));
         fchownat(parent, base, entry.uid, entry.gid, AT_SYMLINK_NOFOLLOW);
         utimensat(parent, base, atime, entry.mtime, AT_SYMLINK_NOFOLLOW);
         break;
@@ -169,6 +168,8 @@ export class LayerApplier implements TarSink {
       case "hardlink": {
         const targetRel = normalizeEntryName(entry.linkname, entry.name, "HARDLINK_TARGET_INVALID");
         if (targetRel === "" || targetRel === rel) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to ${JSON.stringify(entry.linkname)}`);
+        // The link replaces what is at its own path: a directory holding its target goes first.
+        if (targetRel.startsWith(`${rel}/`)) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to ${JSON.stringify(targetRel)}, under its own path`);
         const [targetDir, targetBase] = splitPath(targetRel);
         if (targetBase.startsWith(WHITEOUT_PREFIX)) throw new LayerRefused("HARDLINK_TARGET_INVALID", entry.name, `hard link to the whiteout ${JSON.stringify(targetRel)}`);
         // The validator's rule names: a target that is not there is HARDLINK_TO_MISSING, one that
@@ -181,7 +182,7 @@ export class LayerApplier implements TarSink {
         const targetParent = this.openParentUncached(targetDir);
         if (targetParent === null) throw missing();
         try {
-          this.replace(parent, base, () => linkat(targetParent, targetBase, parent, base));
+          this.replace(parent, rel, () => linkat(targetParent, targetBase, parent, base));
         } catch (err) {
           if (errno(err) === "EPERM") throw directory();
           if (["ENOENT", "ENOTDIR", "ELOOP"].includes(errno(err) ?? "")) throw missing();
@@ -198,7 +199,7 @@ export class LayerApplier implements TarSink {
         // mount of an image is nodev, and inside a VM they name the guest's own devices.
         const kind = entry.type === "fifo" ? S_IFIFO : entry.type === "char" ? S_IFCHR : S_IFBLK;
         const dev = entry.type === "fifo" ? 0n : makedev(entry.devmajor, entry.devminor);
-        this.replace(parent, base, () => mknodat(parent, base, kind | 0o600, dev));
+        this.replace(parent, rel, () => mknodat(parent, base, kind | 0o600, dev));
         fchownat(parent, base, entry.uid, entry.gid, AT_SYMLINK_NOFOLLOW);
         // mknodat made a node (not a symlink) at this name of a directory we hold: chmod is exact.
         fchmodat(parent, base, mode);
@@ -207,7 +208,10 @@ export class LayerApplier implements TarSink {
       }
     }
     this.markWritten(rel);
-    if (entry.type === "symlink") this.ownSymlinks.add(rel);
+    // A hard link to a symlink is that symlink (linkat does not follow it): one of this layer's
+    // when its target is.
+    const symlink = entry.type === "symlink" || (entry.type === "hardlink" && this.ownSymlinks.has(normalizeEntryName(entry.linkname, entry.name)));
+    if (symlink) this.ownSymlinks.add(rel);
     else this.ownSymlinks.delete(rel);
   }
 
@@ -251,17 +255,21 @@ export class LayerApplier implements TarSink {
 
   /**
    * Runs `create` (which fails with EEXIST when the name is taken); if the name was taken,
-   * removes what is there (recursively: tar's "an entry replaces what is at its path") and
-   * creates again. Whatever was there is never followed.
+   * removes what is there at `rel` (recursively: tar's "an entry replaces what is at its path")
+   * and creates again. Whatever was there is never followed.
    */
-  private replace<T>(parent: number, base: string, create: () => T): T {
+  private replace<T>(parent: number, rel: string, create: () => T): T {
     try {
       return create();
     } catch (err) {
       if (errno(err) !== "EEXIST") throw err;
     }
     this.invalidateParent(); // what is removed may be a directory or link the cached parent went through
-    removeAt(parent, base);
+    removeAt(parent, splitPath(rel)[1]);
+    // Symlinks this layer made under a removed directory are gone with it: a later member under
+    // the same path meets what is there now (THROUGH_SYMLINK only for a link that still stands).
+    const under = `${rel}/`;
+    for (const link of this.ownSymlinks) if (link.startsWith(under)) this.ownSymlinks.delete(link);
     return create();
   }
 
@@ -279,6 +287,25 @@ export class LayerApplier implements TarSink {
       }
       if (i === -1) return;
     }
+  }
+
+  /**
+   * A whiteout's directory, as for any member: not through a symlink of this layer
+   * (THROUGH_SYMLINK), not under a non-directory (PARENT_NOT_DIR). Absent, or under a link loop,
+   * it is simply nothing to delete.
+   */
+  private whiteoutParent(dir: string): void {
+    this.notThroughOwnSymlink(dir, "");
+    if (dir === "") return;
+    let fd: number;
+    try {
+      fd = openInRoot(this.rootFd, dir, PARENT);
+    } catch (err) {
+      if (errno(err) === "ENOTDIR") throw new LayerRefused("PARENT_NOT_DIR", this.current, `a parent of ${JSON.stringify(this.current)} is not a directory`);
+      if (errno(err) === "ENOENT" || errno(err) === "ELOOP") return;
+      throw err;
+    }
+    closeSync(fd);
   }
 
   /** The parent directory `dir` resolved inside the root; created (0755) when `create`, else null if absent. */
@@ -444,6 +471,15 @@ function setLength(fd: number, entry: TarEntry): void {
   } catch (err) {
     if (errno(err) === "EFBIG" || errno(err) === "EINVAL") throw new LayerRefused("ENTRY_TOO_LARGE", entry.name, `the filesystem cannot hold a file of ${entry.sparse!.realSize} bytes`);
     throw err;
+  }
+}
+
+const MAX_ID = 0xfffffffe; // (uid_t)-1 means "unchanged" to chown(2)
+
+/** BAD_OWNER: ids from the ustar fields (octal or base-256) or PAX records, 0..4294967294. */
+function checkOwner(entry: TarEntry): void {
+  for (const [field, id] of [["uid", entry.uid], ["gid", entry.gid]] as const) {
+    if (!Number.isInteger(id) || id < 0 || id > MAX_ID) throw new LayerRefused("BAD_OWNER", entry.name, `${field} ${id} is outside 0..${MAX_ID}`);
   }
 }
 

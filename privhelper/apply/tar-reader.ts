@@ -9,7 +9,9 @@
 // sparse members (sparse.ts): their map is read and checked before the member is passed on (for
 // PAX 1.0 it is at the start of the data), and their content goes to the sink with the file offset
 // of each data region.
-// Structural refusals use the validator's rule names (agent/layers/README.md).
+// Structural refusals use the validator's rule names (agent/layers/README.md), and its PAX rules:
+// one 'x' header per member, no empty path or linkpath, numbers below 2^53, global headers with
+// comments only.
 import { LayerRefused } from "./refusal.ts";
 import { addRegion, badMap, checkStored, MapReader, oldGnuNumber, paxSparseInfo, type SparseMap } from "./sparse.ts";
 
@@ -46,11 +48,12 @@ export const ARCHIVE = "(archive)";
 const BLOCK = 512;
 /** PAX and GNU long-name data before one member (the validator's maxHeaderBytes). */
 const MAX_META_BYTES = 1024 * 1024;
-const MAX_ID = 0xfffffffe;
 
 /** Type flags a PAX sparse member may carry: a regular file. */
 const REGULAR_FILE_FLAGS = ["0", "\0", "7"];
 const SPARSE_PREFIX = "GNU.sparse.";
+/** Global PAX keys that change nothing about the members. */
+const HARMLESS_GLOBAL_KEYS = new Set(["comment", "charset"]);
 
 type State = "header" | "meta" | "body" | "padding" | "end" | "sparse-extension" | "sparse-map";
 
@@ -69,10 +72,8 @@ export class TarReader {
   private pendingMeta = 0;
   private longName: string | null = null;
   private longLink: string | null = null;
-  private pax: Map<string, Buffer> | null = null;
-  /** The GNU.sparse.* records of the next member, prefix removed, in order (0.0 repeats keys). */
-  private paxSparse: [string, string][] = [];
-  private readonly globalPax = new Map<string, Buffer>();
+  /** The next member's PAX extended header ('x'), as read: parsed at the member, which it names. */
+  private paxData: Buffer | null = null;
   /** A sparse member whose map is still being read (extension blocks, or a 1.0 map in the data). */
   private pending: { entry: TarEntry; map: SparseMap; reader: MapReader | null } | null = null;
   /** The sparse member being written: its regions, the one being filled, and how far. */
@@ -174,8 +175,11 @@ export class TarReader {
   /** The input ended: the archive must have ended properly. */
   end(): void {
     if (this.state === "end") {
-      if (this.zeroBytes % BLOCK !== 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "tar length is not a multiple of 512");
+      // In the validator's order: a header no member follows, a second zero block missing (or
+      // cut short), then whole blocks.
+      if (this.pendingMeta > 0) throw new LayerRefused("TRUNCATED", ARCHIVE, "the archive ends after an extended header that no member follows");
       if (this.zeroBytes < BLOCK) throw new LayerRefused("TRUNCATED", ARCHIVE, "one zero block instead of the two that end an archive");
+      if (this.zeroBytes % BLOCK !== 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "tar length is not a multiple of 512");
       return;
     }
     if (this.state === "header" && this.pendingMeta === 0 && this.entries === 0) {
@@ -186,7 +190,8 @@ export class TarReader {
 
   private onHeader(block: Buffer): void {
     if (isZero(block)) {
-      if (this.pendingMeta > 0) throw new LayerRefused("TRAILING_GARBAGE", ARCHIVE, "a zero block between an extended header and its member");
+      // Also right after an extended header: then only zeros may follow (TRAILING_GARBAGE for a
+      // member after the zero block), and end() says the header had no member (TRUNCATED).
       this.state = "end";
       return;
     }
@@ -198,13 +203,16 @@ export class TarReader {
     if (!ustar && magic !== "ustar  \u0000") throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header without ustar magic (v7 tar)");
     const typeflag = String.fromCharCode(block[156]!);
     const isMeta = typeflag === "x" || typeflag === "g" || typeflag === "L" || typeflag === "K";
-    // A PAX size applies to the member it describes, never to another extended header.
-    const size = this.pax?.has("size") && !isMeta ? paxNumber(this.pax, "size", nameOf(block, ustar)) : numeric(block, 124, 12, "size");
-    if (size === null) throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header with an unreadable size field");
+    const headerSize = numeric(block, 124, 12, "size");
+    if (headerSize === null) throw new LayerRefused("NOT_A_TAR", ARCHIVE, "header with an unreadable size field");
 
     if (isMeta) {
+      const size = headerSize;
       this.pendingMeta += BLOCK + size;
       if (this.pendingMeta > MAX_META_BYTES) throw new LayerRefused("HEADER_TOO_LARGE", ARCHIVE, `more than ${MAX_META_BYTES} bytes of extended headers before one member`);
+      // Readers disagree on a second one (GNU tar and Go keep the last, libarchive refuses it):
+      // no writer emits two, so it is refused rather than read one way.
+      if (typeflag === "x" && this.paxData !== null) throw new LayerRefused("BAD_PAX", ARCHIVE, "several PAX extended headers before one member");
       this.metaType = typeflag;
       this.meta = [];
       this.metaBytes = size;
@@ -215,18 +223,27 @@ export class TarReader {
       return;
     }
 
-    const pax = this.pax;
-    let name = (pax?.has("path") ? text(pax.get("path")!) : this.longName) ?? nameOf(block, ustar);
+    const headerName = this.longName ?? nameOf(block, ustar);
+    const { pax, sparse: sparseRecords } = memberPax(this.paxData, headerName);
+    for (const key of ["path", "linkpath"]) {
+      // POSIX says an empty value deletes the field; Go keeps the ustar name instead: refused.
+      if (pax.get(key)?.length === 0) throw new LayerRefused("BAD_PAX", headerName, `PAX ${key} record with an empty value`);
+    }
+    let name = pax.has("path") ? text(pax.get("path")!) : headerName;
     this.current = name;
-    const linkname = (pax?.has("linkpath") ? text(pax.get("linkpath")!) : this.longLink) ?? cString(block, 157, 100);
-    const sparseRecords = this.paxSparse;
-    this.paxSparse = [];
+    const linkname = pax.has("linkpath") ? text(pax.get("linkpath")!) : (this.longLink ?? cString(block, 157, 100));
     const paxSparse = paxSparseInfo(sparseRecords, name);
     if (paxSparse?.name != null) {
       if (paxSparse.name.includes("\uFFFD")) throw new LayerRefused("BAD_ENCODING", paxSparse.name, "a name or link target that is not UTF-8");
       name = paxSparse.name;
       this.current = name;
     }
+    // Every PAX number is checked before any is used: BAD_PAX whatever the records' order.
+    const size = pax.has("size") ? paxNumber(pax, "size", name) : headerSize;
+    const paxIds = { uid: pax.has("uid") ? paxNumber(pax, "uid", name) : null, gid: pax.has("gid") ? paxNumber(pax, "gid", name) : null };
+    const mtime = time(pax, "mtime", name);
+    const atime = time(pax, "atime", name);
+    time(pax, "ctime", name); // not applied (the kernel sets it), but a number all the same
     if (paxSparse && typeflag === "S") throw badMap(name, "an old GNU sparse member (type S) with GNU.sparse.* PAX records too");
     if (paxSparse && !REGULAR_FILE_FLAGS.includes(typeflag)) throw badMap(name, `GNU.sparse.* records on a member of type ${JSON.stringify(typeflag)}`);
     const type = entryType(typeflag, name);
@@ -236,8 +253,7 @@ export class TarReader {
       return value;
     };
     const xattrs = new Map<string, Buffer>();
-    const effective = pax ?? this.globalPax;
-    for (const [key, value] of effective) {
+    for (const [key, value] of pax) {
       if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), value);
     }
     const entry: TarEntry = {
@@ -245,17 +261,18 @@ export class TarReader {
       type,
       size,
       mode: field(100, 8, "mode") & 0o7777,
-      uid: id(effective, "uid", name) ?? field(108, 8, "uid"),
-      gid: id(effective, "gid", name) ?? field(116, 8, "gid"),
-      mtime: time(effective, "mtime", name) ?? { sec: field(136, 12, "mtime"), nsec: 0 },
-      atime: time(effective, "atime", name),
+      // Range-checked with the member's other rules (BAD_OWNER, oci-apply.ts), in the validator's order.
+      uid: paxIds.uid ?? numeric(block, 108, 8, "uid") ?? NaN,
+      gid: paxIds.gid ?? numeric(block, 116, 8, "gid") ?? NaN,
+      mtime: mtime ?? { sec: field(136, 12, "mtime"), nsec: 0 },
+      atime,
       linkname,
       devmajor: type === "char" || type === "block" ? field(329, 8, "devmajor") : 0,
       devminor: type === "char" || type === "block" ? field(337, 8, "devminor") : 0,
       xattrs,
       sparse: null,
     };
-    this.pax = null;
+    this.paxData = null;
     this.longName = null;
     this.longLink = null;
     this.pendingMeta = 0;
@@ -330,26 +347,12 @@ export class TarReader {
     this.meta = [];
     if (this.metaType === "L") this.longName = cString(data, 0, data.length);
     else if (this.metaType === "K") this.longLink = cString(data, 0, data.length);
+    else if (this.metaType === "x") this.paxData = data;
     else {
-      const all = parsePax(data);
-      const records = new Map<string, Buffer>();
-      const sparse: [string, string][] = [];
-      for (const [key, value] of all) {
-        if (!key.startsWith(SPARSE_PREFIX)) records.set(key, value);
-        else if (this.metaType === "g") throw new LayerRefused("BAD_PAX", ARCHIVE, `a global PAX header sets ${key}`);
-        else sparse.push([key.slice(SPARSE_PREFIX.length), value.toString("utf8")]);
-      }
-      if (this.metaType === "x") this.paxSparse = sparse;
-      if (this.metaType === "g") {
-        // Defaults for every later member (a member's own record wins); a name or size is one
-        // member's own, never a default.
-        for (const [key, value] of records) if (key !== "path" && key !== "linkpath" && key !== "size") this.globalPax.set(key, value);
-      } else if (this.globalPax.size === 0) {
-        this.pax = records;
-      } else {
-        const merged = new Map(this.globalPax);
-        for (const [key, value] of records) merged.set(key, value);
-        this.pax = merged;
+      // A global header changes every later member, which no image needs (git archive writes a
+      // comment): anything but a comment is refused, as by the validator.
+      for (const [key] of parsePax(data, ARCHIVE)) {
+        if (!HARMLESS_GLOBAL_KEYS.has(key)) throw new LayerRefused("BAD_PAX", ARCHIVE, `a global PAX header sets ${JSON.stringify(key)}: only comments are supported in global headers`);
       }
     }
     this.state = this.padding > 0 ? "padding" : "header";
@@ -428,8 +431,23 @@ function entryType(flag: string, name: string): EntryType {
   }
 }
 
+/**
+ * A member's PAX records (none without an 'x' header): a repeated key's last value (GNU.sparse.*
+ * records, which sparse 0.0 repeats, apart and in order, prefix removed). Malformed records are
+ * refused in the member's name.
+ */
+function memberPax(data: Buffer | null, entry: string): { pax: Map<string, Buffer>; sparse: [string, string][] } {
+  const pax = new Map<string, Buffer>();
+  const sparse: [string, string][] = [];
+  for (const [key, value] of data === null ? [] : parsePax(data, entry)) {
+    if (key.startsWith(SPARSE_PREFIX)) sparse.push([key.slice(SPARSE_PREFIX.length), value.toString("utf8")]);
+    else pax.set(key, value);
+  }
+  return { pax, sparse };
+}
+
 /** PAX records "<len> <key>=<value>\n", in order: the key is UTF-8 text, the value raw bytes. */
-function parsePax(data: Buffer): [string, Buffer][] {
+function parsePax(data: Buffer, entry: string): [string, Buffer][] {
   const records: [string, Buffer][] = [];
   for (let at = 0; at < data.length; ) {
     const space = data.indexOf(0x20, at);
@@ -437,36 +455,30 @@ function parsePax(data: Buffer): [string, Buffer][] {
     const length = /^[1-9][0-9]{0,8}$/.test(lengthText) ? Number(lengthText) : NaN;
     if (!(length > 0) || at + length > data.length || data[at + length - 1] !== 0x0a) {
       if (data.subarray(at).every((byte) => byte === 0)) break; // some writers pad with NULs
-      throw new LayerRefused("BAD_PAX", ARCHIVE, "malformed PAX extended header");
+      throw new LayerRefused("BAD_PAX", entry, "malformed PAX extended header");
     }
     const record = data.subarray(space + 1, at + length - 1);
     const equals = record.indexOf(0x3d);
-    if (equals <= 0) throw new LayerRefused("BAD_PAX", ARCHIVE, "malformed PAX record (no key)");
+    if (equals <= 0) throw new LayerRefused("BAD_PAX", entry, "malformed PAX record (no key)");
     records.push([record.toString("utf8", 0, equals), record.subarray(equals + 1)]); // `data` is our own copy
     at += length;
   }
   return records;
 }
 
+/** A PAX size, uid or gid: decimal digits, a safe integer (the validator's rule). */
 function paxNumber(pax: Map<string, Buffer>, key: string, entry: string): number {
   const value = pax.get(key)!.toString("latin1");
-  if (!/^[0-9]{1,16}$/.test(value) || !Number.isSafeInteger(Number(value))) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a number`);
+  if (!/^[0-9]+$/.test(value) || !Number.isSafeInteger(Number(value))) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a number`);
   return Number(value);
 }
 
-function id(pax: Map<string, Buffer>, key: "uid" | "gid", entry: string): number | null {
-  if (!pax.has(key)) return null;
-  const value = paxNumber(pax, key, entry);
-  if (value > MAX_ID) throw new LayerRefused("BAD_OWNER", entry, `${key} ${value} is outside 0..${MAX_ID}`);
-  return value;
-}
-
-/** A PAX time "[-]seconds[.fraction]", kept to the nanosecond. */
-function time(pax: Map<string, Buffer>, key: "mtime" | "atime", entry: string): { sec: number; nsec: number } | null {
+/** A PAX time "[-]seconds[.fraction]" (seconds a safe integer), kept to the nanosecond. */
+function time(pax: Map<string, Buffer>, key: "mtime" | "atime" | "ctime", entry: string): { sec: number; nsec: number } | null {
   if (!pax.has(key)) return null;
   const value = pax.get(key)!.toString("latin1");
-  const match = /^(-?)([0-9]{1,15})(?:\.([0-9]+))?$/.exec(value);
-  if (!match) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a time`);
+  const match = /^(-?)([0-9]+)(?:\.([0-9]+))?$/.exec(value);
+  if (!match || !Number.isSafeInteger(Number(match[2]))) throw new LayerRefused("BAD_PAX", entry, `PAX ${key} ${JSON.stringify(value)} is not a time`);
   let sec = Number(match[2]!);
   let nsec = Number((match[3] ?? "").slice(0, 9).padEnd(9, "0"));
   if (match[1] === "-") {

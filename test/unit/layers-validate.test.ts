@@ -200,6 +200,26 @@ test("THROUGH_SYMLINK: nothing is written through a symlink an earlier member of
   await validate(await packTar([symlink("a", "/etc"), whiteout(".wh.a")])); // deleting the link itself
 });
 
+test("a directory replaced by a non-directory takes this layer's entries under it along", async () => {
+  const fifo = (name: string): PackEntry => ({ header: { name, type: "fifo" } });
+  // The fifo is the parent now, not the symlink that stood under the directory it replaced.
+  const under = await refused(await packTar([symlink("a/a", "/etc"), fifo("a"), dir("a/a/a/")]), "PARENT_NOT_DIR");
+  assert.equal(under.entry, "a/a/a/");
+  assert.match(under.message, /is under "a", which an earlier member/);
+  // A new directory there is empty: nothing of the layer's is left under it.
+  await validate(await packTar([symlink("a/a", "/etc"), fifo("a"), dir("a/"), file("a/a/x")]));
+  await validate(await packTar([file("a/b"), symlink("a", "x"), dir("a/"), dir("a/b/"), file("a/b/c")]));
+  // A file that went with it is no target in this layer any more: a lower layer's, if any.
+  const lower = await validate(await packTar([file("a/b"), fifo("a"), dir("a/"), hardlink("h", "a/b")]));
+  assert.equal(lower.lowerLayerLinks, 1);
+  // A hard link to a symlink of this layer is that symlink.
+  const hard = await refused(await packTar([dir("d/"), symlink("s", "d"), hardlink("h", "s"), file("h/x")]), "THROUGH_SYMLINK");
+  assert.equal(hard.entry, "h/x");
+  // A hard link under its own path: the link replaces the directory its target is in.
+  const own = await refused(await packTar([fifo("c/b/b"), hardlink("c", "c/b/b")]), "HARDLINK_TARGET_INVALID");
+  assert.match(own.message, /under its own path/);
+});
+
 test("symlink targets: anything but empty, NUL or too long", async () => {
   const ok = await validate(await packTar([symlink("a", "/abs/olute"), symlink("b", "../../../../etc/shadow"), symlink("c", "x".repeat(4095))]));
   assert.equal(ok.symlinks, 3);
@@ -291,6 +311,26 @@ test("PAX records: ids up to 4294967294 win over the header, numbers must be num
   const comment = paxRecords([["comment", Buffer.from("a commit id")]]);
   assert.equal((await validate(rawTar([[{ name: "pax_global_header", typeflag: "g" }, comment], [{ name: "f" }, "x"]]))).files, 1);
   await refused(rawTar([[{ name: "pax_global_header", typeflag: "g" }, paxRecords([["uid", Buffer.from("0")]])], [{ name: "f" }, "x"]]), "BAD_PAX");
+});
+
+test("PAX: one extended header per member, no empty path or linkpath, numbers that are safe integers", async () => {
+  const x = (records: [string, string][]) => [{ name: "PaxHeaders/f", typeflag: "x" }, paxRecords(records)] as const;
+  // Go and GNU tar keep the last of two, libarchive refuses the second: refused.
+  const twice = await refused(rawTar([x([["comment", "first"]]), x([["mtime", "1"]]), [{ name: "f" }, "x"]]), "BAD_PAX");
+  assert.equal(twice.entry, "(archive)");
+  assert.match(twice.message, /second PAX extended header/);
+  // POSIX: an empty value deletes the field; Go keeps the ustar name. Refused, named by the header.
+  const emptyPath = await refused(rawTar([x([["path", ""]]), [{ name: "f" }, "x"]]), "BAD_PAX");
+  assert.deepEqual([emptyPath.entry, emptyPath.message], ["f", "PAX path record with an empty value"]);
+  await refused(rawTar([x([["linkpath", ""]]), [{ name: "l", typeflag: "2", linkname: "t" }]]), "BAD_PAX");
+  // Other empty values: an empty xattr value is a value, an empty comment nothing.
+  assert.equal((await validate(rawTar([x([["SCHILY.xattr.user.empty", ""], ["comment", ""]]), [{ name: "f" }, "x"]]))).files, 1);
+  for (const [key, value] of [["uid", "99999999999999999999"], ["size", "9007199254740993"], ["mtime", "12345678901234567890"], ["ctime", "soon"], ["atime", "1."], ["uid", ""]]) {
+    await refused(rawTar([x([[key!, value!]]), [{ name: "f" }, "x"]]), "BAD_PAX");
+  }
+  assert.equal((await validate(rawTar([x([["gid", "007"], ["mtime", "-1.5"], ["ctime", "1700000000"]]), [{ name: "f" }, "x"]]))).files, 1);
+  // BAD_PAX before BAD_OWNER, whatever the records' order.
+  await refused(rawTar([x([["uid", "4294967295"], ["mtime", "x"]]), [{ name: "f" }, "x"]]), "BAD_PAX");
 });
 
 /** A v2 file capability (cap_net_raw,cap_setfcap+ep) as setcap writes it: 20 bytes, with 0x00 and 0x80. */

@@ -17,7 +17,7 @@ import { applyLayer, LayerRefused } from "../../privhelper/apply/oci-apply.ts";
 import { MAX_REGIONS } from "../../privhelper/apply/sparse.ts";
 import { debianTool } from "../helpers/debian-tool.ts";
 import { contentOf, gnuSparseArchives, SPARSE_FILES } from "../fixtures/gnu-sparse.ts";
-import { END_OF_ARCHIVE, SPARSE_FORMATS, sparseFile, sparseMember } from "../fixtures/tar-bytes.ts";
+import { END_OF_ARCHIVE, paxRecords, rawTar, SPARSE_FORMATS, sparseFile, sparseMember } from "../fixtures/tar-bytes.ts";
 
 const CHILD = fileURLToPath(new URL("../../privhelper/apply/child.ts", import.meta.url));
 const isRoot = process.getuid?.() === 0;
@@ -239,6 +239,58 @@ test("symlink loops: entries under one are refused (PARENT_NOT_DIR), whiteouts u
   assert.ok((await box.apply([dir("d/", { mtime: T1 }), dir("d/e/", { mtime: T1 }), symlink("d", "/d")])).ok);
   assert.deepEqual(readdirSync(box.root).sort(), ["a", "b", "d", "root"]);
   assert.equal(readlinkSync(join(box.root, "root")), "/root");
+});
+
+test("a directory replaced by a non-directory takes this layer's symlinks under it along; hard links to symlinks are symlinks", opts, async (t) => {
+  const box = sandbox(t);
+  const refusal = async (tar: Buffer) => {
+    const report = await box.apply(tar);
+    return [report.ok, report.rule, report.entry];
+  };
+  // The fifo replaced "a" and the link under it: the fifo is the parent, as the validator says.
+  assert.deepEqual(await refusal(rawTar([[{ name: "a/a", typeflag: "2", linkname: "/etc" }], [{ name: "a", typeflag: "6" }], [{ name: "a/a/a/", typeflag: "5" }]])), [false, "PARENT_NOT_DIR", "a/a/a/"]);
+  // A new directory there is empty: the member makes its parents afresh.
+  const fresh = await box.apply(rawTar([[{ name: "b/b", typeflag: "2", linkname: "/etc" }], [{ name: "b", typeflag: "6" }], [{ name: "b/", typeflag: "5" }], [{ name: "b/b/x" }, "x"]]));
+  assert.ok(fresh.ok, JSON.stringify(fresh));
+  assert.ok(lstatSync(join(box.root, "b/b")).isDirectory());
+  assert.equal(readFileSync(join(box.root, "b/b/x"), "utf8"), "x");
+  // A hard link to this layer's symlink is that symlink: nothing is written through it.
+  const through = rawTar([[{ name: "d/", typeflag: "5" }], [{ name: "s", typeflag: "2", linkname: "d" }], [{ name: "h", typeflag: "1", linkname: "s" }], [{ name: "h/x" }, "x"]]);
+  assert.deepEqual(await refusal(through), [false, "THROUGH_SYMLINK", "h/x"]);
+  // A hard link under its own path would replace the directory its target is in.
+  assert.deepEqual(await refusal(rawTar([[{ name: "c/b/b", typeflag: "6" }], [{ name: "c", typeflag: "1", linkname: "c/b/b" }]])), [false, "HARDLINK_TARGET_INVALID", "c"]);
+  // A whiteout under a non-directory deletes nothing there: refused as any member under one.
+  assert.deepEqual(await refusal(rawTar([[{ name: "f", typeflag: "6" }], [{ name: "f/.wh.b" }]])), [false, "PARENT_NOT_DIR", "f/.wh.b"]);
+});
+
+test("PAX: one extended header per member, no empty path or linkpath, numbers and global headers as the validator reads them", opts, async (t) => {
+  const box = sandbox(t);
+  const x = (records: [string, string][]) => [{ name: "PaxHeaders/f", typeflag: "x" }, paxRecords(records)] as const;
+  const cases: [Buffer, string, string][] = [
+    [rawTar([x([["comment", "first"]]), x([["mtime", "1"]]), [{ name: "f" }, "x"]]), "BAD_PAX", "(archive)"],
+    [rawTar([x([["path", ""]]), [{ name: "f" }, "x"]]), "BAD_PAX", "f"],
+    [rawTar([x([["linkpath", ""]]), [{ name: "l", typeflag: "2", linkname: "t" }]]), "BAD_PAX", "l"],
+    [rawTar([x([["uid", "99999999999999999999"]]), [{ name: "f" }, "x"]]), "BAD_PAX", "f"],
+    [rawTar([x([["mtime", "12345678901234567890"]]), [{ name: "f" }, "x"]]), "BAD_PAX", "f"],
+    [rawTar([x([["ctime", "soon"]]), [{ name: "f" }, "x"]]), "BAD_PAX", "f"],
+    [rawTar([x([["uid", "4294967295"], ["mtime", "x"]]), [{ name: "f" }, "x"]]), "BAD_PAX", "f"],
+    [rawTar([x([["uid", "4294967295"]]), [{ name: "f" }, "x"]]), "BAD_OWNER", "f"],
+    [rawTar([x([["path", "p"]]), [{ name: "f" }, "x"], [{ name: "q", typeflag: "1", linkname: "p" }]]), "", ""], // renamed, then linked
+    [rawTar([[{ name: "pax_global_header", typeflag: "g" }, paxRecords([["uid", "5"]])], [{ name: "f" }, "x"]]), "BAD_PAX", "(archive)"],
+    // An extended header no member follows: TRUNCATED (the validator's), even with the end marker.
+    [rawTar([x([["comment", "c"]])]), "TRUNCATED", "(archive)"],
+    [rawTar([[{ name: "f" }, "x"]]).subarray(0, -100), "TRUNCATED", "(archive)"], // part of the second zero block
+  ];
+  for (const [tar, rule, entry] of cases) {
+    const report = await box.apply(tar);
+    if (rule === "") assert.ok(report.ok, JSON.stringify(report));
+    else assert.deepEqual([report.ok, report.rule, report.entry], [false, rule, entry], JSON.stringify(report));
+  }
+  // A global comment (git archive) is fine; an empty xattr value is a value.
+  const fine = await box.apply(rawTar([[{ name: "pax_global_header", typeflag: "g" }, paxRecords([["comment", "abc"]])], x([["SCHILY.xattr.user.empty", ""], ["gid", "007"], ["mtime", "-1.5"]]), [{ name: "g" }, "x"]]));
+  assert.ok(fine.ok, JSON.stringify(fine));
+  assert.equal(statSync(join(box.root, "g")).gid, 7);
+  assert.deepEqual(getXattr(join(box.root, "g"), "user.empty"), Buffer.alloc(0));
 });
 
 test("names with '..' are refused; absolute names land inside the root", opts, async (t) => {
