@@ -13,7 +13,8 @@ import { createHash } from "node:crypto";
 import { chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
-import { RunKind, connectImgd, RunStatus, type ImgdClient } from "../../client/sdk.ts";
+import { toJsonString } from "@bufbuild/protobuf";
+import { RunKind, RunSchema, connectImgd, RunStatus, type ImgdClient } from "../../client/sdk.ts";
 import { pullOutcome } from "../helpers/pull.ts";
 import { HelperClient, HelperError } from "../../agent/helper-client.ts";
 import { withMounted } from "../helpers/mount.ts";
@@ -172,7 +173,7 @@ async function pullRefused(c: CorpusCase): Promise<void> {
   const patterns = REFUSED_AT_LISTING[c.name] ? [REFUSED_AT_LISTING[c.name]!] : expectedError(c);
   for (const pattern of patterns) assert.match(error, pattern, `${c.name}: the error names what was refused and why`);
   const { runs } = await client.listRuns({ fsm: RunKind.PULL, resourceId: imageOf(c), pageSize: 1 });
-  assert.equal(runs[0]?.status, RunStatus.FAILED, `${c.name}: run ${JSON.stringify(runs[0])}`);
+  assert.equal(runs[0]?.status, RunStatus.FAILED, `${c.name}: run ${runs[0] ? toJsonString(RunSchema, runs[0]) : "none"}`);
   assert.match(runs[0]!.error, patterns[0]!, `${c.name}: the failed run records the reason`);
   if (!REFUSED_AT_LISTING[c.name]) assert.ok(runs[0]!.error.includes(expect.rule), `${c.name}: the run's reason names ${expect.rule}: ${runs[0]!.error}`);
   // LAYER_REFUSED is permanent: one attempt, never a rebuild of the same layer (APPLY_FAILED is retried).

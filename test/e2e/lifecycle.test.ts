@@ -81,7 +81,8 @@ test("delete: refused while activated; forced, it deactivates first; python keep
   python = await pull("python");
   const { activation } = await client.activateImage({ image: "node" });
   const refused = imgctl("delete", "node");
-  assert.equal(refused.status, 1);
+  assert.equal(refused.status, 4, "FAILED_PRECONDITION exits 4");
+  assert.match(refused.stderr, /^error: IMAGE_HAS_ACTIVATIONS: /m);
   assert.match(refused.stderr, new RegExp(`image node has 1 activation\\(s\\) \\(${activation!.id}\\): deactivate them first, or delete with force`));
   assert.ok(dmNames().includes(activation!.devicePath.slice("/dev/mapper/".length)), "still active");
 
@@ -94,7 +95,7 @@ test("delete: refused while activated; forced, it deactivates first; python keep
   assert.equal(ids.includes(activation!.thinId), false, "and the activation's snapshot");
   for (const layer of python.layers) assert.ok(ids.includes(layer.thinId), `python's layer ${layer.position} device stays`);
   assert.deepEqual(ids, python.layers.map((l) => l.thinId).sort((a, b) => a - b));
-  assert.equal(imgctl("image", "node").status, 1, "node is forgotten");
+  assert.equal(imgctl("image", "node").status, 3, "node is forgotten: NOT_FOUND exits 3");
 });
 
 test("gc removes the blob only node used, and keeps python's", async () => {
