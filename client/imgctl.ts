@@ -2,7 +2,7 @@
 // imgctl: command-line client of the imgd agent.
 import { parseArgs } from "node:util";
 import { ClientError, Status } from "nice-grpc";
-import { create, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { create, toJson, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { versionLine, version } from "./version.ts";
 import {
   connectImgd,
@@ -22,6 +22,7 @@ import {
   DoctorResponseSchema,
   GetImageResponseSchema,
   GetPoolResponseSchema,
+  GetVersionResponseSchema,
   ListActivationsResponseSchema,
   ListImagesResponseSchema,
   ListRunsResponseSchema,
@@ -100,15 +101,16 @@ async function main(argv: string[]): Promise<number> {
     return command || values.help ? 0 : 2;
   }
   if (values.json && values.quiet) throw new UsageError("--json and --quiet exclude each other");
-  if (command === "version") {
-    const v = version();
-    if (values.json) console.log(JSON.stringify(v));
-    else console.log(versionLine("imgctl"));
-    return 0;
-  }
   const tlsGiven = values["tls-ca"] !== undefined || values["tls-cert"] !== undefined || values["tls-key"] !== undefined;
   const tls = tlsGiven ? { caFile: values["tls-ca"], certFile: values["tls-cert"], keyFile: values["tls-key"] } : undefined;
   const { client, channel } = connectImgd(values.addr, tls ? { tls } : {});
+  if (command === "version") {
+    try {
+      return await printVersions(client, Boolean(values.json));
+    } finally {
+      channel.close();
+    }
+  }
   // The answer as proto3 JSON, or for people (or nothing with --quiet).
   const out = <Desc extends DescMessage>(human: () => void, schema: Desc, message: MessageShape<Desc>) => {
     if (values.json) console.log(jsonLine(schema, message));
@@ -274,6 +276,25 @@ function printActivations(activations: Activation[]): void {
     const labels = Object.entries(a.labels).map(([k, v]) => `${k}=${v}`).join(",");
     console.log(`${a.id}  ${a.name.padEnd(16)} ${a.image.padEnd(16)} thin ${String(a.thinId).padEnd(5)} ${a.devicePath}${labels ? `  ${labels}` : ""}`);
   }
+}
+
+/**
+ * imgctl's own version, then the agent's (GetVersion), as kubectl does: a mismatch is the first
+ * thing to rule out. An agent that does not answer within 3 s is reported, not an error: exit 0.
+ */
+async function printVersions(client: ImgdClient, json: boolean): Promise<number> {
+  const agent = await client.getVersion({}, { signal: AbortSignal.timeout(3000) }).then(
+    (answer) => ({ answer }),
+    (err: unknown) => ({ error: err instanceof Error ? err.message.split("\n")[0]! : String(err) }),
+  );
+  if (json) {
+    const agentJson = "answer" in agent ? toJson(GetVersionResponseSchema, agent.answer) : { error: agent.error };
+    console.log(JSON.stringify({ imgctl: version(), agent: agentJson }));
+  } else {
+    console.log(versionLine("imgctl"));
+    console.log("answer" in agent ? `agent: imgd ${agent.answer.version}, API ${agent.answer.api}` : `agent: not reachable (${agent.error})`);
+  }
+  return 0;
 }
 
 function label(text: string): [string, string] {

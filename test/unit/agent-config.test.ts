@@ -125,7 +125,10 @@ test("imgd --version prints the package version; an unknown flag exits 2 with th
   assert.match(bad.stderr, /^usage: imgd /m);
   const ctl = (...args: string[]) => spawnSync(process.execPath, [join(repo, "client/imgctl.ts"), ...args], { encoding: "utf8", env: { PATH: process.env.PATH } });
   assert.match(ctl("version").stdout, new RegExp(`^imgctl ${version.replaceAll(".", "\\.")}`));
-  assert.deepEqual(Object.keys(JSON.parse(ctl("--json", "version").stdout)), ["version", "commit"]);
+  // No agent listens here: imgctl's own version, and the agent's reported as not reachable (exit 0).
+  const both = JSON.parse(ctl("--addr", "unix:/nonexistent/imgd.sock", "--json", "version").stdout) as { imgctl: object; agent: { error?: string } };
+  assert.deepEqual(Object.keys(both.imgctl), ["version", "commit"]);
+  assert.match(both.agent.error ?? "", /UNAVAILABLE/);
   const ctlBad = ctl("--bogus", "images");
   assert.equal(ctlBad.status, 2);
   assert.match(ctlBad.stderr, /^usage: imgctl /m);

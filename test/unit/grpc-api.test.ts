@@ -282,4 +282,6 @@ test("imgctl prints error: REASON: message and exits by status class", async () 
   const again = await imgctl("deactivate", "--name", "cli-1", "--allow-missing");
   assert.equal(again.status, 0, again.stderr);
   assert.match((await imgctl("--help")).stdout, /3 NOT_FOUND/);
+  // imgctl version asks the agent too (GetVersion).
+  assert.match((await imgctl("version")).stdout, /^imgctl .*\nagent: imgd [0-9.]+.*, API imgd\.v1$/m);
 });
