@@ -48,7 +48,9 @@ trap 'rm -rf "$tmp"' EXIT
 "$protoc" "${includes[@]}" --python_out="$tmp" "${files[@]}"
 # Service stubs: only imgd's file has services.
 "$protoc" "${includes[@]}" --plugin=protoc-gen-grpc_python="$plugin" --grpc_python_out="$tmp" "${files[0]}"
-cp "$here/imgd_sdk/__init__.py" "$tmp/imgd_sdk/__init__.py"
+# The hand-written layer lives in src/ (not beside test_sdk.py, whose directory Python puts
+# first on sys.path: an incomplete imgd_sdk there would hide the generated one).
+cp "$here/src/imgd_sdk/__init__.py" "$tmp/imgd_sdk/__init__.py"
 rm -rf "$out"
 mv "$tmp" "$out"
 trap - EXIT
