@@ -21,8 +21,9 @@ wkt=/usr/include # google/protobuf/*.proto, from libprotobuf-dev
 
 # The .proto roots are buf's inputs (buf.gen.yaml `- directory:` lines): the same files the
 # TypeScript code is generated from, google/rpc's status and error details included.
-mapfile -t roots < <(sed -n 's/^ *- directory: *//p' "$repo/buf.gen.yaml")
-[ ${#roots[@]} -gt 0 ] || { echo "generate.sh: no '- directory:' inputs in buf.gen.yaml" >&2; exit 1; }
+# (A here-string, not < <(...): the test VM's guest has no /dev/fd for process substitution.)
+mapfile -t roots <<<"$(sed -n 's/^ *- directory: *//p' "$repo/buf.gen.yaml")"
+[ -n "${roots[0]}" ] || { echo "generate.sh: no '- directory:' inputs in buf.gen.yaml" >&2; exit 1; }
 
 # Each root is mapped under the virtual directory imgd_sdk/ (protoc's -IVIRTUAL=DIR): the
 # generated modules then live in the package and import each other as imgd_sdk.<path>_pb2, no
