@@ -25,6 +25,10 @@ vm_have_static_busybox() {
   [ -x /bin/busybox ] && dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
 }
 
+vm_have_package() {
+  dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'
+}
+
 vm_ensure_host_tools() {
   local missing=()
   command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
@@ -35,6 +39,13 @@ vm_ensure_host_tools() {
   [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
   # thin_ls: the helper's thin.list reads the pool's metadata with it.
   [ -x /usr/sbin/thin_ls ] || missing+=(thin-provisioning-tools)
+  # The Python SDK's generator and its e2e test (client/python, test/e2e/python-sdk.test.ts):
+  # Debian's protoc with the well-known types' .proto files, grpc_python_plugin, and the
+  # python3 modules of the same protobuf and gRPC releases.
+  local pkg
+  for pkg in protobuf-compiler libprotobuf-dev protobuf-compiler-grpc python3-protobuf python3-grpcio; do
+    vm_have_package "$pkg" || missing+=("$pkg")
+  done
   [ ${#missing[@]} = 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
     vm_die "missing host packages: ${missing[*]} (run as root to install them automatically)"
