@@ -7,6 +7,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { join } from "node:path";
+import { debianTool } from "../helpers/debian-tool.ts";
 import { isObjectGet } from "../helpers/fault-proxy.ts";
 import { TestAgent, type Files } from "../helpers/test-agent.ts";
 
@@ -21,7 +22,9 @@ const harness = new TestAgent({
   },
 });
 const socket = `imgd-progress-test-${process.pid}`;
-const tmux = (...args: string[]) => execFileSync("tmux", ["-L", socket, ...args], { encoding: "utf8" });
+// A fresh machine may lack it: the suite installs what it uses (as root).
+const tmuxPath = debianTool("tmux", "tmux");
+const tmux = (...args: string[]) => execFileSync(tmuxPath ?? "tmux", ["-L", socket, ...args], { encoding: "utf8" });
 const repo = join(import.meta.dirname, "../..");
 
 before(async () => {
