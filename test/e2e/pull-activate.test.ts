@@ -269,8 +269,9 @@ test("doctor: the catalog and the real pool agree after all of the above; a thin
     const dirty = imgctl("doctor");
     assert.equal(dirty.status, 1, dirty.stdout);
     assert.match(dirty.stdout, /^FOREIGN_THIN_ID thin id 4242: .*never allocated it.*\n  repair: none by itself: an operator decides/m);
+    // --json is the API's proto3 JSON: enums by their full names.
     const report = JSON.parse(imgctl("--json", "doctor").stdout);
-    assert.deepEqual(report.findings.map((f: { kind: string; subject: string }) => [f.kind, f.subject]), [["FOREIGN_THIN_ID", "thin id 4242"]]);
+    assert.deepEqual(report.findings.map((f: { kind: string; subject: string }) => [f.kind, f.subject]), [["FINDING_KIND_FOREIGN_THIN_ID", "thin id 4242"]]);
   } finally {
     sh("/usr/sbin/dmsetup", "message", "imgd-pool", "0", "delete 4242");
   }
