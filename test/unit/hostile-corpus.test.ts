@@ -2,7 +2,7 @@
 // the agent's validator judges every case as the corpus expects, and (as root) the helper's
 // applier child, chrooted into a temporary root, applies the accepted ones with the expected
 // result inside that root, or refuses them with the expected rule.
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -91,6 +91,17 @@ function applyWithChild(root: string, blob: string, digest: string): Promise<Rep
 
 const applierOpts = { skip: isRoot ? false : "needs root (the applier chroots)" };
 
+/** Applies a case's only layer with the chrooted child into a fresh root: base/{root,1.tar}, removed after the test. */
+async function applyFirstLayer(t: TestContext, c: CorpusCase): Promise<{ base: string; root: string; report: Report }> {
+  const base = mkdtempSync(join(tmpdir(), "imgd-hostile-one-"));
+  t.after(() => rmSync(base, { recursive: true, force: true }));
+  const root = join(base, "root");
+  mkdirSync(root);
+  const blob = join(base, "1.tar");
+  writeFileSync(blob, c.layers[0]!);
+  return { base, root, report: await applyWithChild(root, blob, digestOf(c.layers[0]!)) };
+}
+
 for (const c of cases.filter((x) => x.expect.outcome === "applied" || x.expect.stage === "apply")) {
   test(`applier (chrooted): ${c.name}`, applierOpts, async (t) => {
     const base = mkdtempSync(join(tmpdir(), "imgd-hostile-"));
@@ -160,13 +171,7 @@ test("the CLI writes a bucket-like tree and the expectations", async (t) => {
 for (const [name, want] of [["char-device", { path: "dev/mem", char: true, rdev: 0x101 }], ["block-device", { path: "dev/vda", char: false, rdev: 0xfd00 }]] as const) {
   test(`applier (chrooted): ${name} is created inside the root with its type, numbers, mode and owner`, applierOpts, async (t) => {
     const c = cases.find((x) => x.name === name)!;
-    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-dev-"));
-    t.after(() => rmSync(base, { recursive: true, force: true }));
-    const root = join(base, "root");
-    mkdirSync(root);
-    const blob = join(base, "1.tar");
-    writeFileSync(blob, c.layers[0]!);
-    const report = await applyWithChild(root, blob, digestOf(c.layers[0]!));
+    const { base, root, report } = await applyFirstLayer(t, c);
     assert.equal(report.ok, true, JSON.stringify(report));
     const node = lstatSync(join(root, want.path));
     assert.deepEqual([node.isCharacterDevice(), node.isBlockDevice(), node.rdev, node.mode & 0o7777, node.uid, node.gid], [want.char, !want.char, want.rdev, 0o666, 0, 0]);
@@ -179,13 +184,7 @@ for (const [name, want] of [["char-device", { path: "dev/mem", char: true, rdev:
 for (const c of cases.filter((x) => x.expect.outcome === "refused" && x.expect.stage === "validate" && x.expect.rule === "BAD_SPARSE_MAP")) {
   test(`applier (chrooted) refuses ${c.name} as the validator does`, applierOpts, async (t) => {
     const expect = c.expect as Extract<CorpusCase["expect"], { stage: "validate" }>;
-    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-sparse-"));
-    t.after(() => rmSync(base, { recursive: true, force: true }));
-    const root = join(base, "root");
-    mkdirSync(root);
-    const blob = join(base, "1.tar");
-    writeFileSync(blob, c.layers[0]!);
-    const report = await applyWithChild(root, blob, digestOf(c.layers[0]!));
+    const { root, report } = await applyFirstLayer(t, c);
     assert.deepEqual({ code: report.code, rule: report.rule, entry: report.entry }, { code: "LAYER_REFUSED", rule: expect.rule, entry: expect.entry }, report.message);
     assert.deepEqual(readdirSync(root), [], "nothing of the refused member is left");
   });
@@ -194,13 +193,8 @@ for (const c of cases.filter((x) => x.expect.outcome === "refused" && x.expect.s
 // The sparse cases keep their holes: each file's allocated blocks are far below its length.
 for (const c of cases.filter((x) => x.name.startsWith("sparse-") && x.expect.outcome === "applied")) {
   test(`applier (chrooted): ${c.name} keeps the holes`, applierOpts, async (t) => {
-    const base = mkdtempSync(join(tmpdir(), "imgd-hostile-holes-"));
-    t.after(() => rmSync(base, { recursive: true, force: true }));
-    const root = join(base, "root");
-    mkdirSync(root);
-    const blob = join(base, "1.tar");
-    writeFileSync(blob, c.layers[0]!);
-    assert.equal((await applyWithChild(root, blob, digestOf(c.layers[0]!))).ok, true);
+    const { root, report } = await applyFirstLayer(t, c);
+    assert.equal(report.ok, true, JSON.stringify(report));
     const allocated = (path: string) => lstatSync(join(root, path)).blocks * 512;
     assert.equal(allocated("var/empty"), 0, "an all-hole file has no block");
     assert.ok(allocated("var/db") <= 3 * 4096, `var/db: ${allocated("var/db")} bytes allocated for 3 regions of 20,004 bytes`);
