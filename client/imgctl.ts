@@ -13,7 +13,6 @@ import {
   PoolMode,
   RepairResult,
   RunKind,
-  RunSchema,
   RunStatus,
   ActivateImageResponseSchema,
   CollectGarbageResponseSchema,
@@ -158,13 +157,10 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "images": {
-        const images: Image[] = [];
-        let pageToken = "";
-        do {
+        const images = await allPages(async (pageToken) => {
           const page = await client.listImages({ pageToken });
-          images.push(...page.images);
-          pageToken = page.nextPageToken;
-        } while (pageToken);
+          return [page.images, page.nextPageToken];
+        });
         out(() => printImages(images), ListImagesResponseSchema, create(ListImagesResponseSchema, { images }));
         return 0;
       }
@@ -174,13 +170,10 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case "activations": {
-        const activations: Activation[] = [];
-        let pageToken = "";
-        do {
+        const activations = await allPages(async (pageToken) => {
           const page = await client.listActivations({ image: args[0] ?? "", pageToken });
-          activations.push(...page.activations);
-          pageToken = page.nextPageToken;
-        } while (pageToken);
+          return [page.activations, page.nextPageToken];
+        });
         // All pages as one answer: --json prints what one call with a large enough page would.
         out(() => printActivations(activations), ListActivationsResponseSchema, create(ListActivationsResponseSchema, { activations }));
         return 0;
@@ -197,14 +190,10 @@ async function main(argv: string[]): Promise<number> {
       case "runs": {
         const fsm = values.fsm === undefined ? RunKind.UNSPECIFIED : runKind(values.fsm);
         const limit = nonNegativeInt("--limit", values.limit ?? "100");
-        const runs: MessageShape<typeof RunSchema>[] = [];
-        let pageToken = "";
-        while (runs.length < limit) {
-          const page = await client.listRuns({ fsm, resourceId: values.id ?? "", pageSize: Math.min(limit - runs.length, 1000), pageToken });
-          runs.push(...page.runs);
-          pageToken = page.nextPageToken;
-          if (!pageToken) break;
-        }
+        const runs = await allPages(async (pageToken, wanted) => {
+          const page = await client.listRuns({ fsm, resourceId: values.id ?? "", pageSize: Math.min(wanted, 1000), pageToken });
+          return [page.runs, page.nextPageToken];
+        }, limit);
         out(() => {
           for (const r of runs) {
             console.log(`${r.id}  ${RunKind[r.fsm].toLowerCase().padEnd(10)} ${r.resourceId.padEnd(28)} ${RunStatus[r.status].toLowerCase().padEnd(9)} ${r.state.padEnd(12)} attempts=${r.attempts}${r.error ? `  error: ${r.error}` : ""}`);
@@ -295,6 +284,19 @@ async function printVersions(client: ImgdClient, json: boolean): Promise<number>
     console.log("answer" in agent ? `agent: imgd ${agent.answer.version}, API ${agent.answer.api}` : `agent: not reachable (${agent.error})`);
   }
   return 0;
+}
+
+/** Every item of a paged list (at most `limit`), following next_page_token; `wanted` is what is still missing. */
+async function allPages<T>(page: (pageToken: string, wanted: number) => Promise<[T[], string]>, limit = Infinity): Promise<T[]> {
+  const items: T[] = [];
+  let pageToken = "";
+  while (items.length < limit) {
+    const [more, next] = await page(pageToken, limit - items.length);
+    items.push(...more);
+    pageToken = next;
+    if (!pageToken) break;
+  }
+  return items;
 }
 
 function label(text: string): [string, string] {
