@@ -5,7 +5,7 @@
 // left behind (dm tables, mounts, loop devices, temp files).
 //
 // npm test runs the scenarios marked `short` (each victim kind and each operation at least once)
-// and a random loop of 15 kills; npm run test:soak (IMGD_TEST_SOAK=1) the whole matrix and 100.
+// and a random loop of 15 kills (kill -9, or SIGTERM for a quarter of the agent's); npm run test:soak (IMGD_TEST_SOAK=1) the whole matrix and 100.
 // Knobs: IMGD_TEST_CRASH_ONLY=<regex> runs the scenarios of the whole matrix whose id matches (and skips the
 // random loop unless it matches "random"); IMGD_TEST_CRASH_KILLS kills in the random loop;
 // IMGD_TEST_CRASH_SEED the loop's seed (printed; random by default).
@@ -31,6 +31,7 @@ import {
   sh,
   sleep,
   startMissing,
+  stop,
   testImage,
   treeProblems,
   uploadImages,
@@ -283,6 +284,7 @@ test("randomized crash loop: kill -9 at random moments during a workload", { ski
   const inFlight = new Set<Promise<void>>();
   const opsDone = { pull: 0, activate: 0, deactivate: 0 };
   const restarts: number[] = [];
+  const killsByKind: Record<string, number> = {};
 
   const workload = async () => {
     while (!stopping) {
@@ -322,10 +324,15 @@ test("randomized crash loop: kill -9 at random moments during a workload", { ski
     while (kills < KILLS) {
       await sleep(rng.int(200, 2500));
       const roll = rng.next();
-      // Both at once half of the time: two kills for one (parallel) restart.
+      // Both at once half of the time: two kills for one (parallel) restart. A quarter of the agent's
+      // deaths are graceful stops (SIGTERM, as systemctl restart): steps are asked to stop, and any
+      // that outlive IMGD_FSM_STOP_TIMEOUT_MS are recorded as interrupted.
       const victims: Service[] = roll < 0.3 ? ["agent"] : roll < 0.5 ? ["helper"] : ["agent", "helper"];
-      for (const v of victims) await kill9(v);
+      const graceful = victims.includes("agent") && rng.next() < 0.25;
+      for (const v of victims) await (v === "agent" && graceful ? stop(v) : kill9(v));
       kills += victims.length;
+      const kind = victims.join("+") + (graceful ? " (agent by SIGTERM)" : "");
+      killsByKind[kind] = (killsByKind[kind] ?? 0) + 1;
       const r0 = performance.now();
       await startMissing();
       restarts.push(Math.round(performance.now() - r0));
@@ -343,10 +350,11 @@ test("randomized crash loop: kill -9 at random moments during a workload", { ski
   console.log(
     `random crash loop: ${kills} kills, ops ${JSON.stringify(opsDone)}, ${runs.length} runs (${failed.length} failed), ` +
       `restart ms ${restarts.join(",")}, ${Math.round((performance.now() - t0) / 1000)} s\n` +
-      `random crash loop outcomes: ${JSON.stringify(outcomes)}`,
+      `random crash loop outcomes: ${JSON.stringify(outcomes)}; restarts by victim: ${JSON.stringify(killsByKind)}`,
   );
   for (const r of failed) console.log(`  failed ${r.fsm} ${r.resourceId} at ${r.state} [${failureReason(r.error)}]: ${r.error}`);
   assert.equal(outcomes["failed: interruption"] ?? 0, 0, "no run may end FAILED because the agent or the helper was killed");
+  assert.deepEqual(failed.map((r) => `${r.fsm} ${r.resourceId}: ${r.error}`), [], "every run of the loop completes");
   await assertInvariants("after the random crash loop");
 
   // Every image that reports ready has the right tree, through every active activation of it and
