@@ -2,7 +2,9 @@
 //
 // Rows only ever claim what is true: a device row is "ready" only after its layer was applied
 // and synced; a thin id is allocated (in a transaction) before the pool is asked to create it, so
-// a crash in between leaves an "allocated" row that startup can discard, never an unknown id.
+// a crash in between leaves an "allocated" row that startup can discard, never an unknown id; a
+// removal is recorded ("removing", "deactivating") before the pool deletes anything. The order of
+// these writes and the pool's operations is kept in one place: thin-devices.ts.
 import type Database from "better-sqlite3";
 import { migrate } from "./db.ts";
 
@@ -132,6 +134,39 @@ export const CATALOG_MIGRATIONS: readonly string[] = [
     recorded_at TEXT NOT NULL
   );
   `,
+  // 'removing': the intent to remove a ready layer device, recorded before the pool is touched
+  // (thin-devices.ts), so a removal cut short is finished, never taken for a usable device.
+  // SQLite cannot change a CHECK, so the table is rebuilt, and activations with it: they refer to
+  // it, and a table others refer to cannot be dropped while foreign keys are on (they cannot be
+  // turned off inside the migration's transaction). The new tables refer to each other by their
+  // new names, which the renames rewrite.
+  `
+  CREATE TABLE devices_v6 (
+    chain_id TEXT PRIMARY KEY,
+    thin_id INTEGER NOT NULL UNIQUE REFERENCES thin_ids(thin_id),
+    parent_chain_id TEXT REFERENCES devices_v6(chain_id),
+    layer_digest TEXT NOT NULL,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('allocated', 'ready', 'removing')),
+    created_at TEXT NOT NULL,
+    ready_at TEXT
+  );
+  INSERT INTO devices_v6 SELECT chain_id, thin_id, parent_chain_id, layer_digest, name, state, created_at, ready_at FROM devices;
+  CREATE TABLE activations_v6 (
+    id TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    chain_id TEXT NOT NULL REFERENCES devices_v6(chain_id),
+    thin_id INTEGER NOT NULL UNIQUE REFERENCES thin_ids(thin_id),
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('allocated', 'active', 'deactivating')),
+    created_at TEXT NOT NULL
+  );
+  INSERT INTO activations_v6 SELECT id, image, chain_id, thin_id, name, state, created_at FROM activations;
+  DROP TABLE activations;
+  DROP TABLE devices;
+  ALTER TABLE devices_v6 RENAME TO devices;
+  ALTER TABLE activations_v6 RENAME TO activations;
+  `,
 ];
 
 /** dm-thin device ids are 24 bits. */
@@ -163,7 +198,8 @@ export interface DeviceRow {
   parentChainId: string | null;
   layerDigest: string;
   name: string;
-  state: "allocated" | "ready";
+  /** allocated: being built (or half-made); ready: built, usable; removing: on its way out. */
+  state: "allocated" | "ready" | "removing";
   createdAt: string;
 }
 
@@ -345,6 +381,11 @@ export class Catalog {
 
   markDeviceReady(chainId: string): void {
     this.db.prepare("UPDATE devices SET state = 'ready', ready_at = ? WHERE chain_id = ?").run(now(), chainId);
+  }
+
+  /** The intent to remove a ready device: from now on nothing uses it, and whoever finds it finishes the removal. */
+  markDeviceRemoving(chainId: string): void {
+    this.db.prepare("UPDATE devices SET state = 'removing' WHERE chain_id = ? AND state = 'ready'").run(chainId);
   }
 
   /**

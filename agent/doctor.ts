@@ -26,6 +26,7 @@ export type FindingKind =
   | "HALF_MADE_DEVICE"
   | "HALF_MADE_ACTIVATION"
   | "UNFINISHED_DEACTIVATION"
+  | "UNFINISHED_REMOVAL"
   | "STRAY_TEMP_FILE";
 
 /** What reconcile.ts does for a finding; it re-checks the finding under the right lock first. */
@@ -36,6 +37,7 @@ export type RepairAction =
   /** Nothing is done: only an operator may decide about ids this catalog never allocated. */
   | { type: "refuse-foreign"; thinId: number; holder?: string }
   | { type: "drop-device-chain"; chainId: string }
+  /** A half-made layer device, or one whose removal was cut short: removed (thin-devices.ts). */
   | { type: "discard-device"; chainId: string; thinId: number }
   | { type: "drop-activation"; id: string; thinId: number }
   | { type: "remove-device"; name: string; thinId: number }
@@ -137,8 +139,8 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
   }
   for (const [thinId, owner] of owners) {
     // An allocated row may not have created its thin id yet: reported as half-made below; a
-    // deactivating one is reported as unfinished, whatever the pool holds.
-    if (inPool.has(thinId) || owner.row.state === "allocated" || owner.row.state === "deactivating" || isBusy(owner)) continue;
+    // deactivating or removing one is reported as unfinished, whatever the pool holds.
+    if (inPool.has(thinId) || owner.row.state === "allocated" || owner.row.state === "deactivating" || owner.row.state === "removing" || isBusy(owner)) continue;
     if (owner.type === "device") {
       findings.push({
         kind: "MISSING_THIN_ID",
@@ -169,8 +171,9 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
     // A device of a foreign thin id is part of what the operator decides about (or decided).
     if (foreign.has(thinId) || (adopted.has(thinId) && !activation && !device)) continue;
     // A ready layer device is never legitimately active (a build activates only its own
-    // allocated device), so it is stray even while a pull of its image runs.
-    if (device?.state === "allocated") continue;
+    // allocated device), so it is stray even while a pull of its image runs. An allocated or
+    // removing one is reported below, and its repair removes the device too.
+    if (device !== undefined && device.state !== "ready") continue;
     if (activation?.state === "active" && activation.thinId === thinId) continue;
     const why = activation
       ? `activation ${activation.id} records thin id ${activation.thinId}, the device maps thin id ${thinId}`
@@ -206,6 +209,16 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
       subject: device.name,
       detail: `layer device ${device.name} (thin id ${device.thinId}) was allocated but never completed, and no pull is building it${inPool.has(device.thinId) ? "" : " (its thin id is not in the pool)"}`,
       repair: `remove device ${device.name} if active, delete thin id ${device.thinId} from the pool, forget the row (the next pull rebuilds it)`,
+      action: { type: "discard-device", chainId: device.chainId, thinId: device.thinId },
+    });
+  }
+  for (const device of devices) {
+    if (device.state !== "removing" || busyChains.has(device.chainId)) continue;
+    findings.push({
+      kind: "UNFINISHED_REMOVAL",
+      subject: device.name,
+      detail: `layer device ${device.name} (thin id ${device.thinId}) was being removed, and nothing finished it${liveByName.has(device.name) ? ` (/dev/mapper/${device.name} still exists)` : ""}`,
+      repair: `finish the removal: remove device ${device.name} if active, delete thin id ${device.thinId} from the pool, forget the row`,
       action: { type: "discard-device", chainId: device.chainId, thinId: device.thinId },
     });
   }

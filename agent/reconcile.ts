@@ -5,20 +5,22 @@
 // moved on. So every repair takes the lock the pull takes for that device (`chain <id>`) or the
 // activation's own key, re-reads what it is about to change, and does nothing when the finding no
 // longer holds. Subjects of running FSM runs are left to their runs (a resumed pull discards its
-// own half-made device; see pull.ts ensureLayerDevice). Every helper op used here is idempotent,
-// so a repair cut short by a crash is simply done again by the next pass.
+// own half-made device; see pull.ts ensureLayerDevice). Devices, snapshots and thin ids are
+// created, unmapped and deleted through thin-devices.ts, which records each removal's intent
+// before the pool is touched and whose operations are idempotent: a repair cut short by a crash
+// is finished by the next pass.
 // Nothing at all is repaired while the catalog describes another pool (POOL_MISMATCH), unless
 // the operator decided (adopt or wipe): then the catalog first takes this pool as its own.
 import { rm } from "node:fs/promises";
 import type { Catalog } from "./catalog.ts";
 import { chainsBeingBuilt, runDoctor, type DoctorDeps, type DoctorReport, type Finding, type RepairAction } from "./doctor.ts";
 import { formatError } from "./fsm/errors.ts";
-import type { HelperClient } from "./helper-client.ts";
 import type { KeyedLock } from "./keyed-lock.ts";
 import type { DownloadGate } from "./images/download-gate.ts";
 import type { Logger } from "./log.ts";
 import { activationLock, chainLock, MAINTENANCE_LOCK } from "./lock-keys.ts";
 import { matchPool, mismatchAdvice } from "./pool-identity.ts";
+import { deleteLostThinId, mapActivation, removeActivation, removeLayerDevice, unmapDevice, wipeForeignThinId } from "./thin-devices.ts";
 
 export interface ReconcileDeps extends DoctorDeps {
   locks: KeyedLock;
@@ -122,19 +124,8 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
       }
       // Re-checked: the catalog may have allocated it meanwhile (then it is not foreign).
       if (thinOwner(catalog, action.thinId) || catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is now this catalog's`;
-      // Reserved first, also to wipe it: no allocation may hand the id out while the pool deletes it.
-      catalog.adoptThinId(action.thinId);
-      if (deps.foreign === "adopt") return undefined;
-      try {
-        if (action.holder) await removeDevice(helper, action.holder);
-        const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
-        if (holder) await removeDevice(helper, holder.name);
-        await helper.call("thin.delete", { thinId: action.thinId });
-      } catch (err) {
-        catalog.forgetAdoptedThinId(action.thinId, false);
-        throw err;
-      }
-      catalog.forgetAdoptedThinId(action.thinId, true);
+      if (deps.foreign === "adopt") catalog.adoptThinId(action.thinId);
+      else await wipeForeignThinId(deps, action.thinId, action.holder);
       return undefined;
     }
     case "delete-thin": {
@@ -143,21 +134,16 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
       // while this repair deletes it.
       if (thinOwner(catalog, action.thinId)) return `thin id ${action.thinId} is now known to the catalog`;
       if (!catalog.thinIdAllocated(action.thinId)) return `thin id ${action.thinId} is no longer this catalog's`;
-      if (action.holder) await removeDevice(helper, action.holder);
-      const holder = (await helper.call("device.list", {})).devices.find((d) => d.thinId === action.thinId);
-      if (holder) await removeDevice(helper, holder.name);
-      await helper.call("thin.delete", { thinId: action.thinId });
-      catalog.releaseThinId(action.thinId);
+      await deleteLostThinId(deps, action.thinId, action.holder);
       return undefined;
     }
     case "discard-device":
       return locks.run(chainLock(action.chainId), async () => {
-        // Under the chain lock no pull is building this device, so "allocated" means half-made.
+        // Under the chain lock no pull is building this device, so "allocated" means half-made
+        // (and "removing" a removal cut short).
         const row = catalog.getDevice(action.chainId);
-        if (row?.state !== "allocated" || row.thinId !== action.thinId) return "the device is no longer half-made";
-        await removeDevice(helper, row.name);
-        await helper.call("thin.delete", { thinId: row.thinId });
-        catalog.deleteDevice(row.chainId);
+        if (row === undefined || row.state === "ready" || row.thinId !== action.thinId) return "the device is no longer half-made or being removed";
+        await removeLayerDevice(deps, row);
         return undefined;
       });
     case "drop-device-chain":
@@ -170,9 +156,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         // Active with its thin id in the pool: nothing is wrong any more (a deactivating one is
         // finished whatever the pool holds).
         if (row.state === "active" && (await helper.call("thin.list", {})).thinIds.includes(row.thinId)) return "its thin id is in the pool";
-        await removeDevice(helper, row.name);
-        await helper.call("thin.delete", { thinId: row.thinId });
-        catalog.deleteActivation(row.id);
+        await removeActivation(deps, row);
         return undefined;
       });
     case "remove-device":
@@ -182,7 +166,7 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
         const row = catalog.getActivation(action.id);
         if (row?.state !== "active") return "the activation is no longer active";
         if (activationBusy(deps, row.id)) return "a run is working on this activation";
-        await helper.call("device.activate", { name: row.name, thinId: row.thinId });
+        await mapActivation(deps, row);
         return undefined;
       });
     case "remove-temp": {
@@ -211,15 +195,11 @@ async function dropDeviceChain(deps: ReconcileDeps, chainId: string): Promise<st
   if (chains.some((c) => building.has(c))) return "a running pull uses this chain; it will fail or rebuild";
   const users = catalog.listActivations().filter((a) => chains.includes(a.chainId));
   if (users.length > 0) return `activations ${users.map((a) => a.id).join(", ")} use it: deactivate them first`;
-  const images = catalog.imagesUsing(chains).filter((name) => catalog.getImage(name)?.state !== "pulling");
-  for (const device of doomed) {
-    await removeDevice(helper, device.name);
-    await helper.call("thin.delete", { thinId: device.thinId });
-    catalog.deleteDevice(device.chainId);
+  // The images first: they are failed from now on, whether or not every removal below completes.
+  for (const name of catalog.imagesUsing(chains).filter((name) => catalog.getImage(name)?.state !== "pulling")) {
+    catalog.markImageFailed(name, `layer device ${row.name} (chain ${chainId}, thin id ${row.thinId}) vanished from the pool; pull the image again to rebuild it`);
   }
-  for (const image of images) {
-    catalog.markImageFailed(image, `layer device ${row.name} (chain ${chainId}, thin id ${row.thinId}) vanished from the pool; pull the image again to rebuild it`);
-  }
+  for (const device of doomed) await removeLayerDevice(deps, device);
   return undefined;
 }
 
@@ -229,7 +209,7 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
   if (device) {
     // Layer devices are active only inside their build, which holds this lock.
     return locks.run(chainLock(device.chainId), async () => {
-      await removeDevice(helper, name);
+      await unmapDevice(deps, name);
       return undefined;
     });
   }
@@ -239,11 +219,11 @@ async function removeStrayDevice(deps: ReconcileDeps, name: string, thinId: numb
       const row = catalog.getActivation(activation.id);
       if (row && activationBusy(deps, row.id)) return "a run is working on this activation";
       if (row?.state === "active" && row.thinId === thinId) return "the device is the activation's own";
-      await removeDevice(helper, name);
+      await unmapDevice(deps, name);
       return undefined;
     });
   }
-  await removeDevice(helper, name);
+  await unmapDevice(deps, name);
   return undefined;
 }
 
@@ -257,8 +237,4 @@ function runningPulls(deps: ReconcileDeps): string[] {
 
 function activationBusy(deps: ReconcileDeps, id: string): boolean {
   return [deps.activate, deps.deactivate].some((fsm) => fsm.list({ resourceId: id, status: "running", limit: 1 }).length > 0);
-}
-
-async function removeDevice(helper: HelperClient, name: string): Promise<void> {
-  await helper.call("device.deactivate", { name });
 }

@@ -4,11 +4,14 @@
 //               An image whose last pull FAILED is not pulled again unless its S3 folder changed
 //               (one listing: keys, ETags, sizes): its error is returned at once. PullImage
 //               still retries it on request.
-// snapshot      allocates a thin id (recorded before the pool is touched) and creates a thin
-//               snapshot of the image's device: the image's device itself is never written.
-// activate      maps the snapshot as /dev/mapper/imgd-act-<id>.
-// A failed activation is undone (device removed, snapshot deleted, row dropped), so no row
-// claims a device that does not exist, and its name is freed.
+// snapshot      allocates a thin id (the row says "allocated" before the pool is touched) and
+//               creates a thin snapshot of the image's device: the image's device itself is
+//               never written.
+// activate      maps the snapshot as /dev/mapper/imgd-act-<id>, then records it "active".
+// Both steps are idempotent (the helper's snapshot and mapping succeed again when already made
+// the same way), so a run resumed after a crash finishes the job. A failed activation is undone
+// (device removed, snapshot deleted, row dropped), so no row claims a device that does not
+// exist, and its name is freed. The pool operations and their catalog records: thin-devices.ts.
 //
 // Names (retry safety): the API reserves the activation's name (catalog activation_names) in the
 // same transaction that starts this run, before any step: a retry of the same request, a
@@ -24,11 +27,11 @@ import type { S3Client } from "@aws-sdk/client-s3";
 import type { S3Config } from "../s3/client.ts";
 import { listImageLayers } from "../s3/image-source.ts";
 import { isPermanentS3Error } from "../s3/errors.ts";
-import { activationDeviceName } from "./chain.ts";
 import { classifyStepError } from "./errors.ts";
 import { AgentError, type Reason } from "../grpc/errors.ts";
 import type { RunRecord } from "../fsm/engine.ts";
 import type { PullFsm } from "./pull.ts";
+import { activationActive, allocateActivation, mapActivation, removeActivation, snapshotActivation } from "../thin-devices.ts";
 
 export interface ActivateRequest {
   image: string;
@@ -55,7 +58,7 @@ export type ActivateFsm = Fsm<ActivateRequest, ActivateState>;
 type Ctx = StepContext<ActivateRequest, ActivateState>;
 
 export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
-  const { engine, catalog, helper } = deps;
+  const { engine, catalog } = deps;
   return engine
     .register<ActivateRequest, ActivateState>("activate")
     .start("ensure-image", (ctx) => ensureImage(deps, ctx))
@@ -65,17 +68,17 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
       const origin = catalog.getDevice(row.chainId);
       if (origin?.state !== "ready") throw abort(`image ${ctx.request.image}: its device ${row.chainId} is not ready`);
       crashPoint("activate.thin-id-allocated");
-      await helper.call("thin.snapshot", { thinId: row.thinId, originId: origin.thinId }, { signal: ctx.signal }).catch((err) => {
+      await snapshotActivation(deps, row, origin, { signal: ctx.signal }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: snapshot`);
       });
     })
     .to("activate", async (ctx) => {
       const row = activationRow(deps, ctx);
-      const { path } = await helper.call("device.activate", { name: row.name, thinId: row.thinId }, { signal: ctx.signal }).catch((err) => {
+      const path = await mapActivation(deps, row, { signal: ctx.signal }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: activate`);
       });
       crashPoint("activate.device-activated");
-      catalog.markActivationActive(row.id);
+      activationActive(deps, row);
       ctx.state.devicePath = path;
     })
     .end({
@@ -133,24 +136,17 @@ function pullFailure(pull: RunRecord<unknown, unknown>, image: string): AgentErr
   return new AgentError(reason, `pull of ${image} failed: ${pull.error ?? "no reason recorded"}`, { ...pull.errorDetail?.metadata, image, run_id: pull.id, step: pull.step });
 }
 
-/** The activation's row, allocated on first use; a resumed run finds the one it made. */
-function activationRow({ catalog }: ActivateDeps, ctx: Ctx): ActivationRow {
-  const existing = catalog.getActivation(ctx.request.activationId);
+/** The activation's row, allocated on first use (before the pool is asked); a resumed run finds the one it made. */
+function activationRow(deps: ActivateDeps, ctx: Ctx): ActivationRow {
+  const existing = deps.catalog.getActivation(ctx.request.activationId);
   if (existing) return existing;
-  return catalog.allocateActivation({
-    id: ctx.request.activationId,
-    image: ctx.request.image,
-    chainId: ctx.state.chainId!,
-    name: activationDeviceName(ctx.request.activationId),
-  });
+  return allocateActivation(deps, { id: ctx.request.activationId, image: ctx.request.image, chainId: ctx.state.chainId! });
 }
 
-async function undoActivation({ catalog, helper, log }: ActivateDeps, row: ActivationRow): Promise<void> {
+async function undoActivation(deps: ActivateDeps, row: ActivationRow): Promise<void> {
   try {
-    await helper.call("device.deactivate", { name: row.name });
-    await helper.call("thin.delete", { thinId: row.thinId });
-    catalog.deleteActivation(row.id);
+    await removeActivation(deps, row);
   } catch (err) {
-    log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: formatError(err) });
+    deps.log("error", "could not undo a failed activation; doctor will find it", { activation: row.id, error: formatError(err) });
   }
 }

@@ -1,12 +1,15 @@
 // The deactivate FSM: remove-device → delete-snapshot → forget.
 //
-// The first step records the user's intent (state 'deactivating') before the device goes: from
-// then on neither a repair nor a failure brings the activation back. A run that fails leaves the
-// row 'deactivating' (doctor: UNFINISHED_DEACTIVATION, which a repair finishes), or forgets it if
-// the pool shows the job was done after all.
-// Each step checks before acting and tolerates "already gone" (the helper reports success for a
-// device or thin id that no longer exists), so a run resumed after a crash finishes the job. The
-// row goes last: until the snapshot is gone from the pool, the catalog still accounts for its id.
+// remove-device    records the user's intent (state 'deactivating') before the device goes:
+//                  from then on neither a repair nor a failure brings the activation back; then
+//                  unmaps its device.
+// delete-snapshot  deletes the snapshot's thin id from the pool.
+// forget           drops the row and the name: the thin id is free for reuse only now, once the
+//                  pool confirmed its deletion, so the catalog accounts for it until then.
+// Each step tolerates "already gone" (the helper reports success for a device or thin id that no
+// longer exists), so a run resumed after a crash finishes the job. A run that fails leaves the row
+// 'deactivating' (doctor: UNFINISHED_DEACTIVATION, which a repair finishes), or forgets it if the
+// pool shows the job was done after all. The pool operations and their records: thin-devices.ts.
 import type { Catalog } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine } from "../fsm/engine.ts";
@@ -14,6 +17,7 @@ import { abort } from "../fsm/errors.ts";
 import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { activationLock } from "../lock-keys.ts";
+import { deleteActivationSnapshot, forgetActivation, settleFailedDeactivation, startDeactivation } from "../thin-devices.ts";
 import { classifyStepError } from "./errors.ts";
 
 export interface DeactivateRequest {
@@ -22,7 +26,8 @@ export interface DeactivateRequest {
 
 export type DeactivateFsm = Fsm<DeactivateRequest, Record<string, never>>;
 
-export function registerDeactivateFsm({ engine, catalog, helper, locks }: { engine: FsmEngine; catalog: Catalog; helper: HelperClient; locks: KeyedLock }): DeactivateFsm {
+export function registerDeactivateFsm(deps: { engine: FsmEngine; catalog: Catalog; helper: HelperClient; locks: KeyedLock }): DeactivateFsm {
+  const { engine, catalog } = deps;
   const activation = (id: string) => {
     const row = catalog.getActivation(id);
     if (!row) throw abort(`activation ${id} is not known`);
@@ -33,31 +38,26 @@ export function registerDeactivateFsm({ engine, catalog, helper, locks }: { engi
     // Under the activation's lock, which repairs take too: a re-activation cannot interleave.
     .start("remove-device", (ctx) => ctx.withLock(activationLock(ctx.request.activationId), async () => {
       const row = activation(ctx.request.activationId);
-      catalog.markActivationDeactivating(row.id);
-      await helper.call("device.deactivate", { name: row.name }).catch((err) => {
+      await startDeactivation(deps, row).catch((err) => {
         throw classifyStepError(err, `deactivation of ${row.id}: remove ${row.name}`);
       });
       crashPoint("deactivate.device-removed");
     }))
     .to("delete-snapshot", async (ctx) => {
       const row = activation(ctx.request.activationId);
-      await helper.call("thin.delete", { thinId: row.thinId }).catch((err) => {
+      await deleteActivationSnapshot(deps, row).catch((err) => {
         throw classifyStepError(err, `deactivation of ${row.id}: delete thin ${row.thinId}`);
       });
       crashPoint("deactivate.snapshot-deleted");
     })
     .to("forget", async (ctx) => {
-      catalog.deleteActivation(ctx.request.activationId);
+      forgetActivation(deps, ctx.request.activationId);
     })
     .end({
       finalizers: [
         async (run) => {
           if (run.status !== "failed") return;
-          const row = catalog.getActivation(run.request.activationId);
-          if (row?.state !== "deactivating") return;
-          // The catalog says what the pool shows: gone from both, the row goes too.
-          const [{ thinIds }, { devices }] = await Promise.all([helper.call("thin.list", {}), helper.call("device.list", {})]);
-          if (!thinIds.includes(row.thinId) && !devices.some((d) => d.name === row.name)) catalog.deleteActivation(row.id);
+          await settleFailedDeactivation(deps, run.request.activationId);
         },
       ],
     });

@@ -6,9 +6,10 @@
 // forget          deletes the image's row (and its layer list), unless a pull of it started.
 // remove-devices  removes, top-most first, each device of that chain that nothing else uses:
 //                 shared leading layers stay for the images that share them. Each device is
-//                 judged under the lock a pull takes to build it (gc.ts).
-// Blobs stay: CollectGarbage removes those no image uses. Every step checks before acting, so a
-// run resumed after a crash finishes the job.
+//                 judged under the lock a pull takes to build it (gc.ts) and removed through
+//                 thin-devices.ts (marked "removing" before the pool deletes it).
+// Blobs stay: CollectGarbage removes those no image uses. Every step checks before acting, and a
+// removal cut short is finished when met again, so a run resumed after a crash finishes the job.
 import type { Catalog } from "../catalog.ts";
 import type { Fsm, FsmEngine } from "../fsm/engine.ts";
 import { abort } from "../fsm/errors.ts";

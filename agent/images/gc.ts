@@ -4,7 +4,9 @@
 // pull takes to build it (`chain <id>`), a blob under the locks a pull takes to download it
 // (`object <etag> <size>`, for every S3 object it is known as), each re-checked under its lock.
 // References: any image row (pulling, ready or failed) and its layer list, the chains a running
-// pull is building, activations (even half-made), devices built on a device.
+// pull is building, activations (even half-made), devices built on a device. A device is removed
+// through thin-devices.ts: marked "removing" first, so a removal cut short is finished (by the
+// next GC or deletion, a pull of its chain, or reconciliation), never taken for a usable device.
 import { readdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { BlobStore } from "../blobs/store.ts";
@@ -15,6 +17,7 @@ import type { HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import type { Logger } from "../log.ts";
 import { chainLock, MAINTENANCE_LOCK, objectLock } from "../lock-keys.ts";
+import { removeLayerDevice } from "../thin-devices.ts";
 import type { DownloadGate } from "./download-gate.ts";
 
 export interface GcDeps {
@@ -37,22 +40,21 @@ export interface GcReport {
 
 /**
  * Removes the device of `chainId` from the pool and the catalog if nothing references it.
- * Returns the reason it was kept, or undefined once it is gone. Only "ready" devices: an
- * "allocated" one is a build in progress or a crash's leftover, which reconciliation handles.
+ * Returns the reason it was kept, or undefined once it is gone. "Ready" devices, and removals
+ * cut short ("removing": nothing may use it any more); an "allocated" one is a build in progress
+ * or a crash's leftover, which reconciliation handles.
  */
 export async function removeDeviceIfUnreferenced(deps: Omit<GcDeps, "blobs" | "downloads">, chainId: string): Promise<string | undefined> {
-  const { catalog, helper, locks } = deps;
+  const { catalog, locks } = deps;
   return locks.run(chainLock(chainId), async () => {
     const row = catalog.getDevice(chainId);
     if (!row) return "already gone";
-    if (row.state !== "ready") return "it is being built";
+    if (row.state === "allocated") return "it is being built";
     const reference = catalog.deviceReference(chainId);
     if (reference) return reference;
     const running = deps.pull.list({ status: "running", limit: 100_000 }).map((run) => run.resourceId);
-    if (chainsBeingBuilt(catalog, running).has(chainId)) return "a running pull uses it";
-    await helper.call("device.deactivate", { name: row.name });
-    await helper.call("thin.delete", { thinId: row.thinId });
-    catalog.deleteDevice(chainId);
+    if (row.state === "ready" && chainsBeingBuilt(catalog, running).has(chainId)) return "a running pull uses it";
+    await removeLayerDevice(deps, row);
     deps.log("info", "removed unreferenced layer device", { chainId, name: row.name, thinId: row.thinId });
     return undefined;
   });
@@ -65,7 +67,7 @@ export async function collectGarbage(deps: GcDeps): Promise<GcReport> {
     for (let removed = true; removed; ) {
       removed = false;
       for (const device of deps.catalog.listDevices().reverse()) {
-        if (device.state !== "ready" || deps.catalog.deviceReference(device.chainId)) continue;
+        if (device.state === "allocated" || deps.catalog.deviceReference(device.chainId)) continue;
         if ((await removeDeviceIfUnreferenced(deps, device.chainId)) === undefined) {
           report.removedDevices.push(device.name);
           removed = true;

@@ -11,7 +11,7 @@
 // Every step is idempotent: it checks the catalog (and the blob store) before acting, so a
 // resumed run redoes only what is missing. A device half-made when the agent died is "allocated"
 // in the catalog, never "ready": it is discarded and rebuilt.
-import type { Catalog, DeviceRow } from "../catalog.ts";
+import type { Catalog } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
 import { abort, formatError, interrupted } from "../fsm/errors.ts";
@@ -23,12 +23,13 @@ import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
-import { chainIds, layerDeviceName } from "./chain.ts";
+import { chainIds } from "./chain.ts";
 import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
 import { layerSizeOf, spaceProblem } from "./pool-space.ts";
 import type { PlannedLayer, PullProgressBoard, RunProgress } from "./pull-progress.ts";
 import { AgentError } from "../grpc/errors.ts";
+import { allocateLayerDevice, createLayerDevice, layerDeviceReady, removeLayerDevice, unmapLayerDevice } from "../thin-devices.ts";
 
 export interface PullRequest {
   image: string;
@@ -239,31 +240,30 @@ async function ensureLayerDevice(
   const { catalog, helper } = deps;
   const existing = catalog.getDevice(chainId);
   if (existing?.state === "ready") return false;
-  // A device left "allocated" by a crash may be half-applied: never trust it, rebuild it.
-  if (existing) await discardDevice(deps, existing);
+  // A device left "allocated" by a crash may be half-applied: never trust it, rebuild it (one
+  // left "removing" is finished first).
+  if (existing) await removeLayerDevice(deps, existing);
 
   const parent = parentChainId === null ? null : catalog.getDevice(parentChainId);
   if (parentChainId !== null && parent?.state !== "ready") throw new Error(`parent device ${parentChainId} is not ready`);
   // One apply at a time (by default): the space check below must not be raced by another apply.
-  await ctx.withQueue("apply", async () => {
+  const built = await ctx.withQueue("apply", async () => {
     await checkPoolSpace(deps, ctx, digest, key, parent === null);
     onBuild();
-    const device = catalog.allocateDevice({ chainId, parentChainId, layerDigest: digest, name: layerDeviceName(chainId) });
+    const device = allocateLayerDevice(deps, { chainId, parentChainId, layerDigest: digest });
     crashPoint("pull.thin-id-allocated");
     ctx.log("info", "building layer device", { chainId, thinId: device.thinId, parent: parent?.thinId, digest });
     try {
       const opts = { signal: ctx.signal }; // a stop reaches the helper calls
-      if (parent) await helper.call("thin.snapshot", { thinId: device.thinId, originId: parent.thinId }, opts);
-      else await helper.call("thin.create", { thinId: device.thinId }, opts);
-      await helper.call("device.activate", { name: device.name, thinId: device.thinId }, opts);
+      await createLayerDevice(deps, device, parent ?? null, opts);
       if (!parent) await helper.call("fs.mkfs", { name: device.name }, opts);
       await helper.call("layer.apply", { name: device.name, digest }, opts);
       crashPoint("pull.layer-applied");
-      await helper.call("device.deactivate", { name: device.name }, opts);
+      await unmapLayerDevice(deps, device, opts);
     } catch (err) {
       // Stopping: the device stays "allocated" and the resumed step discards and rebuilds it.
       if (ctx.signal.aborted) throw err;
-      await discardDevice(deps, device).catch((cleanupErr) =>
+      await removeLayerDevice(deps, device).catch((cleanupErr) =>
         ctx.log("error", "could not discard a failed layer device", { chainId, error: formatError(cleanupErr) }),
       );
       // The helper went away mid-operation (restarted): the device may hold half an apply, so it
@@ -284,9 +284,10 @@ async function ensureLayerDevice(
       }
       throw classifyStepError(err, `image ${ctx.request.image}: layer ${key} (${digest}) refused`);
     }
+    return device;
   });
   crashPoint("pull.device-built");
-  catalog.markDeviceReady(chainId);
+  layerDeviceReady(deps, built);
   return true;
 }
 
@@ -315,14 +316,7 @@ async function discardHalfMadeDevices(deps: PullDeps, state: PullState): Promise
   for (const chainId of chainIds(digests)) {
     await deps.locks.run(chainLock(chainId), async () => {
       const device = deps.catalog.getDevice(chainId);
-      if (device?.state === "allocated") await discardDevice(deps, device);
+      if (device?.state === "allocated") await removeLayerDevice(deps, device);
     });
   }
-}
-
-/** Removes a device from the pool and then from the catalog; both steps tolerate "already gone". */
-async function discardDevice({ catalog, helper }: PullDeps, device: DeviceRow): Promise<void> {
-  await helper.call("device.deactivate", { name: device.name });
-  await helper.call("thin.delete", { thinId: device.thinId });
-  catalog.deleteDevice(device.chainId);
 }

@@ -124,3 +124,26 @@ test("adopted thin ids (the operator's decision) are never handed out and do not
   assert.equal(catalog.thinIdAllocated(9000), false);
   assert.deepEqual(catalog.adoptedThinIds(), []);
 });
+
+test("the 'removing' migration keeps every device and activation row, and the foreign keys between them", () => {
+  const db = openDatabase(":memory:");
+  migrate(db, "catalog", CATALOG_MIGRATIONS.slice(0, 5));
+  const at = "2025-01-01T00:00:00.000Z";
+  for (const id of [1, 2, 3]) db.prepare("INSERT INTO thin_ids (thin_id, owner, allocated_at) VALUES (?, 'x', ?)").run(id, at);
+  db.prepare("INSERT INTO devices VALUES (?, 1, NULL, ?, 'imgd-layer-a', 'ready', ?, ?)").run(digest("a"), digest("a"), at, at);
+  db.prepare("INSERT INTO devices VALUES (?, 2, ?, ?, 'imgd-layer-b', 'allocated', ?, NULL)").run(digest("b"), digest("a"), digest("b"), at);
+  db.prepare("INSERT INTO activations VALUES ('01ACT', 'golang', ?, 3, 'imgd-act-01act', 'deactivating', ?)").run(digest("a"), at);
+  const catalog = new Catalog(db); // applies the rest
+  assert.deepEqual(catalog.listDevices().map((d) => [d.chainId, d.thinId, d.parentChainId, d.state]), [
+    [digest("a"), 1, null, "ready"],
+    [digest("b"), 2, digest("a"), "allocated"],
+  ]);
+  assert.equal(catalog.getActivation("01ACT")?.state, "deactivating");
+  catalog.markDeviceRemoving(digest("a"));
+  assert.equal(catalog.getDevice(digest("a"))?.state, "removing");
+  catalog.markDeviceRemoving(digest("b"));
+  assert.equal(catalog.getDevice(digest("b"))?.state, "allocated", "only a ready device is marked removing");
+  assert.deepEqual(db.pragma("foreign_key_check"), []);
+  assert.throws(() => db.prepare("DELETE FROM devices WHERE chain_id = ?").run(digest("a")), /FOREIGN KEY/, "a device built on it, and an activation of it, still refer to it");
+  assert.throws(() => catalog.allocateActivation({ id: "01ACU", image: "golang", chainId: digest("c"), name: "imgd-act-01acu" }), /FOREIGN KEY/);
+});

@@ -57,3 +57,27 @@ test("allocated rows with no running run are half-made; with one they are left a
   runs.pull.length = 0;
   assert.deepEqual((await doctor()).findings.map((f) => [f.kind, f.subject]), [["HALF_MADE_DEVICE", building.name]]);
 });
+
+test("a removal cut short is one finding, UNFINISHED_REMOVAL, whatever the pool and the mappings still hold", async () => {
+  const { catalog, pool, runs, doctor } = setup();
+  const [chain] = chainIds([digest(1)]);
+  const device = catalog.allocateDevice({ chainId: chain!, parentChainId: null, layerDigest: digest(1), name: layerDeviceName(chain!) });
+  catalog.markDeviceReady(chain!);
+  catalog.markDeviceRemoving(chain!);
+  for (const [thinIds, devices] of [
+    [[device.thinId], [{ name: device.name, thinId: device.thinId }]], // nothing done yet
+    [[device.thinId], []], // unmapped
+    [[], []], // deleted from the pool, the row left
+  ] as const) {
+    pool.thinIds = [...thinIds];
+    pool.devices = [...devices];
+    const report = await doctor();
+    assert.deepEqual(report.findings.map((f) => [f.kind, f.subject]), [["UNFINISHED_REMOVAL", device.name]]);
+    assert.deepEqual(report.findings[0]!.action, { type: "discard-device", chainId: chain, thinId: device.thinId });
+  }
+  // A pull of its chain finishes it itself (and rebuilds the device).
+  catalog.beginPull("golang", "run1", [{ position: 1, key: "images/golang/1.tar", size: 1, etag: "e1" }]);
+  catalog.setLayerDigest("golang", 1, digest(1));
+  runs.pull.push("golang");
+  assert.equal((await doctor()).clean, true);
+});

@@ -8,7 +8,7 @@ import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { RunningAgent } from "../../agent/app.ts";
 import { layerDeviceName } from "../../agent/images/chain.ts";
-import { FindingKind, RunKind, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
+import { FindingKind, RepairResult, RunKind, ImageState, RunStatus, type Image, type ImgdClient } from "../../client/sdk.ts";
 import { type FakeHelper } from "../helpers/fake-helper.ts";
 import { pullOutcome, pullReady } from "../helpers/pull.ts";
 import { tarOf, TestAgent } from "../helpers/test-agent.ts";
@@ -187,4 +187,39 @@ test("a pull that starts while a deletion of the same image runs never claims su
   }
   assert.equal(agent.catalog.getActivation(activation!.id), undefined);
   assert.equal((await client.doctor({})).clean, true);
+});
+
+test("a device removal cut short stays 'removing': doctor reports it; a pull of its chain rebuilds it, the next GC or a repair finishes it", async () => {
+  const python = await pull("python");
+  const cutShort = async () => {
+    // As a crash between "forget" and "remove-devices" leaves it; then the pool refuses GC's first deletion.
+    agent.catalog.deleteImage("python");
+    helper.failNext("thin.delete", "BAD_ARGS", "injected refusal");
+    await assert.rejects(client.collectGarbage({}), /injected refusal/);
+    const removing = agent.catalog.listDevices().filter((d) => d.state === "removing");
+    assert.equal(removing.length, 1, "the device GC was removing says so");
+    assert.ok(helper.thins.has(removing[0]!.thinId), "its thin id is still in the pool");
+    return removing[0]!;
+  };
+  const first = await cutShort();
+  assert.deepEqual((await client.doctor({})).findings.map((f) => [FindingKind[f.kind], f.subject]), [["UNFINISHED_REMOVAL", first.name]]);
+  // Never reused as if it were ready: the pull finishes the removal and builds the device again.
+  const again = await pull("python");
+  assert.equal(agent.catalog.getDevice(first.chainId)?.state, "ready");
+  assert.deepEqual(helper.thins.get(again.thinId)!.layers, python.layers.map((l) => l.digest));
+  assert.equal((await client.doctor({})).clean, true);
+
+  const second = await cutShort();
+  const report = await client.collectGarbage({});
+  assert.ok(report.removedDevices.includes(second.name), "GC finished the removal");
+  assert.equal(helper.thins.has(second.thinId), false);
+  assert.equal(agent.catalog.getDevice(second.chainId), undefined);
+  assert.equal((await client.doctor({})).clean, true);
+
+  await pull("python");
+  const third = await cutShort();
+  const repaired = await client.doctor({ repair: true });
+  assert.deepEqual(repaired.findings.map((f) => [FindingKind[f.kind], f.subject, RepairResult[f.result]]), [["UNFINISHED_REMOVAL", third.name, "REPAIRED"]]);
+  assert.equal(helper.thins.has(third.thinId), false);
+  assert.equal(agent.catalog.getDevice(third.chainId), undefined);
 });
