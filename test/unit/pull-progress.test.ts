@@ -79,7 +79,8 @@ test("a pull streams every layer's phases in order and the bytes up to their tot
   for (let i = 1; i < listed.length; i++) assert.ok(listed[i].bytesDone >= listed[i - 1].bytesDone, `bytes went back at message ${i}`);
   assert.equal(last.bytesDone, last.bytesTotal);
   // Each layer goes PENDING → DOWNLOADING → APPLYING → DONE, skipping none, never back; its
-  // downloaded bytes grow to its size.
+  // downloaded bytes grow to its size (shown as such while it waits for the layers before it,
+  // or followed at once by APPLYING when nothing before it is left to apply).
   for (let i = 0; i < 5; i++) {
     const seen = listed.map((m) => m.layers[i]);
     const order = seen.map((l) => ORDER.indexOf(l.phase));
@@ -87,7 +88,9 @@ test("a pull streams every layer's phases in order and the bytes up to their tot
     assert.deepEqual([...new Set(order)], [0, 1, 2, 3], `layer ${i + 1} went through every phase`);
     const downloading = seen.filter((l) => l.phase === LayerPhase.DOWNLOADING);
     for (let k = 1; k < downloading.length; k++) assert.ok(downloading[k].bytesDone >= downloading[k - 1].bytesDone);
-    assert.equal(downloading.at(-1)!.bytesDone, sizes[i], `layer ${i + 1}: downloaded all of it`);
+    const lastDownloading = downloading.at(-1)!;
+    const next = seen[seen.lastIndexOf(lastDownloading) + 1];
+    assert.ok(lastDownloading.bytesDone === sizes[i] || next?.phase === LayerPhase.APPLYING, `layer ${i + 1}: downloaded all of it`);
     assert.match(seen.at(-1)!.digest, /^sha256:[0-9a-f]{64}$/);
     assert.equal(seen.at(-1)!.bytesDone, sizes[i]);
   }
@@ -100,8 +103,8 @@ test("a pull streams every layer's phases in order and the bytes up to their tot
   const byteOnly = got.filter((r, k) => k > 0 && r.m.state === got[k - 1].m.state && phases(r.m) === phases(got[k - 1].m) && r.m.status === got[k - 1].m.status);
   const seconds = (got.at(-1)!.at - got[0].at) / 1000;
   assert.ok(byteOnly.length <= Math.ceil(seconds * 4) + 1, `${byteOnly.length} byte-only messages in ${seconds.toFixed(2)} s`);
-  // Phase changes: 4 steps and 3 per layer (the initial table counts as one); a handful more.
-  assert.ok(messages.length <= 1 + 4 + 1 + 5 * 3 + byteOnly.length, `${messages.length} messages`);
+  // Phase changes: 3 steps and 3 per layer (the initial table counts as one); a handful more.
+  assert.ok(messages.length <= 1 + 3 + 1 + 5 * 3 + byteOnly.length, `${messages.length} messages`);
   console.log(`alpha: ${messages.length} messages (${byteOnly.length} byte-only) in ${seconds.toFixed(2)} s`);
 });
 
