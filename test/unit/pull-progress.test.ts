@@ -14,6 +14,7 @@ import {
   type ImgdClient,
   type PullImageResponse,
 } from "../../client/sdk.ts";
+import { RunProgress } from "../../agent/images/pull-progress.ts";
 import type { FakeHelper } from "../helpers/fake-helper.ts";
 import { isObjectGet, type TamperProxy } from "../helpers/fault-proxy.ts";
 import { TestAgent, type Files } from "../helpers/test-agent.ts";
@@ -220,4 +221,19 @@ test("imgctl --json prints each stream message as one proto3 JSON line; --quiet 
   assert.equal(failed.stdout, "");
   assert.match(failed.stderr, /broken/);
   assert.equal((await imgctl("--json", "--quiet", "images")).code, 2, "the two exclude each other");
+});
+
+test("a layer this run applied stays DONE when the step, retried, finds its device ready", () => {
+  const digest = `sha256:${"a".repeat(64)}`;
+  const run = new RunProgress([1, 2].map((position) => ({ position, size: 100, stored: false, reused: false })));
+  run.downloading(1, 100);
+  run.stored(1, digest, 100);
+  run.applying(1);
+  run.applied(1);
+  // The step fails on layer 2 and runs again: layer 1's device is there, built by this run.
+  run.reused(1);
+  const { layers, bytesDone, bytesTotal } = run.snapshot();
+  assert.equal(layers[0].phase, "done");
+  assert.deepEqual([bytesDone, bytesTotal], [200, 400], "layer 1's download and apply still count");
+  run.close();
 });
