@@ -182,7 +182,7 @@ function refuseOversizedLayers(deps: PullDeps, ctx: Ctx): void {
 /** Returns the digest of the layer's blob once it is stored, downloading it unless it already is. */
 async function storeLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, progress: RunProgress, signal: AbortSignal): Promise<string> {
   // Known and stored (another image's layer, or fetched before a restart): no download slot needed.
-  let digest = layer.digest ?? deps.catalog.knownBlobFor(layer);
+  let digest = deps.catalog.knownBlobFor(layer);
   if (digest !== undefined && (await deps.blobs.has(digest))) {
     deps.catalog.recordBlob(layer, digest);
   } else {

@@ -171,3 +171,48 @@ test("a transient apply failure lets the downloads under way finish: the retry f
   }
   assertNothingHalfMade();
 });
+
+test("an agent stop while layer 1 applies and layer 2 downloads is an interruption: the resumed run redoes only what is missing", async () => {
+  await harness.s3.put("images/stopped/1.tar", await tarOf({ "st/a": "a\n" }));
+  await harness.s3.put("images/stopped/2.tar", await tarOf({ "st/big": "s".repeat(64 * 1024) }));
+  let open!: () => void;
+  helper.holdApply(new Promise<void>((resolve) => (open = resolve)));
+  slow("stopped/2.tar", 2048, 40); // about 1.3 s
+  const calls = helper.calls.length;
+  const from = proxy.requests.length;
+  // The caller goes away first, so that the agent's stop does not wait for its stream.
+  const caller = new AbortController();
+  const following = (async () => {
+    for await (const _ of client.pullImage({ image: "stopped" }, { signal: caller.signal }));
+  })().catch(() => undefined);
+  try {
+    await until(() => appliesSince(calls) === 1, "layer 1 is being applied");
+    caller.abort();
+    await following;
+    assert.equal(proxy.requests.find(objectGet("stopped/2.tar"))?.end, undefined, "layer 2 is still downloading");
+    await harness.stop();
+  } finally {
+    helper.holdApply(undefined);
+    open();
+    proxy.tamper = () => undefined;
+  }
+  await harness.start();
+  client = harness.client;
+  // The run resumed on its own; a pull follows it to its end.
+  let last: PullImageResponse | undefined;
+  for await (const m of client.pullImage({ image: "stopped" })) last = m;
+  assert.equal(last?.status, RunStatus.SUCCEEDED);
+  const db = new Database(join(harness.stateDir, "imgd.db"), { readonly: true });
+  try {
+    const run = db.prepare("SELECT interruptions, (SELECT count(*) FROM fsm_events e WHERE e.run_id = r.id AND e.type = 'error') AS failures FROM fsm_runs r WHERE fsm = 'pull' AND resource_id = 'stopped'").get() as { interruptions: number; failures: number };
+    assert.deepEqual(run, { interruptions: 1, failures: 0 }, "one interruption, no failed attempt");
+  } finally {
+    db.close();
+  }
+  const gets = proxy.requests.slice(from).filter(isObjectGet).map((r) => r.url.split("?")[0].split("/").at(-1));
+  assert.deepEqual(gets.filter((key) => key === "1.tar"), ["1.tar"], "layer 1, stored before the stop, is not fetched again");
+  assert.deepEqual(gets.filter((key) => key === "2.tar"), ["2.tar", "2.tar"], "layer 2, cut by the stop, is fetched again");
+  const { image } = await client.getImage({ image: "stopped" });
+  assert.deepEqual(helper.thins.get(image!.thinId)!.layers, image!.layers.map((l) => l.digest), "layer 1's half-made device was rebuilt");
+  assertNothingHalfMade();
+});
