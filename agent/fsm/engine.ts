@@ -75,6 +75,8 @@ interface FsmDef {
   name: string;
   steps: StepDef[];
   byName: Map<string, StepDef>;
+  /** An earlier version's step name -> the step that replaces it (StepOptions.replaces). */
+  replaced: Map<string, string>;
   finalizers: Finalizer<any, any>[];
 }
 
@@ -238,6 +240,7 @@ export class FsmEngine {
 
   #builder<R, W>(name: string): FsmBuilder<R, W> {
     const steps: StepDef[] = [];
+    const replaced = new Map<string, string>();
     let ended = false;
     const add = (kind: "start" | "to", step: string, fn: StepFn<R, W>, opts?: StepOptions): void => {
       const where = `FSM "${name}" ${kind}("${step}")`;
@@ -247,6 +250,10 @@ export class FsmEngine {
       if (typeof step !== "string" || step.length === 0) throw new TypeError(`${where}: step name must be a non-empty string`);
       if (steps.some((s) => s.name === step)) throw new Error(`${where}: duplicate step name`);
       if (typeof fn !== "function") throw new TypeError(`${where}: step function missing`);
+      for (const old of opts?.replaces ?? []) {
+        if (steps.some((s) => s.name === old || replaced.has(old)) || old === step) throw new Error(`${where}: step "${old}" is replaced twice`);
+        replaced.set(old, step);
+      }
       steps.push({ name: step, fn: fn as StepFn<any, any>, retry: resolveRetryPolicy(this.#retry, opts?.retry) });
     };
     const builder: FsmBuilder<R, W> = {
@@ -258,7 +265,8 @@ export class FsmEngine {
         if (this.#phase !== "registering") throw new Error(`FSM "${name}": end() after resumeAll()`);
         ended = true;
         const finalizers = (opts?.finalizers ?? []) as Finalizer<any, any>[];
-        this.#defs.set(name, { name, steps, byName: new Map(steps.map((s) => [s.name, s])), finalizers });
+        for (const old of replaced.keys()) if (steps.some((s) => s.name === old)) throw new Error(`FSM "${name}": step "${old}" both exists and is replaced`);
+        this.#defs.set(name, { name, steps, byName: new Map(steps.map((s) => [s.name, s])), replaced, finalizers });
         return new Fsm<R, W>(name, this.#host);
       },
     };
@@ -316,6 +324,7 @@ export class FsmEngine {
   }
 
   #prepareResume(def: FsmDef, row: RunRow): RunRow {
+    row = this.#adoptRenamedSteps(def, row);
     const steps = JSON.parse(row.steps) as string[];
     const missing = steps.slice(row.step_index).filter((s) => !def.byName.has(s));
     if (missing.length > 0) {
@@ -336,6 +345,26 @@ export class FsmEngine {
       return this.#finish("poison", row, "failed", step, error);
     }
     return resumed;
+  }
+
+  /**
+   * A run saved by an earlier version whose remaining steps were renamed or merged since
+   * (StepOptions.replaces) continues on this version's steps: at the step that replaced the one it
+   * was at, keeping its attempt counters. Unchanged when its steps are this version's, or when a
+   * step is neither here nor replaced (then it cannot resume).
+   */
+  #adoptRenamedSteps(def: FsmDef, row: RunRow): RunRow {
+    const saved = JSON.parse(row.steps) as string[];
+    const current = def.steps.map((s) => s.name);
+    if (JSON.stringify(saved) === JSON.stringify(current)) return row;
+    const now = (step: string) => (def.byName.has(step) ? step : def.replaced.get(step));
+    const remaining = saved.slice(row.step_index).map(now);
+    if (remaining.length === 0 || remaining.some((s) => s === undefined)) return row;
+    const stepIndex = current.indexOf(remaining[0]!);
+    // The remaining steps must be this version's, in its order, from that point on.
+    if (remaining.some((s, i) => i > 0 && current.indexOf(s!) < current.indexOf(remaining[i - 1]!))) return row;
+    this.#log("info", "run resumes on renamed steps", { fsm: def.name, runId: row.id, from: saved[row.step_index], to: current[stepIndex] });
+    return this.#store.adoptSteps(row.id, row.step_index, current, stepIndex);
   }
 
   /** Executes the remaining steps. Returns the finished row, or undefined if shutdown interrupted. */

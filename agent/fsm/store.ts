@@ -291,6 +291,18 @@ export class RunStore {
     );
   }
 
+  /** A run saved by an earlier version continues on this version's steps (engine: StepOptions.replaces). */
+  adoptSteps(runId: string, fromIndex: number, steps: string[], stepIndex: number): RunRow {
+    this.#update(
+      runId,
+      "adopt renamed steps",
+      `UPDATE fsm_runs SET steps = @steps, step_index = @stepIndex, updated_at = @at
+       WHERE id = @id AND status = 'running' AND step_index = @fromIndex`,
+      { steps: JSON.stringify(steps), stepIndex, fromIndex, at: now() },
+    );
+    return this.get(runId)!;
+  }
+
   /** The step succeeded: its checkpoint and the next step index are saved in one transaction. */
   completeStep(runId: string, stepIndex: number, step: string, state: string): void {
     this.#db.transaction(() => {

@@ -60,6 +60,12 @@ export interface LockProvider {
 
 export interface StepOptions {
   retry?: Partial<RetryPolicy>;
+  /**
+   * Steps of an earlier version of this FSM that this step took over (renamed or merged): a run
+   * saved by that version at one of them resumes here, and a run past them resumes after here.
+   * Without this, such a run could not resume after an upgrade and would fail.
+   */
+  replaces?: string[];
 }
 
 export type StepFn<R, W> = (ctx: StepContext<R, W>) => Promise<void>;

@@ -7,12 +7,14 @@ const DIGEST = /^sha256:[0-9a-f]{64}$/;
 
 export function chainIds(layerDigests: string[]): string[] {
   const chain: string[] = [];
-  for (const digest of layerDigests) {
-    if (!DIGEST.test(digest)) throw new Error(`not a sha256 digest: ${JSON.stringify(digest)}`);
-    const parent = chain.at(-1);
-    chain.push(parent === undefined ? digest : "sha256:" + createHash("sha256").update(`${parent} ${digest}`).digest("hex"));
-  }
+  for (const digest of layerDigests) chain.push(nextChainId(chain.at(-1) ?? null, digest));
   return chain;
+}
+
+/** The chain id of a layer on top of `parent` (null for the first layer). */
+export function nextChainId(parent: string | null, digest: string): string {
+  if (!DIGEST.test(digest)) throw new Error(`not a sha256 digest: ${JSON.stringify(digest)}`);
+  return parent === null ? digest : "sha256:" + createHash("sha256").update(`${parent} ${digest}`).digest("hex");
 }
 
 /** The dm name of a layer device; the helper only accepts this exact shape. */

@@ -117,7 +117,8 @@ export class RunProgress {
   /** Its device turned out to exist already (made by another image's pull meanwhile). */
   reused(position: number): void {
     const layer = this.#layer(position);
-    if (layer.phase === "reused") return;
+    // "done": this run built it, in an attempt before a retry that now finds it ready.
+    if (layer.phase === "reused" || layer.phase === "done") return;
     this.#finishDownload(layer);
     layer.phase = "reused";
     layer.applyTotal = layer.applyDone = 0;

@@ -1,20 +1,30 @@
-// The pull FSM: list → download → unpack → finish.
+// The pull FSM: list → layers → finish.
 //
-// list      reads the image's folder in S3 (the folder is the image) and records the layer list.
-// download  fetches every layer not already in the blob store, content-addressed, validating it
-//           as a tar WHILE it downloads (a bad entry stops the download at once; a listed size
-//           over the layer limit is refused before any byte is requested); a layer shared with
-//           another image is found by its ETag and size and not fetched again.
-// unpack    builds the chain of thin devices: device i = snapshot of device i-1 + layer i,
-//           keyed by chain id, so images with the same leading layers share devices.
-// finish    marks the image ready.
+// list    reads the image's folder in S3 (the folder is the image) and records the layer list.
+// layers  downloads the layers and builds the chain of thin devices at the same time:
+//         - every layer not already in the blob store is fetched (IMGD_DOWNLOAD_CONCURRENCY at
+//           once, across pulls), content-addressed, and validated as a tar WHILE it downloads (a
+//           bad entry stops the download at once); a listed size over the layer limit is refused
+//           before any byte of any layer is requested; a layer shared with another image is
+//           found by its ETag and size and not fetched again;
+//         - layer i is applied as soon as layers 1..i are stored, while later layers still
+//           download: device i = snapshot of device i-1 + layer i, keyed by chain id, so images
+//           with the same leading layers share devices.
+//         A permanent failure (a refused layer, a 403, a full pool) aborts the downloads still
+//         going; any other failure stops applying but lets them finish, so that the retry finds
+//         them stored. Either way the step returns only once every download has ended, and a
+//         layer being applied is finished first (only an agent stop cuts it short).
+// finish  marks the image ready.
 // Every step is idempotent: it checks the catalog (and the blob store) before acting, so a
-// resumed run redoes only what is missing. A device half-made when the agent died is "allocated"
-// in the catalog, never "ready": it is discarded and rebuilt.
+// resumed run redoes only what is missing: a stored blob is not fetched again, a ready device
+// not rebuilt. A device half-made when the agent died is "allocated" in the catalog, never
+// "ready": it is discarded and rebuilt. An attempt that fails leaves no checkpoint, so what the
+// layers step learns goes to the catalog as it goes (blobs and layer digests, chain ids): a
+// failed pull's finalizer finds its half-made devices from there.
 import type { Catalog } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine, StepContext } from "../fsm/engine.ts";
-import { abort, formatError, interrupted } from "../fsm/errors.ts";
+import { abort, AbortError, formatError, interrupted } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { chainLock, imageLock, objectLock } from "../lock-keys.ts";
@@ -23,7 +33,7 @@ import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
 import { listImageLayers } from "../s3/image-source.ts";
-import { chainIds } from "./chain.ts";
+import { chainIds, nextChainId } from "./chain.ts";
 import type { DownloadGate } from "./download-gate.ts";
 import { classifyStepError } from "./errors.ts";
 import { layerSizeOf, spaceProblem } from "./pool-space.ts";
@@ -72,8 +82,8 @@ export function registerPullFsm(deps: PullDeps): PullFsm {
   return engine
     .register<PullRequest, PullState>("pull")
     .start("list", (ctx) => listLayers(deps, ctx))
-    .to("download", (ctx) => downloadLayers(deps, ctx))
-    .to("unpack", (ctx) => unpackLayers(deps, ctx))
+    // Earlier versions downloaded every layer ("download"), then applied them ("unpack").
+    .to("layers", (ctx) => pullLayers(deps, ctx), { replaces: ["download", "unpack"] })
     .to("finish", (ctx) =>
       // Under the image's lock, as a deletion forgets the row: the image is ready, or this
       // pull fails, never "succeeded" with no row.
@@ -141,8 +151,26 @@ async function trackProgress(deps: PullDeps, ctx: Ctx, fresh = false): Promise<R
   return run;
 }
 
-async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
-  // Before any byte is requested: an object listed larger than a layer may be is never fetched.
+async function pullLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
+  refuseOversizedLayers(deps, ctx);
+  const progress = await trackProgress(deps, ctx);
+  // Fired by the first permanent failure: the run is over, so the downloads still going stop.
+  const stop = new AbortController();
+  const signal = AbortSignal.any([ctx.signal, stop.signal]);
+  const stopIfPermanent = (err: unknown): never => {
+    if (err instanceof AbortError) stop.abort(err);
+    throw err;
+  };
+  const stored = ctx.state.layers.map((layer) => storeLayer(deps, ctx, layer, progress, signal).catch(stopIfPermanent));
+  const chain = buildChain(deps, ctx, stored, progress, signal).catch(stopIfPermanent);
+  // Every branch ends before the step does: nothing keeps running detached from the run.
+  await Promise.allSettled([chain, ...stored]);
+  if (stop.signal.aborted) throw stop.signal.reason;
+  ctx.state.chainIds = await chain; // any other failure reached the chain: it awaits every layer
+}
+
+/** Before any byte is requested: an object listed larger than a layer may be is never fetched. */
+function refuseOversizedLayers(deps: PullDeps, ctx: Ctx): void {
   for (const layer of ctx.state.layers) {
     try {
       checkListedSize(layer.size, deps.layerLimits);
@@ -151,26 +179,33 @@ async function downloadLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
       throw refused(ctx, layer, err);
     }
   }
-  const progress = await trackProgress(deps, ctx);
-  await Promise.all(
-    ctx.state.layers.map(async (layer) => {
-      if (layer.digest && (await deps.blobs.has(layer.digest))) return progress.stored(layer.position, layer.digest, layer.size);
-      // Through the gate GC's sweep of unrecorded files takes: the blob is renamed into the store
-      // before it is recorded.
-      layer.digest = await ctx.withQueue("download", () =>
-        deps.downloads.download(() => fetchLayer(deps, ctx, layer, (bytes) => progress.downloading(layer.position, bytes))),
-      );
-      deps.catalog.setLayerDigest(ctx.request.image, layer.position, layer.digest);
-      progress.stored(layer.position, layer.digest, layer.size);
-    }),
-  );
+}
+
+/** Returns the digest of the layer's blob once it is stored, downloading it unless it already is. */
+async function storeLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, progress: RunProgress, signal: AbortSignal): Promise<string> {
+  // Known and stored (another image's layer, or fetched before a restart): no download slot needed.
+  let digest = deps.catalog.knownBlobFor(layer);
+  if (digest !== undefined && (await deps.blobs.has(digest))) {
+    deps.catalog.recordBlob(layer, digest);
+  } else {
+    // Through the gate GC's sweep of unrecorded files takes: the blob is renamed into the store
+    // before it is recorded.
+    digest = await ctx.withQueue("download", () =>
+      deps.downloads.download(() => fetchLayer(deps, ctx, layer, signal, (bytes) => progress.downloading(layer.position, bytes))),
+    );
+  }
+  layer.digest = digest;
+  deps.catalog.setLayerDigest(ctx.request.image, layer.position, digest);
+  progress.stored(layer.position, digest, layer.size);
+  return digest;
 }
 
 /** Returns the digest of the layer's bytes, downloading and validating them if not yet stored. */
-async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes: (n: number) => void): Promise<string> {
+async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, signal: AbortSignal, onBytes: (n: number) => void): Promise<string> {
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
   return ctx.withLock(objectLock(layer), async () => {
+    signal.throwIfAborted(); // the run failed while this layer waited for its slot or lock
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -181,7 +216,7 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, onBytes:
     try {
       // Validated while it downloads: a refusal stops the download and deletes the temp file.
       const stored = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, {
-        signal: ctx.signal,
+        signal,
         onProgress: (bytes) => onBytes(bytes),
         inspect: (bytes) => validateLayer(bytes, deps.layerLimits),
       });
@@ -207,24 +242,28 @@ function refused(ctx: Ctx, layer: PulledLayer, err: LayerValidationError): Error
   return abort(message, new AgentError("LAYER_REFUSED", message, { image: ctx.request.image, layer: layer.key, entry: err.entry, rule: err.rule }, { cause: err }));
 }
 
-async function unpackLayers(deps: PullDeps, ctx: Ctx): Promise<void> {
-  const { catalog } = deps;
-  const digests = ctx.state.layers.map((l) => {
-    if (!l.digest) throw new Error(`layer ${l.key} has no digest: download did not complete`);
-    return l.digest;
-  });
-  const chain = chainIds(digests);
-  const progress = await trackProgress(deps, ctx);
-  for (let i = 0; i < chain.length; i++) {
-    const layer = ctx.state.layers[i];
-    const built = await ctx.withLock(chainLock(chain[i]), () =>
-      ensureLayerDevice(deps, ctx, chain[i], i === 0 ? null : chain[i - 1], digests[i], layer.key, () => progress.applying(layer.position)),
+/**
+ * Applies the layers in order, each as soon as it and every layer before it are stored, while
+ * later layers still download. Returns the chain ids.
+ */
+async function buildChain(deps: PullDeps, ctx: Ctx, stored: Promise<string>[], progress: RunProgress, signal: AbortSignal): Promise<string[]> {
+  const chain: string[] = [];
+  for (const [i, layer] of ctx.state.layers.entries()) {
+    const digest = await stored[i]!;
+    signal.throwIfAborted(); // another layer ended the run: build nothing more
+    const parent = chain.at(-1) ?? null;
+    const chainId = nextChainId(parent, digest);
+    // The device in progress is finished even if the run fails meanwhile: only an agent stop
+    // (ctx.signal) cuts it short, and the device then stays "allocated", to be rebuilt.
+    const built = await ctx.withLock(chainLock(chainId), () =>
+      ensureLayerDevice(deps, ctx, chainId, parent, digest, layer.key, () => progress.applying(layer.position)),
     );
-    catalog.setLayerChain(ctx.request.image, layer.position, chain[i]);
+    deps.catalog.setLayerChain(ctx.request.image, layer.position, chainId);
     if (built) progress.applied(layer.position);
     else progress.reused(layer.position);
+    chain.push(chainId);
   }
-  ctx.state.chainIds = chain;
+  return chain;
 }
 
 /** Builds the layer's device unless it exists; true when it was built (onBuild: just before). */
@@ -308,10 +347,12 @@ async function checkPoolSpace({ catalog, blobs, helper }: PullDeps, ctx: Ctx, di
  * restart. Under the chain's lock: a device being built by another pull is never touched.
  */
 async function discardHalfMadeDevices(deps: PullDeps, state: PullState): Promise<void> {
+  // The failed attempt's digests are not in its checkpoint: the catalog knows the blobs it stored.
   const digests: string[] = [];
   for (const layer of state.layers) {
-    if (!layer.digest) break;
-    digests.push(layer.digest);
+    const digest = layer.digest ?? deps.catalog.knownBlobFor(layer);
+    if (!digest) break;
+    digests.push(digest);
   }
   for (const chainId of chainIds(digests)) {
     await deps.locks.run(chainLock(chainId), async () => {

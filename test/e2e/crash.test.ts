@@ -69,11 +69,14 @@ const CHAINS: Scenario[] = [
     op: "pull",
     victim: "agent",
     points: [
-      "fsm.pull.list.before", "fsm.pull.download.before", "download.chunk-written#2", "fsm.pull.download.committed",
-      "fsm.pull.unpack.before", "pull.thin-id-allocated", "pull.layer-applied", "pull.device-built",
-      "fsm.pull.finish.before", "fsm.pull.finish.committed", "fsm.pull.finalizers.before", "fsm.pull.finalizers.after",
+      "fsm.pull.list.before", "fsm.pull.layers.before", "download.chunk-written#2", "pull.thin-id-allocated",
+      "fsm.pull.layers.committed", "fsm.pull.finish.before", "fsm.pull.finish.committed", "fsm.pull.finalizers.before",
+      "fsm.pull.finalizers.after",
     ],
   },
+  // The rest of the layers step, in a chain of its own (at most 4 interruptions on one step):
+  // with the shared base layer, the devices built are snapshots.
+  { op: "pull", victim: "agent", points: ["pull.layer-applied", "pull.device-built"] },
   { op: "pull", victim: "agent", ownBase: true, short: true, points: ["pull.thin-id-allocated", "pull.layer-applied", "pull.device-built"] },
   {
     op: "activate",

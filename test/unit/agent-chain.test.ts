@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { activationDeviceName, chainIds, layerDeviceName } from "../../agent/images/chain.ts";
+import { activationDeviceName, chainIds, layerDeviceName, nextChainId } from "../../agent/images/chain.ts";
 
 const d = (c: string) => "sha256:" + c.repeat(64);
 
@@ -9,6 +9,14 @@ test("chain id of the first layer is its digest; later ones hash the parent chai
   const chain = chainIds([d("a"), d("b")]);
   assert.equal(chain[0], d("a"));
   assert.equal(chain[1], "sha256:" + createHash("sha256").update(`${d("a")} ${d("b")}`).digest("hex"));
+});
+
+test("chain ids built one layer at a time are the same as the whole chain's", () => {
+  const digests = [d("1"), d("2"), d("3")];
+  let parent: string | null = null;
+  const oneByOne = digests.map((digest) => (parent = nextChainId(parent, digest)));
+  assert.deepEqual(oneByOne, chainIds(digests));
+  assert.throws(() => nextChainId(d("1"), "sha256:xyz"), /not a sha256 digest/);
 });
 
 test("images sharing leading layers share chain ids, and diverge after", () => {

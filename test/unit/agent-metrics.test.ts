@@ -43,7 +43,7 @@ test("after a pull, /metrics counts it: runs, steps, downloads, applies, helper 
   const families = samples(text);
 
   assert.equal(value(families, "imgd_runs_finished_total", { fsm: "pull", status: "succeeded", reason: "completed" }), 1);
-  for (const step of ["list", "download", "unpack", "finish"]) {
+  for (const step of ["list", "layers", "finish"]) {
     assert.equal(count(families, "imgd_fsm_step_duration_seconds", { fsm: "pull", step, outcome: "completed" }), 1, step);
   }
   const tarBytes = (await Promise.all(layers.map((files) => tarOf(files)))).reduce((n, t) => n + t.byteLength, 0);

@@ -563,6 +563,55 @@ test("resumeAll fails runs of unregistered FSMs and runs whose remaining steps w
   assert.match(orphan.error, /FSM "old" is not registered/);
 });
 
+test("a run saved by an earlier version resumes on the step that replaced its steps (StepOptions.replaces)", LIMIT, async (t) => {
+  const h = harness(t);
+  const saved = new Map<string, string[]>(); // resource -> steps it ran, in order
+  const ran = (ctx: { resourceId: string; step: string }) => saved.set(ctx.resourceId, [...(saved.get(ctx.resourceId) ?? []), ctx.step]);
+  const v1 = h.engine
+    .register<{ stopAt: string }, { trail: string[] }>("pull-like")
+    .start("list", async (ctx) => void (ran(ctx), ctx.state.trail.push("list")))
+    .to("download", async (ctx) => {
+      ran(ctx);
+      if (ctx.request.stopAt === "download") await aborted(ctx.signal);
+      ctx.state.trail.push("download");
+    })
+    .to("unpack", async (ctx) => {
+      ran(ctx);
+      if (ctx.request.stopAt === "unpack") await aborted(ctx.signal);
+    })
+    .to("finish", async (ctx) => void ran(ctx))
+    .end();
+  await h.engine.resumeAll();
+  const atDownload = v1.start("a", { stopAt: "download" }, { trail: [] }).runId;
+  const atUnpack = v1.start("b", { stopAt: "unpack" }, { trail: [] }).runId;
+  await new Promise((r) => setTimeout(r, 20));
+
+  // The upgrade: download and unpack merged into one step.
+  await h.restart();
+  saved.clear();
+  const v2 = h.engine
+    .register<{ stopAt: string }, { trail: string[] }>("pull-like")
+    .start("list", async (ctx) => void ran(ctx))
+    .to("layers", async (ctx) => void ran(ctx), { replaces: ["download", "unpack"] })
+    .to("finish", async (ctx) => void ran(ctx))
+    .end();
+  await h.engine.resumeAll();
+  for (const [id, resource, trail] of [[atDownload, "a", ["list"]], [atUnpack, "b", ["list", "download"]]] as const) {
+    const run = await v2.wait(id);
+    assert.equal(run.status, "succeeded", `${resource}: ${run.error}`);
+    assert.deepEqual(saved.get(resource), ["layers", "finish"], `${resource} resumed at the merged step, once`);
+    assert.deepEqual(run.state.trail, trail, "the checkpoint is kept");
+    assert.equal(run.interruptions, 1, "the stop mid-step is still counted as an interruption");
+  }
+});
+
+test("replaces is refused for a step name that exists or is replaced twice", LIMIT, (t) => {
+  const h = harness(t);
+  assert.throws(() => h.engine.register("a").start("one", async () => {}).to("two", async () => {}, { replaces: ["one"] }), /replaced twice/);
+  assert.throws(() => h.engine.register("b").start("one", async () => {}, { replaces: ["x"] }).to("two", async () => {}, { replaces: ["x"] }), /replaced twice/);
+  assert.throws(() => h.engine.register("c").start("one", async () => {}, { replaces: ["two"] }).to("two", async () => {}).end(), /both exists and is replaced/);
+});
+
 test("list() filters by resource and status, newest first, with a limit", LIMIT, async (t) => {
   const h = harness(t);
   const fsm = h.engine

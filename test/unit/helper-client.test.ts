@@ -99,7 +99,7 @@ test("the abort signal ends a call the helper is still working on", LIMIT, async
   rmSync(join(stateDir, "blobs", "sha256", "1".repeat(64)));
 });
 
-test("five helper restarts during one unpack: the pull succeeds, no failed attempt, the half-applied device is rebuilt", LIMIT, async (t) => {
+test("five helper restarts while a pull builds its devices: the pull succeeds, no failed attempt, the half-applied device is rebuilt", LIMIT, async (t) => {
   const config = loadAgentConfig([], {
     IMGD_STATE_DIR: stateDir,
     IMGD_LISTEN: "127.0.0.1:0",
@@ -114,7 +114,7 @@ test("five helper restarts during one unpack: the pull succeeds, no failed attem
     channel.close();
     await agent.stop();
   });
-  // Across the unpack: two re-issued operations, a mkfs and two layer.apply cut mid-way.
+  // Across the device builds: two re-issued operations, a mkfs and two layer.apply cut mid-way.
   const restarts = ["thin.create", "fs.mkfs", "thin.snapshot", "layer.apply", "layer.apply"] as const;
   const before = helper.restarts;
   const restarted = Promise.all(restarts.map((op) => helper.restartDuring(op, 200)));

@@ -63,7 +63,7 @@ test("imgctl pull on a terminal redraws one line per layer in place, with bytes,
   const partWay = /^ +1\/5 +downloading +\d+\.\d MiB \/ 3\.0 MiB +([1-9]\d?)% +\d+\.\d [KM]iB\/s$/m;
   const during = await until(read, (t) => partWay.test(t), "layer 1 is never shown part-way with a percentage and a rate");
   console.log(`--- during\n${during}`);
-  assert.match(during, /^pull golang: download +\d+\.\d [KM]iB \/ 11\.0 MiB +\d+% +\d+\.\d [KM]iB\/s$/m);
+  assert.match(during, /^pull golang: layers +\d+\.\d [KM]iB \/ 11\.0 MiB +\d+% +\d+\.\d [KM]iB\/s$/m);
 
   const done = await until(read, (t) => t.includes("exit="), "imgctl never finished");
   console.log(`--- done\n${done}`);
