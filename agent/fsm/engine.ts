@@ -34,6 +34,7 @@ import type {
   StepContext,
   StepFn,
   StepOptions,
+  WaitOptions,
 } from "./types.ts";
 
 export type {
@@ -54,6 +55,7 @@ export type {
   StepFn,
   StepOptions,
   StepOutcome,
+  WaitOptions,
 } from "./types.ts";
 export type { RetryPolicy } from "./retry.ts";
 export { Semaphore, type SemaphoreSlot } from "./semaphore.ts";
@@ -416,12 +418,12 @@ export class FsmEngine {
         interruptions: row.interruptions,
         resumed,
         signal,
-        withQueue: (queue, fn) =>
+        withQueue: (queue, fn, options) =>
           tracker.hold(`queue ${queue}`, async () => {
-            const slot = await this.queue(queue).acquire(signal);
+            const slot = await this.queue(queue).acquire(waitSignal(signal, options));
             return () => slot.release();
           }, fn),
-        withLock: (key, fn) => tracker.hold(`lock ${key}`, () => this.#locks.acquire(key, signal), fn),
+        withLock: (key, fn, options) => tracker.hold(`lock ${key}`, () => this.#locks.acquire(key, waitSignal(signal, options)), fn),
         waitFor: (what, wait) => tracker.wait(what, () => wait(signal)),
         progress: (progress) => this.#emit(runId, { type: "progress", step: stepName, progress }),
         log: (level, msg, extra) => this.#log(level, msg, { ...fields, ...extra }),
@@ -702,4 +704,9 @@ function deepFreeze<T>(value: T): T {
     for (const child of Object.values(value)) deepFreeze(child);
   }
   return value;
+}
+
+/** What ends a wait: the engine's stop, and the step's own signal if it gave one. */
+function waitSignal(stop: AbortSignal, options: WaitOptions | undefined): AbortSignal {
+  return options?.signal ? AbortSignal.any([stop, options.signal]) : stop;
 }

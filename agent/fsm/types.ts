@@ -68,6 +68,14 @@ export interface StepOptions {
   replaces?: string[];
 }
 
+export interface WaitOptions {
+  /**
+   * Stops waiting when it fires (rejecting with its reason), besides the engine's own stop: a
+   * step that runs branches in parallel stops those still waiting once one of them failed.
+   */
+  signal?: AbortSignal;
+}
+
 export type StepFn<R, W> = (ctx: StepContext<R, W>) => Promise<void>;
 
 export interface StepContext<R, W> {
@@ -99,9 +107,9 @@ export interface StepContext<R, W> {
    * spent waiting for the slot is not work: a process death then is neither a failed attempt
    * nor an interruption, and the resumed step simply waits again.
    */
-  withQueue<T>(queue: string, fn: () => Promise<T>): Promise<T>;
+  withQueue<T>(queue: string, fn: () => Promise<T>, options?: WaitOptions): Promise<T>;
   /** Same as withQueue, for a keyed lock (EngineOptions.locks). */
-  withLock<T>(key: string, fn: () => Promise<T>): Promise<T>;
+  withLock<T>(key: string, fn: () => Promise<T>, options?: WaitOptions): Promise<T>;
   /**
    * Waits for something outside the run (another run's outcome, ...) without it counting as
    * work. `what` is shown as RunRecord.waitingFor. `wait` gets the step's signal.

@@ -190,8 +190,10 @@ async function storeLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, progress
   } else {
     // Through the gate GC's sweep of unrecorded files takes: the blob is renamed into the store
     // before it is recorded.
-    digest = await ctx.withQueue("download", () =>
-      deps.downloads.download(() => fetchLayer(deps, ctx, layer, signal, (bytes) => progress.downloading(layer.position, bytes))),
+    digest = await ctx.withQueue(
+      "download",
+      () => deps.downloads.download(() => fetchLayer(deps, ctx, layer, signal, (bytes) => progress.downloading(layer.position, bytes))),
+      { signal }, // a run that failed stops waiting for a slot another run holds
     );
   }
   layer.digest = digest;
@@ -205,7 +207,6 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, signal: 
   const { catalog, blobs } = deps;
   // One download per S3 object at a time, even across images sharing the layer.
   return ctx.withLock(objectLock(layer), async () => {
-    signal.throwIfAborted(); // the run failed while this layer waited for its slot or lock
     const known = catalog.knownBlobFor(layer);
     if (known && (await blobs.has(known))) {
       catalog.recordBlob(layer, known);
@@ -233,7 +234,7 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, signal: 
     }
     catalog.recordBlob(layer, digest, layerSizeOf(summary));
     return digest;
-  });
+  }, { signal });
 }
 
 /** The run's error for a layer the validator refused (while downloading: its digest is not known yet). */

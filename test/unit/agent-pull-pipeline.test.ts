@@ -216,3 +216,36 @@ test("an agent stop while layer 1 applies and layer 2 downloads is an interrupti
   assert.deepEqual(helper.thins.get(image!.thinId)!.layers, image!.layers.map((l) => l.digest), "layer 1's half-made device was rebuilt");
   assertNothingHalfMade();
 });
+
+test("a run that failed stops waiting for download slots other runs hold: it ends at once", async () => {
+  const base = await tarOf({ "w/base": "base\n" });
+  await harness.s3.put("images/waiter-base/1.tar", base);
+  for await (const _ of client.pullImage({ image: "waiter-base" }));
+  // Its blob stays in the store (only GC removes blobs), its device goes: the waiter applies it again.
+  await client.deleteImage({ image: "waiter-base" });
+  // Another image takes every download slot (IMGD_DOWNLOAD_CONCURRENCY, 4) for about 6 s.
+  for (let i = 1; i <= 4; i++) await harness.s3.put(`images/hog/${i}.tar`, await tarOf({ [`hog/${i}`]: "h".repeat(64 * 1024) }));
+  // The waiter's layer 1 is already stored (the same object as waiter-base's); its apply fails
+  // for good (the pool is full) while its layer 2 waits for a slot.
+  await harness.s3.put("images/waiter/1.tar", base);
+  await harness.s3.put("images/waiter/2.tar", await tarOf({ "w/two": "2\n" }));
+  proxy.tamper = (r) => (isObjectGet(r) && r.url.includes("/images/hog/") ? { throttle: { bytes: 2048, delayMs: 200 } } : undefined);
+  const hog = (async () => {
+    for await (const _ of client.pullImage({ image: "hog" }));
+  })();
+  try {
+    await until(() => proxy.requests.filter((r) => isObjectGet(r) && r.url.includes("/images/hog/")).length === 4, "the hog holds every slot");
+    helper.failNext("layer.apply", "NO_SPACE", "pool is out of data space");
+    const began = performance.now();
+    const err = await pullFailure("waiter");
+    const tookMs = performance.now() - began;
+    assert.equal(err.reason, "POOL_FULL", err.message);
+    assert.ok(proxy.requests.filter((r) => isObjectGet(r) && r.url.includes("/images/hog/")).every((r) => r.end === undefined), "the hog still holds its slots");
+    assert.ok(tookMs < 2000, `the failed run ended after ${tookMs.toFixed(0)} ms, not when a slot came free`);
+    assert.equal(proxy.requests.find(objectGet("waiter/2.tar")), undefined, "layer 2 was never requested");
+  } finally {
+    proxy.tamper = () => undefined;
+  }
+  await hog;
+  assertNothingHalfMade();
+});
