@@ -1,7 +1,7 @@
 // Activating thin devices as /dev/mapper/<name>, removing them, and listing ours.
 import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
-import { dmAllTables, dmCreate, dmDeviceNumber, dmRemove, isBusy, parseThinTable } from "./dm.ts";
+import { dmAllTables, dmCreate, dmDeviceNumber, dmMakeNode, dmRemove, isBusy, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { claimRole, ownDevice } from "./ownership.ts";
 import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
@@ -38,7 +38,12 @@ export async function activateDevice(config: HelperConfig, name: string, thinId:
   const existing = tables.get(name) ?? null;
   if (existing !== null) {
     const thin = parseThinTable(existing);
-    if (thin && thin.poolDevice === pool && thin.thinId === thinId && thin.sectors === sectors) return { path };
+    if (thin && thin.poolDevice === pool && thin.thinId === thinId && thin.sectors === sectors) {
+      // A helper killed between `dmsetup create` and `mknodes` left the device without its node
+      // (no udev here): a repeat finishes the job, or the caller gets a path that does not exist.
+      await dmMakeNode(name);
+      return { path };
+    }
     throw new HelperFailure("CONFLICT", `device ${name} already exists with a different table: ${existing}`);
   }
   const holder = (await listDevices(config, pool, tables)).find((device) => device.thinId === thinId);

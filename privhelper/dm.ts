@@ -67,6 +67,11 @@ export function parseAllTables(out: string): Map<string, string> {
 /** Creates and loads a device, then makes its /dev/mapper node (no udev in the VM; see vm-notes). */
 export async function dmCreate(name: string, table: string): Promise<void> {
   await run("dmsetup", ["create", name, "--noudevsync", "--table", table]);
+  await dmMakeNode(name);
+}
+
+/** Makes (or fixes) the device's /dev/mapper node; a no-op when it is right. */
+export async function dmMakeNode(name: string): Promise<void> {
   await run("dmsetup", ["mknodes", name]);
 }
 
