@@ -293,8 +293,12 @@ test("helper killed (-9) during layer.apply: the applier dies too; the device ca
   await client.call("fs.mkfs", { name: layer(11) });
   const slow = await blob(Array.from({ length: 40 }, (_, i) => ({ header: { name: `f${i}`, mode: 0o644 }, body: Buffer.alloc(2 * MiB, i) })));
   const pending = client.call("layer.apply", { name: layer(11), digest: slow }).catch((err: unknown) => err);
-  for (let i = 0; i < 200 && !applierRunning(); i++) await new Promise((r) => setTimeout(r, 25));
-  assert.ok(applierRunning(), "the applier started");
+  // Node's start under emulation takes seconds, and more on a loaded machine (5 s were once too few).
+  for (const deadline = Date.now() + 30_000; Date.now() < deadline && !applierRunning(); ) await new Promise((r) => setTimeout(r, 25));
+  if (!applierRunning()) {
+    const outcome = await Promise.race([pending, new Promise((r) => setTimeout(() => r("still pending"), 100))]);
+    assert.fail(`the applier was never seen running; layer.apply: ${outcome instanceof Error ? outcome.message : String(outcome)}`);
+  }
   await stopHelper("SIGKILL");
   assert.equal(((await pending) as HelperError).code, "CONNECTION_LOST");
   for (let i = 0; i < 100 && applierRunning(); i++) await new Promise((r) => setTimeout(r, 50));
