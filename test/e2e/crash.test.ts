@@ -5,7 +5,8 @@
 // left behind (dm tables, mounts, loop devices, temp files).
 //
 // npm test runs the scenarios marked `short` (each victim kind and each operation at least once)
-// and a random loop of 15 kills (kill -9, or SIGTERM for a quarter of the agent's); npm run test:soak (IMGD_TEST_SOAK=1) the whole matrix and 100.
+// and a random loop of 15 kills (kill -9, or SIGTERM for a quarter of the agent's); npm run
+// test:soak (IMGD_TEST_SOAK=1) the whole matrix and 100.
 // Knobs: IMGD_TEST_CRASH_ONLY=<regex> runs the scenarios of the whole matrix whose id matches (and skips the
 // random loop unless it matches "random"); IMGD_TEST_CRASH_KILLS kills in the random loop;
 // IMGD_TEST_CRASH_SEED the loop's seed (printed; random by default).
