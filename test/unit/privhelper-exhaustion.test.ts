@@ -63,6 +63,22 @@ function connect(): Promise<Socket> {
   });
 }
 
+/**
+ * connect(), again while the kernel answers EAGAIN: a Unix socket's listen backlog is full while
+ * 1000 connections arrive at once faster than a loaded helper accepts them (CI saw it once).
+ * That is the kernel's queue, not the helper refusing; a real client retries it too.
+ */
+async function connectThroughFullBacklog(): Promise<Socket> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await connect();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EAGAIN" || attempt === 200) throw err;
+      await sleep(25);
+    }
+  }
+}
+
 // A well-behaved client in a process of its own (so the flooders' work in this process does not
 // count as the helper's latency): one pool.status at a time for `ms`, then prints the latencies.
 const PROBE = `
@@ -141,7 +157,7 @@ async function idlePartialLines(count: number): Promise<{ sockets: Socket[]; ref
   let refused = 0;
   let closedByServer = 0;
   await Promise.all(Array.from({ length: count }, async () => {
-    const socket = await connect();
+    const socket = await connectThroughFullBacklog();
     sockets.push(socket);
     socket.on("error", () => undefined);
     socket.on("data", (chunk: Buffer) => {
