@@ -22,7 +22,7 @@ const { values } = parseArgs({ options: { mb: { type: "string", default: "128" }
 const MiB = 1024 * 1024;
 const repo = join(dirname(fileURLToPath(import.meta.url)), "..");
 const work = mkdtempSync(join(tmpdir(), "imgd-bench-applier-"));
-/** A root-only compile cache (NODE_COMPILE_CACHE) as the helper can give its child: Node then skips
+/** A root-only compile cache (NODE_COMPILE_CACHE) as the helper gives its child: Node then skips
  *  stripping the applier's TypeScript at each start (~0.25 s of CPU per layer on this host). */
 const compileCache = join(work, "compile-cache");
 const sh = (file: string, args: string[]) => execFileSync(file, args, { encoding: "utf8" }).trim();
