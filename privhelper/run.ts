@@ -27,6 +27,8 @@ export type RunOptions = {
   inheritFds?: number[];
   /** exit codes that are returned instead of thrown (0 is always accepted) */
   allowExitCodes?: number[];
+  /** variables added to the minimal environment (the layer applier's compile cache) */
+  env?: Record<string, string>;
 };
 
 // Aborted on shutdown so that no child outlives the helper.
@@ -44,7 +46,7 @@ export async function run(program: Program, args: string[], options: RunOptions 
 /** Like run() for an absolute program path that is not a system tool (the layer applier). */
 export async function runFile(file: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
   const timeoutMs = options.timeoutMs ?? 60_000;
-  const result = await spawner(file, args, timeoutMs, options.inheritFds ?? []);
+  const result = await spawner(file, args, timeoutMs, options.inheritFds ?? [], options.env ?? {});
   const stdout = String(result.stdout ?? "");
   const stderr = String(result.stderr ?? "");
   const command = [file, ...args].join(" ");
@@ -70,15 +72,15 @@ export type SpawnResult = {
   signal?: string | undefined;
   message?: string | undefined;
 };
-export type Spawner = (file: string, args: string[], timeoutMs: number, inheritFds: number[]) => Promise<SpawnResult>;
+export type Spawner = (file: string, args: string[], timeoutMs: number, inheritFds: number[], env: Record<string, string>) => Promise<SpawnResult>;
 
-async function spawnWithExeca(file: string, args: string[], timeoutMs: number, inheritFds: number[]): Promise<SpawnResult> {
+async function spawnWithExeca(file: string, args: string[], timeoutMs: number, inheritFds: number[], env: Record<string, string>): Promise<SpawnResult> {
   // execa's types do not list descriptor numbers past stderr; it passes them to spawn as they are.
   const stdio = ["ignore", "pipe", "pipe", ...inheritFds] as unknown as ["ignore", "pipe", "pipe"];
   return execa(file, args, {
     reject: false,
     stdio,
-    env: { ...ENV, ...crashPointEnv() },
+    env: { ...env, ...ENV, ...crashPointEnv() },
     extendEnv: false,
     timeout: timeoutMs,
     killSignal: "SIGKILL",

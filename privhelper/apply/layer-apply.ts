@@ -46,7 +46,8 @@ export async function applyLayerToDevice(config: HelperConfig, name: string, dig
   try {
     // Mount points only exist inside the applier's private namespace: root's alone (0700).
     await mkdir(join(config.stateDir, "mnt"), { recursive: true, mode: 0o700 });
-    ({ stdout, stderr } = await runFile(PROGRAMS.unshare, args, { timeoutMs: APPLY_TIMEOUT_MS, allowExitCodes: [1], inheritFds: [blobFd] }));
+    const env = await compileCacheEnv(config);
+    ({ stdout, stderr } = await runFile(PROGRAMS.unshare, args, { timeoutMs: APPLY_TIMEOUT_MS, allowExitCodes: [1], inheritFds: [blobFd], env }));
   } finally {
     closeSync(blobFd);
     // The mount itself died with the child's namespace; only the empty directory is left.
@@ -66,6 +67,19 @@ export async function applyLayerToDevice(config: HelperConfig, name: string, dig
     }
   }
   throw new HelperFailure(code, `${report.message}${where}`);
+}
+
+/**
+ * Node's compile cache for the applier (a fresh process per layer): the V8 code of its modules is
+ * kept between runs instead of compiled again each time (measured on the host: unpack of a
+ * rootfs-like layer 0.52x tar's speed without it, 0.65x with it). Root's alone, in the helper's
+ * state directory, never in /tmp where another user could plant it; Node checks each entry
+ * against its module's source and recompiles on any mismatch.
+ */
+async function compileCacheEnv(config: HelperConfig): Promise<Record<string, string>> {
+  const dir = join(config.stateDir, "compile-cache");
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  return { NODE_COMPILE_CACHE: dir };
 }
 
 function parseReport(stdout: string): ChildReport | null {

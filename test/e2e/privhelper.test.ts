@@ -174,6 +174,10 @@ test("layer.apply: content lands in the device, never on the host; refusals", op
   assert.deepEqual(await client.call("layer.apply", { name: layer(1), digest: first }), { entries: 8, bytes: statSync(join(BLOBS, "sha256", first.slice(7))).size });
   assert.doesNotMatch(mountinfo(), /apply-/);
   assert.equal(existsSync(join(STATE, "mnt", `apply-${layer(1)}`)), false);
+  // The applier's compiled code is kept for the next layer, in a directory only root can write.
+  const cache = statSync(join(STATE, "compile-cache"));
+  assert.equal(cache.mode & 0o777, 0o700);
+  assert.ok(readdirSync(join(STATE, "compile-cache")).length > 0, "the applier left no compile cache");
 
   await refused(client.call("layer.apply", { name: layer(1), digest: `sha256:${"0".repeat(64)}` }), "BLOB_MISSING");
   const notTar = Buffer.from("not a tar");
