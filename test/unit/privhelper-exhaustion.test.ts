@@ -117,11 +117,15 @@ async function measureLatency(ms: number): Promise<{ connected: Promise<void>; l
   return { connected: connectedPromise, latencies };
 }
 
+type FloodCounters = { connections: number; cutOff: number; refusedAtConnect: number; bytes: number };
+
 /**
- * Writes 64 KiB chunks of `line` as fast as the socket takes them and never reads; reconnects
- * when cut off. `{}` is refused by the parser; a valid request is performed, and answered.
+ * Writes 64 KiB chunks of `line` as fast as the socket takes them and reads nothing but the first
+ * chunk the helper sends (to tell a connection refused at once, while the idle clients hold every
+ * slot, from one cut off for flooding); reconnects when cut off. `{}` is refused by the parser; a
+ * valid request is performed, and answered.
  */
-async function flood(line: string, until: () => boolean, counters: { connections: number; cutOff: number; bytes: number }): Promise<void> {
+async function flood(line: string, until: () => boolean, counters: FloodCounters): Promise<void> {
   const chunk = Buffer.from(`${line}\n`.repeat(Math.floor(65536 / (line.length + 1))));
   while (until()) {
     let socket: Socket;
@@ -132,7 +136,11 @@ async function flood(line: string, until: () => boolean, counters: { connections
       continue;
     }
     counters.connections++;
-    socket.pause(); // never read
+    let refusedAtConnect = false;
+    socket.once("data", (first: Buffer) => {
+      refusedAtConnect = first.toString().includes("TOO_MANY_CONNECTIONS");
+      socket.pause(); // never read again
+    });
     socket.on("error", () => undefined);
     let open = true;
     const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
@@ -146,7 +154,7 @@ async function flood(line: string, until: () => boolean, counters: { connections
         socket.off("drain", onDrain);
       }
     }
-    if (!open) counters.cutOff++;
+    if (!open) counters[refusedAtConnect ? "refusedAtConnect" : "cutOff"]++;
     socket.destroy();
   }
 }
@@ -178,8 +186,8 @@ test("a flood that never reads and 1000 idle partial lines: another client keeps
   const running = () => performance.now() < end;
   const probe = await measureLatency(FLOOD_MS);
   await probe.connected; // the well-behaved client is connected before the others take the slots
-  const garbage = { connections: 0, cutOff: 0, bytes: 0 };
-  const unread = { connections: 0, cutOff: 0, bytes: 0 };
+  const garbage: FloodCounters = { connections: 0, cutOff: 0, refusedAtConnect: 0, bytes: 0 };
+  const unread: FloodCounters = { connections: 0, cutOff: 0, refusedAtConnect: 0, bytes: 0 };
   const floods = Promise.all([
     flood("{}", running, garbage),
     flood("{}", running, garbage),
@@ -208,7 +216,8 @@ test("a flood that never reads and 1000 idle partial lines: another client keeps
   const count = (code: string) => logs.filter((l) => l.code === code);
   const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(0);
   console.log(`pool.status: ${latencies.length} answers, p50 ${p50.toFixed(1)} ms, p99 ${p99.toFixed(1)} ms, max ${max.toFixed(1)} ms; helper event loop delay max ${loopDelay} ms; helper RSS ${(rssBefore / 1024).toFixed(0)} -> peak ${(peakRss / 1024).toFixed(0)} MiB; ` +
-    `garbage flood: ${mib(garbage.bytes)} MiB over ${garbage.connections} connections, ${garbage.cutOff} cut off; unread flood: ${mib(unread.bytes)} MiB over ${unread.connections} connections, ${unread.cutOff} cut off; ` +
+    `garbage flood: ${mib(garbage.bytes)} MiB over ${garbage.connections} connections, ${garbage.cutOff} cut off, ${garbage.refusedAtConnect} refused at connect; ` +
+    `unread flood: ${mib(unread.bytes)} MiB over ${unread.connections} connections, ${unread.cutOff} cut off, ${unread.refusedAtConnect} refused at connect; ` +
     `idle partial lines: ${idle.refused()} of 1000 refused at connect, ${idle.closedByServer()} closed; log lines: ${count("TOO_MANY_REFUSALS").length} TOO_MANY_REFUSALS, ${count("NOT_READING").length} NOT_READING, ` +
     `${count("PARTIAL_LINE_IDLE").length} PARTIAL_LINE_IDLE, ${count("TOO_MANY_CONNECTIONS").length} TOO_MANY_CONNECTIONS, ${logs.length} in all`);
 
@@ -225,7 +234,7 @@ test("a flood that never reads and 1000 idle partial lines: another client keeps
     const lines = count(code);
     assert.ok(lines.length >= 2, `${what}: only ${lines.length} connections were cut off (${code})`);
     assert.equal(new Set(lines.map((l) => l.conn)).size, lines.length, `${what}: a cut-off was logged twice`);
-    assert.ok(lines.length >= counters.cutOff && lines.length <= counters.connections, `${what}: ${lines.length} ${code} lines for ${counters.connections} connections, ${counters.cutOff} seen cut`);
+    assert.ok(lines.length >= counters.cutOff && lines.length <= counters.connections - counters.refusedAtConnect, `${what}: ${lines.length} ${code} lines for ${counters.connections} connections, ${counters.cutOff} seen cut, ${counters.refusedAtConnect} refused at connect`);
   }
   // A flood does not flood the log: refusals are logged a few per connection, then counted.
   const refusalLines = logs.filter((l) => typeof l.code === "string" && /^(BAD_JSON|BAD_ARGS|UNKNOWN_OP)$/.test(l.code));
