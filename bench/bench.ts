@@ -32,7 +32,14 @@ import { MOUNT_READ_WRITE, withMounted } from "../test/helpers/mount.ts";
 const helper = new HelperClient(process.env.IMGD_HELPER_SOCKET ?? "/run/imgd/privhelper.sock");
 const { client, channel } = connectImgd();
 const s3Config = loadS3Config(process.env);
-const s3 = createS3Client(s3Config);
+// A client per section: the CLIs run under execFileSync, which blocks the event loop for minutes,
+// so the server's close of an idle keep-alive connection is only seen after the next request was
+// written on it (EPIPE, and a lost bench run). The agent never blocks its loop like that.
+let s3 = createS3Client(s3Config);
+const freshS3 = () => {
+  s3.destroy();
+  s3 = createS3Client(s3Config);
+};
 const images = ["golang", "node", "python"];
 const MiB = 1048576;
 
@@ -40,7 +47,11 @@ const now = () => performance.now();
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const sh = (cmd: string, args: string[], env?: NodeJS.ProcessEnv) => execFileSync(cmd, args, { encoding: "utf8", env: { ...process.env, ...env } });
 const rows: [string, string, string, string][] = [];
-const row = (what: string, imgd: string, baseline: string, ratio: string) => rows.push([what, imgd, baseline, ratio]);
+/** Records a row for the final table and prints it at once (a run that fails later keeps it). */
+const row = (what: string, imgd: string, baseline: string, ratio: string) => {
+  rows.push([what, imgd, baseline, ratio]);
+  console.log(`bench row: ${what} | ${imgd} | ${baseline} | ${ratio}`);
+};
 
 // ---- peak memory -------------------------------------------------------------------------------
 
@@ -154,6 +165,7 @@ async function benchPulls(): Promise<void> {
 
 /** Downloads the image's layers into a scratch blob store, all at once as a pull does at most. */
 async function downloadAlone(image: string): Promise<number> {
+  freshS3();
   const objects = await listImageLayers(s3, s3Config, image);
   const dir = mkdtempSync("/tmp/imgd-bench-dl-");
   try {
@@ -231,6 +243,7 @@ async function benchRepullAndActivate(): Promise<void> {
 }
 
 async function benchDownload(): Promise<void> {
+  freshS3();
   const objects = (await Promise.all(images.map((image) => listImageLayers(s3, s3Config, image)))).flat();
   const bytes = objects.reduce((n, o) => n + o.size, 0);
   const ours = mkdtempSync("/tmp/imgd-bench-dl-");
@@ -267,6 +280,7 @@ async function benchDownload(): Promise<void> {
 }
 
 async function benchRangedDownload(): Promise<void> {
+  freshS3();
   const objects = (await Promise.all(images.map((image) => listImageLayers(s3, s3Config, image)))).flat();
   const largest = objects.sort((a, b) => b.size - a.size)[0];
   const timed = async (download: S3Config["download"]) => {
@@ -283,6 +297,7 @@ async function benchRangedDownload(): Promise<void> {
   };
   const partSize = Math.max(1024 * 1024, Math.ceil(largest.size / 8));
   const single = await timed({ parallelThreshold: Number.MAX_SAFE_INTEGER });
+  freshS3();
   const ranged = await timed({ parallelThreshold: 1, partSize, partConcurrency: 4 });
   const mbps = (s: number) => `${(largest.size / MiB / s).toFixed(1)} MiB/s`;
   row(`largest layer (${(largest.size / MiB).toFixed(1)} MiB): ranged GETs, ${Math.ceil(largest.size / partSize)} parts, 4 at once`, mbps(ranged), `one GET ${mbps(single)}`, `${(single / ranged).toFixed(2)}x`);
