@@ -160,8 +160,9 @@ test("a first image: what a layer really costs the pool, against the agent's est
 
 test("a layer that runs the pool out of space mid-way fails within seconds, cleanly; the pool is usable after", async () => {
   // Something else (a machine writing into its activation) takes the pool's free space while the
-  // layer applies. To make the timing exact the layer device is suspended as soon as it exists,
-  // the activation fills the pool, and the device is resumed: the apply then finds no space.
+  // layer applies. To make the timing exact the layer device is suspended as soon as it exists
+  // (the apply's I/O waits), the activation fills the pool, and the device is resumed: the apply
+  // then finds no space.
   const big = await fileLayer("midway", 12 * MiB);
   await upload("midway", [base, big]);
   const device = layerDeviceName(chainIds([base.digest, big.digest])[1]!);
@@ -176,7 +177,10 @@ test("a layer that runs the pool out of space mid-way fails within seconds, clea
     assert.ok(Date.now() < deadline, `${device} never appeared`);
     await sleep(10);
   }
-  sh("/usr/sbin/dmsetup", "suspend", device);
+  // --nolockfs: a plain suspend also freezes the block device, and a mount meanwhile fails at
+  // once with EBUSY ("blockdev is frozen") instead of waiting for the resume; the applier, quick
+  // to start with its compile cache, got there first and the pull was retried (seen in CI).
+  sh("/usr/sbin/dmsetup", "suspend", "--nolockfs", device);
   let resumedAt = 0;
   try {
     const free = await pool();
