@@ -189,7 +189,12 @@ export async function runDoctor({ catalog, helper, pull, activate, deactivate, t
     });
   }
   for (const activation of activations) {
-    if (activation.state !== "active" || liveByName.has(activation.name) || isBusy({ type: "activation", row: activation })) continue;
+    // Reported even while a run of it is unfinished: "active" is recorded after the mapping, so
+    // no run maps it again (an activate run resumed after a reboot only ends; a deactivation
+    // marks it "deactivating" first, under the lock the repair takes too). A reboot unmaps every
+    // device, so an activation whose run the power cut after its mapping lost its device for
+    // good (seen in the power-cut soak, seed 50d3ddbb).
+    if (activation.state !== "active" || liveByName.has(activation.name)) continue;
     // Without its thin id there is nothing to reactivate: MISSING_THIN_ID covers it.
     if (!inPool.has(activation.thinId)) continue;
     findings.push({

@@ -164,8 +164,9 @@ async function repair(deps: ReconcileDeps, action: RepairAction): Promise<string
     case "reactivate":
       return locks.run(activationLock(action.id), async () => {
         const row = catalog.getActivation(action.id);
+        // Whatever run of it is unfinished (see doctor's MISSING_DEVICE): mapping is idempotent,
+        // and a deactivation changes the row under this same lock before it unmaps.
         if (row?.state !== "active") return "the activation is no longer active";
-        if (activationBusy(deps, row.id)) return "a run is working on this activation";
         await mapActivation(deps, row);
         return undefined;
       });
