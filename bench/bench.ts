@@ -42,6 +42,8 @@ const freshS3 = () => {
 };
 const images = ["golang", "node", "python"];
 const MiB = 1048576;
+/** The agent's blob store in the VM, where the helper takes the blobs it applies from. */
+const BLOB_DIR = "/var/lib/imgd/blobs/sha256";
 
 const now = () => performance.now();
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -124,17 +126,16 @@ async function benchPulls(): Promise<void> {
   const before = await client.getPool({});
   const mib = (bytes: number) => `${(bytes / MiB).toFixed(1)} MiB`;
   const [first, ...later] = images;
-  let download = 0;
-  let unpack = 0;
-  const { result: pulls, agent, helper: helperMiB, applier } = await peakRss(async () => {
-    const results = [await pull(first)];
+  const { result, agent, helper: helperMiB, applier } = await peakRss(async () => {
+    const pulls = [await pull(first)];
     // The first image's baselines, before the others are pulled (the helper's peak includes the
     // layers it applies for them: the same work as a pull's).
-    download = await downloadAlone(first);
-    unpack = await unpackEachLayer(first);
-    for (const image of later) results.push(await pull(image));
-    return results;
+    const download = await downloadAlone(first);
+    const unpack = await unpackEachLayer(first);
+    for (const image of later) pulls.push(await pull(image));
+    return { pulls, download, unpack };
   });
+  const { pulls, download, unpack } = result;
   const after = await client.getPool({});
   const cold = pulls[0].seconds;
   row(
@@ -185,13 +186,12 @@ async function downloadAlone(image: string): Promise<number> {
  * layer applied, device unmapped): the image's unpack alone.
  */
 async function unpackEachLayer(image: string): Promise<number> {
-  const blobDir = "/var/lib/imgd/blobs/sha256";
   const { image: info } = await client.getImage({ image });
   let seconds = 0;
   let below: number | undefined;
   for (const layer of info!.layers) {
     const hex = layer.digest.replace(/^sha256:/, "");
-    seconds += await compareUnpack(`layer ${layer.position} of ${image}`, join(blobDir, hex), layer.digest, Number(layer.size), 0xfff000, below);
+    seconds += await compareUnpack(`layer ${layer.position} of ${image}`, join(BLOB_DIR, hex), layer.digest, Number(layer.size), 0xfff000, below);
     below = layer.thinId;
   }
   return seconds;
@@ -363,7 +363,7 @@ async function generatedLayer(count: number, fileBytes: number): Promise<{ path:
   archive.finalize();
   await written;
   const hex = hash.digest("hex");
-  const path = join("/var/lib/imgd/blobs/sha256", hex);
+  const path = join(BLOB_DIR, hex);
   renameSync(tmp, path);
   // The helper applies only blobs the agent owns (issue 9): hand it to the agent's user.
   chownSync(path, Number(sh("/usr/bin/id", ["-u", "imgd"]).trim()), Number(sh("/usr/bin/id", ["-g", "imgd"]).trim()));
