@@ -1,83 +1,15 @@
-// agent/thin-devices.ts on a real catalog, with the helper stubbed as a small pool (thin ids and
-// mappings, "already gone" is success as in the real helper) that records, for every call, what
-// the catalog said at that moment: the intent must be on record before each pool operation, the
-// outcome only after it. A fault drops an operation (the helper died before it) or loses its
-// answer (the effect happened): a crash between intent and outcome, which a re-run finishes.
+// agent/thin-devices.ts on a real catalog, with the helper stubbed as a small pool
+// (test/helpers/stub-pool.ts) that records, for every call, what the catalog said at that moment:
+// the intent must be on record before each pool operation, the outcome only after it. A fault
+// drops an operation (the helper died before it) or loses its answer (the effect happened): a
+// crash between intent and outcome, which a re-run finishes.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Catalog } from "../../agent/catalog.ts";
-import { openDatabase } from "../../agent/db.ts";
-import type { HelperClient } from "../../agent/helper-client.ts";
-import { chainIds } from "../../agent/images/chain.ts";
 import * as thin from "../../agent/thin-devices.ts";
-
-const digest = (n: number) => "sha256:" + String(n).repeat(64);
-const [chain1, chain2] = chainIds([digest(1), digest(2)]) as [string, string];
-
-function setup() {
-  const catalog = new Catalog(openDatabase(":memory:"));
-  const thins = new Set<number>();
-  const mapped = new Map<string, number>();
-  /** Each call as "op subject: state at the time of the call". */
-  const calls: string[] = [];
-  const faults = new Map<string, "dropped" | "answer lost">();
-  const stateOf = (args: { thinId?: number; name?: string }): string => {
-    const owner =
-      catalog.listDevices().find((d) => d.thinId === args.thinId || d.name === args.name) ??
-      catalog.listActivations().find((a) => a.thinId === args.thinId || a.name === args.name);
-    if (owner) return owner.state;
-    if (args.thinId === undefined) return "no row";
-    if (catalog.adoptedThinIds().includes(args.thinId)) return "reserved";
-    return catalog.thinIdAllocated(args.thinId) ? "allocated, no row" : "free";
-  };
-  const helper = {
-    call: async (op: string, args: { thinId?: number; originId?: number; name?: string }) => {
-      if (op === "thin.list") return { thinIds: [...thins].sort() };
-      if (op === "device.list") return { devices: [...mapped].map(([name, thinId]) => ({ name, thinId })) };
-      calls.push(`${op} ${args.name ?? args.thinId}: ${stateOf(args)}`);
-      const fault = faults.get(op);
-      faults.delete(op);
-      if (fault === "dropped") throw new Error(`the helper died before ${op}`);
-      let result: unknown = {};
-      switch (op) {
-        case "thin.create":
-          thins.add(args.thinId!);
-          break;
-        case "thin.snapshot":
-          if (!thins.has(args.originId!)) throw new Error(`origin ${args.originId} does not exist`);
-          thins.add(args.thinId!);
-          break;
-        case "thin.delete":
-          if ([...mapped.values()].includes(args.thinId!)) throw new Error(`thin ${args.thinId} is mapped`);
-          thins.delete(args.thinId!); // gone already: success
-          break;
-        case "device.activate":
-          if (!thins.has(args.thinId!)) throw new Error(`thin ${args.thinId} does not exist`);
-          mapped.set(args.name!, args.thinId!);
-          result = { path: `/dev/mapper/${args.name}` };
-          break;
-        case "device.deactivate":
-          mapped.delete(args.name!); // gone already: success
-          break;
-      }
-      if (fault === "answer lost") throw new Error(`the connection dropped during ${op}`);
-      return result;
-    },
-  } as unknown as HelperClient;
-  const pool = { catalog, helper };
-  /** A ready layer device (chain1) built through the module. */
-  const readyDevice = async () => {
-    const device = thin.allocateLayerDevice(pool, { chainId: chain1, parentChainId: null, layerDigest: digest(1) });
-    await thin.createLayerDevice(pool, device, null);
-    await thin.unmapLayerDevice(pool, device);
-    thin.layerDeviceReady(pool, device);
-    return catalog.getDevice(chain1)!;
-  };
-  return { catalog, pool, thins, mapped, calls, faults, readyDevice };
-}
+import { chain1, chain2, digest, stubPool } from "../helpers/stub-pool.ts";
 
 test("a layer device is allocated before the pool creates it, and ready only once it is unmapped", async () => {
-  const { catalog, pool, thins, mapped, calls, readyDevice } = setup();
+  const { catalog, pool, thins, mapped, calls, readyDevice } = stubPool();
   const base = await readyDevice();
   const device = thin.allocateLayerDevice(pool, { chainId: chain2, parentChainId: chain1, layerDigest: digest(2) });
   assert.equal(device.state, "allocated");
@@ -94,7 +26,7 @@ test("a layer device is allocated before the pool creates it, and ready only onc
 });
 
 test("a transition starts only from its own state: a ready device is not created or marked ready again", async () => {
-  const { pool, calls, readyDevice } = setup();
+  const { pool, calls, readyDevice } = stubPool();
   const device = await readyDevice();
   calls.length = 0;
   await assert.rejects(thin.createLayerDevice(pool, device, null), /is ready, not allocated/);
@@ -103,7 +35,7 @@ test("a transition starts only from its own state: a ready device is not created
 });
 
 test("removing a ready layer device: 'removing' before every pool operation, the row and thin id go after", async () => {
-  const { catalog, pool, thins, mapped, calls, readyDevice } = setup();
+  const { catalog, pool, thins, mapped, calls, readyDevice } = stubPool();
   const device = await readyDevice();
   mapped.set(device.name, device.thinId); // left mapped: the removal unmaps it first
   calls.length = 0;
@@ -120,7 +52,7 @@ test("a removal cut short between intent and outcome is finished by a re-run; th
     ["thin.delete", "dropped"],
     ["thin.delete", "answer lost"],
   ] as const) {
-    const { catalog, pool, thins, faults, readyDevice } = setup();
+    const { catalog, pool, thins, faults, readyDevice } = stubPool();
     const device = await readyDevice();
     faults.set(op, fault);
     await assert.rejects(thin.removeLayerDevice(pool, device), /helper died|connection dropped/);
@@ -135,7 +67,7 @@ test("a removal cut short between intent and outcome is finished by a re-run; th
 });
 
 test("a half-made ('allocated') layer device is discarded as it is; 'already gone' is success", async () => {
-  const { catalog, pool, calls } = setup();
+  const { catalog, pool, calls } = stubPool();
   const device = thin.allocateLayerDevice(pool, { chainId: chain1, parentChainId: null, layerDigest: digest(1) });
   // A crash right after the allocation: the pool never heard of the id.
   await thin.removeLayerDevice(pool, device);
@@ -144,7 +76,7 @@ test("a half-made ('allocated') layer device is discarded as it is; 'already gon
 });
 
 test("a removal whose row is gone, or holds another thin id now, does not touch the pool", async () => {
-  const { catalog, pool, thins, calls, readyDevice } = setup();
+  const { catalog, pool, thins, calls, readyDevice } = stubPool();
   const stale = await readyDevice();
   await thin.removeLayerDevice(pool, stale);
   calls.length = 0;
@@ -164,7 +96,7 @@ test("a removal whose row is gone, or holds another thin id now, does not touch 
 });
 
 test("an activation is allocated before its snapshot is made, and active only once it is mapped", async () => {
-  const { catalog, pool, calls, readyDevice } = setup();
+  const { catalog, pool, calls, readyDevice } = stubPool();
   const origin = await readyDevice();
   calls.length = 0;
   const row = thin.allocateActivation(pool, { id: "01J00000000000000000000000", image: "golang", chainId: chain1 });
@@ -182,7 +114,7 @@ test("an activation is allocated before its snapshot is made, and active only on
 });
 
 test("a deactivation records 'deactivating' before the pool is touched; cut short anywhere, a re-run finishes it", async () => {
-  const { catalog, pool, thins, mapped, calls, faults, readyDevice } = setup();
+  const { catalog, pool, thins, mapped, calls, faults, readyDevice } = stubPool();
   const origin = await readyDevice();
   const row = thin.allocateActivation(pool, { id: "01J00000000000000000000000", image: "golang", chainId: chain1 });
   catalog.reserveActivationName({ name: "web-1", activationId: row.id, image: "golang", labels: {} });
@@ -216,7 +148,7 @@ test("a deactivation records 'deactivating' before the pool is touched; cut shor
 });
 
 test("removing an activation whole (undo, repairs): an active one is marked first, a half-made one is removed as it is", async () => {
-  const { catalog, pool, calls, faults, readyDevice } = setup();
+  const { catalog, pool, calls, faults, readyDevice } = stubPool();
   const origin = await readyDevice();
   const active = thin.allocateActivation(pool, { id: "01J00000000000000000000000", image: "golang", chainId: chain1 });
   await thin.snapshotActivation(pool, active, origin);
@@ -242,7 +174,7 @@ test("removing an activation whole (undo, repairs): an active one is marked firs
 });
 
 test("a failed deactivation is settled by what the pool shows", async () => {
-  const { catalog, pool, thins, readyDevice } = setup();
+  const { catalog, pool, thins, readyDevice } = stubPool();
   const origin = await readyDevice();
   const row = thin.allocateActivation(pool, { id: "01J00000000000000000000000", image: "golang", chainId: chain1 });
   await thin.snapshotActivation(pool, row, origin);
@@ -255,7 +187,7 @@ test("a failed deactivation is settled by what the pool shows", async () => {
 });
 
 test("thin ids without a row: a lost one stays allocated until the pool deleted it; a wiped foreign one is reserved meanwhile", async () => {
-  const { catalog, pool, thins, mapped, calls, faults, readyDevice } = setup();
+  const { catalog, pool, thins, mapped, calls, faults, readyDevice } = stubPool();
   // A lost id: allocated by this catalog, its row gone, mapped under a stray name.
   const lost = thin.allocateActivation(pool, { id: "01J00000000000000000000000", image: "golang", chainId: (await readyDevice()).chainId });
   catalog.db.prepare("DELETE FROM activations WHERE id = ?").run(lost.id);
