@@ -12,21 +12,22 @@
 // Output: one JSON line on stdout, {"ok":true,"entries":N,"bytes":N} or
 // {"ok":false,"code":...,"message":...,"entry":...,"rule":...} with a non-zero exit.
 //
-// Throughput (issue 11): a plain tar is read synchronously in 8 MiB slices, each hashed once and
-// pushed to the synchronous tar reader, whose file contents are written straight from the slice.
+// Throughput (issue 11): a plain tar is read synchronously in 8 MiB slices, each hashed once on a
+// second thread (parallel-hash.ts) while the synchronous tar reader writes file contents straight
+// from the same slice.
 //
 // Everything the child needs is imported statically here, before the chroot: once inside, nothing
 // from the host filesystem (node_modules, libc) is reachable any more.
-import { createHash, type Hash } from "node:crypto";
+import { createHash } from "node:crypto";
 import { closeSync, constants, fstatSync, mkdirSync, openSync, readlinkSync, readSync } from "node:fs";
 import { isAbsolute, normalize } from "node:path";
 import { chroot, fchdir, killMeWithParent, MNT_DETACH, mount, MS_NODEV, MS_NOSUID, syncfs, umount2 } from "./libc.ts";
 import { blobCompression, decompressed, MAX_DECOMPRESSED_BYTES } from "./decompress.ts";
 import { LayerApplier, LayerRefused, withEntry } from "./oci-apply.ts";
+import { ParallelSha256 } from "./parallel-hash.ts";
 
-const PLAIN_READ_BYTES = 8 * 1024 * 1024;
-/** Compressed blobs: each read gets its own buffer, since the decoder may hold on to it. */
-const COMPRESSED_READ_BYTES = 1024 * 1024;
+/** The blob is read in slices of this size (each hashed on the other thread while it is applied). */
+const READ_BYTES = 8 * 1024 * 1024;
 
 type Args = {
   /** test mode only: the blob by path; the helper passes --blob-fd (a descriptor it opened) */
@@ -145,6 +146,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
   }
 
   const hostRoot = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
+  const hash = new ParallelSha256(READ_BYTES); // its thread starts before the chroot
   let chrooted = false;
   let failed = false;
   try {
@@ -152,7 +154,6 @@ async function main(): Promise<{ entries: number; bytes: number }> {
     chrooted = true;
     process.chdir("/");
 
-    const hash = createHash("sha256");
     let entries: number;
     let bytes: number;
     try {
@@ -165,7 +166,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
       throw err;
     }
 
-    const actual = `sha256:${hash.digest("hex")}`;
+    const actual = hash.digest();
     if (actual !== args.digest) {
       throw new ChildFailure("BLOB_MISMATCH", `blob ${blobName} hashes to ${actual}, not ${args.digest}; the device content is invalid`);
     }
@@ -178,6 +179,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
     return { entries, bytes };
   } catch (err) {
     failed = true;
+    hash.stop();
     throw err;
   } finally {
     try {
@@ -198,33 +200,28 @@ async function main(): Promise<{ entries: number; bytes: number }> {
 }
 
 /** Applies the blob open at `blobFd` to "/" (the image, chrooted), hashing its raw bytes once. */
-async function applyBlob(blobFd: number, hash: Hash, maxDecompressedBytes: number): Promise<{ entries: number; bytes: number }> {
+async function applyBlob(blobFd: number, hash: ParallelSha256, maxDecompressedBytes: number): Promise<{ entries: number; bytes: number }> {
   const rootFd = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
   const applier = new LayerApplier(rootFd);
+  let bytes = 0;
+  /** The next slice of the blob, handed to the hashing thread; empty at the end. */
+  const readSlice = (): Buffer => {
+    const slot = hash.nextSlot();
+    const read = readSync(blobFd, slot, 0, slot.length, bytes);
+    if (read > 0) hash.submit(read);
+    bytes += read;
+    return slot.subarray(0, read);
+  };
   try {
-    const buffer = Buffer.allocUnsafe(PLAIN_READ_BYTES);
-    let bytes = readSync(blobFd, buffer, 0, buffer.length, 0);
-    const compression = blobCompression(buffer.subarray(0, bytes));
+    const first = readSlice();
+    const compression = blobCompression(first);
     if (compression === "none") {
-      for (let read = bytes; read > 0; bytes += read) {
-        const slice = buffer.subarray(0, read);
-        hash.update(slice);
-        applier.push(slice);
-        read = readSync(blobFd, buffer, 0, buffer.length, bytes);
-      }
+      // Each slice is applied straight from the shared slot while the other thread hashes it.
+      for (let slice = first; slice.length > 0; slice = readSlice()) applier.push(slice);
     } else {
+      // The decoder may hold on to its input: it gets copies, never the slots.
       const raw = async function* (): AsyncGenerator<Buffer> {
-        const first = Buffer.from(buffer.subarray(0, bytes));
-        hash.update(first);
-        yield first;
-        for (;;) {
-          const chunk = Buffer.allocUnsafe(COMPRESSED_READ_BYTES);
-          const read = readSync(blobFd, chunk, 0, chunk.length, bytes);
-          if (read === 0) return;
-          bytes += read;
-          hash.update(chunk.subarray(0, read));
-          yield chunk.subarray(0, read);
-        }
+        for (let slice = first; slice.length > 0; slice = readSlice()) yield Buffer.from(slice);
       };
       for await (const chunk of decompressed(raw(), compression, maxDecompressedBytes)) applier.push(chunk);
     }
