@@ -73,33 +73,70 @@ export async function getRangeInto(
   }
 
   if (signal) addAbortSignal(signal, body);
+  // The body's chunks (64 KiB or less) are written by one writer loop: each write takes every
+  // chunk that arrived while the previous write ran (one positional writev instead of a
+  // thread-pool round trip per chunk), so a slow trickle is still written at once. Only written
+  // bytes count (onBytes): after a failure the range resumes from the first byte not on disk.
   let position = start;
-  let localFailure = false;
+  let received = start;
+  let batch: Buffer[] = [];
+  let batchBytes = 0;
+  let writeFailure: { error: unknown } | undefined; // a local disk problem (ENOSPC...), not S3's
+  let writer: Promise<void> | undefined;
+  const writeBatches = async () => {
+    try {
+      while (batchBytes > 0 && !writeFailure) {
+        const [chunks, bytes] = [batch, batchBytes];
+        [batch, batchBytes] = [[], 0];
+        await writeAllAt(file, chunks, position);
+        position += bytes;
+        onBytes(bytes);
+      }
+    } catch (error) {
+      writeFailure = { error };
+    } finally {
+      writer = undefined;
+    }
+  };
   try {
     for await (const chunk of body as AsyncIterable<Buffer>) {
-      if (position + chunk.length > end) {
+      if (writeFailure) break;
+      if (received + chunk.length > end) {
         throw new S3PermanentError("BAD_RESPONSE", `${what}: body longer than the ${end - start} bytes expected: the response lies about its size`);
       }
-      try {
-        await writeAt(file, chunk, position);
-      } catch (err) {
-        localFailure = true; // a local disk problem (ENOSPC...), not S3's: passed on unchanged, never retried
-        throw err;
-      }
-      position += chunk.length;
-      onBytes(chunk.length);
+      received += chunk.length;
+      batch.push(chunk);
+      batchBytes += chunk.length;
+      writer ??= writeBatches();
+      if (batchBytes >= MAX_BATCH) await writer; // the disk is slower than the network: wait for it
     }
+    await writer;
   } catch (err) {
     body.destroy();
-    if (localFailure) throw err;
+    await writer; // what arrived before the failure is written: a retry resumes after it
+    if (writeFailure) throw writeFailure.error;
     throw classifyS3Error(err, `${what}: after ${position - start} bytes`, signal);
+  }
+  if (writeFailure) {
+    body.destroy();
+    throw writeFailure.error;
   }
   if (position !== end) throw new S3TransientError("NETWORK", `${what}: body ended after ${position - start} of ${end - start} bytes`);
 }
 
-async function writeAt(file: FileHandle, chunk: Buffer, position: number): Promise<void> {
-  for (let offset = 0; offset < chunk.length; ) {
-    const { bytesWritten } = await file.write(chunk, offset, chunk.length - offset, position + offset);
+/** Bytes received but not yet written, at most (beyond one chunk). */
+const MAX_BATCH = 4 * 1024 * 1024;
+
+/** Writes every byte of `chunks` at `position`. */
+async function writeAllAt(file: FileHandle, chunks: Buffer[], position: number): Promise<void> {
+  const { bytesWritten: first } = await file.writev(chunks, position);
+  const total = chunks.reduce((n, c) => n + c.length, 0);
+  if (first === total) return;
+  // A short writev (a regular file rarely does that): the rest, one write at a time.
+  const rest = Buffer.concat(chunks).subarray(first);
+  for (let offset = 0; offset < rest.length; ) {
+    const { bytesWritten } = await file.write(rest, offset, rest.length - offset, position + first + offset);
+    if (bytesWritten === 0) throw Object.assign(new Error("short write: the file took no more bytes"), { code: "EIO" });
     offset += bytesWritten;
   }
 }
