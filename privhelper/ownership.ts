@@ -7,7 +7,7 @@
 import { stat } from "node:fs/promises";
 import type { HelperConfig } from "./config.ts";
 import { poolDeviceNumber } from "./device.ts";
-import { dmDeviceNumber, dmTable, parseThinTable } from "./dm.ts";
+import { dmDeviceNumber, dmTable, major, minor, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { LAYER_NAME } from "./protocol.ts";
 import { readOrigin, writeOrigin, type OriginRecord, type Role } from "./thin-origins.ts";
@@ -75,12 +75,4 @@ function requireRole(name: string, thinId: number, record: OriginRecord | undefi
   if (record?.role !== undefined && record.role !== role) {
     throw new HelperFailure("WRONG_ROLE", `thin id ${thinId} is an ${record.role === "layer" ? "image layer" : "activation"}; it cannot be used as ${name}`);
   }
-}
-
-// glibc's major()/minor() of a dev_t.
-function major(dev: number): number {
-  return Number((BigInt(dev) >> 8n) & 0xfffn) | Number((BigInt(dev) >> 32n) & ~0xfffn);
-}
-function minor(dev: number): number {
-  return Number(BigInt(dev) & 0xffn) | Number((BigInt(dev) >> 12n) & ~0xffn);
 }

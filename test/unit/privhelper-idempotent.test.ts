@@ -6,12 +6,13 @@
 // test/e2e/lifecycle.test.ts in the VM.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadConfig } from "../../privhelper/config.ts";
 import { applyLayerToDevice } from "../../privhelper/apply/layer-apply.ts";
 import { activateDevice, deactivateDevice } from "../../privhelper/device.ts";
+import { SYSFS } from "../../privhelper/dm.ts";
 import { makeFilesystem } from "../../privhelper/fs.ts";
 import { PROGRAMS } from "../../privhelper/run.ts";
 import { createThin, deleteThin, snapshotThin } from "../../privhelper/thin.ts";
@@ -24,9 +25,13 @@ const saved = { ...PROGRAMS };
 
 // The double: `dmsetup` verbs the helper uses, and `thin_ls` printing the pool's ids. The
 // pool's metadata device is the host's /dev/loop0 (7:0), which thin.list checks is a block device.
+// Device numbers come from a fake sysfs (dm.ts's SYSFS seam): the pool is dm-0 (253:0), and each
+// device the double creates gets the next dm-N.
+const sysfsRoot = join(dir, "sys");
 const DMSETUP = `#!${process.execPath}
 const fs = require("node:fs");
 const file = ${JSON.stringify(poolFile)};
+const sysfs = ${JSON.stringify(sysfsRoot)};
 const pool = JSON.parse(fs.readFileSync(file, "utf8"));
 const save = () => fs.writeFileSync(file, JSON.stringify(pool));
 const args = process.argv.slice(2).filter((a) => a !== "--noudevsync");
@@ -35,15 +40,19 @@ const missing = () => die("Device does not exist.\\nCommand failed.");
 const table = (name) => name === "imgd-pool" ? "0 2048 thin-pool 7:0 7:1 128 0 1 error_if_no_space" : pool.devices[name];
 pool.log.push(args.join(" ")); save();
 switch (args[0]) {
-  case "info":
-    if (args.includes("name")) { console.log(["imgd-pool", ...Object.keys(pool.devices)].join("\\n")); break; }
-    if (!table(args.at(-1))) missing();
-    console.log(args.at(-1) === "imgd-pool" ? "253:0" : "253:9"); break;
   case "table":
     if (args.length === 1) { for (const name of ["imgd-pool", ...Object.keys(pool.devices)]) console.log(name + ": " + table(name)); break; }
     { const t = table(args[1]); if (!t) missing(); console.log(t); break; }
-  case "create": pool.devices[args[1]] = args[3].replace("/dev/mapper/imgd-pool", "253:0"); save(); break; // the kernel shows major:minor
-  case "remove": if (!pool.devices[args[1]]) missing(); delete pool.devices[args[1]]; save(); break;
+  case "create": // the kernel shows the pool as major:minor, and the new device in sysfs
+    pool.devices[args[1]] = args[3].replace("/dev/mapper/imgd-pool", "253:0"); pool.minor += 1;
+    fs.mkdirSync(sysfs + "/block/dm-" + pool.minor + "/dm", { recursive: true });
+    fs.writeFileSync(sysfs + "/block/dm-" + pool.minor + "/dm/name", args[1] + "\\n");
+    fs.writeFileSync(sysfs + "/block/dm-" + pool.minor + "/dev", "253:" + pool.minor + "\\n");
+    save(); break;
+  case "remove":
+    if (!pool.devices[args[1]]) missing(); delete pool.devices[args[1]];
+    for (const dm of fs.readdirSync(sysfs + "/block")) if (fs.readFileSync(sysfs + "/block/" + dm + "/dm/name", "utf8").trim() === args[1]) fs.rmSync(sysfs + "/block/" + dm, { recursive: true });
+    save(); break;
   case "mknodes": case "suspend": case "resume": break;
   case "message": {
     const [verb, a, b] = args[3].split(" ");
@@ -61,12 +70,16 @@ const pool = JSON.parse(require("node:fs").readFileSync(${JSON.stringify(poolFil
 console.log(Object.keys(pool.thins).join("\\n"));
 `;
 
-type Pool = { thins: Record<string, number | null>; devices: Record<string, string>; log: string[] };
+type Pool = { thins: Record<string, number | null>; devices: Record<string, string>; log: string[]; minor: number };
 const readPool = (): Pool => JSON.parse(readFileSync(poolFile, "utf8"));
 const writePool = (p: Pool) => writeFileSync(poolFile, JSON.stringify(p));
 
 before(() => {
-  writePool({ thins: {}, devices: {}, log: [] });
+  writePool({ thins: {}, devices: {}, log: [], minor: 0 });
+  mkdirSync(join(sysfsRoot, "block/dm-0/dm"), { recursive: true });
+  writeFileSync(join(sysfsRoot, "block/dm-0/dm/name"), "imgd-pool\n");
+  writeFileSync(join(sysfsRoot, "block/dm-0/dev"), "253:0\n");
+  SYSFS.root = sysfsRoot;
   for (const [name, text] of [["dmsetup", DMSETUP], ["thin_ls", THIN_LS]]) {
     writeFileSync(join(dir, name!), text!);
     chmodSync(join(dir, name!), 0o755);
@@ -78,6 +91,7 @@ before(() => {
 
 after(() => {
   Object.assign(PROGRAMS as Record<string, string>, saved);
+  SYSFS.root = "/sys";
   rmSync(dir, { recursive: true, force: true });
 });
 
