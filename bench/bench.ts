@@ -15,6 +15,7 @@
 //             own two modes, IMGD_DOWNLOAD_PARALLEL_THRESHOLD / _PART_SIZE / _PART_CONCURRENCY)
 //   generated the same comparison for a generated layer of 256 KiB files (IMGD_BENCH_LAYER_MB,
 //             128; 0: none) in a fresh device
+// IMGD_BENCH_ONLY=activate,download (say) runs only those sections ("pulls" is the first four).
 import { execFileSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { chownSync, createWriteStream, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
@@ -379,12 +380,19 @@ async function benchGeneratedLayer(): Promise<void> {
   rmSync(big.path);
 }
 
+/** IMGD_BENCH_ONLY=section,...: only those sections (for working on one figure; the table is then partial). */
+const SECTIONS = ["pulls", "activate", "download", "ranged", "generated"] as const;
+
 async function main(): Promise<void> {
-  await benchPulls();
-  await benchRepullAndActivate();
-  await benchDownload();
-  await benchRangedDownload();
-  await benchGeneratedLayer();
+  const only = process.env.IMGD_BENCH_ONLY?.split(",").filter(Boolean) ?? [...SECTIONS];
+  const unknown = only.filter((name) => !(SECTIONS as readonly string[]).includes(name));
+  if (unknown.length > 0) throw new Error(`IMGD_BENCH_ONLY: unknown section(s) ${unknown.join(", ")}; known: ${SECTIONS.join(", ")}`);
+  if (only.includes("pulls")) await benchPulls();
+  else if (only.includes("activate")) for (const image of images) await pull(image); // activations need ready images (not timed)
+  if (only.includes("activate")) await benchRepullAndActivate();
+  if (only.includes("download")) await benchDownload();
+  if (only.includes("ranged")) await benchRangedDownload();
+  if (only.includes("generated")) await benchGeneratedLayer();
   const widths = [0, 1, 2, 3].map((i) => Math.max(...[["measure", "imgd", "baseline", "imgd vs baseline"], ...rows].map((r) => r[i].length)));
   const print = (r: string[]) => console.log(r.map((c, i) => c.padEnd(widths[i])).join("  "));
   console.log("\nimgd benchmark (in the VM, one run; ratios >1 mean imgd is faster, except pool and latency rows where they are imgd/baseline)");
