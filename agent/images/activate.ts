@@ -9,7 +9,9 @@
 //               never written.
 // activate      maps the snapshot as /dev/mapper/imgd-act-<id>, then records it "active".
 // Both steps are idempotent (the helper's snapshot and mapping succeed again when already made
-// the same way), so a run resumed after a crash finishes the job. A failed activation is undone
+// the same way), so a run resumed after a crash finishes the job. An activation deactivated while
+// it is made (a forced DeleteImage deactivates every activation of the image) ends the run: its
+// row is never made again. A failed activation is undone
 // (device removed, snapshot deleted, row dropped), so no row claims a device that does not
 // exist, and its name is freed. The pool operations and their catalog records: thin-devices.ts.
 //
@@ -65,6 +67,7 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
     .to("snapshot", async (ctx) => {
       const row = activationRow(deps, ctx);
       if (row.state === "active") return;
+      if (row.state === "deactivating") throw abort(removedWhileMade(ctx));
       const origin = catalog.getDevice(row.chainId);
       if (origin?.state !== "ready") throw abort(`image ${ctx.request.image}: its device ${row.chainId} is not ready`);
       crashPoint("activate.thin-id-allocated");
@@ -73,7 +76,9 @@ export function registerActivateFsm(deps: ActivateDeps): ActivateFsm {
       });
     })
     .to("activate", async (ctx) => {
-      const row = activationRow(deps, ctx);
+      // Allocated by the snapshot step; gone or going now only if something removed it meanwhile.
+      const row = catalog.getActivation(ctx.request.activationId);
+      if (!row || row.state === "deactivating") throw abort(removedWhileMade(ctx));
       const path = await mapActivation(deps, row, { signal: ctx.signal }).catch((err) => {
         throw classifyStepError(err, `activation ${row.id} of ${ctx.request.image}: activate`);
       });
@@ -136,12 +141,26 @@ function pullFailure(pull: RunRecord<unknown, unknown>, image: string): AgentErr
   return new AgentError(reason, `pull of ${image} failed: ${pull.error ?? "no reason recorded"}`, { ...pull.errorDetail?.metadata, image, run_id: pull.id, step: pull.step });
 }
 
-/** The activation's row, allocated on first use (before the pool is asked); a resumed run finds the one it made. */
+/**
+ * The activation's row, allocated on first use (before the pool is asked); a resumed run finds the
+ * one it made. Allocated only while the activation's name is still reserved (a deactivation, say a
+ * forced deletion of the image, removed it and released the name: it must not come back) and the
+ * image is still ready on that chain (DeleteImage's forget step drops the image row only when no
+ * activation of it exists). Both checks and the insert are one synchronous stretch: nothing else
+ * in the agent runs in between.
+ */
 function activationRow(deps: ActivateDeps, ctx: Ctx): ActivationRow {
-  const existing = deps.catalog.getActivation(ctx.request.activationId);
+  const { catalog } = deps;
+  const { activationId, image } = ctx.request;
+  const existing = catalog.getActivation(activationId);
   if (existing) return existing;
-  return allocateActivation(deps, { id: ctx.request.activationId, image: ctx.request.image, chainId: ctx.state.chainId! });
+  if (!catalog.activationNameOf(activationId)) throw abort(removedWhileMade(ctx));
+  const current = catalog.getImage(image);
+  if (current?.state !== "ready" || current.chainId !== ctx.state.chainId) throw abort(`image ${image} was deleted or changed while activation ${activationId} was being made`);
+  return allocateActivation(deps, { id: activationId, image, chainId: ctx.state.chainId! });
 }
+
+const removedWhileMade = (ctx: Ctx) => `activation ${ctx.request.activationId} of ${ctx.request.image} was deactivated (a forced deletion of the image, say) while it was being made`;
 
 async function undoActivation(deps: ActivateDeps, row: ActivationRow): Promise<void> {
   try {

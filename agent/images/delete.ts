@@ -3,7 +3,8 @@
 // deactivate      with force, deactivates the image's activations (through the deactivate FSM,
 //                 joining a deactivation already running); without force, refuses if any exist.
 // plan            records the image's chain ids in the checkpoint, before the row goes.
-// forget          deletes the image's row (and its layer list), unless a pull of it started.
+// forget          deletes the image's row (and its layer list), unless a pull of it started or an
+//                 activation of it was made since the deactivate step.
 // remove-devices  removes, top-most first, each device of that chain that nothing else uses:
 //                 shared leading layers stay for the images that share them. Each device is
 //                 judged under the lock a pull takes to build it (gc.ts) and removed through
@@ -76,6 +77,13 @@ export function registerDeleteFsm(deps: DeleteDeps): DeleteFsm {
       ctx.withLock(imageLock(ctx.request.image), async () => {
         if (deps.pull.list({ resourceId: ctx.request.image, status: "running", limit: 1 }).length > 0) {
           throw abort(`image ${ctx.request.image}: a pull of it started while it was being deleted; delete it again once the pull has finished`);
+        }
+        // An activation made since the deactivate step: this check and the row's deletion are one
+        // synchronous stretch, as the activation's allocation is (activate.ts), so one of the two
+        // sees the other.
+        const made = catalog.listActivations(ctx.request.image);
+        if (made.length > 0) {
+          throw abort(`image ${ctx.request.image}: activation(s) ${made.map((a) => a.id).join(", ")} were made while it was being deleted; delete it again (with force to deactivate them)`);
         }
         catalog.deleteImage(ctx.request.image);
       }),
