@@ -133,6 +133,7 @@ async function main(): Promise<{ entries: number; bytes: number }> {
     if (process.ppid !== args.parentPid) throw new ChildFailure("APPLY_FAILED", "the helper exited before the applier started");
   }
   process.umask(0); // modes come from the layer, exactly
+  const hash = new ParallelSha256(READ_BYTES); // its thread starts while we mount and read
 
   void process.stdout; // created lazily by Node: make it exist before the host disappears
   const blobFd = args.blobFd !== undefined ? inheritedBlob(args.blobFd) : openBlob(args.blob!);
@@ -146,7 +147,6 @@ async function main(): Promise<{ entries: number; bytes: number }> {
   }
 
   const hostRoot = openSync("/", constants.O_RDONLY | constants.O_DIRECTORY);
-  const hash = new ParallelSha256(READ_BYTES); // its thread starts before the chroot
   let chrooted = false;
   let failed = false;
   try {

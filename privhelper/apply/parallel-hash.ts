@@ -8,10 +8,12 @@
 // thread reads slice n into slot n % SLOTS, submits it, and applies it while the worker hashes it;
 // it reuses a slot only once the worker is done with it (the backpressure).
 //
-// The worker is started before the applier chroots (it needs nothing from the filesystem after,
-// only node:crypto, which is built in) and runs from a string (eval), since no file is reachable
-// from inside the image. `hashSlots` below is that string's source: Node's type stripping leaves
-// plain JavaScript in Function.prototype.toString, and it uses nothing from this module's scope.
+// The worker runs from a string (eval), since no file is reachable from inside the image, and
+// needs only node:crypto, which is built in: it starts even after the applier chrooted. Nobody
+// waits for it to start (half a second under emulation): it starts while the applier mounts and
+// reads, and the main thread first waits for it when the ring is full or at the digest.
+// `hashSlots` below is that string's source: Node's type stripping leaves plain JavaScript in
+// Function.prototype.toString, and it uses nothing from this module's scope.
 import { Worker } from "node:worker_threads";
 
 const SLOTS = 3;
@@ -23,7 +25,7 @@ const SUBMITTED = 0; // slices submitted by the main thread
 const HASHED = 1; // slices the worker has hashed
 const ENDED = 2; // 1 once no more slices come
 const SEQ = 3; // bumped with every change the worker must see: it waits on this cell
-const STATE = 4; // 0 starting, 1 ready, 2 digest written, 3 failed
+const STATE = 4; // 0 starting, 1 running, 2 digest written, 3 failed
 const CELLS = 5;
 
 /** The worker: hashes slots in order until the main thread says the blob ended. */
@@ -73,7 +75,7 @@ export class ParallelSha256 {
   readonly #slotBytes: number;
   #submitted = 0;
 
-  /** Starts the worker and waits until it runs (call before chrooting). */
+  /** Starts the worker (without waiting for it). */
   constructor(slotBytes: number) {
     this.#slotBytes = slotBytes;
     const control = new SharedArrayBuffer(CELLS * 4);
@@ -88,8 +90,6 @@ export class ParallelSha256 {
       workerData: { control, lengths, data: this.#data, result: this.#result, slotBytes, slots: SLOTS, cells },
     });
     this.#worker.unref(); // never what keeps the applier alive
-    this.#waitFor(STATE, (state) => state !== 0, "start");
-    if (Atomics.load(this.#ctl, STATE) !== 1) throw new Error("the hashing thread failed to start");
   }
 
   /** The buffer to read the next slice into; waits until the worker is done with its last use. */
