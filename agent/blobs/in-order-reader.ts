@@ -1,40 +1,49 @@
 // Reads a download's temp file IN ORDER while it is being written, so the layer can be checked
-// (and hashed) as it arrives rather than after the last byte: ranged GETs write their parts at
-// their offsets in any order, and this reader hands out only the contiguous prefix written so
-// far, waiting for it to grow. The download reports progress per part (`wrote`); the reader
-// ends when the whole object is there (`finish`) or fails with the download's error (`fail`).
-import { createHash, type Hash } from "node:crypto";
+// as it arrives rather than after the last byte: ranged GETs write their parts at their offsets in
+// any order, and this reader hands out only the contiguous prefix written so far (WrittenPrefix),
+// waiting for it to grow. The download says how far the prefix reaches (`grew`); the reader ends
+// when the whole object is there (`finish`) or fails with the download's error (`fail`).
 import type { FileHandle } from "node:fs/promises";
 
 const PIECE = 1024 * 1024;
 
+/** How far the contiguous written prefix of a download reaches, from each part's progress. */
+export class WrittenPrefix {
+  readonly #parts: Array<{ start: number; end: number; written: number }>;
+  #reach = 0;
+
+  /** `parts`: the byte ranges the download writes (each from its start on), in offset order. */
+  constructor(parts: ReadonlyArray<{ start: number; end: number }>) {
+    this.#parts = parts.map((p) => ({ ...p, written: 0 }));
+  }
+
+  /** Part `index` has `n` more bytes on disk; returns the prefix's reach now. */
+  wrote(index: number, n: number): number {
+    this.#parts[index]!.written += n;
+    let reach = 0;
+    for (const p of this.#parts) {
+      reach = p.start + p.written;
+      if (p.start + p.written < p.end) break;
+    }
+    this.#reach = Math.max(this.#reach, reach);
+    return this.#reach;
+  }
+}
+
 export class InOrderReader {
   readonly #file: FileHandle;
   readonly #size: number;
-  readonly #parts: Array<{ start: number; end: number; written: number }>;
   #available = 0;
   #failure: { error: unknown } | null = null;
   #wake: (() => void) | null = null;
-  readonly #sha256: Hash = createHash("sha256");
-  readonly #md5: Hash | undefined;
-  #hashed = 0;
 
-  /** `parts`: the byte ranges the download writes (each from its start on), in offset order. */
-  constructor(file: FileHandle, size: number, parts: ReadonlyArray<{ start: number; end: number }>, withMd5: boolean) {
+  constructor(file: FileHandle, size: number) {
     this.#file = file;
     this.#size = size;
-    this.#parts = parts.map((p) => ({ ...p, written: 0 }));
-    this.#md5 = withMd5 ? createHash("md5") : undefined;
   }
 
-  /** Part `index` has `n` more bytes on disk. */
-  wrote(index: number, n: number): void {
-    this.#parts[index]!.written += n;
-    let available = 0;
-    for (const p of this.#parts) {
-      available = p.start + p.written;
-      if (p.start + p.written < p.end) break;
-    }
+  /** Bytes [0, available) are on disk. */
+  grew(available: number): void {
     if (available > this.#available) {
       this.#available = available;
       this.#notify();
@@ -64,19 +73,9 @@ export class InOrderReader {
       const buffer = Buffer.allocUnsafe(Math.min(PIECE, this.#available - position));
       const { bytesRead } = await this.#file.read(buffer, 0, buffer.length, position);
       if (bytesRead === 0) throw new Error(`download temp file is shorter than the ${this.#available} bytes written (at ${position})`);
-      const piece = buffer.subarray(0, bytesRead);
-      this.#sha256.update(piece);
-      this.#md5?.update(piece);
-      this.#hashed += bytesRead;
       position += bytesRead;
-      yield piece;
+      yield buffer.subarray(0, bytesRead);
     }
-  }
-
-  /** The digests of the whole object, when the consumer read it all; else undefined. */
-  digests(): { sha256Hex: string; md5Hex?: string } | undefined {
-    if (this.#hashed !== this.#size) return undefined;
-    return { sha256Hex: this.#sha256.digest("hex"), ...(this.#md5 ? { md5Hex: this.#md5.digest("hex") } : {}) };
   }
 
   #notify(): void {

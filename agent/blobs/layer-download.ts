@@ -1,5 +1,6 @@
 // Downloads one listed layer object into an open temp file and checks that what arrived is the
-// object: its sha256 is computed over the whole file, and when the ETag is a plain MD5 (not a
+// object: its sha256 is computed over the whole file (on the hashing thread, digest-thread.ts, as
+// the written prefix grows), and when the ETag is a plain MD5 (not a
 // multipart "-N" one) the MD5 must match it.
 // - Small objects: one GET, resumed by Range after a failure (./range-retry.ts).
 // - Objects of at least policy.parallelThreshold bytes: parts of policy.partSize bytes fetched by
@@ -18,8 +19,8 @@ import type { DownloadPolicy, S3Config } from "../s3/config.ts";
 import { classifyS3Error, isAbortError, S3Error, S3PermanentError } from "../s3/errors.ts";
 import type { LayerObject } from "../s3/image-source.ts";
 import { printable } from "../s3/printable.ts";
-import { hashFile } from "./file-hash.ts";
-import { InOrderReader } from "./in-order-reader.ts";
+import { FileDigests } from "./digest-thread.ts";
+import { InOrderReader, WrittenPrefix } from "./in-order-reader.ts";
 import { fetchRangeWithRetries } from "./range-retry.ts";
 import { describeObject, etagValue } from "./ranged-get.ts";
 import type { PinnedObject } from "./ranged-get.ts";
@@ -49,42 +50,47 @@ export interface FetchedLayer<T = unknown> {
 export async function fetchLayerInto<T>(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions<T> = {}): Promise<FetchedLayer<T>> {
   const policy: DownloadPolicy = { ...DOWNLOAD_DEFAULTS, ...cfg.download };
   let pinned: PinnedObject = { bucket: cfg.bucket, key: obj.key, etag: etagValue(obj.etag), size: obj.size };
-  let fetched: { inspected: T | undefined; digests?: { sha256Hex: string; md5Hex?: string } };
   for (let changes = 0; ; ) {
+    // Hashed on the hashing thread as the written prefix grows (digest-thread.ts).
+    const digests = new FileDigests(file.fd, !isMultipart(pinned));
+    let inspected: T | undefined;
+    let sums;
     try {
-      fetched = await fetchAndInspect(client, pinned, file, policy, opts);
-      break;
+      inspected = await fetchAndInspect(client, pinned, file, policy, opts, digests);
+      sums = await digests.digests(pinned.size);
     } catch (err) {
+      await digests.cancel(); // before the file may be truncated or closed
       if (!(err instanceof S3Error) || err.code !== "OBJECT_CHANGED") throw err;
       if (++changes > policy.maxObjectChanges) {
         throw new S3PermanentError("OBJECT_CHANGED", `${describeObject(pinned)}: object keeps changing: replaced ${changes} times during one download (IMGD_DOWNLOAD_MAX_OBJECT_CHANGES=${policy.maxObjectChanges}); last: ${err.message}`, { cause: err });
       }
       pinned = await currentVersion(client, pinned, opts.signal);
       await file.truncate(0); // bytes of the old version are worthless
+      continue;
     }
+    const { sha256Hex, md5Hex } = sums;
+    if (md5Hex !== undefined && md5Hex !== pinned.etag.toLowerCase()) {
+      throw new S3PermanentError("CORRUPT", `downloading ${describeObject(pinned)}: content MD5 ${md5Hex} does not match its ETag ${printable(pinned.etag)}`);
+    }
+    return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"`, inspected };
   }
-
-  // The inspector read (and hashed) every byte in order; without one, the file is read back.
-  const { sha256Hex, md5Hex } = fetched.digests ?? (await hashFile(file, pinned.size, !isMultipart(pinned)));
-  if (md5Hex !== undefined && md5Hex !== pinned.etag.toLowerCase()) {
-    throw new S3PermanentError("CORRUPT", `downloading ${describeObject(pinned)}: content MD5 ${md5Hex} does not match its ETag ${printable(pinned.etag)}`);
-  }
-  return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"`, inspected: fetched.inspected };
 }
 
 const isMultipart = (pinned: PinnedObject) => !/^[0-9a-fA-F]{32}$/.test(pinned.etag);
 
 /**
- * Fetches one pinned version while `opts.inspect` reads it in order. A refusal by the inspector
- * aborts every request and is thrown as it is; a download error ends the inspection.
+ * Fetches one pinned version while `digests` hashes and `opts.inspect` reads its written prefix
+ * in order. A refusal by the inspector aborts every request and is thrown as it is; a download
+ * error ends the inspection. Returns what the inspector returned.
  */
-async function fetchAndInspect<T>(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions<T>) {
+async function fetchAndInspect<T>(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions<T>, digests: FileDigests): Promise<T | undefined> {
   const ranges = splitRanges(pinned.size, policy);
+  const prefix = new WrittenPrefix(ranges);
   if (!opts.inspect) {
-    await fetchVersion(client, pinned, file, ranges, policy, opts);
-    return { inspected: undefined };
+    await fetchVersion(client, pinned, file, ranges, policy, opts, (index, n) => digests.available(prefix.wrote(index, n)));
+    return undefined;
   }
-  const reader = new InOrderReader(file, pinned.size, ranges, !isMultipart(pinned));
+  const reader = new InOrderReader(file, pinned.size);
   const stop = new AbortController();
   let refusal: { error: unknown } | undefined;
   let inspected: T | undefined;
@@ -96,8 +102,13 @@ async function fetchAndInspect<T>(client: S3Client, pinned: PinnedObject, file: 
     },
   );
   const signal = opts.signal ? AbortSignal.any([opts.signal, stop.signal]) : stop.signal;
+  const grew = (index: number, n: number) => {
+    const reach = prefix.wrote(index, n);
+    digests.available(reach);
+    reader.grew(reach);
+  };
   try {
-    await fetchVersion(client, pinned, file, ranges, policy, { ...opts, signal }, (index, n) => reader.wrote(index, n));
+    await fetchVersion(client, pinned, file, ranges, policy, { ...opts, signal }, grew);
     reader.finish();
   } catch (err) {
     reader.fail(err);
@@ -108,7 +119,7 @@ async function fetchAndInspect<T>(client: S3Client, pinned: PinnedObject, file: 
   }
   await inspection;
   if (refusal) throw refusal.error;
-  return { inspected, digests: reader.digests() };
+  return inspected;
 }
 
 /** Fetches every byte of one pinned version; the first failing range stops the others. */
