@@ -66,6 +66,11 @@ function hashSlots(): void {
   }
 }
 
+function withoutCompileCache(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const { NODE_COMPILE_CACHE: _, ...rest } = env;
+  return rest;
+}
+
 export class ParallelSha256 {
   readonly #worker: Worker;
   readonly #ctl: Int32Array;
@@ -87,6 +92,9 @@ export class ParallelSha256 {
     const cells = { SUBMITTED, HASHED, ENDED, SEQ, STATE };
     this.#worker = new Worker(`(${hashSlots.toString()})()`, {
       eval: true,
+      // No compile cache in this thread: a thread writes its cache when it ends, and this one
+      // ends inside the chroot, where the cache's path would be created in the image.
+      env: { ...withoutCompileCache(process.env), NODE_DISABLE_COMPILE_CACHE: "1" },
       workerData: { control, lengths, data: this.#data, result: this.#result, slotBytes, slots: SLOTS, cells },
     });
     this.#worker.unref(); // never what keeps the applier alive

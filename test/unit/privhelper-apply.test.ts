@@ -48,9 +48,9 @@ const hardlink = (name: string, linkname: string): Entry => ({ header: { name, t
 
 type Report = { ok: boolean; entries?: number; bytes?: number; code?: string; message?: string; entry?: string; rule?: string };
 
-function runChild(args: string[]): Promise<{ report: Report; exitCode: number; stderr: string }> {
+function runChild(args: string[], env?: NodeJS.ProcessEnv): Promise<{ report: Report; exitCode: number; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CHILD, ...args], (error, stdout, stderr) => {
+    execFile(process.execPath, [CHILD, ...args], { env: env ?? process.env }, (error, stdout, stderr) => {
       const last = stdout.trim().split("\n").at(-1) ?? "";
       let report: Report;
       try {
@@ -98,6 +98,23 @@ const T1 = new Date("2020-01-02T03:04:05Z");
 const T2 = new Date("2021-06-07T08:09:10Z");
 const T3 = new Date("2019-12-31T23:59:59Z");
 const opts = { skip: isRoot ? false : "needs root (chroot, chown)" };
+
+test("with Node's compile cache on (as the helper runs it), nothing but the layer is written into the image", opts, async (t) => {
+  // Every thread writes its compile cache when it ends: one that ends inside the chroot (the
+  // hashing thread did) would create the cache's path in the image. The 20-cut power soak found it.
+  const box = sandbox(t);
+  const blob = await buildTar([file("f", "x")]);
+  const path = join(box.base, "layer.tar");
+  writeFileSync(path, blob);
+  const digest = `sha256:${createHash("sha256").update(blob).digest("hex")}`;
+  const cache = join(box.base, "compile-cache");
+  for (const run of ["cold cache", "warm cache"]) {
+    const { report, stderr } = await runChild(["--root", box.root, "--blob", path, "--digest", digest], { ...process.env, NODE_COMPILE_CACHE: cache });
+    assert.equal(report.ok, true, `${run}: ${JSON.stringify(report)} ${stderr}`);
+    assert.deepEqual(readdirSync(box.root), ["f"], `${run}: the image holds only the layer's file`);
+  }
+  assert.ok(readdirSync(cache).length > 0, "the cache is written on the host");
+});
 
 test("owners, modes (setuid/setgid/sticky), mtimes, xattrs, links, fifos", opts, async (t) => {
   const box = sandbox(t);
