@@ -41,7 +41,7 @@ export const SYSFS = { root: "/sys" };
 export async function dmDeviceNumber(name: string): Promise<string | null> {
   const node = await stat(`/dev/mapper/${name}`).catch(() => null);
   if (node?.isBlockDevice()) {
-    const hinted = `${major(node.rdev)}:${minor(node.rdev)}`;
+    const hinted = deviceNumber(node.rdev);
     if ((await readSysfs(`dev/block/${hinted}/dm/name`)) === name) return hinted;
   }
   const entries = await readdir(join(SYSFS.root, "block")).catch(() => [] as string[]);
@@ -58,12 +58,11 @@ async function readSysfs(path: string): Promise<string | null> {
   return readFile(join(SYSFS.root, path), "utf8").then((text) => text.trim(), () => null);
 }
 
-// glibc's major()/minor() of a dev_t.
-export function major(dev: number): number {
-  return Number((BigInt(dev) >> 8n) & 0xfffn) | Number((BigInt(dev) >> 32n) & ~0xfffn);
-}
-export function minor(dev: number): number {
-  return Number(BigInt(dev) & 0xffn) | Number((BigInt(dev) >> 12n) & ~0xffn);
+/** A dev_t (stat's rdev) as "major:minor", the form of sysfs and of device-mapper tables (glibc's major()/minor()). */
+export function deviceNumber(dev: number): string {
+  const major = Number((BigInt(dev) >> 8n) & 0xfffn) | Number((BigInt(dev) >> 32n) & ~0xfffn);
+  const minor = Number(BigInt(dev) & 0xffn) | Number((BigInt(dev) >> 12n) & ~0xffn);
+  return `${major}:${minor}`;
 }
 
 /**

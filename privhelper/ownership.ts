@@ -7,7 +7,7 @@
 import { stat } from "node:fs/promises";
 import type { HelperConfig } from "./config.ts";
 import { poolDeviceNumber } from "./device.ts";
-import { dmDeviceNumber, dmTable, major, minor, parseThinTable } from "./dm.ts";
+import { deviceNumber, dmDeviceNumber, dmTable, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { LAYER_NAME } from "./protocol.ts";
 import { readOrigin, writeOrigin, type OriginRecord, type Role } from "./thin-origins.ts";
@@ -53,7 +53,7 @@ export async function ownLayerDevice(config: HelperConfig, name: string): Promis
   if (device.role !== "layer") throw new HelperFailure("WRONG_ROLE", `thin id ${device.thinId} was not activated as a layer; refused`);
   // What mkfs or the applier will open by path must be the device whose table was just checked.
   const [number, node] = await Promise.all([dmDeviceNumber(name), stat(device.path).catch(() => null)]);
-  if (!node?.isBlockDevice() || number === null || `${major(node.rdev)}:${minor(node.rdev)}` !== number) {
+  if (!node?.isBlockDevice() || number === null || deviceNumber(node.rdev) !== number) {
     throw new HelperFailure("NOT_OURS", `${device.path} is not device ${name} (${number ?? "gone"}); refused`);
   }
   return device;

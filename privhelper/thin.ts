@@ -3,7 +3,7 @@ import { readFile, stat } from "node:fs/promises";
 import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
 import { listDevices, poolDeviceNumber } from "./device.ts";
-import { dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
+import { deviceNumber, dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { CommandFailed, run } from "./run.ts";
 import { readOrigin, removeOrigin, writeOrigin, type Role } from "./thin-origins.ts";
@@ -143,13 +143,9 @@ async function poolMetadataDevice(config: HelperConfig): Promise<string> {
   const path = `/dev/${devname}`;
   // The node must be that very device, not whatever someone left under that name.
   const node = await stat(path);
-  if (!node.isBlockDevice() || node.rdev !== makeDev(Number(number[1]), Number(number[2]))) {
+  if (!node.isBlockDevice() || deviceNumber(node.rdev) !== pool.metaDevice) {
     throw new HelperFailure("POOL_INVALID", `${path} is not block device ${pool.metaDevice}`);
   }
   return path;
 }
 
-// Linux's dev_t encoding (glibc makedev) of major:minor.
-function makeDev(major: number, minor: number): number {
-  return ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & ~0xff) << 12) | ((major & ~0xfff) * 2 ** 32);
-}

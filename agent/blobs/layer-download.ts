@@ -1,7 +1,7 @@
 // Downloads one listed layer object into an open temp file and checks that what arrived is the
 // object: its sha256 is computed over the whole file (on the hashing thread, digest-thread.ts, as
-// the written prefix grows), and when the ETag is a plain MD5 (not a
-// multipart "-N" one) the MD5 must match it.
+// the written prefix grows), and when the ETag is a plain MD5 (not a multipart "-N" one) the MD5
+// must match it.
 // - Small objects: one GET, resumed by Range after a failure (./range-retry.ts).
 // - Objects of at least policy.parallelThreshold bytes: parts of policy.partSize bytes fetched by
 //   up to policy.partConcurrency ranged GETs at once, each written at its offset.
@@ -19,7 +19,7 @@ import type { DownloadPolicy, S3Config } from "../s3/config.ts";
 import { classifyS3Error, isAbortError, S3Error, S3PermanentError } from "../s3/errors.ts";
 import type { LayerObject } from "../s3/image-source.ts";
 import { printable } from "../s3/printable.ts";
-import { FileDigests } from "./digest-thread.ts";
+import { FileDigests, type FileDigestResult } from "./digest-thread.ts";
 import { InOrderReader, WrittenPrefix } from "./in-order-reader.ts";
 import { fetchRangeWithRetries } from "./range-retry.ts";
 import { describeObject, etagValue } from "./ranged-get.ts";
@@ -54,7 +54,7 @@ export async function fetchLayerInto<T>(client: S3Client, cfg: S3Config, obj: La
     // Hashed on the hashing thread as the written prefix grows (digest-thread.ts).
     const digests = new FileDigests(file.fd, !isMultipart(pinned));
     let inspected: T | undefined;
-    let sums;
+    let sums: FileDigestResult;
     try {
       inspected = await fetchAndInspect(client, pinned, file, policy, opts, digests);
       sums = await digests.digests(pinned.size);

@@ -88,7 +88,7 @@ export async function getRangeInto(
       while (batchBytes > 0 && !writeFailure) {
         const [chunks, bytes] = [batch, batchBytes];
         [batch, batchBytes] = [[], 0];
-        await writeAllAt(file, chunks, position);
+        await writeAllAt(file, chunks, bytes, position);
         position += bytes;
         onBytes(bytes);
       }
@@ -127,10 +127,9 @@ export async function getRangeInto(
 /** Bytes received but not yet written, at most (beyond one chunk). */
 const MAX_BATCH = 4 * 1024 * 1024;
 
-/** Writes every byte of `chunks` at `position`. */
-async function writeAllAt(file: FileHandle, chunks: Buffer[], position: number): Promise<void> {
+/** Writes every byte of `chunks` (`total` bytes) at `position`. */
+async function writeAllAt(file: FileHandle, chunks: Buffer[], total: number, position: number): Promise<void> {
   const { bytesWritten: first } = await file.writev(chunks, position);
-  const total = chunks.reduce((n, c) => n + c.length, 0);
   if (first === total) return;
   // A short writev (a regular file rarely does that): the rest, one write at a time.
   const rest = Buffer.concat(chunks).subarray(first);

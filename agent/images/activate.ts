@@ -11,9 +11,8 @@
 // Both steps are idempotent (the helper's snapshot and mapping succeed again when already made
 // the same way), so a run resumed after a crash finishes the job. An activation deactivated while
 // it is made (a forced DeleteImage deactivates every activation of the image) ends the run: its
-// row is never made again. A failed activation is undone
-// (device removed, snapshot deleted, row dropped), so no row claims a device that does not
-// exist, and its name is freed. The pool operations and their catalog records: thin-devices.ts.
+// row is never made again. A failed activation is undone (device removed, snapshot deleted, row
+// dropped), so no row claims a device that does not exist, and its name is freed. The pool operations and their catalog records: thin-devices.ts.
 //
 // Names (retry safety): the API reserves the activation's name (catalog activation_names) in the
 // same transaction that starts this run, before any step: a retry of the same request, a

@@ -8,9 +8,10 @@
 //                  pool confirmed its deletion, so the catalog accounts for it until then.
 // Each step tolerates "already gone" (the helper reports success for a device or thin id that no
 // longer exists), so a run resumed after a crash finishes the job; a row that is gone means
-// something else finished the removal (another deactivation, an undo, a repair): the step is done. A run that fails leaves the row
-// 'deactivating' (doctor: UNFINISHED_DEACTIVATION, which a repair finishes), or forgets it if the
-// pool shows the job was done after all. The pool operations and their records: thin-devices.ts.
+// something else finished the removal (another deactivation, an undo, a repair): the step is
+// done. A run that fails leaves the row 'deactivating' (doctor: UNFINISHED_DEACTIVATION, which a
+// repair finishes), or forgets it if the pool shows the job was done after all. The pool
+// operations and their records: thin-devices.ts.
 import type { Catalog } from "../catalog.ts";
 import { crashPoint } from "../crash-points.ts";
 import type { Fsm, FsmEngine } from "../fsm/engine.ts";
