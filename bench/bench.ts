@@ -21,6 +21,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { chownSync, createWriteStream, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from "node:fs";
 import { pipeline } from "node:stream/promises";
 import { pack } from "tar-stream";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { BlobStore } from "../agent/blobs/store.ts";
 import { HelperClient } from "../agent/helper-client.ts";
@@ -96,23 +97,61 @@ async function peakRss<T>(work: () => Promise<T>): Promise<{ result: T; agent: n
   }
 }
 
+/** CPU seconds so far: of a process and the children it waited for, and of the whole machine. */
+const TICKS = 100; // USER_HZ, 100 on Linux
+const processCpu = (pid: number) => {
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /, "").split(" ");
+  return fields.slice(11, 15).reduce((n, f) => n + Number(f), 0) / TICKS; // utime stime cutime cstime
+};
+const machineBusyCpu = () => {
+  const [, ...ticks] = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).map(Number);
+  return (ticks.reduce((a, b) => a + b, 0) - ticks[3] - ticks[4]) / TICKS; // all but idle and iowait
+};
+/** Where the CPU went while `work` ran: the agent, the helper with its appliers, the machine. */
+async function cpuDuring<T>(work: () => Promise<T>): Promise<{ result: T; summary: string }> {
+  const pids = { agent: pidOf("agent"), helper: pidOf("helper") };
+  const before = { agent: processCpu(pids.agent), helper: processCpu(pids.helper), machine: machineBusyCpu(), wall: now() };
+  const result = await work();
+  const wall = (now() - before.wall) / 1000;
+  const used = (what: "agent" | "helper") => processCpu(pids[what]) - before[what];
+  const machine = machineBusyCpu() - before.machine;
+  const cpus = availableParallelism();
+  const summary = `CPU s: agent ${used("agent").toFixed(1)}, helper and appliers ${used("helper").toFixed(1)}, whole machine ${machine.toFixed(1)} of ${(cpus * wall).toFixed(1)} (${cpus} CPUs x ${wall.toFixed(1)} s)`;
+  return { result, summary };
+}
+
 // ---- pulls ----------------------------------------------------------------------------------------
 
 /** Pulls an image; per layer, whether it was fetched, applied, or reused as it was. */
-async function pull(image: string): Promise<{ seconds: number; fetched: number; applied: number; reused: number; layers: number }> {
+async function pull(image: string): Promise<{ seconds: number; fetched: number; applied: number; reused: number; layers: number; timeline: string }> {
   const phases = new Map<number, Set<LayerPhase>>();
   const sizes = new Map<number, number>();
+  // Per layer, seconds since the pull began at which each phase was first seen, and when its
+  // download was complete: shows whether downloads and applies overlapped.
+  const seen = new Map<number, Map<string, number>>();
+  const mark = (position: number, event: string, at: number) => {
+    const events = seen.get(position) ?? new Map<string, number>();
+    seen.set(position, events);
+    if (!events.has(event)) events.set(event, at);
+  };
   const t = now();
   for await (const message of client.pullImage({ image })) {
     // A failed pull ends the stream with its error.
+    const at = (now() - t) / 1000;
     for (const l of message.layers) {
       phases.set(l.position, (phases.get(l.position) ?? new Set()).add(l.phase));
       sizes.set(l.position, Number(l.bytesTotal));
+      mark(l.position, LayerPhase[l.phase].toLowerCase(), at);
+      if (l.phase === LayerPhase.DOWNLOADING && l.bytesDone === l.bytesTotal) mark(l.position, "downloaded", at);
     }
   }
   const seconds = (now() - t) / 1000;
+  const timeline = [...seen]
+    .sort(([a], [b]) => a - b)
+    .map(([position, events]) => `layer ${position} (${(sizes.get(position)! / MiB).toFixed(0)} MiB): ${[...events].map(([e, at]) => `${e} ${at.toFixed(1)}`).join(", ")}`)
+    .join("\n");
   const bytesWith = (phase: LayerPhase) => [...phases].filter(([, seen]) => seen.has(phase)).reduce((n, [position]) => n + sizes.get(position)!, 0);
-  return { seconds, fetched: bytesWith(LayerPhase.DOWNLOADING), applied: bytesWith(LayerPhase.APPLYING), reused: bytesWith(LayerPhase.REUSED), layers: phases.size };
+  return { seconds, fetched: bytesWith(LayerPhase.DOWNLOADING), applied: bytesWith(LayerPhase.APPLYING), reused: bytesWith(LayerPhase.REUSED), layers: phases.size, timeline };
 }
 
 /**
@@ -128,17 +167,22 @@ async function benchPulls(): Promise<void> {
   const mib = (bytes: number) => `${(bytes / MiB).toFixed(1)} MiB`;
   const [first, ...later] = images;
   const { result, agent, helper: helperMiB, applier } = await peakRss(async () => {
-    const pulls = [await pull(first)];
+    const cold = await cpuDuring(() => pull(first));
+    console.log(`bench: during the cold pull of ${first}: ${cold.summary}`);
+    const pulls = [cold.result];
     // The first image's baselines, before the others are pulled (the helper's peak includes the
     // layers it applies for them: the same work as a pull's).
-    const download = await downloadAlone(first);
-    const unpack = await unpackEachLayer(first);
+    const download = await cpuDuring(() => downloadAlone(first));
+    console.log(`bench: during the download alone (in the bench's own process): ${download.summary}`);
+    const unpack = await cpuDuring(() => unpackEachLayer(first));
+    console.log(`bench: during the unpack alone (imgd's and tar's): ${unpack.summary}`);
     for (const image of later) pulls.push(await pull(image));
-    return { pulls, download, unpack };
+    return { pulls, download: download.result, unpack: unpack.result };
   });
   const { pulls, download, unpack } = result;
   const after = await client.getPool({});
   const cold = pulls[0].seconds;
+  console.log(`bench: the cold pull of ${first}, seconds since it began:\n${pulls[0].timeline}`);
   row(
     `cold pull of ${first} (${pulls[0].layers} layers, ${mib(pulls[0].fetched)})`,
     `${cold.toFixed(1)} s`,
