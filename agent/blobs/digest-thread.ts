@@ -6,8 +6,8 @@
 // thread it came after the HTTP streams, the writes and the layer validator; on its own thread it
 // runs beside them. The worker reads the file by its descriptor (descriptors are the process's,
 // shared by its threads), so no bytes are copied between threads and nothing queues in memory.
-// One worker serves every download (messages per job, handled in order); it is started on first
-// use and keeps the process alive only while a job is under way.
+// One worker serves every download, the oldest job with bytes to hash first, a 1 MiB slice at a
+// time; it is started on first use and keeps the process alive only while a job is under way.
 //
 // The contract a caller keeps: `available(n)` only for bytes on disk, and `digests()` or
 // `cancel()` awaited before the file is truncated or closed (the worker may be reading it).
@@ -31,36 +31,63 @@ function hashJobs(): void {
   const { readSync } = require("node:fs") as typeof import("node:fs");
   const { createHash } = require("node:crypto") as typeof import("node:crypto");
   type Hash = ReturnType<typeof createHash>;
-  const jobs = new Map<number, { fd: number; position: number; sha256: Hash; md5: Hash | null }>();
+  type Job = { fd: number; position: number; upTo: number; size?: number; sha256: Hash; md5: Hash | null };
+  // In the order the jobs started (a Map keeps it): the oldest job with bytes to hash goes first.
+  // A pull's layers start downloading in order and are applied in order, so layer 1's digest is
+  // not kept waiting behind the bytes of layers 2 to 4 that arrived meanwhile (seen in the VM: a
+  // 13 s gap between layer 1's last byte and its apply when the thread took messages in order).
+  const jobs = new Map<number, Job>();
   const buffer = Buffer.allocUnsafe(1024 * 1024);
+  let scheduled = false;
+  const fail = (id: number, err: unknown) => {
+    jobs.delete(id);
+    parentPort!.postMessage({ job: id, error: err instanceof Error ? err.message : String(err) });
+  };
+  /** One slice of work (a read and hash of at most 1 MiB, or a finished job), then the messages. */
+  const pump = () => {
+    scheduled = false;
+    for (const [id, job] of jobs) {
+      if (job.position < job.upTo) {
+        try {
+          const n = readSync(job.fd, buffer, 0, Math.min(buffer.length, job.upTo - job.position), job.position);
+          if (n === 0) throw new Error(`the download's file ends at ${job.position}, before the ${job.upTo} bytes written`);
+          job.sha256.update(buffer.subarray(0, n));
+          job.md5?.update(buffer.subarray(0, n));
+          job.position += n;
+        } catch (err) {
+          fail(id, err);
+        }
+      } else if (job.size !== undefined) {
+        jobs.delete(id);
+        if (job.position !== job.size) fail(id, new Error(`hashed ${job.position} of the download's ${job.size} bytes`));
+        else parentPort!.postMessage({ job: id, sha256Hex: job.sha256.digest("hex"), md5Hex: job.md5?.digest("hex") });
+      } else {
+        continue; // waiting for its next bytes
+      }
+      schedule(); // after the messages that arrived meanwhile (setImmediate runs after them)
+      return;
+    }
+  };
+  const schedule = () => {
+    if (!scheduled) setImmediate(pump);
+    scheduled = true;
+  };
   parentPort!.on("message", (m: Message) => {
     if (m.type === "start") {
-      jobs.set(m.job, { fd: m.fd, position: 0, sha256: createHash("sha256"), md5: m.md5 ? createHash("md5") : null });
+      jobs.set(m.job, { fd: m.fd, position: 0, upTo: 0, sha256: createHash("sha256"), md5: m.md5 ? createHash("md5") : null });
       return;
     }
     const job = jobs.get(m.job);
     if (!job) return; // failed already: its error was sent
-    try {
-      if (m.type === "upTo") {
-        while (job.position < m.upTo) {
-          const n = readSync(job.fd, buffer, 0, Math.min(buffer.length, m.upTo - job.position), job.position);
-          if (n === 0) throw new Error(`the download's file ends at ${job.position}, before the ${m.upTo} bytes written`);
-          job.sha256.update(buffer.subarray(0, n));
-          job.md5?.update(buffer.subarray(0, n));
-          job.position += n;
-        }
-      } else if (m.type === "end") {
-        jobs.delete(m.job);
-        if (job.position !== m.size) throw new Error(`hashed ${job.position} of the download's ${m.size} bytes`);
-        parentPort!.postMessage({ job: m.job, sha256Hex: job.sha256.digest("hex"), md5Hex: job.md5?.digest("hex") });
-      } else {
-        jobs.delete(m.job);
-        parentPort!.postMessage({ job: m.job, cancelled: true });
-      }
-    } catch (err) {
+    if (m.type === "upTo") job.upTo = Math.max(job.upTo, m.upTo);
+    else if (m.type === "end") job.size = m.size;
+    else {
+      // Between slices: the thread is not reading the file now, nor will it again.
       jobs.delete(m.job);
-      parentPort!.postMessage({ job: m.job, error: err instanceof Error ? err.message : String(err) });
+      parentPort!.postMessage({ job: m.job, cancelled: true });
+      return;
     }
+    schedule();
   });
 }
 

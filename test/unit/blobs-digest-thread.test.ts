@@ -57,3 +57,24 @@ test("a cancelled job stops; a new job on the same file starts from its first by
     assert.deepEqual(await new FileDigests(file.fd, false).digests(3), { sha256Hex: hex("sha256", fresh) });
   });
 });
+
+test("the oldest job goes first: its digest is not kept behind a later job's bytes", async () => {
+  await withFile(async (first) => {
+    await withFile(async (later) => {
+      // The later job's 64 MiB and its end are sent before the first job's bytes and end; taken
+      // in message order, the first job's digest would wait for all of them to be hashed.
+      const small = randomBytes(1024 * 1024);
+      const big = randomBytes(64 * 1024 * 1024);
+      await first.write(small, 0, small.length, 0);
+      await later.write(big, 0, big.length, 0);
+      const older = new FileDigests(first.fd, true);
+      const newer = new FileDigests(later.fd, true);
+      const order: string[] = [];
+      const newerDone = newer.digests(big.length).then((d) => (order.push("later"), d));
+      const olderDone = older.digests(small.length).then((d) => (order.push("first"), d));
+      assert.deepEqual(await olderDone, { sha256Hex: hex("sha256", small), md5Hex: hex("md5", small) });
+      assert.deepEqual(await newerDone, { sha256Hex: hex("sha256", big), md5Hex: hex("md5", big) });
+      assert.deepEqual(order, ["first", "later"]);
+    });
+  });
+});
