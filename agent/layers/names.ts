@@ -1,5 +1,5 @@
 // Entry-name normalization shared by the validator and the applier, so both see the same path.
-import { LayerValidationError, printable } from "./errors.ts";
+import { LayerValidationError, printable, type LayerRule } from "./errors.ts";
 
 export interface PathLimits {
   /** Longest normalized path, in bytes (PATH_MAX - 1). */
@@ -25,37 +25,34 @@ export const DEFAULT_PATH_LIMITS: PathLimits = { maxPathBytes: 4095, maxComponen
  * NAME_COMPONENT_TOO_LONG, TOO_DEEP), measured in UTF-8 bytes on the normalized path.
  */
 export function normalizeEntryName(raw: string, limits: PathLimits = DEFAULT_PATH_LIMITS): string {
-  const entry = printable(raw);
-  if (raw.length === 0) throw new LayerValidationError("EMPTY_NAME", entry, "entry has an empty name");
-  if (raw.includes("\0")) throw new LayerValidationError("NUL_IN_NAME", entry, "name contains a NUL byte");
+  // The printable name only for an error: this runs for every member of every layer.
+  const refuse = (rule: LayerRule, message: string) => new LayerValidationError(rule, printable(raw), message);
+  if (raw.length === 0) throw refuse("EMPTY_NAME", "entry has an empty name");
+  if (raw.includes("\0")) throw refuse("NUL_IN_NAME", "name contains a NUL byte");
   if (raw.includes("\uFFFD")) {
-    throw new LayerValidationError("BAD_ENCODING", entry, "name is not valid UTF-8 (or contains U+FFFD)");
+    throw refuse("BAD_ENCODING", "name is not valid UTF-8 (or contains U+FFFD)");
   }
-  if (raw.startsWith("/")) throw new LayerValidationError("ABSOLUTE_PATH", entry, "name is an absolute path");
+  if (raw.startsWith("/")) throw refuse("ABSOLUTE_PATH", "name is an absolute path");
   // Cheap guard before splitting a hostile multi-megabyte PAX path.
   if (raw.length > limits.maxPathBytes * 2 + 2) {
-    throw new LayerValidationError("PATH_TOO_LONG", entry, `name is longer than ${limits.maxPathBytes} bytes`);
+    throw refuse("PATH_TOO_LONG", `name is longer than ${limits.maxPathBytes} bytes`);
   }
 
   const components: string[] = [];
   for (const part of raw.split("/")) {
     if (part === "" || part === ".") continue;
-    if (part === "..") throw new LayerValidationError("DOTDOT", entry, 'name has a ".." component');
+    if (part === "..") throw refuse("DOTDOT", 'name has a ".." component');
     if (Buffer.byteLength(part) > limits.maxComponentBytes) {
-      throw new LayerValidationError(
-        "NAME_COMPONENT_TOO_LONG",
-        entry,
-        `a name component is longer than ${limits.maxComponentBytes} bytes`,
-      );
+      throw refuse("NAME_COMPONENT_TOO_LONG", `a name component is longer than ${limits.maxComponentBytes} bytes`);
     }
     components.push(part);
   }
   if (components.length > limits.maxDepth) {
-    throw new LayerValidationError("TOO_DEEP", entry, `name is deeper than ${limits.maxDepth} components`);
+    throw refuse("TOO_DEEP", `name is deeper than ${limits.maxDepth} components`);
   }
   const name = components.join("/");
   if (Buffer.byteLength(name) > limits.maxPathBytes) {
-    throw new LayerValidationError("PATH_TOO_LONG", entry, `name is longer than ${limits.maxPathBytes} bytes`);
+    throw refuse("PATH_TOO_LONG", `name is longer than ${limits.maxPathBytes} bytes`);
   }
   return name;
 }
