@@ -108,7 +108,7 @@ const machineBusyCpu = () => {
   return (ticks.reduce((a, b) => a + b, 0) - ticks[3] - ticks[4]) / TICKS; // all but idle and iowait
 };
 /** Where the CPU went while `work` ran: the agent, the helper with its appliers, the machine. */
-async function cpuDuring<T>(work: () => Promise<T>): Promise<{ result: T; summary: string }> {
+async function cpuDuring<T>(work: () => Promise<T>): Promise<{ result: T; summary: string; machine: number }> {
   const pids = { agent: pidOf("agent"), helper: pidOf("helper") };
   const before = { agent: processCpu(pids.agent), helper: processCpu(pids.helper), machine: machineBusyCpu(), wall: now() };
   const result = await work();
@@ -117,7 +117,7 @@ async function cpuDuring<T>(work: () => Promise<T>): Promise<{ result: T; summar
   const machine = machineBusyCpu() - before.machine;
   const cpus = availableParallelism();
   const summary = `CPU s: agent ${used("agent").toFixed(1)}, helper and appliers ${used("helper").toFixed(1)}, whole machine ${machine.toFixed(1)} of ${(cpus * wall).toFixed(1)} (${cpus} CPUs x ${wall.toFixed(1)} s)`;
-  return { result, summary };
+  return { result, summary, machine };
 }
 
 // ---- pulls ----------------------------------------------------------------------------------------
@@ -177,9 +177,17 @@ async function benchPulls(): Promise<void> {
     const unpack = await cpuDuring(() => unpackEachLayer(first));
     console.log(`bench: during the unpack alone (imgd's and tar's): ${unpack.summary}`);
     for (const image of later) pulls.push(await pull(image));
-    return { pulls, download: download.result, unpack: unpack.result };
+    return { pulls, download: download.result, downloadCpu: download.machine, unpack: unpack.result.seconds, unpackCpu: unpack.result.cpu };
   });
   const { pulls, download, unpack } = result;
+  // The machine's CPU time the two took alone (download: the client, s3rver, the kernel; unpack:
+  // imgd's device work and applier, the kernel), spread over every CPU: no overlap of the two can
+  // make the pull shorter than that on this machine.
+  const floor = (result.downloadCpu + result.unpackCpu) / availableParallelism();
+  console.log(
+    `bench: CPU the cold pull's two parts took alone: download ${result.downloadCpu.toFixed(1)} s, unpack ${result.unpackCpu.toFixed(1)} s; ` +
+      `over ${availableParallelism()} CPUs at least ${floor.toFixed(1)} s together, ${(floor / Math.max(download, unpack)).toFixed(2)}x the longer`,
+  );
   const after = await client.getPool({});
   const cold = pulls[0].seconds;
   console.log(`bench: the cold pull of ${first}, seconds since it began:\n${pulls[0].timeline}`);
@@ -228,18 +236,20 @@ async function downloadAlone(image: string): Promise<number> {
 /**
  * Each layer of the image, applied by imgd's helper and by `tar -x` (a row each, compareUnpack);
  * returns the time imgd's per-layer work took in all (device made, filesystem for the first,
- * layer applied, device unmapped): the image's unpack alone.
+ * layer applied, device unmapped), the image's unpack alone, and the machine's CPU time it took.
  */
-async function unpackEachLayer(image: string): Promise<number> {
+async function unpackEachLayer(image: string): Promise<{ seconds: number; cpu: number }> {
   const { image: info } = await client.getImage({ image });
-  let seconds = 0;
+  const total = { seconds: 0, cpu: 0 };
   let below: number | undefined;
   for (const layer of info!.layers) {
     const hex = layer.digest.replace(/^sha256:/, "");
-    seconds += await compareUnpack(`layer ${layer.position} of ${image}`, join(BLOB_DIR, hex), layer.digest, Number(layer.size), 0xfff000, below);
+    const ours = await compareUnpack(`layer ${layer.position} of ${image}`, join(BLOB_DIR, hex), layer.digest, Number(layer.size), 0xfff000, below);
+    total.seconds += ours.seconds;
+    total.cpu += ours.cpu;
     below = layer.thinId;
   }
-  return seconds;
+  return total;
 }
 
 async function benchRepullAndActivate(): Promise<void> {
@@ -355,7 +365,7 @@ async function benchRangedDownload(): Promise<void> {
  * sync + unmount into a second device made the same way: the work a tar-based unpacker would do.
  * Returns imgd's whole per-layer time (device made, applied, unmapped).
  */
-async function compareUnpack(label: string, blobPath: string, digest: string, bytes: number, thinBase: number, below?: number): Promise<number> {
+async function compareUnpack(label: string, blobPath: string, digest: string, bytes: number, thinBase: number, below?: number): Promise<{ seconds: number; cpu: number }> {
   const made = async (thinId: number, name: string) => {
     if (below === undefined) await helper.call("thin.create", { thinId });
     else await helper.call("thin.snapshot", { thinId, originId: below });
@@ -369,12 +379,14 @@ async function compareUnpack(label: string, blobPath: string, digest: string, by
   const oursName = `imgd-layer-${thinBase.toString(16).padStart(32, "0")}`;
   const tarName = `imgd-layer-${(thinBase + 1).toString(16).padStart(32, "0")}`;
   const t0 = now();
+  const cpu0 = machineBusyCpu();
   await made(thinBase, oursName);
   const t1 = now();
   await helper.call("layer.apply", { name: oursName, digest });
   const applySeconds = (now() - t1) / 1000;
   await helper.call("device.deactivate", { name: oursName });
   const wholeSeconds = (now() - t0) / 1000;
+  const wholeCpu = machineBusyCpu() - cpu0;
   await helper.call("thin.delete", { thinId: thinBase });
 
   await made(thinBase + 1, tarName);
@@ -388,7 +400,7 @@ async function compareUnpack(label: string, blobPath: string, digest: string, by
   await dispose(thinBase + 1, tarName);
   const mbps = (s: number) => `${(bytes / MiB / s).toFixed(1)} MiB/s`;
   row(`unpack ${label} (${(bytes / MiB).toFixed(1)} MiB)`, mbps(applySeconds), `mount+tar -x+sync+umount ${mbps(tarSeconds)}`, `${(tarSeconds / applySeconds).toFixed(2)}x (goal >= 0.9x)`);
-  return wholeSeconds;
+  return { seconds: wholeSeconds, cpu: wholeCpu };
 }
 
 /** Writes a layer of `count` files of `fileBytes` pseudo-random bytes into the blob store. */
