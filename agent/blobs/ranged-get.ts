@@ -124,8 +124,13 @@ export async function getRangeInto(
   if (position !== end) throw new S3TransientError("NETWORK", `${what}: body ended after ${position - start} of ${end - start} bytes`);
 }
 
-/** Bytes received but not yet written, at most (beyond one chunk). */
-const MAX_BATCH = 4 * 1024 * 1024;
+/**
+ * Bytes received but not yet written, at most (beyond one chunk), per range: a pull has up to
+ * IMGD_DOWNLOAD_CONCURRENCY x IMGD_DOWNLOAD_PART_CONCURRENCY ranges going (16 by default), each
+ * with a batch waiting and one being written, so this bounds the agent's download buffers (64 MiB
+ * at 1 MiB). A 1 MiB writev is already 16 chunks per system call.
+ */
+const MAX_BATCH = 1024 * 1024;
 
 /** Writes every byte of `chunks` (`total` bytes) at `position`. */
 async function writeAllAt(file: FileHandle, chunks: Buffer[], total: number, position: number): Promise<void> {
