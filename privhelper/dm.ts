@@ -1,6 +1,6 @@
 // Thin wrappers around dmsetup. Callers pass only names that protocol.ts or config.ts validated;
 // tables are built by the helper and passed as a single argument.
-import { readdir, readFile, stat } from "node:fs/promises";
+import { lstat, readdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { CommandFailed, run } from "./run.ts";
 
@@ -39,11 +39,8 @@ export const SYSFS = { root: "/sys" };
  * dm-N is looked at.
  */
 export async function dmDeviceNumber(name: string): Promise<string | null> {
-  const node = await stat(`/dev/mapper/${name}`).catch(() => null);
-  if (node?.isBlockDevice()) {
-    const hinted = deviceNumber(node.rdev);
-    if ((await readSysfs(`dev/block/${hinted}/dm/name`)) === name) return hinted;
-  }
+  const byNode = await nodeDeviceNumber(name);
+  if (byNode !== null) return byNode;
   const entries = await readdir(join(SYSFS.root, "block")).catch(() => [] as string[]);
   for (const entry of entries) {
     if (!/^dm-[0-9]+$/.test(entry) || (await readSysfs(`block/${entry}/dm/name`)) !== name) continue;
@@ -51,6 +48,14 @@ export async function dmDeviceNumber(name: string): Promise<string | null> {
     if (number !== null && /^[0-9]+:[0-9]+$/.test(number)) return number;
   }
   return null;
+}
+
+/** The device number of /dev/mapper/NAME when that node is the device NAME's (sysfs says); else null. */
+async function nodeDeviceNumber(name: string): Promise<string | null> {
+  const node = await stat(`/dev/mapper/${name}`).catch(() => null);
+  if (!node?.isBlockDevice()) return null;
+  const number = deviceNumber(node.rdev);
+  return (await readSysfs(`dev/block/${number}/dm/name`)) === name ? number : null;
 }
 
 /** A sysfs attribute's one line; null when it is gone (the device was removed meanwhile). */
@@ -91,10 +96,19 @@ export function parseAllTables(out: string): Map<string, string> {
   return tables;
 }
 
-/** Creates and loads a device, then makes its /dev/mapper node (no udev in the VM; see vm-notes). */
+/**
+ * libdevmapper makes and removes the /dev/mapper node itself, within the create or remove exec,
+ * instead of leaving it to udev: the VM has no udev (vm-notes), and without this variable a
+ * create there makes no node (measured). On a host with udev, libdevmapper then flags its uevents
+ * so that udev's dm rules leave the node to it. Whatever the host does, the node is checked
+ * afterwards and `dmsetup mknodes` (one more exec) fixes it if need be.
+ */
+const NODES_BY_LIBDEVMAPPER = { env: { DM_DISABLE_UDEV: "1" } };
+
+/** Creates and loads a device with its /dev/mapper node. */
 export async function dmCreate(name: string, table: string): Promise<void> {
-  await run("dmsetup", ["create", name, "--noudevsync", "--table", table]);
-  await dmMakeNode(name);
+  await run("dmsetup", ["create", name, "--noudevsync", "--table", table], NODES_BY_LIBDEVMAPPER);
+  if ((await nodeDeviceNumber(name)) === null) await dmMakeNode(name);
 }
 
 /** Makes (or fixes) the device's /dev/mapper node; a no-op when it is right. */
@@ -105,13 +119,14 @@ export async function dmMakeNode(name: string): Promise<void> {
 /** Removes a device; false when it did not exist. Throws CommandFailed (e.g. busy) otherwise. */
 export async function dmRemove(name: string): Promise<boolean> {
   try {
-    await run("dmsetup", ["remove", "--noudevsync", name]);
+    await run("dmsetup", ["remove", "--noudevsync", name], NODES_BY_LIBDEVMAPPER);
   } catch (err) {
     if (isMissingDevice(err)) return false;
     throw err;
   } finally {
-    // Drops a stale /dev/mapper node whether or not the remove succeeded.
-    await run("dmsetup", ["mknodes", name]).catch(() => undefined);
+    // Drops a stale /dev/mapper node whether or not the remove succeeded (a live device's node
+    // is left as it is).
+    if (await lstat(`/dev/mapper/${name}`).then(() => true, () => false)) await run("dmsetup", ["mknodes", name]).catch(() => undefined);
   }
   return true;
 }
