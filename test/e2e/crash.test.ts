@@ -5,7 +5,7 @@
 // left behind (dm tables, mounts, loop devices, temp files).
 //
 // npm test runs the scenarios marked `short` (each victim kind and each operation at least once)
-// and a random loop of 15 kills (kill -9, or SIGTERM for a quarter of the agent's); npm run
+// and a random loop of 8 kills (kill -9, or SIGTERM for a quarter of the agent's); npm run
 // test:soak (IMGD_TEST_SOAK=1) the whole matrix and 100.
 // Knobs: IMGD_TEST_CRASH_ONLY=<regex> runs the scenarios of the whole matrix whose id matches (and skips the
 // random loop unless it matches "random"); IMGD_TEST_CRASH_KILLS kills in the random loop;
@@ -113,7 +113,7 @@ const CHOSEN = SOAK || only ? CHAINS : CHAINS.filter((c) => c.short);
 const MATRIX = process.env.IMGD_TEST_CRASH_SINGLE === "1" ? CHOSEN.flatMap((c) => c.points.map((point): Scenario => ({ ...c, points: [point] }))) : CHOSEN;
 const idOf = (s: Scenario) => `${s.op} ${s.points.join(" > ")} ${s.victim}`;
 const scenarios = MATRIX.filter((s) => !only || only.test(idOf(s)));
-const KILLS = Number(process.env.IMGD_TEST_CRASH_KILLS ?? soakOr(100, 15));
+const KILLS = Number(process.env.IMGD_TEST_CRASH_KILLS ?? soakOr(100, 8));
 const SEED = process.env.IMGD_TEST_CRASH_SEED ?? randomBytes(4).toString("hex");
 
 /** Which process holds a kill point: the applier child's points are set through the helper. */
