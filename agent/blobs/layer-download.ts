@@ -1,5 +1,5 @@
 // Downloads one listed layer object into an open temp file and checks that what arrived is the
-// object: its sha256 is computed over the whole file (on the hashing thread, digest-thread.ts, as
+// object: its sha256 is computed over the whole file (on the check thread, check-thread.ts, as
 // the written prefix grows), and when the ETag is a plain MD5 (not a multipart "-N" one) the MD5
 // must match it.
 // - Small objects: one GET, resumed by Range after a failure (./range-retry.ts).
@@ -8,8 +8,8 @@
 // Every request is pinned to one ETag (If-Match, and checked in each response). If the object is
 // replaced meanwhile, the download starts over with the new version (found by HEAD), at most
 // policy.maxObjectChanges times; an object that keeps changing is refused (permanent).
-// `inspect` (the layer validator) reads the object in order WHILE it is written
-// (./in-order-reader.ts); its refusal stops every request at once and is passed on as it is.
+// With `validate`, the layer validator checks the object on the same thread, in order, WHILE it is
+// written; its refusal stops every request at once and is passed on as it is.
 import type { FileHandle } from "node:fs/promises";
 import { crashPoint } from "../crash-points.ts";
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
@@ -19,47 +19,57 @@ import type { DownloadPolicy, S3Config } from "../s3/config.ts";
 import { classifyS3Error, isAbortError, S3Error, S3PermanentError } from "../s3/errors.ts";
 import type { LayerObject } from "../s3/image-source.ts";
 import { printable } from "../s3/printable.ts";
-import { FileDigests, type FileDigestResult } from "./digest-thread.ts";
-import { InOrderReader, WrittenPrefix } from "./in-order-reader.ts";
+import type { LayerLimits, LayerSummary, LayerValidationError } from "../layers/validate.ts";
+import { FileCheck, type CheckResult } from "./check-thread.ts";
+import { WrittenPrefix } from "./written-prefix.ts";
 import { fetchRangeWithRetries } from "./range-retry.ts";
 import { describeObject, etagValue } from "./ranged-get.ts";
 import type { PinnedObject } from "./ranged-get.ts";
 
 export { etagValue } from "./ranged-get.ts";
 
-export interface DownloadOptions<T = unknown> {
+export interface DownloadOptions {
   signal?: AbortSignal;
   /** Called after every chunk written; keep it cheap. */
   onProgress?: (done: number, total: number) => void;
   /**
-   * Reads the object's bytes in order while they arrive (the layer validator). Its rejection
-   * stops the download at once and is what the download rejects with; its result is returned.
+   * Validate the object as a layer, with these limits (defaults for those absent), while it
+   * arrives. A refusal (LayerValidationError) stops the download at once and is what the download
+   * rejects with; the validator's summary is returned.
    */
-  inspect?: (bytes: AsyncIterable<Buffer>) => Promise<T>;
+  validate?: Partial<LayerLimits>;
 }
 
-export interface FetchedLayer<T = unknown> {
+export interface FetchedLayer {
   sha256Hex: string;
   size: number;
   /** ETag (quoted, as S3 lists it) of the version downloaded: the listed one unless the object was replaced. */
   etag: string;
-  /** What `inspect` returned (undefined without one). */
-  inspected: T | undefined;
+  /** The validator's summary (with `validate`). */
+  summary?: LayerSummary;
 }
 
-export async function fetchLayerInto<T>(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions<T> = {}): Promise<FetchedLayer<T>> {
+export async function fetchLayerInto(client: S3Client, cfg: S3Config, obj: LayerObject, file: FileHandle, opts: DownloadOptions = {}): Promise<FetchedLayer> {
   const policy: DownloadPolicy = { ...DOWNLOAD_DEFAULTS, ...cfg.download };
   let pinned: PinnedObject = { bucket: cfg.bucket, key: obj.key, etag: etagValue(obj.etag), size: obj.size };
   for (let changes = 0; ; ) {
-    // Hashed on the hashing thread as the written prefix grows (digest-thread.ts).
-    const digests = new FileDigests(file.fd, !isMultipart(pinned));
-    let inspected: T | undefined;
-    let sums: FileDigestResult;
+    // A refusal by the validator stops every request of this version at once.
+    const refused = new AbortController();
+    const check = new FileCheck(file.fd, {
+      md5: !isMultipart(pinned),
+      ...(opts.validate ? { validate: opts.validate, onRefusal: (refusal: LayerValidationError) => refused.abort(refusal) } : {}),
+    });
+    const signal = opts.signal ? AbortSignal.any([opts.signal, refused.signal]) : refused.signal;
+    let sums: CheckResult;
     try {
-      inspected = await fetchAndInspect(client, pinned, file, policy, opts, digests);
-      sums = await digests.digests(pinned.size);
+      const ranges = splitRanges(pinned.size, policy);
+      const prefix = new WrittenPrefix(ranges);
+      await fetchVersion(client, pinned, file, ranges, policy, { ...opts, signal }, (index, n) => check.available(prefix.wrote(index, n)));
+      sums = await check.result(pinned.size);
     } catch (err) {
-      await digests.cancel(); // before the file may be truncated or closed
+      await check.cancel(); // before the file may be truncated or closed
+      // The validator's refusal is the cause; the aborted requests are its consequence.
+      if (refused.signal.aborted && !opts.signal?.aborted) throw refused.signal.reason;
       if (!(err instanceof S3Error) || err.code !== "OBJECT_CHANGED") throw err;
       if (++changes > policy.maxObjectChanges) {
         throw new S3PermanentError("OBJECT_CHANGED", `${describeObject(pinned)}: object keeps changing: replaced ${changes} times during one download (IMGD_DOWNLOAD_MAX_OBJECT_CHANGES=${policy.maxObjectChanges}); last: ${err.message}`, { cause: err });
@@ -68,59 +78,15 @@ export async function fetchLayerInto<T>(client: S3Client, cfg: S3Config, obj: La
       await file.truncate(0); // bytes of the old version are worthless
       continue;
     }
-    const { sha256Hex, md5Hex } = sums;
+    const { sha256Hex, md5Hex, summary } = sums;
     if (md5Hex !== undefined && md5Hex !== pinned.etag.toLowerCase()) {
       throw new S3PermanentError("CORRUPT", `downloading ${describeObject(pinned)}: content MD5 ${md5Hex} does not match its ETag ${printable(pinned.etag)}`);
     }
-    return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"`, inspected };
+    return { sha256Hex, size: pinned.size, etag: `"${pinned.etag}"`, ...(summary ? { summary } : {}) };
   }
 }
 
 const isMultipart = (pinned: PinnedObject) => !/^[0-9a-fA-F]{32}$/.test(pinned.etag);
-
-/**
- * Fetches one pinned version while `digests` hashes and `opts.inspect` reads its written prefix
- * in order. A refusal by the inspector aborts every request and is thrown as it is; a download
- * error ends the inspection. Returns what the inspector returned.
- */
-async function fetchAndInspect<T>(client: S3Client, pinned: PinnedObject, file: FileHandle, policy: DownloadPolicy, opts: DownloadOptions<T>, digests: FileDigests): Promise<T | undefined> {
-  const ranges = splitRanges(pinned.size, policy);
-  const prefix = new WrittenPrefix(ranges);
-  if (!opts.inspect) {
-    await fetchVersion(client, pinned, file, ranges, policy, opts, (index, n) => digests.available(prefix.wrote(index, n)));
-    return undefined;
-  }
-  const reader = new InOrderReader(file, pinned.size);
-  const stop = new AbortController();
-  let refusal: { error: unknown } | undefined;
-  let inspected: T | undefined;
-  const inspection = opts.inspect(reader.bytes()).then(
-    (result) => void (inspected = result),
-    (error: unknown) => {
-      refusal = { error };
-      stop.abort(error);
-    },
-  );
-  const signal = opts.signal ? AbortSignal.any([opts.signal, stop.signal]) : stop.signal;
-  const grew = (index: number, n: number) => {
-    const reach = prefix.wrote(index, n);
-    digests.available(reach);
-    reader.grew(reach);
-  };
-  try {
-    await fetchVersion(client, pinned, file, ranges, policy, { ...opts, signal }, grew);
-    reader.finish();
-  } catch (err) {
-    reader.fail(err);
-    await inspection; // never rejects; done before the caller may truncate the file
-    // The inspector's refusal is the cause; the aborted requests are its consequence.
-    if (refusal && !opts.signal?.aborted) throw refusal.error;
-    throw err;
-  }
-  await inspection;
-  if (refusal) throw refusal.error;
-  return inspected;
-}
 
 /** Fetches every byte of one pinned version; the first failing range stops the others. */
 async function fetchVersion(

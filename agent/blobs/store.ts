@@ -13,6 +13,7 @@ import type { LayerObject } from "../s3/image-source.ts";
 import { digestHex } from "./digest.ts";
 import { fetchLayerInto } from "./layer-download.ts";
 import type { DownloadOptions } from "./layer-download.ts";
+import type { LayerSummary } from "../layers/validate.ts";
 
 export type { DownloadOptions } from "./layer-download.ts";
 
@@ -98,11 +99,11 @@ export class BlobStore {
    * S3PermanentError / S3TransientError of ../s3/errors.ts, an AbortError when `signal` fires,
    * or a plain Node error for local I/O (disk full...). The temp file is deleted on any error.
    * `etag` and `size` are those of the version stored: the listed ones unless the object was
-   * replaced during the download (see layer-download.ts). `opts.inspect` reads the bytes in order
-   * while they are written (the layer validator): its refusal stops the download, deletes the
-   * temp file and is thrown as it is; its result is returned as `inspected`.
+   * replaced during the download (see layer-download.ts). With `opts.validate` the layer
+   * validator checks the bytes while they are written: its refusal (LayerValidationError) stops
+   * the download, deletes the temp file and is thrown as it is; its summary is returned.
    */
-  async downloadLayer<T = unknown>(client: S3Client, cfg: S3Config, obj: LayerObject, opts: DownloadOptions<T> = {}): Promise<{ digest: string; size: number; etag: string; inspected: T | undefined }> {
+  async downloadLayer(client: S3Client, cfg: S3Config, obj: LayerObject, opts: DownloadOptions = {}): Promise<{ digest: string; size: number; etag: string; summary?: LayerSummary }> {
     if (!Number.isSafeInteger(obj.size) || obj.size < 1) throw new TypeError(`blob store: layer ${obj.key} has an invalid size ${obj.size}`);
     const tempPath = join(this.tmpDir, `blob-${randomBytes(16).toString("hex")}.part`);
     let file: FileHandle | undefined = await open(tempPath, "wx+", FILE_MODE); // O_EXCL: never reuse or follow anything; read back to hash
@@ -123,7 +124,7 @@ export class BlobStore {
       const digest = `sha256:${fetched.sha256Hex}`;
       await this.commit(tempPath, digest, fetched.size);
       this.observeDownload?.("ok", received, (performance.now() - began) / 1000);
-      return { digest, size: fetched.size, etag: fetched.etag, inspected: fetched.inspected };
+      return { digest, size: fetched.size, etag: fetched.etag, ...(fetched.summary ? { summary: fetched.summary } : {}) };
     } catch (err) {
       this.observeDownload?.("error", received, (performance.now() - began) / 1000);
       await file?.close().catch(() => {});

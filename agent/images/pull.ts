@@ -28,7 +28,7 @@ import { abort, AbortError, formatError, interrupted } from "../fsm/errors.ts";
 import { HelperError, type HelperClient } from "../helper-client.ts";
 import type { KeyedLock } from "../keyed-lock.ts";
 import { chainLock, imageLock, objectLock } from "../lock-keys.ts";
-import { checkListedSize, LayerValidationError, validateLayer, type LayerLimits } from "../layers/validate.ts";
+import { checkListedSize, LayerValidationError, type LayerLimits } from "../layers/validate.ts";
 import type { BlobStore } from "../blobs/store.ts";
 import type { S3Config } from "../s3/client.ts";
 import type { S3Client } from "@aws-sdk/client-s3";
@@ -219,10 +219,10 @@ async function fetchLayer(deps: PullDeps, ctx: Ctx, layer: PulledLayer, signal: 
       const stored = await blobs.downloadLayer(deps.s3, deps.s3Config, layer, {
         signal,
         onProgress: (bytes) => onBytes(bytes),
-        inspect: (bytes) => validateLayer(bytes, deps.layerLimits),
+        validate: deps.layerLimits ?? {},
       });
       digest = stored.digest;
-      summary = stored.inspected!;
+      summary = stored.summary!;
       if (stored.etag !== layer.etag) {
         // Replaced since the listing: the publisher's newer version is what this image gets.
         ctx.log("warn", "layer object changed since it was listed; using the new version", { key: layer.key, listed: layer.etag, stored: stored.etag });

@@ -15,6 +15,8 @@ import { BlobStore } from "../../agent/blobs/store.ts";
 import { createS3Client, DOWNLOAD_DEFAULTS } from "../../agent/s3/client.ts";
 import type { DownloadPolicy, S3Config } from "../../agent/s3/client.ts";
 import { S3Error } from "../../agent/s3/errors.ts";
+import { LayerValidationError } from "../../agent/layers/validate.ts";
+import { buildTar } from "../fixtures/tar-build.ts";
 import { listImageLayers } from "../../agent/s3/image-source.ts";
 import type { LayerObject } from "../../agent/s3/image-source.ts";
 import { startFaultProxy } from "../helpers/fault-proxy.ts";
@@ -25,6 +27,9 @@ import type { TestS3 } from "../helpers/s3rver.ts";
 const bytes = (n: number, seed: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7919 + seed + (i >> 9)) & 0xff));
 const SMALL = bytes(100 * 1024, 1); // below the parallel threshold: one GET
 const LARGE = bytes(1024 * 1024 + 123, 2); // 17 parts of 64 KiB
+// A real layer of about 1.2 MiB (19 parts of 64 KiB), for the validator.
+const LAYER_FILES = 40;
+let LAYER: Buffer;
 const sha256 = (data: Buffer) => `sha256:${createHash("sha256").update(data).digest("hex")}`;
 
 const POLICY: Partial<DownloadPolicy> = {
@@ -48,9 +53,11 @@ let store: BlobStore;
 
 before(async () => {
   s3 = await startS3rver();
+  LAYER = await buildTar(Array.from({ length: LAYER_FILES }, (_, i) => ({ name: `usr/lib/f${i}`, type: "file", mode: 0o644, uid: 0, gid: 0, mtime: 1_700_000_000, content: bytes(30_000, i) })));
   await s3.putMany([
     ["images/small/1.tar", SMALL],
     ["images/large/1.tar", LARGE],
+    ["images/layer/1.tar", LAYER],
   ]);
   proxy = await startFaultProxy(s3.endpoint);
   cfg = { endpoint: proxy.endpoint, bucket: s3.bucket, prefix: "images/", region: "us-east-1", timeouts: TIMEOUTS, download: POLICY };
@@ -291,63 +298,37 @@ describe("large layers: parallel ranged GETs pinned to one ETag", () => {
   });
 });
 
-describe("inspecting a layer while it downloads (the validator reads the temp file's contiguous prefix)", () => {
-  const collect = (seen: { chunks: Buffer[]; firstAt?: number }) => async (stream: AsyncIterable<Buffer>) => {
-    for await (const chunk of stream) {
-      seen.firstAt ??= performance.now();
-      seen.chunks.push(Buffer.from(chunk));
-    }
-    return "looked at it";
-  };
-
-  it("sees every byte in order while the parts arrive out of order (one resumed), and the digest is the object's", async () => {
-    const obj = await listed("large");
+describe("validating a layer while it downloads (the check thread reads the temp file's contiguous prefix)", () => {
+  it("validates every byte in order while the parts arrive out of order (one resumed); the digest is the object's", async () => {
+    const obj = await listed("layer");
     // Part 0 is the slowest and part 3 is cut and resumed: later parts land first.
-    const plans: Array<Tamper | undefined> = Array.from({ length: 17 }, (_, i) => ({ throttle: { bytes: 16 * 1024, delayMs: i === 0 ? 40 : 5 } }));
+    const parts = splitRanges(LAYER.length, { ...DOWNLOAD_DEFAULTS, ...POLICY }).length;
+    const plans: Array<Tamper | undefined> = Array.from({ length: parts }, (_, i) => ({ throttle: { bytes: 16 * 1024, delayMs: i === 0 ? 40 : 5 } }));
     plans[3] = { cutAfter: 10_000 };
-    proxy.script(forKey("large"), plans);
-    const from = proxy.requests.length;
-    const seen: { chunks: Buffer[]; firstAt?: number } = { chunks: [] };
-    const stored = await store.downloadLayer(client, cfg, obj, { inspect: collect(seen) });
-    const requests = proxy.requests.slice(from).filter(forKey("large"));
-    assert.equal(stored.inspected, "looked at it");
-    assert.ok(Buffer.concat(seen.chunks).equals(LARGE), "the inspector saw exactly the object, in order");
-    assert.equal(stored.digest, sha256(LARGE));
-    assert.ok(seen.firstAt! < Math.max(...requests.map((r) => r.end ?? Infinity)), "the inspector started before the last part arrived");
+    proxy.script(forKey("layer"), plans);
+    const stored = await store.downloadLayer(client, cfg, obj, { validate: {} });
+    // A byte out of place would have broken the tar (a header checksum, a member's size).
+    assert.equal(stored.summary?.tarBytes, LAYER.length);
+    assert.equal(stored.summary?.files, LAYER_FILES);
+    assert.equal(stored.digest, sha256(LAYER));
   });
 
   it("a refusal stops every part at once, deletes the temp file and is thrown as it is", async () => {
-    const obj = await listed("large");
+    const obj = await listed("large"); // not a tar
     proxy.script(forKey("large"), Array.from({ length: 17 }, () => ({ stallAfter: 20_000 })));
     const from = proxy.requests.length;
-    const refusal = new Error("not a layer");
     const started = performance.now();
-    const download = store.downloadLayer(client, cfg, obj, {
-      inspect: async (stream) => {
-        for await (const _ of stream) throw refusal;
-      },
-    });
-    await assert.rejects(download, (err) => err === refusal);
+    const download = store.downloadLayer(client, cfg, obj, { validate: {} });
+    await assert.rejects(download, (err) => err instanceof LayerValidationError && err.rule === "NOT_A_TAR");
     assert.ok(performance.now() - started < 2000, "not after a timeout");
     assert.equal(proxy.requests.length - from, 3, "the three parts in flight, no more");
     assert.deepEqual(await readdir(store.blobDir), []);
   });
 
-  it("a download error ends the inspection with that error, and is what the download rejects with", async () => {
+  it("a download error while validating is what the download rejects with", async () => {
     const obj = await listed("small");
     proxy.script(forKey("small"), [{ reply: { status: 403, body: "<Error><Code>AccessDenied</Code><Message>no</Message></Error>" } }]);
-    let inspectorError: unknown;
-    const download = store.downloadLayer(client, cfg, obj, {
-      inspect: async (stream) => {
-        try {
-          for await (const _ of stream);
-        } catch (err) {
-          inspectorError = err;
-          throw err;
-        }
-      },
-    });
-    await assert.rejects(download, (err) => err instanceof S3Error && err.code === "ACCESS_DENIED" && err === inspectorError);
+    await assert.rejects(store.downloadLayer(client, cfg, obj, { validate: {} }), (err) => err instanceof S3Error && err.code === "ACCESS_DENIED");
   });
 });
 
