@@ -1,9 +1,10 @@
 // Thin ids inside the pool: create, snapshot, delete (pool messages), list (pool metadata).
 import { readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
 import { listDevices, poolDeviceNumber } from "./device.ts";
-import { deviceNumber, dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable } from "./dm.ts";
+import { deviceNumber, dmMessage, dmResume, dmSuspend, dmTable, parsePoolTable, SYSFS } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { CommandFailed, run } from "./run.ts";
 import { readOrigin, removeOrigin, writeOrigin, type Role } from "./thin-origins.ts";
@@ -137,7 +138,7 @@ async function poolMetadataDevice(config: HelperConfig): Promise<string> {
   if (!pool) throw new HelperFailure("POOL_INVALID", `device ${config.poolName} exists but is not a thin pool: ${table}`);
   const number = /^([0-9]+):([0-9]+)$/.exec(pool.metaDevice);
   if (!number) throw new HelperFailure("POOL_INVALID", `unexpected metadata device ${JSON.stringify(pool.metaDevice)} in the table of ${config.poolName}`);
-  const uevent = await readFile(`/sys/dev/block/${number[1]}:${number[2]}/uevent`, "utf8");
+  const uevent = await readFile(join(SYSFS.root, `dev/block/${number[1]}:${number[2]}/uevent`), "utf8");
   const devname = /^DEVNAME=([a-z0-9_-]+(?:\/[a-z0-9_-]+)*)$/m.exec(uevent)?.[1];
   if (!devname) throw new HelperFailure("POOL_INVALID", `cannot tell the name of metadata device ${pool.metaDevice}`);
   const path = `/dev/${devname}`;

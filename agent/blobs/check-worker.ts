@@ -81,8 +81,8 @@ interface Job {
    * The buffer every slice of this job is read into, when that is safe: for hashing alone, and
    * for a plain tar, whose validator is done with a slice when it asks for the next (the tar
    * reader copies what it keeps). A compressed layer's decoder may still hold its input: each of
-   * its slices gets a buffer of its own. (A fresh 1 MiB buffer per slice let the agent's RSS grow
-   * by ~40 MiB of garbage between collections in the real-size bench.)
+   * its slices gets a buffer of its own. (With a fresh 1 MiB buffer for every slice, the agent's
+   * RSS high-water mark in the real-size bench was 282 MiB; 251 MiB with this.)
    */
   reusable?: Buffer;
 }

@@ -24,7 +24,8 @@ const config = loadConfig({ IMGD_HELPER_STATE_DIR: join(dir, "state"), IMGD_POOL
 const saved = { ...PROGRAMS };
 
 // The double: `dmsetup` verbs the helper uses, and `thin_ls` printing the pool's ids. The
-// pool's metadata device is the host's /dev/loop0 (7:0), which thin.list checks is a block device.
+// pool's metadata device is the host's /dev/loop0 (7:0; named in the fake sysfs), which thin.list
+// checks is that very block device.
 // Device numbers come from a fake sysfs (dm.ts's SYSFS seam): the pool is dm-0 (253:0), and each
 // device the double creates gets the next dm-N.
 const sysfsRoot = join(dir, "sys");
@@ -79,6 +80,8 @@ before(() => {
   mkdirSync(join(sysfsRoot, "block/dm-0/dm"), { recursive: true });
   writeFileSync(join(sysfsRoot, "block/dm-0/dm/name"), "imgd-pool\n");
   writeFileSync(join(sysfsRoot, "block/dm-0/dev"), "253:0\n");
+  mkdirSync(join(sysfsRoot, "dev/block/7:0"), { recursive: true });
+  writeFileSync(join(sysfsRoot, "dev/block/7:0/uevent"), "MAJOR=7\nMINOR=0\nDEVNAME=loop0\nDEVTYPE=disk\n");
   SYSFS.root = sysfsRoot;
   for (const [name, text] of [["dmsetup", DMSETUP], ["thin_ls", THIN_LS]]) {
     writeFileSync(join(dir, name!), text!);
