@@ -22,5 +22,11 @@ export async function makeFilesystem(config: HelperConfig, name: string): Promis
   //   stale data this would risk replaying garbage after a crash; a fresh thin device cannot.
   // - nodiscard: no discard pass over 8 GiB of nothing (it would be slow and pointless).
   // - -m 0: no blocks reserved for root; images are read-only, the default 5% would be wasted.
-  await run("mkfsExt4", ["-q", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path], { timeoutMs: 10 * 60_000 });
+  // - inline_data: a file of up to ~150 bytes lives in its inode instead of a 4 KiB block of its
+  //   own. A root filesystem has thousands of such files: on golang's real layers, replayed with
+  //   GNU tar on a loop file and counted in 1 MiB chunks as the thin pool would, the chain costs
+  //   1.135x its tar bytes instead of 1.166x (node 1.146x instead of 1.175x). Flex_bg sizes,
+  //   packed metadata, a smaller journal and 1-2 KiB blocks were measured the same way and gained
+  //   nothing or lost. Any kernel since 3.8 mounts it (the guests that boot an activation too).
+  await run("mkfsExt4", ["-q", "-m", "0", "-O", "inline_data", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path], { timeoutMs: 10 * 60_000 });
 }
