@@ -1,6 +1,5 @@
-// How far the contiguous written prefix of a download reaches: ranged GETs write their parts at
-// their offsets in any order, and the download's checks (check-thread.ts) read only the bytes
-// before the first gap.
+// Ranged GETs write their parts at their offsets in any order; the download's checks
+// (check-thread.ts) read only the bytes before the first gap.
 /** How far the contiguous written prefix of a download reaches, from each part's progress. */
 export class WrittenPrefix {
   readonly #parts: Array<{ start: number; end: number; written: number }>;
