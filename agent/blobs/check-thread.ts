@@ -15,6 +15,7 @@
 // awaited before the file is truncated or closed (the worker may be reading it).
 import { Worker } from "node:worker_threads";
 import { LayerValidationError, type LayerLimits, type LayerRule, type LayerSummary } from "../layers/validate.ts";
+import { entryPointPath } from "../../privhelper/entry-points.ts";
 
 export type CheckMessage =
   | { job: number; type: "start"; fd: number; md5: boolean; validate?: Partial<LayerLimits> }
@@ -46,7 +47,7 @@ class CheckThread {
   #stopped: string | undefined;
 
   constructor(onExit: () => void) {
-    this.#worker = new Worker(new URL("./check-worker.ts", import.meta.url));
+    this.#worker = new Worker(entryPointPath("imgd-check-worker"));
     this.#worker.unref();
     this.#worker.on("message", (reply: CheckReply) => {
       const waiter = this.#waiters.get(reply.job);

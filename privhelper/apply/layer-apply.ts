@@ -6,15 +6,15 @@
 import { closeSync } from "node:fs";
 import { mkdir, rmdir } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { openBlob } from "../blob-open.ts";
 import { resolveUserId, type HelperConfig } from "../config.ts";
 import { HelperFailure, type FailureCode } from "../errors.ts";
+import { entryPointPath } from "../entry-points.ts";
 import { ownLayerDevice } from "../ownership.ts";
 import { poolStatus } from "../pool.ts";
 import { PROGRAMS, runFile } from "../run.ts";
 
-const CHILD = fileURLToPath(new URL("./child.ts", import.meta.url));
+const CHILD = entryPointPath("imgd-applier");
 export const APPLY_TIMEOUT_MS = 30 * 60_000;
 /** The blob's descriptor in the child: the first after stdin, stdout and stderr. */
 export const CHILD_BLOB_FD = 3;

@@ -16,7 +16,8 @@ import { withMounted } from "../helpers/mount.ts";
 const opts = {};
 assert.ok(process.env.IMGD_VM === "1" && process.getuid?.() === 0, "device-mapper tests run as root inside the VM: npm run test:vm");
 
-const MAIN = fileURLToPath(new URL("../../privhelper/main.ts", import.meta.url));
+// The helper as deployed: its bundle (test/vm/run builds it before the VM boots).
+const MAIN = fileURLToPath(new URL("../../dist/imgd-privhelper.mjs", import.meta.url));
 const POOL = "imgd-vmtest-pool";
 const SOCKET = "/run/imgd-vmtest/privhelper.sock";
 const STATE = "/var/lib/imgd-privhelper-vmtest";
@@ -93,7 +94,7 @@ async function refused(promise: Promise<unknown>, code: string): Promise<HelperE
 const dmsetup = (...args: string[]) => execFileSync("/usr/sbin/dmsetup", args).toString();
 const mountinfo = () => readFileSync("/proc/self/mountinfo", "utf8");
 const applierRunning = () => readdirSync("/proc").filter((p) => /^[0-9]+$/.test(p)).some((p) => {
-  try { return readFileSync(`/proc/${p}/cmdline`, "utf8").includes("apply/child.ts"); } catch { return false; }
+  try { return readFileSync(`/proc/${p}/cmdline`, "utf8").includes("dist/imgd-applier.mjs"); } catch { return false; }
 });
 
 /** Removes everything this file created in the kernel (devices, pool, loop devices). */

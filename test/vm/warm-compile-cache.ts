@@ -7,13 +7,18 @@
 //
 //   NODE_COMPILE_CACHE=DIR node test/vm/warm-compile-cache.ts root|agent
 //
-// Only modules without side effects are imported (not the programs' main files, which are
-// small); each pulls in its own imports. A module that no longer exists is skipped.
+// The programs themselves run from the bundle (dist/): each is compiled by a `--version` start.
+// Of the sources, only modules without side effects are imported (what the test files load);
+// each pulls in its own imports. A module that no longer exists is skipped.
+import { spawnSync } from "node:child_process";
 import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
 
-const AGENT = ["agent/app.ts", "agent/config.ts", "agent/log.ts"];
+const BUNDLES = { agent: ["imgd"], root: ["imgd-privhelper", "imgctl"] };
 const ROOT = [
-  ...AGENT,
+  "agent/app.ts",
+  "agent/config.ts",
+  "agent/log.ts",
   "client/sdk.ts",
   "agent/helper-client.ts",
   "privhelper/config.ts",
@@ -35,7 +40,11 @@ const which = process.argv[2];
 if (which !== "root" && which !== "agent") throw new Error("usage: warm-compile-cache.ts root|agent");
 const repo = new URL("../../", import.meta.url);
 const missing: string[] = [];
-for (const path of which === "agent" ? AGENT : ROOT) {
+for (const name of BUNDLES[which]) {
+  const r = spawnSync(process.execPath, [fileURLToPath(new URL(`dist/${name}.mjs`, repo)), "--version"], { stdio: "ignore" });
+  if (r.status !== 0) missing.push(`dist/${name}.mjs`);
+}
+for (const path of which === "agent" ? [] : ROOT) {
   await import(new URL(path, repo).href).catch((err: { code?: string }) => {
     if (err.code !== "ERR_MODULE_NOT_FOUND") throw err;
     missing.push(path);

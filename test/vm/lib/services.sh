@@ -23,7 +23,8 @@ VM_HELPER_STATE_DIR=/var/lib/imgd-privhelper
 
 # ---- start lines (change these when the programs' interfaces change) -----------------------
 # Each runs in its own process (see vm_service_launch) and must exec the program, so that the
-# recorded pid is the program's own pid (kill -9 must hit it, not a wrapper).
+# recorded pid is the program's own pid (kill -9 must hit it, not a wrapper). The helper and the
+# agent run from the bundle, as deployed (dist/, `npm run build`; test/vm/run builds it first).
 
 start_s3_process() {
   # --openssl-legacy-provider: s3rver's listing continuation tokens use DES.
@@ -37,7 +38,7 @@ start_helper_process() {
   exec env IMGD_HELPER_SOCKET="$VM_HELPER_SOCKET" IMGD_HELPER_GROUP=imgd \
     IMGD_HELPER_STATE_DIR="$VM_HELPER_STATE_DIR" IMGD_BLOB_DIR="$VM_STATE_DIR/blobs" \
     IMGD_POOL_DATA_SIZE="${IMGD_POOL_DATA_SIZE:-1G}" \
-    node "$IMGD_VM_REPO/privhelper/main.ts"
+    node "$IMGD_VM_REPO/dist/imgd-privhelper.mjs"
 }
 
 start_agent_process() {
@@ -47,7 +48,7 @@ start_agent_process() {
   exec env HOME="$VM_STATE_DIR" IMGD_STATE_DIR="$VM_STATE_DIR" IMGD_LISTEN="$VM_AGENT_ADDR" \
     IMGD_HELPER_SOCKET="$VM_HELPER_SOCKET" IMGD_S3_ENDPOINT="http://$VM_S3_ADDR" \
     setpriv --reuid=imgd --regid=imgd --init-groups -- \
-    node "$IMGD_VM_REPO/agent/main.ts"
+    node "$IMGD_VM_REPO/dist/imgd.mjs"
 }
 
 # ---- readiness ------------------------------------------------------------------------------
