@@ -8,12 +8,11 @@
 // thread reads slice n into slot n % SLOTS, submits it, and applies it while the worker hashes it;
 // it reuses a slot only once the worker is done with it (the backpressure).
 //
-// The worker runs from a string (eval), since no file is reachable from inside the image, and
-// needs only node:crypto, which is built in: it starts even after the applier chrooted. Nobody
-// waits for it to start (half a second under emulation): it starts while the applier mounts and
-// reads, and the main thread first waits for it when the ring is full or at the digest.
-// `hashSlots` below is that string's source: Node's type stripping leaves plain JavaScript in
-// Function.prototype.toString, and it uses nothing from this module's scope.
+// The worker runs from a string (eval, HASH_WORKER below), since no file is reachable from inside
+// the image, and needs only node:crypto, which is built in: it starts even after the applier
+// chrooted. Nobody waits for it to start (half a second under emulation): it starts while the
+// applier mounts and reads, and the main thread first waits for it when the ring is full or at
+// the digest.
 import { Worker } from "node:worker_threads";
 
 const SLOTS = 3;
@@ -28,43 +27,47 @@ const SEQ = 3; // bumped with every change the worker must see: it waits on this
 const STATE = 4; // 0 starting, 1 running, 2 digest written, 3 failed
 const CELLS = 5;
 
-/** The worker: hashes slots in order until the main thread says the blob ended. */
-function hashSlots(): void {
-  const { workerData } = require("node:worker_threads") as typeof import("node:worker_threads");
-  const { createHash } = require("node:crypto") as typeof import("node:crypto");
-  const { control, lengths, data, result, slotBytes, slots, cells } = workerData as {
-    control: SharedArrayBuffer; lengths: SharedArrayBuffer; data: SharedArrayBuffer; result: SharedArrayBuffer;
-    slotBytes: number; slots: number; cells: Record<string, number>;
-  };
-  const ctl = new Int32Array(control);
+/**
+ * The worker: hashes slots in order until the main thread says the blob ended. Plain JavaScript in
+ * a string, not a function's toString(): the bundle (scripts/bundle.ts) rewrites function bodies
+ * (renamed imports, helpers of its own) into code that cannot run alone in a thread. Every failure
+ * in it, even at its first statement, ends in state 3, which the main thread's waits see.
+ */
+const HASH_WORKER = `
+"use strict";
+const { workerData } = require("node:worker_threads");
+const ctl = new Int32Array(workerData.control);
+const cells = workerData.cells;
+function finish(state) {
+  Atomics.store(ctl, cells.STATE, state);
+  Atomics.notify(ctl, cells.STATE);
+}
+try {
+  const { createHash } = require("node:crypto");
+  const { lengths, data, result, slotBytes, slots } = workerData;
   const sizes = new Int32Array(lengths);
   const hash = createHash("sha256");
-  const finish = (state: number) => {
-    Atomics.store(ctl, cells.STATE!, state);
-    Atomics.notify(ctl, cells.STATE!);
-  };
-  try {
-    finish(1);
-    for (let next = 0; ; ) {
-      const seq = Atomics.load(ctl, cells.SEQ!);
-      if (next < Atomics.load(ctl, cells.SUBMITTED!)) {
-        const slot = next % slots;
-        hash.update(new Uint8Array(data, slot * slotBytes, sizes[slot]));
-        next += 1;
-        Atomics.store(ctl, cells.HASHED!, next);
-        Atomics.notify(ctl, cells.HASHED!);
-      } else if (Atomics.load(ctl, cells.ENDED!) === 1) {
-        new Uint8Array(result).set(hash.digest());
-        finish(2);
-        return;
-      } else {
-        Atomics.wait(ctl, cells.SEQ!, seq);
-      }
+  finish(1);
+  for (let next = 0; ; ) {
+    const seq = Atomics.load(ctl, cells.SEQ);
+    if (next < Atomics.load(ctl, cells.SUBMITTED)) {
+      const slot = next % slots;
+      hash.update(new Uint8Array(data, slot * slotBytes, sizes[slot]));
+      next += 1;
+      Atomics.store(ctl, cells.HASHED, next);
+      Atomics.notify(ctl, cells.HASHED);
+    } else if (Atomics.load(ctl, cells.ENDED) === 1) {
+      new Uint8Array(result).set(hash.digest());
+      finish(2);
+      break;
+    } else {
+      Atomics.wait(ctl, cells.SEQ, seq);
     }
-  } catch {
-    finish(3);
   }
+} catch {
+  finish(3);
 }
+`;
 
 function withoutCompileCache(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
   const { NODE_COMPILE_CACHE: _, ...rest } = env;
@@ -90,7 +93,7 @@ export class ParallelSha256 {
     this.#ctl = new Int32Array(control);
     this.#lengths = new Int32Array(lengths);
     const cells = { SUBMITTED, HASHED, ENDED, SEQ, STATE };
-    this.#worker = new Worker(`(${hashSlots.toString()})()`, {
+    this.#worker = new Worker(HASH_WORKER, {
       eval: true,
       // No compile cache in this thread: a thread writes its cache when it ends, and this one
       // ends inside the chroot, where the cache's path would be created in the image.

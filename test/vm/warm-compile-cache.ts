@@ -11,10 +11,13 @@
 // Of the sources, only modules without side effects are imported (what the test files load);
 // each pulls in its own imports. A module that no longer exists is skipped.
 import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
 
-const BUNDLES = { agent: ["imgd"], root: ["imgd-privhelper", "imgctl"] };
+// A start that only prints its version or usage (the helper has no --version: it stops at its
+// configuration, after compiling).
+const BUNDLES = { agent: [["imgd", "--version"]], root: [["imgd-privhelper", "--version"], ["imgctl", "--help"]] };
 const ROOT = [
   "agent/app.ts",
   "agent/config.ts",
@@ -40,9 +43,10 @@ const which = process.argv[2];
 if (which !== "root" && which !== "agent") throw new Error("usage: warm-compile-cache.ts root|agent");
 const repo = new URL("../../", import.meta.url);
 const missing: string[] = [];
-for (const name of BUNDLES[which]) {
-  const r = spawnSync(process.execPath, [fileURLToPath(new URL(`dist/${name}.mjs`, repo)), "--version"], { stdio: "ignore" });
-  if (r.status !== 0) missing.push(`dist/${name}.mjs`);
+for (const [name, arg] of BUNDLES[which]) {
+  const file = fileURLToPath(new URL(`dist/${name}.mjs`, repo));
+  if (existsSync(file)) spawnSync(process.execPath, [file, arg], { stdio: "ignore" });
+  else missing.push(`dist/${name}.mjs`);
 }
 for (const path of which === "agent" ? [] : ROOT) {
   await import(new URL(path, repo).href).catch((err: { code?: string }) => {
