@@ -79,8 +79,12 @@ start_services() {
   # All three at once (node start-up is the slow part under emulation); the agent waits for the
   # helper's pool by itself.
   vm_service_launch s3 && vm_service_launch helper && vm_service_launch agent || return 1
-  vm_service_ready helper && vm_service_ready agent && vm_service_ready s3 || return 1
-  say "services ready after $((SECONDS - t0)) s"
+  local service ready=()
+  for service in helper agent s3; do
+    vm_service_ready "$service" || return 1
+    ready+=("$service $((SECONDS - t0)) s")
+  done
+  say "services ready after $((SECONDS - t0)) s ($(IFS=,; echo "${ready[*]}" | sed 's/,/, /g'))"
 }
 
 run_command() {
