@@ -47,7 +47,12 @@ async function startHelper(): Promise<void> {
   client = new HelperClient(SOCKET);
 }
 
-async function stopHelper(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
+/**
+ * Stops the helper, then closes the client. `pending`: calls that must first see the connection
+ * lost (the process's exit can be reported before the client's socket closes; closing the client
+ * first would end them with CLIENT_CLOSED instead).
+ */
+async function stopHelper(signal: NodeJS.Signals = "SIGTERM", pending: Promise<unknown>[] = []): Promise<void> {
   const child = helper!;
   helper = null;
   if (child.exitCode === null) {
@@ -55,6 +60,7 @@ async function stopHelper(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
     child.kill(signal);
     await exited;
   }
+  await Promise.all(pending);
   client.close();
 }
 
@@ -304,7 +310,7 @@ test("helper killed (-9) during layer.apply: the applier dies too; the device ca
     const outcome = await Promise.race([pending, new Promise((r) => setTimeout(() => r("still pending"), 100))]);
     assert.fail(`the applier was never seen running; layer.apply: ${outcome instanceof Error ? outcome.message : String(outcome)}`);
   }
-  await stopHelper("SIGKILL");
+  await stopHelper("SIGKILL", [pending]);
   assert.equal(((await pending) as HelperError).code, "CONNECTION_LOST");
   for (let i = 0; i < 100 && applierRunning(); i++) await new Promise((r) => setTimeout(r, 50));
   assert.equal(applierRunning(), false, "the applier died with the helper");
