@@ -30,8 +30,9 @@ const CELLS = 5;
 /**
  * The worker: hashes slots in order until the main thread says the blob ended. Plain JavaScript in
  * a string, not a function's toString(): the bundle (scripts/bundle.ts) rewrites function bodies
- * (renamed imports, helpers of its own) into code that cannot run alone in a thread. Every failure
- * in it, even at its first statement, ends in state 3, which the main thread's waits see.
+ * (renamed imports, helpers of its own) into code that cannot run alone in a thread (seen: every
+ * layer.apply waited out WORKER_TIMEOUT_MS). Any failure once it holds the control block ends in
+ * state 3, which the main thread's waits see at once.
  */
 const HASH_WORKER = `
 "use strict";
