@@ -5,6 +5,7 @@
 // a fresh directory of the same filesystem every time, with:
 //   imgd     the applier child in test mode (chrooted; hash, apply, syncfs), this checkout
 //   old      the same child from git REF (default main), when that ref differs
+//   bundled  dist/imgd-applier.mjs, when `npm run build` made it
 //   tar -x   GNU tar, then sync
 // and prints MiB/s (tar bytes / wall time, process start included) and each ratio to tar -x.
 // DIR defaults to an ext4 filesystem on a loop device made for the run (like a thin device's);
@@ -12,7 +13,7 @@
 // writes a CPU profile (node --cpu-prof) of one extra run of imgd and of old per layer to OUTDIR.
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -134,6 +135,7 @@ const tarX = (layer: { path: string }) => (dir: string) => {
 const mb = Number(values.mb);
 const runs = Number(values.runs);
 const old = oldChild(values.old!);
+const bundled = join(repo, "dist/imgd-applier.mjs");
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 console.log(`applier bench: ${mb} MiB layers, ${runs} runs each, into ${values.dir ?? "a fresh ext4 loop filesystem"}; node ${process.version}`);
 for (const kind of ["rootfs", "big"] as const) {
@@ -141,6 +143,8 @@ for (const kind of ["rootfs", "big"] as const) {
   const contenders: [string, (dir: string) => void][] = [
     ["imgd", child(join(repo, "privhelper/apply/child.ts"), layer)],
     ["imgd, cached", child(join(repo, "privhelper/apply/child.ts"), layer, [], { NODE_COMPILE_CACHE: compileCache })],
+    // What the helper runs when it runs from the bundle (npm run build; the units and the VM do).
+    ...(existsSync(bundled) ? [["imgd, bundled", child(bundled, layer, [], { NODE_COMPILE_CACHE: compileCache })] as [string, (dir: string) => void]] : []),
     ...(old ? [[`old (${values.old})`, child(old, layer)] as [string, (dir: string) => void]] : []),
     ["tar -x + sync", tarX(layer)],
   ];
