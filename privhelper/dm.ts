@@ -98,10 +98,12 @@ export function parseAllTables(out: string): Map<string, string> {
 
 /**
  * libdevmapper makes and removes the /dev/mapper node itself, within the create or remove exec,
- * instead of leaving it to udev: the VM has no udev (vm-notes), and without this variable a
- * create there makes no node (measured). On a host with udev, libdevmapper then flags its uevents
- * so that udev's dm rules leave the node to it. Whatever the host does, the node is checked
- * afterwards and `dmsetup mknodes` (one more exec) fixes it if need be.
+ * instead of leaving it to udev: a host without udev (the test VM without udevd) gets no node
+ * from a create otherwise (measured). With udevd running, libdevmapper flags its uevents so that
+ * udev's dm rules leave the node to it (seen in the VM: DM_UDEV_DISABLE_DM_RULES_FLAG=1 on each
+ * event; udev still probes the filesystem, a brief open that remove retries through). The e2e
+ * suite runs with udevd, every second power-test boot without. Whatever the host does, the node
+ * is checked afterwards and `dmsetup mknodes` (one more exec) fixes it if need be.
  */
 const NODES_BY_LIBDEVMAPPER = { env: { DM_DISABLE_UDEV: "1" } };
 

@@ -73,6 +73,21 @@ open_repo_path() {
   done
 }
 
+# A real host runs udev, and udev sees every device imgd makes: it probes new block devices
+# (blkid opens them, which can make a remove fail with EBUSY), watches them for writes, and its dm
+# rules read the flags libdevmapper puts in each uevent. The helper must hold with it running, so
+# the guest runs Debian's udevd as a host would (IMGD_VM_UDEV=0: without it).
+start_udev() {
+  [ "${IMGD_VM_UDEV:-1}" = 1 ] || return 0
+  local udevd=/lib/systemd/systemd-udevd t0=$SECONDS
+  [ -x "$udevd" ] || { echo "no $udevd: install Debian's udev (test/vm/lib/prepare.sh does)" >&2; return 1; }
+  mkdir -p /run/udev
+  "$udevd" --daemon || return 1
+  udevadm trigger --action=add --type=subsystems && udevadm trigger --action=add --type=devices || return 1
+  udevadm settle --timeout=120 || return 1
+  say "udevd running, devices settled after $((SECONDS - t0)) s"
+}
+
 start_services() {
   say "starting s3, helper, agent"
   local t0=$SECONDS
@@ -106,6 +121,7 @@ run_command() {
 
 session() {
   setup_environment
+  start_udev || { echo "IMGD-VM-SETUP-FAILED: udevd did not start"; return 1; }
   create_service_user || { echo "IMGD-VM-SETUP-FAILED: cannot create user imgd"; return 1; }
   create_state_dirs || { echo "IMGD-VM-SETUP-FAILED: cannot create state directories"; return 1; }
   open_repo_path

@@ -39,6 +39,8 @@ vm_ensure_host_tools() {
   [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
   # thin_ls: the helper's thin.list reads the pool's metadata with it.
   [ -x /usr/sbin/thin_ls ] || missing+=(thin-provisioning-tools)
+  # udevd, run in the guest as a host runs it (guest-session.sh start_udev); never started here.
+  [ -x /lib/systemd/systemd-udevd ] || missing+=(udev)
   # The Python SDK's generator and its e2e test (client/python, test/e2e/python-sdk.test.ts):
   # Debian's protoc with the well-known types' .proto files, grpc_python_plugin, and the
   # python3 modules of the same protobuf and gRPC releases.
