@@ -1,16 +1,27 @@
 // Activating thin devices as /dev/mapper/<name>, removing them, and listing ours.
 import type { HelperConfig } from "./config.ts";
 import { crashPoint } from "./crash-points.ts";
-import { dmAllTables, dmCreate, dmDeviceNumber, dmMakeNode, dmRemove, isBusy, parseThinTable } from "./dm.ts";
+import { dmAllTables, dmCreate, dmDeviceNumber, dmMakeNode, dmRemove, dmUuid, isBusy, parseThinTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { claimRole, ownDevice } from "./ownership.ts";
 import { ACTIVATION_NAME, LAYER_NAME } from "./protocol.ts";
 
 export type ThinDevice = { name: string; thinId: number };
 
+/**
+ * The pool's device number, once it is a pool imgd may use: every operation that changes the pool
+ * (a thin message, a device on it, its table reloaded) asks here first. A device-mapper uuid
+ * marks a device a volume manager made and keeps records of (LVM's thin pools: "LVM-..."): imgd
+ * numbers thin devices itself and would collide with the manager's own, so it refuses. Pools
+ * made by hand (the challenge README's table) and by this helper have none.
+ */
 export async function poolDeviceNumber(config: HelperConfig): Promise<string> {
   const number = await dmDeviceNumber(config.poolName);
   if (number === null) throw new HelperFailure("POOL_MISSING", `thin pool ${config.poolName} does not exist (pool.ensure creates it)`);
+  const uuid = await dmUuid(number);
+  if (uuid) {
+    throw new HelperFailure("POOL_INVALID", `thin pool ${config.poolName} belongs to a volume manager (device-mapper uuid ${JSON.stringify(uuid.slice(0, 128))}): imgd allocates thin ids itself and would collide with it; give imgd a pool of its own`);
+  }
   return number;
 }
 

@@ -50,6 +50,11 @@ export async function dmDeviceNumber(name: string): Promise<string | null> {
   return null;
 }
 
+/** The uuid of the dm device with this number ("" when it has none, as the kernel shows it). */
+export async function dmUuid(number: string): Promise<string> {
+  return (await readSysfs(`dev/block/${number}/dm/uuid`)) ?? "";
+}
+
 /** The device number of /dev/mapper/NAME when that node is the device NAME's (sysfs says); else null. */
 async function nodeDeviceNumber(name: string): Promise<string | null> {
   const node = await stat(`/dev/mapper/${name}`).catch(() => null);

@@ -3,6 +3,7 @@ import { chmod, lstat, mkdir, rename, rm } from "node:fs/promises";
 import type { Stats } from "node:fs";
 import { join } from "node:path";
 import type { HelperConfig } from "./config.ts";
+import { poolDeviceNumber } from "./device.ts";
 import { dmCreate, dmReload, dmRemove, dmStatus, dmTable, parsePoolTable } from "./dm.ts";
 import { HelperFailure } from "./errors.ts";
 import { ensurePoolId, readPoolId, writeNewPoolId } from "./pool-identity.ts";
@@ -60,6 +61,7 @@ export async function poolEnsure(config: HelperConfig): Promise<PoolStatus> {
   if (table === null) {
     await createPool(config);
   } else {
+    await poolDeviceNumber(config); // refuses a volume manager's pool before its table is touched
     await failWritesWhenFull(config.poolName, table);
     // A pool made by an older helper (or by hand) gets its identity now.
     await ensurePoolId(config);

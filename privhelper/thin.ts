@@ -94,6 +94,7 @@ export async function deleteThin(config: HelperConfig, thinId: number): Promise<
  * copy is always released again (a held snapshot pins metadata blocks).
  */
 export async function listThinIds(config: HelperConfig): Promise<number[]> {
+  await poolDeviceNumber(config); // the metadata snapshot is a message to the pool: ours only
   const metaDevice = await poolMetadataDevice(config);
   await reserveMetadataSnapshot(config.poolName);
   try {

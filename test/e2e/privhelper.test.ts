@@ -285,6 +285,32 @@ test("an existing pool that queues writes when full is switched to error_if_no_s
   assert.equal(dmsetup("table", POOL).trim(), table);
 });
 
+test("a volume manager's pool (a device-mapper uuid, as LVM gives its thin pools) is refused and left as it is", opts, async () => {
+  await stopHelper();
+  // A pool made elsewhere, with the kernel's default queue_if_no_space, then given LVM's kind of uuid.
+  dmsetup("reload", POOL, "--table", dmsetup("table", POOL).trim().replace(/ 1 error_if_no_space$/, ""));
+  dmsetup("resume", POOL);
+  dmsetup("rename", POOL, "--setuuid", "LVM-imgdvmtestXq3W0DlZsYc7AbCdEfGhIjKlMnOpQrSt-tpool");
+  const table = dmsetup("table", POOL);
+  try {
+    await startHelper();
+    for (const call of [client.call("pool.ensure", {}), client.call("thin.create", { thinId: 20 }), client.call("thin.list", {})]) {
+      const err = await refused(call, "POOL_INVALID");
+      assert.match(err.message, /belongs to a volume manager \(device-mapper uuid "LVM-imgdvmtest.*-tpool"\)/);
+    }
+    assert.equal(dmsetup("table", POOL), table, "its table is not reloaded");
+    assert.doesNotMatch(dmsetup("status", POOL), /error_if_no_space/);
+  } finally {
+    // A uuid cannot be taken off a device: back to a pool of imgd's own, as after a reboot.
+    if (helper) await stopHelper();
+    teardownKernelState();
+    await startHelper();
+  }
+  assert.equal((await client.call("pool.ensure", {})).errorIfNoSpace, true);
+  await client.call("thin.create", { thinId: 20 });
+  await client.call("thin.delete", { thinId: 20 });
+});
+
 test("a layer larger than the pool fails with NO_SPACE (no hang) and the pool recovers", opts, async () => {
   await client.call("thin.create", { thinId: 10 });
   await client.call("device.activate", { name: layer(10), thinId: 10 });

@@ -15,7 +15,8 @@ import { activateDevice, deactivateDevice } from "../../privhelper/device.ts";
 import { SYSFS } from "../../privhelper/dm.ts";
 import { makeFilesystem } from "../../privhelper/fs.ts";
 import { PROGRAMS } from "../../privhelper/run.ts";
-import { createThin, deleteThin, snapshotThin } from "../../privhelper/thin.ts";
+import { poolEnsure } from "../../privhelper/pool.ts";
+import { createThin, deleteThin, listThinIds, snapshotThin } from "../../privhelper/thin.ts";
 import { readOrigin } from "../../privhelper/thin-origins.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "imgd-helper-idem-"));
@@ -230,5 +231,30 @@ test("a layer of ours passes the table checks; the node handed to programs must 
   await activateDevice(config, LAYER_B, 50);
   // The double has no /dev/mapper node for it (this host has no device-mapper): refused for that.
   await assert.rejects(makeFilesystem(config, LAYER_B), { code: "NOT_OURS", message: /\/dev\/mapper\/imgd-layer-b+ is not device/ });
+  await deactivateDevice(config, LAYER_B);
+});
+
+test("a pool with a device-mapper uuid (a volume manager's, LVM's say) is refused before any change to it", async () => {
+  // What LVM gives its thin pools; the kernel shows it in sysfs, where the helper reads it.
+  const uuidFile = join(sysfsRoot, "dev/block/253:0/dm/uuid");
+  mkdirSync(join(uuidFile, ".."), { recursive: true });
+  writeFileSync(uuidFile, "LVM-Xq3W0DlZsYc7AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcdefghij-tpool\n");
+  try {
+    const before = readPool();
+    const refusal = { code: "POOL_INVALID", message: /imgd-pool belongs to a volume manager \(device-mapper uuid "LVM-.*-tpool"\)/ };
+    await assert.rejects(poolEnsure(config), refusal);
+    await assert.rejects(createThin(config, 60), refusal);
+    await assert.rejects(snapshotThin(config, 61, 50), refusal);
+    await assert.rejects(deleteThin(config, 50), refusal);
+    await assert.rejects(activateDevice(config, LAYER_B, 50), refusal);
+    await assert.rejects(listThinIds(config), refusal);
+    const after = readPool();
+    assert.deepEqual(after.thins, before.thins, "no thin id made or deleted");
+    assert.deepEqual(after.log.filter((line) => !/^table/.test(line)), before.log.filter((line) => !/^table/.test(line)), "nothing but tables read");
+  } finally {
+    rmSync(join(sysfsRoot, "dev/block/253:0"), { recursive: true, force: true });
+  }
+  // Without the uuid (a pool made by hand or by the helper) the same calls work again.
+  await activateDevice(config, LAYER_B, 50);
   await deactivateDevice(config, LAYER_B);
 });
