@@ -38,7 +38,7 @@ export const HELPER_SETTINGS = {
   IMGD_HELPER_STATE_DIR: setting(path(), "/var/lib/imgd-privhelper", "pool backing files, thin-id origin records, mount points"),
   IMGD_AGENT_USER: setting(agentUser, "imgd", "the agent's user: layer.apply reads only blobs owned by it, with one link, never through a symlink"),
   IMGD_BLOB_DIR: setting(path(), "/var/lib/imgd/blobs", "the agent's blob store, where layer.apply reads layers (the agent's IMGD_STATE_DIR + /blobs)"),
-  IMGD_POOL_NAME: setting(poolName, "imgd-pool", "device-mapper name of the thin pool"),
+  IMGD_POOL_NAME: setting(poolName, "imgd-pool", "device-mapper name of the thin pool (made by the helper, or by hand; one with a device-mapper uuid, as LVM's thin pools have, is refused: imgd numbers thin devices itself)"),
   IMGD_POOL_DATA_SIZE: setting(size(), "2G", "pool data size, created when missing (a multiple of the block size, at least 16 blocks)"),
   IMGD_POOL_META_SIZE: setting(size(), "1M", "pool metadata size (a multiple of 4K, 1M..16G)"),
   IMGD_POOL_BLOCK_SECTORS: setting(int(128, 2097152), "2048", "pool block size in 512-byte sectors (a multiple of 128)"),

@@ -303,10 +303,10 @@ async function expectRefused(conn: Connection, line: string | Uint8Array, code: 
 }
 
 // Ops that cannot get anywhere without a command (their first step asks dmsetup or the pool).
-const OPS_THAT_RUN_FIRST = new Set(["pool.status", "pool.ensure", "thin.list", "device.deactivate"]);
-// Ops whose first step looks the pool's device number up in sysfs: this host has no pool, so
-// they answer POOL_MISSING before any command.
-const OPS_THAT_FIND_THE_POOL_FIRST = new Set(["thin.create", "thin.snapshot", "thin.delete", "device.activate", "device.list"]);
+const OPS_THAT_RUN_FIRST = new Set(["pool.status", "pool.ensure", "device.deactivate"]);
+// Ops whose first step looks the pool's device number up in sysfs (and checks whose pool it is):
+// this host has no pool, so they answer POOL_MISSING before any command.
+const OPS_THAT_FIND_THE_POOL_FIRST = new Set(["thin.create", "thin.snapshot", "thin.delete", "thin.list", "device.activate", "device.list"]);
 // fs.mkfs and layer.apply read the device's table first (ownership.ts), but refuse an activation
 // name (WRONG_ROLE) before any command.
 const runsFirst = (request: Wire) =>

@@ -5,10 +5,11 @@
 // devices in a JSON file; the real pool is created by the VM tests (test/e2e/privhelper.test.ts).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadConfig } from "../../privhelper/config.ts";
+import { SYSFS } from "../../privhelper/dm.ts";
 import { poolEnsure, poolStatus } from "../../privhelper/pool.ts";
 import { POOL_ID } from "../../privhelper/protocol.ts";
 import { PROGRAMS } from "../../privhelper/run.ts";
@@ -55,6 +56,12 @@ const removePool = () => writeFileSync(devicesFile, "{}"); // as after a reboot:
 
 before(() => {
   writeFileSync(devicesFile, "{}");
+  // pool.ensure looks an existing pool up in sysfs (device.ts, whose pool it is): the kernel
+  // would show it as dm-0, with no device-mapper uuid (one made by hand or by the helper).
+  mkdirSync(join(dir, "sys/block/dm-0/dm"), { recursive: true });
+  writeFileSync(join(dir, "sys/block/dm-0/dm/name"), "imgd-pool\n");
+  writeFileSync(join(dir, "sys/block/dm-0/dev"), "253:0\n");
+  SYSFS.root = join(dir, "sys");
   for (const [name, text] of [["dmsetup", DMSETUP], ["losetup", LOSETUP], ["fallocate", FALLOCATE]] as const) {
     writeFileSync(join(dir, name), text);
     chmodSync(join(dir, name), 0o755);
@@ -67,6 +74,7 @@ before(() => {
 
 after(() => {
   Object.assign(PROGRAMS as Record<string, string>, saved);
+  SYSFS.root = "/sys";
   rmSync(dir, { recursive: true, force: true });
 });
 
